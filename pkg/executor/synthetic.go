@@ -1,0 +1,284 @@
+package executor
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"math/bits"
+	"time"
+)
+
+// Sampling are the decode parameters the engine honours.
+type Sampling struct {
+	MaxTokens   int
+	Temperature float32
+	TopP        float32
+	Seed        uint64
+}
+
+// FinishReason tells why a sequence stopped.
+type FinishReason int
+
+// Finish reasons.
+const (
+	FinishNone FinishReason = iota
+	FinishStop
+	FinishLength
+)
+
+// String returns the OpenAI name of the reason.
+func (f FinishReason) String() string {
+	switch f {
+	case FinishStop:
+		return "stop"
+	case FinishLength:
+		return "length"
+	}
+	return ""
+}
+
+// Engine is the seam for model execution. Prefill writes a prompt's KV into
+// pool blocks and returns the first token; a Sequence decodes from KV blocks.
+type Engine interface {
+	Model() ModelSpec
+	// Prefill writes the KV of tokens into blocks (BlocksFor(len(tokens))
+	// blocks of BlockBytes each), returns one checksum per block and the
+	// first generated token.
+	Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte) (first uint32, checksums []uint64, err error)
+	// StartDecode reads every byte of the received KV blocks and returns the
+	// decode state, plus the checksum it computed for each block.
+	StartDecode(blocks [][]byte, promptTokens int, first uint32, s Sampling) (*Sequence, []uint64)
+	// Step advances every sequence of the batch by one token, taking the
+	// engine's decode step time.
+	Step(ctx context.Context, batch []*Sequence) error
+}
+
+// Timing is the synthetic engine's timing model. Zero values mean instant.
+type Timing struct {
+	PrefillTokensPerSecond float64
+	DecodeStepTime         time.Duration
+}
+
+// Synthetic is the embedded engine. It is safe for concurrent use.
+type Synthetic struct {
+	spec   ModelSpec
+	timing Timing
+}
+
+var _ Engine = (*Synthetic)(nil)
+
+// NewSynthetic returns the synthetic engine for a model spec and timing.
+func NewSynthetic(spec ModelSpec, timing Timing) *Synthetic {
+	return &Synthetic{spec: spec, timing: timing}
+}
+
+// Model returns the engine's KV geometry.
+func (e *Synthetic) Model() ModelSpec { return e.spec }
+
+// ErrBlocks is returned when the caller's blocks do not fit the prompt.
+var ErrBlocks = errors.New("executor: blocks do not match the prompt")
+
+// Prefill implements Engine.
+func (e *Synthetic) Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte) (uint32, []uint64, error) {
+	if want := e.spec.BlocksFor(len(tokens)); len(tokens) == 0 || len(blocks) != want {
+		return 0, nil, fmt.Errorf("%w: %d tokens need %d blocks, got %d", ErrBlocks, len(tokens), want, len(blocks))
+	}
+	if e.timing.PrefillTokensPerSecond > 0 {
+		d := time.Duration(float64(len(tokens)) / e.timing.PrefillTokensPerSecond * float64(time.Second))
+		if err := wait(ctx, d); err != nil {
+			return 0, nil, err
+		}
+	}
+	writeKV(e.spec, tokens, blocks)
+	sums := make([]uint64, len(blocks))
+	for i, b := range blocks {
+		sums[i] = Checksum(b)
+	}
+	return firstToken(Digest(sums), s), sums, nil
+}
+
+// StartDecode implements Engine.
+func (e *Synthetic) StartDecode(blocks [][]byte, promptTokens int, first uint32, s Sampling) (*Sequence, []uint64) {
+	sums := make([]uint64, len(blocks))
+	for i, b := range blocks {
+		sums[i] = Checksum(b)
+	}
+	return newSequence(Digest(sums), promptTokens, first, s), sums
+}
+
+// Step implements Engine.
+func (e *Synthetic) Step(ctx context.Context, batch []*Sequence) error {
+	if err := wait(ctx, e.timing.DecodeStepTime); err != nil {
+		return err
+	}
+	for _, sq := range batch {
+		sq.step()
+	}
+	return nil
+}
+
+func wait(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// Sequence is the decode state of one request.
+type Sequence struct {
+	key          uint64
+	promptTokens int
+	tokens       []uint32 // generated so far, first token included, EOS excluded
+	max          int
+	finish       FinishReason
+}
+
+func newSequence(digest uint64, promptTokens int, first uint32, s Sampling) *Sequence {
+	sq := &Sequence{key: samplingKey(digest, s), max: max(s.MaxTokens, 1), promptTokens: promptTokens}
+	sq.tokens = append(sq.tokens, first)
+	if len(sq.tokens) >= sq.max {
+		sq.finish = FinishLength
+	}
+	return sq
+}
+
+// Tokens returns the tokens generated so far, the first one included.
+func (sq *Sequence) Tokens() []uint32 { return sq.tokens }
+
+// PromptTokens returns the prompt length the sequence decodes after.
+func (sq *Sequence) PromptTokens() int { return sq.promptTokens }
+
+// Finish returns why the sequence stopped, or FinishNone while it runs.
+func (sq *Sequence) Finish() FinishReason { return sq.finish }
+
+// eosOdds: one step in eosOdds ends the sequence, so short completions end
+// with finish_reason "stop" often enough for tests to see both reasons.
+const eosOdds = 48
+
+func (sq *Sequence) step() {
+	if sq.finish != FinishNone {
+		return
+	}
+	n := len(sq.tokens)
+	h := mix(sq.key ^ uint64(n)*0x9e3779b97f4a7c15 ^ uint64(sq.tokens[n-1]))
+	if h%eosOdds == 0 {
+		sq.finish = FinishStop
+		return
+	}
+	sq.tokens = append(sq.tokens, wordToken(h>>8))
+	if len(sq.tokens) >= sq.max {
+		sq.finish = FinishLength
+	}
+}
+
+func samplingKey(digest uint64, s Sampling) uint64 {
+	return mix(digest ^ mix(s.Seed) ^ uint64(math.Float32bits(s.Temperature))<<1 ^ uint64(math.Float32bits(s.TopP))<<33)
+}
+
+func wordToken(h uint64) uint32 { return firstWordToken + uint32(h%uint64(len(vocabulary))) }
+
+func firstToken(digest uint64, s Sampling) uint32 {
+	return wordToken(mix(samplingKey(digest, s) ^ 0xf1f57)) // first token never ends the sequence
+}
+
+// mix is the splitmix64 finaliser.
+func mix(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return x
+}
+
+// writeKV fills blocks with the KV of tokens: token i's bytes are a stream
+// seeded by the hash chain of tokens[0..i], so they depend on the whole
+// prefix. The tail of the last block is zero.
+func writeKV(spec ModelSpec, tokens []uint32, blocks [][]byte) {
+	per := spec.BytesPerToken()
+	var chain uint64 = 0x6b766665727279 // "kvferry"
+	for i, tok := range tokens {
+		chain = mix(chain ^ uint64(tok) ^ uint64(i)<<32)
+		b := blocks[i/spec.BlockTokens]
+		off := (i % spec.BlockTokens) * per
+		fill(b[off:off+per], chain)
+	}
+	if rem := len(tokens) % spec.BlockTokens; rem != 0 {
+		clear(blocks[len(blocks)-1][rem*per:])
+	}
+}
+
+// fill writes a splitmix64 stream seeded by seed.
+func fill(b []byte, seed uint64) {
+	s := seed
+	i := 0
+	for ; i+8 <= len(b); i += 8 {
+		s += 0x9e3779b97f4a7c15
+		binary.LittleEndian.PutUint64(b[i:], mix(s))
+	}
+	for ; i < len(b); i++ {
+		s += 0x9e3779b97f4a7c15
+		b[i] = byte(mix(s))
+	}
+}
+
+// Checksum is a 64-bit hash of every byte of b.
+func Checksum(b []byte) uint64 {
+	h := uint64(len(b)) * 0x9e3779b97f4a7c15
+	i := 0
+	for ; i+8 <= len(b); i += 8 {
+		h = bits.RotateLeft64(h^binary.LittleEndian.Uint64(b[i:])*0xc2b2ae3d27d4eb4f, 31) * 0x9e3779b97f4a7c15
+	}
+	for ; i < len(b); i++ {
+		h = bits.RotateLeft64(h^uint64(b[i])*0xc2b2ae3d27d4eb4f, 31) * 0x9e3779b97f4a7c15
+	}
+	return mix(h)
+}
+
+// Digest combines per-block checksums, in order, into the decode digest.
+func Digest(sums []uint64) uint64 {
+	var d uint64 = 0x646967657374
+	for _, s := range sums {
+		d = mix(d ^ s)
+	}
+	return d
+}
+
+// Result is a whole generation: the generated tokens (EOS excluded), their
+// text and why it stopped.
+type Result struct {
+	PromptTokens int
+	Tokens       []uint32
+	Text         string
+	Finish       FinishReason
+}
+
+// Reference returns the aggregated (non-disaggregated) output of the
+// synthetic engine for prompt and s: prefill and decode in one process, no
+// transfer. A disaggregated run must produce exactly this.
+func Reference(spec ModelSpec, prompt string, s Sampling) Result {
+	tokens := Tokenize(prompt)
+	if len(tokens) == 0 {
+		return Result{}
+	}
+	blocks := make([][]byte, spec.BlocksFor(len(tokens)))
+	for i := range blocks {
+		blocks[i] = make([]byte, spec.BlockBytes())
+	}
+	writeKV(spec, tokens, blocks)
+	sq, sums := NewSynthetic(spec, Timing{}).StartDecode(blocks, len(tokens), 0, s)
+	sq.tokens[0] = firstToken(Digest(sums), s)
+	for sq.Finish() == FinishNone {
+		sq.step()
+	}
+	return Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Detokenize(sq.Tokens()), Finish: sq.Finish()}
+}

@@ -1,0 +1,179 @@
+package executor
+
+import (
+	"context"
+	"testing"
+)
+
+func blocksFor(spec ModelSpec, n int) [][]byte {
+	bs := make([][]byte, spec.BlocksFor(n))
+	for i := range bs {
+		bs[i] = make([]byte, spec.BlockBytes())
+	}
+	return bs
+}
+
+func TestPresetGeometry(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		bytesPerToken int
+	}{
+		{"tiny", 256},
+		{"llama3-8b", 128 << 10},
+		{"llama3-70b", 320 << 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := Preset(tc.name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := m.BytesPerToken(); got != tc.bytesPerToken {
+				t.Fatalf("bytes per token %d, want %d", got, tc.bytesPerToken)
+			}
+		})
+	}
+	// The yardstick: 4k tokens of llama3-8b is 512 MiB.
+	m, _ := Preset("llama3-8b")
+	if got := m.BlocksFor(4096) * m.BlockBytes(); got != 512<<20 {
+		t.Fatalf("4k tokens of llama3-8b = %d bytes, want 512 MiB", got)
+	}
+	if _, err := Preset("gpt-5"); err == nil {
+		t.Fatal("unknown preset: want error")
+	}
+}
+
+func TestTokenizer(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want []uint32
+	}{
+		{"the cache", []uint32{wordIDs["the"], wordIDs["cache"]}},
+		{"Hi", []uint32{'H', 'i', TokenSeparator}},
+		{"  ", []uint32{}},
+		{"é", []uint32{0xc3, 0xa9, TokenSeparator}},
+	} {
+		got := Tokenize(tc.in)
+		if len(got) != len(tc.want) {
+			t.Fatalf("Tokenize(%q) = %v, want %v", tc.in, got, tc.want)
+		}
+		for i := range got {
+			if got[i] != tc.want[i] {
+				t.Fatalf("Tokenize(%q) = %v, want %v", tc.in, got, tc.want)
+			}
+		}
+	}
+	words := Tokenize("the river carry light")
+	if got := Detokenize(words); got != "the river carry light" {
+		t.Fatalf("Detokenize = %q", got)
+	}
+}
+
+func TestPrefillDecodeMatchesReference(t *testing.T) {
+	spec, _ := Preset("tiny")
+	e := NewSynthetic(spec, Timing{})
+	for _, prompt := range []string{"the quiet river", "Hello, kvferry! " + longPrompt(100)} {
+		for _, s := range []Sampling{{MaxTokens: 1}, {MaxTokens: 16, Seed: 7}, {MaxTokens: 64, Temperature: 0.7, TopP: 0.9}} {
+			toks := Tokenize(prompt)
+			blocks := blocksFor(spec, len(toks))
+			first, sums, err := e.Prefill(context.Background(), toks, s, blocks)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sq, got := e.StartDecode(blocks, len(toks), first, s)
+			for i := range sums {
+				if sums[i] != got[i] {
+					t.Fatalf("block %d checksum differs after no transfer", i)
+				}
+			}
+			for sq.Finish() == FinishNone {
+				if err := e.Step(context.Background(), []*Sequence{sq}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			ref := Reference(spec, prompt, s)
+			if Detokenize(sq.Tokens()) != ref.Text || sq.Finish() != ref.Finish {
+				t.Fatalf("decode %q/%v, reference %q/%v", Detokenize(sq.Tokens()), sq.Finish(), ref.Text, ref.Finish)
+			}
+			if len(ref.Tokens) > s.MaxTokens {
+				t.Fatalf("%d tokens, max %d", len(ref.Tokens), s.MaxTokens)
+			}
+		}
+	}
+}
+
+// TestOneFlippedByteChangesOutput: decode depends on every KV byte.
+func TestOneFlippedByteChangesOutput(t *testing.T) {
+	spec, _ := Preset("tiny")
+	e := NewSynthetic(spec, Timing{})
+	prompt := longPrompt(40)
+	s := Sampling{MaxTokens: 32, Seed: 1}
+	toks := Tokenize(prompt)
+	ref := Reference(spec, prompt, s)
+	for _, pos := range []int{0, spec.BlockBytes() - 1, spec.BlockBytes() + 17} {
+		blocks := blocksFor(spec, len(toks))
+		first, sums, _ := e.Prefill(context.Background(), toks, s, blocks)
+		blocks[pos/spec.BlockBytes()][pos%spec.BlockBytes()] ^= 1
+		sq, got := e.StartDecode(blocks, len(toks), first, s)
+		if got[pos/spec.BlockBytes()] == sums[pos/spec.BlockBytes()] {
+			t.Fatalf("byte %d flipped, checksum unchanged", pos)
+		}
+		for sq.Finish() == FinishNone {
+			sq.step()
+		}
+		if Detokenize(sq.Tokens()) == ref.Text {
+			t.Fatalf("byte %d flipped, output unchanged", pos)
+		}
+	}
+}
+
+func TestKVDependsOnPrefix(t *testing.T) {
+	spec, _ := Preset("tiny")
+	a, b := Tokenize("the river "+longPrompt(20)), Tokenize("a river "+longPrompt(20))
+	ba, bb := blocksFor(spec, len(a)), blocksFor(spec, len(b))
+	writeKV(spec, a, ba)
+	writeKV(spec, b, bb)
+	last := len(ba) - 1
+	if Checksum(ba[last]) == Checksum(bb[last]) {
+		t.Fatal("last block equal although the first token differs")
+	}
+}
+
+func TestPrefillRejectsWrongBlocks(t *testing.T) {
+	spec, _ := Preset("tiny")
+	e := NewSynthetic(spec, Timing{})
+	if _, _, err := e.Prefill(context.Background(), Tokenize("the"), Sampling{}, nil); err == nil {
+		t.Fatal("want error")
+	}
+}
+
+func TestTimingHonoursCancel(t *testing.T) {
+	spec, _ := Preset("tiny")
+	e := NewSynthetic(spec, Timing{PrefillTokensPerSecond: 1e-6})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	toks := Tokenize("the")
+	if _, _, err := e.Prefill(ctx, toks, Sampling{}, blocksFor(spec, 1)); err != context.Canceled {
+		t.Fatalf("err %v, want context.Canceled", err)
+	}
+}
+
+func longPrompt(n int) string {
+	s := ""
+	for i := range n {
+		s += vocabulary[i%len(vocabulary)] + " "
+	}
+	return s
+}
+
+func BenchmarkPrefillLlama8B4k(b *testing.B) {
+	spec, _ := Preset("llama3-8b")
+	e := NewSynthetic(spec, Timing{})
+	toks := Tokenize(longPrompt(4096))
+	blocks := blocksFor(spec, len(toks))
+	b.SetBytes(int64(len(blocks) * spec.BlockBytes()))
+	for b.Loop() {
+		if _, _, err := e.Prefill(context.Background(), toks, Sampling{}, blocks); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,95 @@
+// Package kvtransfer moves KV blocks from a context server to a generation
+// server. Control messages travel over gRPC (TransferService); bulk bytes
+// travel over a dedicated data connection, written straight from pool memory
+// and read straight into destination blocks.
+//
+// The tcp data path is a stream of frames. Each frame is a fixed header
+// followed by its payload:
+//
+//	magic u32 | kind u8 | reserved [3]u8 | session u64 | index u32 | length u32
+//
+// A DATA frame carries one block: index is the destination block's position
+// in the session's descriptor list and length its size. A DONE frame (the
+// notification of a posted write, in NIXL terms) follows a session's last
+// block; its index is the number of blocks sent and length is zero. Integers
+// are little endian.
+package kvtransfer
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+)
+
+// ProtocolVersion is the transfer protocol version; both sides must agree
+// before any byte moves.
+const ProtocolVersion = 1
+
+// TransportTCP is the name of the tcp data transport.
+const TransportTCP = "tcp"
+
+// HeaderSize is the size of a frame header in bytes.
+const HeaderSize = 24
+
+const frameMagic uint32 = 0x3146564b // "KVF1"
+
+// FrameKind is the kind of a data-path frame.
+type FrameKind uint8
+
+// Frame kinds.
+const (
+	FrameData FrameKind = 1
+	FrameDone FrameKind = 2
+)
+
+// Header is a decoded frame header.
+type Header struct {
+	Kind    FrameKind
+	Session uint64
+	Index   uint32
+	Length  uint32
+}
+
+// ErrBadFrame is returned for a header that is not a valid frame.
+var ErrBadFrame = errors.New("kvtransfer: bad frame")
+
+// Encode writes h into b, which must be at least HeaderSize long.
+func (h Header) Encode(b []byte) {
+	_ = b[HeaderSize-1]
+	binary.LittleEndian.PutUint32(b[0:], frameMagic)
+	b[4] = byte(h.Kind)
+	b[5], b[6], b[7] = 0, 0, 0
+	binary.LittleEndian.PutUint64(b[8:], h.Session)
+	binary.LittleEndian.PutUint32(b[16:], h.Index)
+	binary.LittleEndian.PutUint32(b[20:], h.Length)
+}
+
+// DecodeHeader parses a frame header. maxLength bounds a DATA frame's payload
+// so that a peer cannot make us read an unbounded amount.
+func DecodeHeader(b []byte, maxLength uint32) (Header, error) {
+	if len(b) < HeaderSize {
+		return Header{}, fmt.Errorf("%w: %d header bytes", ErrBadFrame, len(b))
+	}
+	if m := binary.LittleEndian.Uint32(b[0:]); m != frameMagic {
+		return Header{}, fmt.Errorf("%w: magic %#x", ErrBadFrame, m)
+	}
+	h := Header{
+		Kind:    FrameKind(b[4]),
+		Session: binary.LittleEndian.Uint64(b[8:]),
+		Index:   binary.LittleEndian.Uint32(b[16:]),
+		Length:  binary.LittleEndian.Uint32(b[20:]),
+	}
+	switch h.Kind {
+	case FrameData:
+		if h.Length == 0 || h.Length > maxLength {
+			return Header{}, fmt.Errorf("%w: data length %d (max %d)", ErrBadFrame, h.Length, maxLength)
+		}
+	case FrameDone:
+		if h.Length != 0 {
+			return Header{}, fmt.Errorf("%w: done frame with length %d", ErrBadFrame, h.Length)
+		}
+	default:
+		return Header{}, fmt.Errorf("%w: kind %d", ErrBadFrame, h.Kind)
+	}
+	return h, nil
+}

@@ -1,0 +1,270 @@
+package kvtransfer
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Errors a receive session can end with.
+var (
+	ErrIncomplete    = errors.New("kvtransfer: done before every block arrived")
+	ErrBadDescriptor = errors.New("kvtransfer: frame outside the session's allocation")
+	ErrConnLost      = errors.New("kvtransfer: data connection lost mid-block")
+	ErrAborted       = errors.New("kvtransfer: session aborted")
+)
+
+// Receiver accepts data connections and lands DATA frames straight in the
+// destination blocks of registered sessions. It is the only writer of those
+// blocks, which gives the tcp transport a local proof of quiescence: once a
+// session is aborted and no frame for it is being read, no byte can touch its
+// memory again (later frames for it are discarded).
+type Receiver struct {
+	ln       net.Listener
+	maxBlock uint32
+	lg       *zap.Logger
+
+	mu       sync.Mutex
+	sessions map[uint64]*RecvSession
+	conns    map[net.Conn]struct{}
+	closed   bool
+
+	wg sync.WaitGroup
+}
+
+// RecvSession is one transfer's destination on the receiver.
+type RecvSession struct {
+	id    uint64
+	dests [][]byte
+	done  chan struct{} // closed when the session ends (complete or failed)
+
+	// guarded by Receiver.mu
+	received     []bool
+	nReceived    int
+	bytes        int64
+	lastProgress time.Time
+	err          error
+	ended        bool
+	aborted      bool
+	writing      int
+	onQuiesced   func()
+}
+
+// Done is closed when the session completed (every block and the DONE
+// notification arrived) or failed; Err tells which.
+func (s *RecvSession) Done() <-chan struct{} { return s.done }
+
+// ID returns the session id that tags the session's frames.
+func (s *RecvSession) ID() uint64 { return s.id }
+
+// Listen starts a receiver on addr. maxBlock bounds a frame's payload.
+// Close stops it and waits for its goroutines.
+func Listen(addr string, maxBlock int, lg *zap.Logger) (*Receiver, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("kvtransfer: listen %s: %w", addr, err)
+	}
+	r := &Receiver{ln: ln, maxBlock: uint32(maxBlock), lg: lg, sessions: map[uint64]*RecvSession{}, conns: map[net.Conn]struct{}{}}
+	r.wg.Add(1)
+	go r.acceptLoop()
+	return r, nil
+}
+
+// Addr returns the listening address.
+func (r *Receiver) Addr() net.Addr { return r.ln.Addr() }
+
+// Register makes a session able to receive into dests. The id must be unique
+// among live sessions.
+func (r *Receiver) Register(id uint64, dests [][]byte) (*RecvSession, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil, errors.New("kvtransfer: receiver closed")
+	}
+	if _, dup := r.sessions[id]; dup {
+		return nil, fmt.Errorf("kvtransfer: session %d already registered", id)
+	}
+	s := &RecvSession{id: id, dests: dests, done: make(chan struct{}), received: make([]bool, len(dests)), lastProgress: time.Now()}
+	r.sessions[id] = s
+	return s, nil
+}
+
+// Progress returns bytes landed so far and when the last block landed.
+func (r *Receiver) Progress(s *RecvSession) (int64, time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return s.bytes, s.lastProgress
+}
+
+// Err returns why the session ended, nil when it completed.
+func (r *Receiver) Err(s *RecvSession) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return s.err
+}
+
+// Finish unregisters a session and calls onQuiesced exactly once, as soon as
+// no frame of the session is being read: at once when none is, else from
+// the reader that finishes the last one. After Finish no byte lands in the
+// session's blocks. It is safe to call for a completed session, and twice
+// (the second call does nothing).
+func (r *Receiver) Finish(s *RecvSession, onQuiesced func()) {
+	r.mu.Lock()
+	if s.aborted {
+		r.mu.Unlock()
+		return
+	}
+	s.aborted = true
+	delete(r.sessions, s.id)
+	r.endLocked(s, ErrAborted)
+	if s.writing > 0 {
+		s.onQuiesced = onQuiesced
+		r.mu.Unlock()
+		return
+	}
+	r.mu.Unlock()
+	onQuiesced()
+}
+
+// endLocked ends a session once; later calls keep the first outcome.
+func (r *Receiver) endLocked(s *RecvSession, err error) {
+	if s.ended {
+		return
+	}
+	s.ended = true
+	s.err = err
+	close(s.done)
+}
+
+// Close stops accepting, closes every data connection and waits for the
+// receiver's goroutines. Safe to call twice.
+func (r *Receiver) Close() error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	err := r.ln.Close()
+	for c := range r.conns {
+		_ = c.Close()
+	}
+	r.mu.Unlock()
+	r.wg.Wait()
+	return err
+}
+
+func (r *Receiver) acceptLoop() {
+	defer r.wg.Done()
+	for {
+		c, err := r.ln.Accept()
+		if err != nil {
+			return // listener closed
+		}
+		r.mu.Lock()
+		if r.closed {
+			r.mu.Unlock()
+			_ = c.Close()
+			return
+		}
+		r.conns[c] = struct{}{}
+		r.wg.Add(1)
+		r.mu.Unlock()
+		go r.readLoop(c)
+	}
+}
+
+// readLoop reads frames until the connection fails. A malformed header ends
+// the connection: frame boundaries are lost after it.
+func (r *Receiver) readLoop(c net.Conn) {
+	defer r.wg.Done()
+	defer func() {
+		r.mu.Lock()
+		delete(r.conns, c)
+		r.mu.Unlock()
+		_ = c.Close()
+	}()
+	var hb [HeaderSize]byte
+	for {
+		if _, err := io.ReadFull(c, hb[:]); err != nil {
+			return
+		}
+		h, err := DecodeHeader(hb[:], r.maxBlock)
+		if err != nil {
+			r.lg.Warn("bad data frame", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
+			return
+		}
+		if h.Kind == FrameDone {
+			r.done(h)
+			continue
+		}
+		if err := r.data(c, h); err != nil {
+			return
+		}
+	}
+}
+
+func (r *Receiver) done(h Header) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s, ok := r.sessions[h.Session]
+	if !ok {
+		return // aborted or unknown session: nothing to do
+	}
+	if s.nReceived != len(s.dests) || int(h.Index) != len(s.dests) {
+		r.endLocked(s, fmt.Errorf("%w: %d of %d blocks, sender says %d", ErrIncomplete, s.nReceived, len(s.dests), h.Index))
+		return
+	}
+	r.endLocked(s, nil)
+}
+
+// data reads one DATA frame's payload into its destination block, or
+// discards it when the session is unknown, aborted or the descriptor is bad.
+func (r *Receiver) data(c net.Conn, h Header) error {
+	r.mu.Lock()
+	s, ok := r.sessions[h.Session]
+	var dst []byte
+	if ok && !s.ended {
+		switch {
+		case int(h.Index) >= len(s.dests) || int(h.Length) != len(s.dests[h.Index]):
+			r.endLocked(s, fmt.Errorf("%w: block %d length %d", ErrBadDescriptor, h.Index, h.Length))
+		case s.received[h.Index]:
+			r.endLocked(s, fmt.Errorf("%w: block %d sent twice", ErrBadDescriptor, h.Index))
+		default:
+			dst = s.dests[h.Index]
+			s.writing++
+		}
+	}
+	r.mu.Unlock()
+	if dst == nil {
+		_, err := io.CopyN(io.Discard, c, int64(h.Length))
+		return err
+	}
+	_, err := io.ReadFull(c, dst)
+
+	r.mu.Lock()
+	s.writing--
+	if err == nil && !s.ended {
+		s.received[h.Index] = true
+		s.nReceived++
+		s.bytes += int64(len(dst))
+		s.lastProgress = time.Now()
+	}
+	if err != nil {
+		r.endLocked(s, fmt.Errorf("%w: %v", ErrConnLost, err))
+	}
+	var quiesced func()
+	if s.aborted && s.writing == 0 && s.onQuiesced != nil {
+		quiesced, s.onQuiesced = s.onQuiesced, nil
+	}
+	r.mu.Unlock()
+	if quiesced != nil {
+		quiesced()
+	}
+	return err
+}

@@ -1,0 +1,134 @@
+package kvtransfer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+)
+
+// maxIdleConnsPerPeer bounds the idle data connections kept per receiver:
+// two covers the common case of two concurrent transfers to one peer
+// without holding many sockets open.
+const maxIdleConnsPerPeer = 2
+
+// Sender pushes blocks to receivers over pooled data connections. It is safe
+// for concurrent use; each push holds one connection exclusively.
+type Sender struct {
+	dialer net.Dialer
+
+	mu     sync.Mutex
+	idle   map[string][]net.Conn
+	closed bool
+}
+
+// NewSender returns a sender with no connections.
+func NewSender() *Sender { return &Sender{idle: map[string][]net.Conn{}} }
+
+// Push writes src[i] into the receiver's destination block i of session,
+// then the DONE notification. Blocks are written straight from src with
+// vectored writes. A done ctx stops the push between blocks, and unblocks a
+// write in progress. When Push returns, it no longer reads src and has
+// written nothing more for the session.
+func (s *Sender) Push(ctx context.Context, endpoint string, session uint64, src [][]byte) (int64, error) {
+	c, reused, err := s.conn(ctx, endpoint)
+	if err != nil {
+		return 0, err
+	}
+	n, err := s.push(ctx, c, endpoint, session, src)
+	if err != nil && reused && n == 0 && ctx.Err() == nil {
+		// An idle connection the peer has since closed fails on first use;
+		// nothing of the session was sent, so one fresh dial is safe.
+		if c, _, err = s.dial(ctx, endpoint); err != nil {
+			return 0, err
+		}
+		n, err = s.push(ctx, c, endpoint, session, src)
+	}
+	return n, err
+}
+
+func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session uint64, src [][]byte) (int64, error) {
+	// A cancelled ctx must unblock a write stuck on a stalled peer.
+	stop := context.AfterFunc(ctx, func() { _ = c.SetWriteDeadline(time.Unix(1, 0)) })
+	n, err := writeSession(ctx, c, session, src)
+	if !stop() {
+		err = errors.Join(err, ctx.Err()) // the deadline poisoned the conn
+	}
+	if err != nil {
+		_ = c.Close()
+		return n, err
+	}
+	s.put(endpoint, c)
+	return n, nil
+}
+
+func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte) (int64, error) {
+	var hdr [HeaderSize]byte
+	var sent int64
+	for i, b := range src {
+		if err := ctx.Err(); err != nil {
+			return sent, err
+		}
+		Header{Kind: FrameData, Session: session, Index: uint32(i), Length: uint32(len(b))}.Encode(hdr[:])
+		bufs := net.Buffers{hdr[:], b}
+		if _, err := bufs.WriteTo(c); err != nil {
+			return sent, fmt.Errorf("kvtransfer: write block %d: %w", i, err)
+		}
+		sent += int64(len(b))
+	}
+	Header{Kind: FrameDone, Session: session, Index: uint32(len(src))}.Encode(hdr[:])
+	if _, err := c.Write(hdr[:]); err != nil {
+		return sent, fmt.Errorf("kvtransfer: write done: %w", err)
+	}
+	return sent, nil
+}
+
+// conn returns an idle connection to endpoint (reused = true) or a new one.
+func (s *Sender) conn(ctx context.Context, endpoint string) (c net.Conn, reused bool, err error) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, false, errors.New("kvtransfer: sender closed")
+	}
+	if cs := s.idle[endpoint]; len(cs) > 0 {
+		c := cs[len(cs)-1]
+		s.idle[endpoint] = cs[:len(cs)-1]
+		s.mu.Unlock()
+		return c, true, nil
+	}
+	s.mu.Unlock()
+	return s.dial(ctx, endpoint)
+}
+
+func (s *Sender) dial(ctx context.Context, endpoint string) (net.Conn, bool, error) {
+	c, err := s.dialer.DialContext(ctx, "tcp", endpoint)
+	if err != nil {
+		return nil, false, fmt.Errorf("kvtransfer: dial %s: %w", endpoint, err)
+	}
+	return c, false, nil
+}
+
+func (s *Sender) put(endpoint string, c net.Conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || len(s.idle[endpoint]) >= maxIdleConnsPerPeer {
+		_ = c.Close()
+		return
+	}
+	s.idle[endpoint] = append(s.idle[endpoint], c)
+}
+
+// Close closes the idle connections. Safe to call twice.
+func (s *Sender) Close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	for ep, cs := range s.idle {
+		for _, c := range cs {
+			_ = c.Close()
+		}
+		delete(s.idle, ep)
+	}
+}

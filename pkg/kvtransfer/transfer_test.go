@@ -1,0 +1,227 @@
+package kvtransfer
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"net"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// shouldHappen bounds waits for events that must occur.
+const shouldHappen = 10 * time.Second
+
+func newReceiver(t *testing.T, maxBlock int) *Receiver {
+	t.Helper()
+	r, err := Listen("127.0.0.1:0", maxBlock, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Close() })
+	return r
+}
+
+func randomBlocks(n, size int, seed uint64) [][]byte {
+	rng := rand.New(rand.NewPCG(seed, seed))
+	out := make([][]byte, n)
+	for i := range out {
+		out[i] = make([]byte, size)
+		for j := range out[i] {
+			out[i][j] = byte(rng.Uint32())
+		}
+	}
+	return out
+}
+
+func waitDone(t *testing.T, s *RecvSession) {
+	t.Helper()
+	select {
+	case <-s.Done():
+	case <-time.After(shouldHappen):
+		t.Fatal("session did not end")
+	}
+}
+
+func TestPushLandsEveryByte(t *testing.T) {
+	const size = 64 << 10
+	r := newReceiver(t, size)
+	snd := NewSender()
+	defer snd.Close()
+	// Two sessions in a row reuse the pooled connection.
+	for seed := range uint64(2) {
+		src := randomBlocks(5, size, seed)
+		dst := make([][]byte, 5)
+		for i := range dst {
+			dst[i] = make([]byte, size)
+		}
+		s, err := r.Register(100+seed, dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := snd.Push(context.Background(), r.Addr().String(), 100+seed, src)
+		if err != nil || n != 5*size {
+			t.Fatalf("push: %d bytes, %v", n, err)
+		}
+		waitDone(t, s)
+		if err := r.Err(s); err != nil {
+			t.Fatal(err)
+		}
+		for i := range src {
+			if !bytes.Equal(src[i], dst[i]) {
+				t.Fatalf("block %d differs", i)
+			}
+		}
+		quiesced := make(chan struct{})
+		r.Finish(s, func() { close(quiesced) })
+		<-quiesced
+	}
+}
+
+// TestBadDescriptorFailsSession: a peer naming a block outside the
+// session's allocation fails the session and writes nothing.
+func TestBadDescriptorFailsSession(t *testing.T) {
+	const size = 128
+	r := newReceiver(t, 4096)
+	dst := [][]byte{make([]byte, size)}
+	s, _ := r.Register(7, dst)
+	snd := NewSender()
+	defer snd.Close()
+	// Two source blocks for a one-block destination: index 1 is outside.
+	if _, err := snd.Push(context.Background(), r.Addr().String(), 7, randomBlocks(2, size, 1)); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, s)
+	if err := r.Err(s); !errors.Is(err, ErrBadDescriptor) {
+		t.Fatalf("err %v, want ErrBadDescriptor", err)
+	}
+	// Wrong length is refused too.
+	s2, _ := r.Register(8, dst)
+	if _, err := snd.Push(context.Background(), r.Addr().String(), 8, randomBlocks(1, size/2, 1)); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, s2)
+	if err := r.Err(s2); !errors.Is(err, ErrBadDescriptor) {
+		t.Fatalf("err %v, want ErrBadDescriptor", err)
+	}
+}
+
+// TestFinishWaitsForWriteInProgress: a stalled writer mid-block keeps the
+// session from quiescing; the block is released only once the read ends.
+func TestFinishWaitsForWriteInProgress(t *testing.T) {
+	const size = 1 << 20
+	r := newReceiver(t, size)
+	dst := [][]byte{make([]byte, size)}
+	s, _ := r.Register(9, dst)
+	c, err := net.Dial("tcp", r.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hdr [HeaderSize]byte
+	Header{Kind: FrameData, Session: 9, Index: 0, Length: size}.Encode(hdr[:])
+	if _, err := c.Write(append(hdr[:], make([]byte, 100)...)); err != nil {
+		t.Fatal(err)
+	}
+	// Wait until the reader is inside the block.
+	eventually(t, "reader inside the block", func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return s.writing == 1
+	})
+	quiesced := make(chan struct{})
+	r.Finish(s, func() { close(quiesced) })
+	select {
+	case <-quiesced:
+		t.Fatal("quiesced while a write into the block is in progress")
+	case <-time.After(50 * time.Millisecond):
+	}
+	_ = c.Close() // the writer dies: the read ends, no byte can land any more
+	select {
+	case <-quiesced:
+	case <-time.After(shouldHappen):
+		t.Fatal("not quiesced after the writer's connection closed")
+	}
+}
+
+// TestPushCancelUnblocksStalledWrite: a receiver that stops reading must not
+// hold a cancelled push forever.
+func TestPushCancelUnblocksStalledWrite(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+		close(accepted)
+	}()
+	snd := NewSender()
+	defer snd.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	res := make(chan error, 1)
+	go func() {
+		_, err := snd.Push(ctx, ln.Addr().String(), 1, randomBlocks(64, 1<<20, 3))
+		res <- err
+	}()
+	c := <-accepted
+	defer c.Close()
+	cancel()
+	select {
+	case err := <-res:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("err %v, want context.Canceled", err)
+		}
+	case <-time.After(shouldHappen):
+		t.Fatal("cancelled push still blocked")
+	}
+}
+
+func BenchmarkPushLoopback(b *testing.B) {
+	const size = 2 << 20 // one llama3-8b block
+	const n = 32
+	r, err := Listen("127.0.0.1:0", size, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	snd := NewSender()
+	defer snd.Close()
+	src := randomBlocks(n, size, 1)
+	dst := randomBlocks(n, size, 2)
+	b.SetBytes(n * size)
+	var id uint64
+	for b.Loop() {
+		id++
+		s, _ := r.Register(id, dst)
+		if _, err := snd.Push(context.Background(), r.Addr().String(), id, src); err != nil {
+			b.Fatal(err)
+		}
+		<-s.Done()
+		r.Finish(s, func() {})
+	}
+}
+
+// eventually polls cond every millisecond until it holds or shouldHappen passes.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(shouldHappen)
+	for !cond() {
+		select {
+		case <-tick.C:
+		case <-deadline:
+			t.Fatalf("timed out waiting for: %s", what)
+		}
+	}
+}
