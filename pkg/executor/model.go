@@ -6,7 +6,10 @@
 package executor
 
 import (
+	"errors"
+
 	"fmt"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 	"sort"
 	"strings"
 )
@@ -64,4 +67,34 @@ func PresetNames() []string {
 	}
 	sort.Strings(names)
 	return names
+}
+
+// Layout returns the wire form of the model's KV geometry.
+func (m ModelSpec) Layout() *kvferryv1.KVLayout {
+	return &kvferryv1.KVLayout{
+		Model: m.Name, Layers: uint32(m.Layers), KvHeads: uint32(m.KVHeads), HeadDim: uint32(m.HeadDim),
+		DtypeBytes: uint32(m.DTypeBytes), BlockTokens: uint32(m.BlockTokens), BlockBytes: uint64(m.BlockBytes()),
+	}
+}
+
+// ToSampling converts wire sampling parameters.
+func ToSampling(p *kvferryv1.SamplingParams) Sampling {
+	return Sampling{MaxTokens: int(p.GetMaxTokens()), Temperature: p.GetTemperature(), TopP: p.GetTopP(), Seed: p.GetSeed()}
+}
+
+// ValidatePrompt checks prompt tokens from outside: not empty, within the
+// model's context and vocabulary.
+func (m ModelSpec) ValidatePrompt(tokens []uint32, maxTokens uint32) error {
+	if len(tokens) == 0 {
+		return errors.New("prompt has no tokens")
+	}
+	if len(tokens)+int(maxTokens) > m.MaxContextTokens {
+		return fmt.Errorf("prompt of %d tokens plus %d output tokens exceeds the context of %d", len(tokens), maxTokens, m.MaxContextTokens)
+	}
+	for i, t := range tokens {
+		if int(t) >= VocabSize() {
+			return fmt.Errorf("token %d at position %d outside the vocabulary of %d", t, i, VocabSize())
+		}
+	}
+	return nil
 }

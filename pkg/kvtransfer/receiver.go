@@ -69,10 +69,15 @@ func Listen(addr string, maxBlock int, lg *zap.Logger) (*Receiver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kvtransfer: listen %s: %w", addr, err)
 	}
+	return Serve(ln, maxBlock, lg), nil
+}
+
+// Serve starts a receiver on an open listener, which it owns from now on.
+func Serve(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
 	r := &Receiver{ln: ln, maxBlock: uint32(maxBlock), lg: lg, sessions: map[uint64]*RecvSession{}, conns: map[net.Conn]struct{}{}}
 	r.wg.Add(1)
 	go r.acceptLoop()
-	return r, nil
+	return r
 }
 
 // Addr returns the listening address.

@@ -1,0 +1,74 @@
+// Command ctxserver is a kvferry context (prefill) server.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/kvferry/kvferry/cmd/internal/servercmd"
+	"github.com/kvferry/kvferry/pkg/ctxserver"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/metrics"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+)
+
+// Config is the context server's configuration.
+type Config struct {
+	servercmd.Config
+	HandoffLease time.Duration
+}
+
+// Validate checks the configuration.
+func (c *Config) Validate() error {
+	var leaseErr error
+	if c.HandoffLease <= 0 {
+		leaseErr = fmt.Errorf("--handoff-lease must be positive, got %s", c.HandoffLease)
+	}
+	return servercmd.OneLine(c.Config.Validate(), leaseErr)
+}
+
+func main() {
+	var cfg Config
+	fs := flag.NewFlagSet("ctxserver", flag.ContinueOnError)
+	cfg.Register(fs, servercmd.Ports{GRPC: 9100, HTTP: 9101, Data: 9102})
+	fs.DurationVar(&cfg.HandoffLease, "handoff-lease", 30*time.Second, "release prefilled blocks no generation server took within this long (a backstop: the router releases at once)")
+	os.Exit(servercmd.Main(fs, "ctxserver: the kvferry context (prefill) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
+		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
+}
+
+// sweepInterval is how often handoff leases are checked: a lease overstays
+// by at most this much, which is small against its 30 s default.
+const sweepInterval = time.Second
+
+func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
+	// The context server pushes: it dials the generation server's data
+	// port and needs no data listener of its own (--data-addr is kept for
+	// transports where the sender is dialled).
+	p, err := servercmd.Build(cfg.Config, false, lg)
+	if err != nil {
+		return err
+	}
+	sender := kvtransfer.NewSender()
+	defer sender.Close()
+	srv := ctxserver.New(ctxserver.Config{
+		Engine:           p.Engine,
+		Pool:             p.Pool,
+		Sender:           sender,
+		TransferEndpoint: servercmd.Advertised(cfg.AdvertiseHost, p.GRPCLn),
+		HandoffLease:     cfg.HandoffLease,
+		TransferDeadline: cfg.TransferDeadline,
+		Transfers:        metrics.NewTransfer(p.Registry),
+		Cancels:          metrics.NewCancel(p.Registry),
+		Logger:           lg,
+	})
+	kvferryv1.RegisterContextServiceServer(p.GRPC, srv)
+	kvferryv1.RegisterTransferServiceServer(p.GRPC, srv)
+	return servercmd.Serve(ctx, cfg.Config, p,
+		map[string]func(context.Context) error{"leases": func(ctx context.Context) error { srv.Run(ctx, sweepInterval); return nil }},
+		srv.Drain)
+}

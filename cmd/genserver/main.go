@@ -1,0 +1,61 @@
+// Command genserver is a kvferry generation (decode) server.
+package main
+
+import (
+	"context"
+	"flag"
+	"os"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/kvferry/kvferry/cmd/internal/servercmd"
+	"github.com/kvferry/kvferry/pkg/genserver"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/serving"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+)
+
+func main() {
+	var cfg servercmd.Config
+	fs := flag.NewFlagSet("genserver", flag.ContinueOnError)
+	cfg.Register(fs, servercmd.Ports{GRPC: 9200, HTTP: 9201, Data: 9202})
+	os.Exit(servercmd.Main(fs, "genserver: the kvferry generation (decode) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
+		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
+}
+
+// abortTimeout bounds the AbortTransfer call to a sender; the receiver's own
+// quiescence proof does not depend on its answer.
+const abortTimeout = 2 * time.Second
+
+// sweepInterval is how often finished requests are forgotten.
+const sweepInterval = time.Minute
+
+func run(ctx context.Context, cfg servercmd.Config, lg *zap.Logger) error {
+	p, err := servercmd.Build(cfg, true, lg)
+	if err != nil {
+		return err
+	}
+	recv := kvtransfer.Serve(p.DataLn, p.Spec.BlockBytes(), lg)
+	defer func() { _ = recv.Close() }()
+	conns := serving.NewConnCache()
+	defer conns.Close()
+	srv := genserver.New(genserver.Config{
+		Engine:           p.Engine,
+		Pool:             p.Pool,
+		Receiver:         recv,
+		DataEndpoint:     servercmd.Advertised(cfg.AdvertiseHost, p.DataLn),
+		Conns:            conns,
+		ProgressTimeout:  cfg.TransferProgressTimeout,
+		TransferDeadline: cfg.TransferDeadline,
+		AbortTimeout:     abortTimeout,
+		Transfers:        metrics.NewTransfer(p.Registry),
+		Cancels:          metrics.NewCancel(p.Registry),
+		Logger:           lg,
+	})
+	kvferryv1.RegisterGenerationServiceServer(p.GRPC, srv)
+	return servercmd.Serve(ctx, cfg, p,
+		map[string]func(context.Context) error{"tombstones": func(ctx context.Context) error { srv.Run(ctx, sweepInterval); return nil }},
+		srv.Drain)
+}

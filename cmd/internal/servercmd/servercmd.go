@@ -1,0 +1,276 @@
+// Package servercmd is what the kvferry commands share: Main (flags,
+// environment, logger, signals) for all three, and for ctxserver and
+// genserver
+// their common flags, validation, and the process skeleton (listeners,
+// admin HTTP, gRPC with health, graceful shutdown).
+package servercmd
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+
+	"github.com/kvferry/kvferry/pkg/blockpool"
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/flagenv"
+	"github.com/kvferry/kvferry/pkg/health"
+	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/serving"
+)
+
+// Config holds the flags both servers take.
+type Config struct {
+	Model                   string
+	PoolBlocks              int
+	GRPCAddr                string
+	HTTPAddr                string
+	DataAddr                string
+	AdvertiseHost           string
+	LogLevel                string
+	PrefillTokensPerSecond  float64
+	DecodeStepTime          time.Duration
+	TransferProgressTimeout time.Duration
+	TransferDeadline        time.Duration
+	ShutdownGrace           time.Duration
+}
+
+// Ports are a server's default listeners (DESIGN §7).
+type Ports struct{ GRPC, HTTP, Data int }
+
+// Register adds the common flags to fs.
+func (c *Config) Register(fs *flag.FlagSet, p Ports) {
+	fs.StringVar(&c.Model, "model", "tiny", "model preset: "+fmt.Sprint(executor.PresetNames()))
+	fs.IntVar(&c.PoolBlocks, "pool-blocks", 1024, "KV blocks in the pool (block size follows the model)")
+	fs.StringVar(&c.GRPCAddr, "grpc-addr", fmt.Sprintf(":%d", p.GRPC), "gRPC listen address")
+	fs.StringVar(&c.HTTPAddr, "http-addr", fmt.Sprintf(":%d", p.HTTP), "HTTP listen address for /livez, /readyz, /metrics")
+	fs.StringVar(&c.DataAddr, "data-addr", fmt.Sprintf(":%d", p.Data), "transfer data listen address")
+	fs.StringVar(&c.AdvertiseHost, "advertise-host", "", "host peers use to reach this server (default: the listen host, or 127.0.0.1 for a wildcard listen)")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.Float64Var(&c.PrefillTokensPerSecond, "prefill-tokens-per-second", 0, "synthetic engine prefill speed (0 = instant)")
+	fs.DurationVar(&c.DecodeStepTime, "decode-step-time", 0, "synthetic engine time per decode step (0 = instant)")
+	fs.DurationVar(&c.TransferProgressTimeout, "transfer-progress-timeout", 10*time.Second, "end a transfer that moved no byte for this long")
+	fs.DurationVar(&c.TransferDeadline, "transfer-deadline", 60*time.Second, "end a transfer this long after it started")
+	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
+}
+
+// Validate checks the common flags.
+func (c *Config) Validate() error {
+	var errs []error
+	if _, err := executor.Preset(c.Model); err != nil {
+		errs = append(errs, fmt.Errorf("--model: %w", err))
+	}
+	if c.PoolBlocks <= 0 {
+		errs = append(errs, fmt.Errorf("--pool-blocks must be positive, got %d", c.PoolBlocks))
+	}
+	for name, addr := range map[string]string{"--grpc-addr": c.GRPCAddr, "--http-addr": c.HTTPAddr, "--data-addr": c.DataAddr} {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: %w", name, addr, err))
+		}
+	}
+	if c.PrefillTokensPerSecond < 0 || c.DecodeStepTime < 0 {
+		errs = append(errs, errors.New("--prefill-tokens-per-second and --decode-step-time must not be negative"))
+	}
+	for name, d := range map[string]time.Duration{"--transfer-progress-timeout": c.TransferProgressTimeout, "--transfer-deadline": c.TransferDeadline, "--shutdown-grace": c.ShutdownGrace} {
+		if d <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
+		}
+	}
+	return OneLine(errs...)
+}
+
+// Parse parses args into fs (with the environment fallback) and validates
+// with validate. The error is one line, fit for a user.
+func Parse(fs *flag.FlagSet, args []string, lookup func(string) (string, bool), validate func() error) error {
+	fs.SetOutput(io.Discard) // errors are returned, usage is printed by the caller on -help
+	if err := fs.Parse(args); err != nil {
+		return err // flag.ErrHelp for -help, else one line naming the flag
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	if err := flagenv.Apply(fs, lookup); err != nil {
+		return err
+	}
+	return validate()
+}
+
+// Parts are what a server's run builds from the common config.
+type Parts struct {
+	Spec     executor.ModelSpec
+	Engine   *executor.Synthetic
+	Pool     *blockpool.Pool
+	Registry *prometheus.Registry
+	Health   *health.Checker
+	GRPC     *grpc.Server
+	GRPCLn   net.Listener
+	HTTPLn   net.Listener
+	DataLn   net.Listener
+	Logger   *zap.Logger
+}
+
+// Build creates the engine, pool, registry, health, gRPC server and the
+// listeners (the data listener only when withData is set: in the push
+// model only the receiving side listens). On error everything opened is
+// closed.
+func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
+	spec, err := executor.Preset(cfg.Model)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := blockpool.New(cfg.PoolBlocks, spec.BlockBytes())
+	if err != nil {
+		return nil, err
+	}
+	reg := metrics.NewRegistry()
+	metrics.RegisterPool(reg, pool)
+	p := &Parts{
+		Spec:     spec,
+		Engine:   executor.NewSynthetic(spec, executor.Timing{PrefillTokensPerSecond: cfg.PrefillTokensPerSecond, DecodeStepTime: cfg.DecodeStepTime}),
+		Pool:     pool,
+		Registry: reg,
+		Health:   health.New(reg, pool, nil),
+		GRPC:     serving.NewGRPCServer(lg),
+		Logger:   lg,
+	}
+	p.Health.Register(p.GRPC)
+	for _, l := range []struct {
+		addr string
+		ln   *net.Listener
+	}{{cfg.GRPCAddr, &p.GRPCLn}, {cfg.HTTPAddr, &p.HTTPLn}, {cfg.DataAddr, &p.DataLn}} {
+		if l.ln == &p.DataLn && !withData {
+			continue
+		}
+		ln, err := net.Listen("tcp", l.addr)
+		if err != nil {
+			p.closeListeners()
+			return nil, fmt.Errorf("listen %s: %w", l.addr, err)
+		}
+		*l.ln = ln
+	}
+	return p, nil
+}
+
+func (p *Parts) closeListeners() {
+	for _, ln := range []net.Listener{p.GRPCLn, p.HTTPLn, p.DataLn} {
+		if ln != nil {
+			_ = ln.Close()
+		}
+	}
+}
+
+// Advertised returns host:port for a listener as peers should dial it.
+func Advertised(advertiseHost string, ln net.Listener) string {
+	host, port, _ := net.SplitHostPort(ln.Addr().String())
+	if advertiseHost != "" {
+		host = advertiseHost
+	} else if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
+}
+
+// AdminHandler serves /livez, /readyz and /metrics.
+func AdminHandler(h *health.Checker, reg *prometheus.Registry) http.Handler {
+	mux := http.NewServeMux()
+	h.Routes(mux)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	return mux
+}
+
+// healthInterval is how often health is re-evaluated for gRPC watchers.
+const healthInterval = time.Second
+
+// Serve runs the gRPC and admin HTTP servers plus the extra runnables until
+// ctx is done or one fails; then health turns NOT_SERVING, gRPC stops
+// gracefully within the grace period, and drain runs under the same grace.
+func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(context.Context) error, drain func(context.Context) error) error {
+	g, gctx := serving.NewGroup(ctx)
+	g.Go("grpc", func(ctx context.Context) error {
+		return serving.ServeGRPC(ctx, p.GRPC, p.GRPCLn, cfg.ShutdownGrace, p.Health.SetDraining)
+	})
+	g.Go("http", func(ctx context.Context) error {
+		return serving.ServeHTTP(ctx, AdminHandler(p.Health, p.Registry), p.HTTPLn, cfg.ShutdownGrace)
+	})
+	g.Go("health", func(ctx context.Context) error { p.Health.Run(ctx, healthInterval); return nil })
+	for name, fn := range extra {
+		g.Go(name, fn)
+	}
+	data := "none"
+	if p.DataLn != nil {
+		data = p.DataLn.Addr().String()
+	}
+	p.Logger.Info("serving",
+		zap.String("grpc", p.GRPCLn.Addr().String()), zap.String("http", p.HTTPLn.Addr().String()),
+		zap.String("data", data), zap.String("model", p.Spec.Name),
+		zap.Int("pool_blocks", p.Pool.Capacity()), zap.String("block_bytes", strconv.Itoa(p.Spec.BlockBytes())))
+	<-gctx.Done()
+	err := g.Wait()
+	p.Health.Shutdown()
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownGrace)
+	defer cancel()
+	if derr := drain(dctx); derr != nil {
+		err = errors.Join(err, derr)
+	}
+	c := p.Pool.Counts()
+	p.Logger.Info("stopped", zap.Int("free", c.Free), zap.Int("owned", c.Owned), zap.Int("in_flight", c.InFlight), zap.Int("quarantined", c.Quarantined), zap.Int("poisoned", c.Poisoned))
+	return err
+}
+
+// OneLine joins errors into one line for the user.
+func OneLine(errs ...error) error {
+	var msgs []string
+	for _, e := range errs {
+		if e != nil {
+			msgs = append(msgs, e.Error())
+		}
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	return errors.New(strings.Join(msgs, "; "))
+}
+
+// Main is the whole main of a command: parse flags (with -help printing
+// every flag and its variable), build the logger, run under SIGINT/SIGTERM.
+// It returns the exit code: 0, 1 for a failed run, 2 for bad flags.
+func Main(fs *flag.FlagSet, what string, args []string, validate func() error, logLevel *string, run func(ctx context.Context, lg *zap.Logger) error) int {
+	fs.Usage = flagenv.Usage(fs, what)
+	if err := Parse(fs, args, os.LookupEnv, validate); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(os.Stdout)
+			fs.Usage()
+			return 0
+		}
+		fmt.Fprintf(os.Stderr, "%s: %v (see --help)\n", fs.Name(), strings.ReplaceAll(err.Error(), "\n", "; "))
+		return 2
+	}
+	lg, err := serving.NewLogger(*logLevel)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", fs.Name(), err)
+		return 2
+	}
+	lg = lg.With(zap.String("component", fs.Name()))
+	defer func() { _ = lg.Sync() }()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, lg); err != nil {
+		lg.Error("exit", zap.Error(err))
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,189 @@
+// Command router is kvferry's front door: OpenAI HTTP on 8000, gRPC
+// RouterService on 8001, admin HTTP (probes, metrics) on 8002.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/kvferry/kvferry/cmd/internal/servercmd"
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/health"
+	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/router"
+	"github.com/kvferry/kvferry/pkg/serving"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+)
+
+// Config is the router's configuration.
+type Config struct {
+	HTTPAddr         string
+	GRPCAddr         string
+	AdminAddr        string
+	CtxServers       string
+	GenServers       string
+	Model            string
+	ServedModelName  string
+	MaxBodyBytes     int64
+	MaxPromptTokens  int
+	MaxOutputTokens  int
+	DefaultMaxTokens int
+	RequestTimeout   time.Duration
+	CancelTimeout    time.Duration
+	ShutdownGrace    time.Duration
+	LogLevel         string
+}
+
+func (c *Config) register(fs *flag.FlagSet) {
+	fs.StringVar(&c.HTTPAddr, "http-addr", ":8000", "OpenAI HTTP listen address")
+	fs.StringVar(&c.GRPCAddr, "grpc-addr", ":8001", "gRPC RouterService listen address")
+	fs.StringVar(&c.AdminAddr, "admin-addr", ":8002", "admin HTTP listen address (/livez, /readyz, /metrics)")
+	fs.StringVar(&c.CtxServers, "ctx-servers", "127.0.0.1:9100", "comma-separated context server gRPC addresses")
+	fs.StringVar(&c.GenServers, "gen-servers", "127.0.0.1:9200", "comma-separated generation server gRPC addresses")
+	fs.StringVar(&c.Model, "model", "tiny", "model preset the servers run: "+fmt.Sprint(executor.PresetNames()))
+	fs.StringVar(&c.ServedModelName, "served-model-name", "", "model name clients use (default: --model)")
+	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 4<<20, "largest request body accepted (413 above)")
+	fs.IntVar(&c.MaxPromptTokens, "max-prompt-tokens", 8000, "largest prompt accepted, in tokens")
+	fs.IntVar(&c.MaxOutputTokens, "max-output-tokens", 2048, "largest max_tokens accepted")
+	fs.IntVar(&c.DefaultMaxTokens, "default-max-tokens", 16, "max_tokens when the request names none (OpenAI's default for completions)")
+	fs.DurationVar(&c.RequestTimeout, "request-timeout", 180*time.Second, "end a request this long after it was accepted")
+	fs.DurationVar(&c.CancelTimeout, "cancel-timeout", 2*time.Second, "bound on each Cancel / Release call to a server")
+	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Validate checks the configuration.
+func (c *Config) Validate() error {
+	var errs []error
+	if _, err := executor.Preset(c.Model); err != nil {
+		errs = append(errs, fmt.Errorf("--model: %w", err))
+	}
+	for name, addr := range map[string]string{"--http-addr": c.HTTPAddr, "--grpc-addr": c.GRPCAddr, "--admin-addr": c.AdminAddr} {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: %w", name, addr, err))
+		}
+	}
+	for name, list := range map[string]string{"--ctx-servers": c.CtxServers, "--gen-servers": c.GenServers} {
+		addrs := splitList(list)
+		if len(addrs) == 0 {
+			errs = append(errs, fmt.Errorf("%s needs at least one address", name))
+		}
+		for _, a := range addrs {
+			if _, _, err := net.SplitHostPort(a); err != nil {
+				errs = append(errs, fmt.Errorf("%s %q: %w", name, a, err))
+			}
+		}
+	}
+	if c.MaxBodyBytes <= 0 || c.MaxPromptTokens <= 0 || c.MaxOutputTokens <= 0 {
+		errs = append(errs, errors.New("--max-body-bytes, --max-prompt-tokens and --max-output-tokens must be positive"))
+	}
+	if c.DefaultMaxTokens <= 0 || c.DefaultMaxTokens > c.MaxOutputTokens {
+		errs = append(errs, fmt.Errorf("--default-max-tokens must be between 1 and --max-output-tokens (%d)", c.MaxOutputTokens))
+	}
+	if c.RequestTimeout <= 0 || c.CancelTimeout <= 0 || c.ShutdownGrace <= 0 {
+		errs = append(errs, errors.New("--request-timeout, --cancel-timeout and --shutdown-grace must be positive"))
+	}
+	return servercmd.OneLine(errs...)
+}
+
+func main() {
+	var cfg Config
+	fs := flag.NewFlagSet("router", flag.ContinueOnError)
+	cfg.register(fs)
+	os.Exit(servercmd.Main(fs, "router: the kvferry front door (OpenAI HTTP, gRPC RouterService).", os.Args[1:], cfg.Validate, &cfg.LogLevel,
+		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
+}
+
+// healthInterval is how often the router re-checks its backends' readiness.
+const healthInterval = 2 * time.Second
+
+func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
+	spec, err := executor.Preset(cfg.Model)
+	if err != nil {
+		return err
+	}
+	served := cfg.ServedModelName
+	if served == "" {
+		served = spec.Name
+	}
+	reg := metrics.NewRegistry()
+	conns := serving.NewConnCache()
+	defer conns.Close()
+	rt, err := router.New(router.Config{
+		CtxServers: splitList(cfg.CtxServers), GenServers: splitList(cfg.GenServers),
+		Model: spec, ServedModel: served,
+		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
+		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, CancelTimeout: cfg.CancelTimeout,
+		Conns: conns, Metrics: metrics.NewRouter(reg), Logger: lg,
+	})
+	if err != nil {
+		return err
+	}
+	checker := health.New(reg, nil, rt.ReadyCheck)
+	gs := serving.NewGRPCServer(lg)
+	checker.Register(gs)
+	kvferryv1.RegisterRouterServiceServer(gs, rt)
+
+	var lns []net.Listener
+	listen := func(addr string) (net.Listener, error) {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			for _, l := range lns {
+				_ = l.Close()
+			}
+			return nil, fmt.Errorf("listen %s: %w", addr, err)
+		}
+		lns = append(lns, ln)
+		return ln, nil
+	}
+	httpLn, err := listen(cfg.HTTPAddr)
+	if err != nil {
+		return err
+	}
+	grpcLn, err := listen(cfg.GRPCAddr)
+	if err != nil {
+		return err
+	}
+	adminLn, err := listen(cfg.AdminAddr)
+	if err != nil {
+		return err
+	}
+
+	g, gctx := serving.NewGroup(ctx)
+	g.Go("openai", func(ctx context.Context) error {
+		return serving.ServeHTTP(ctx, rt.Handler(), httpLn, cfg.ShutdownGrace)
+	})
+	g.Go("grpc", func(ctx context.Context) error {
+		return serving.ServeGRPC(ctx, gs, grpcLn, cfg.ShutdownGrace, checker.SetDraining)
+	})
+	g.Go("admin", func(ctx context.Context) error {
+		return serving.ServeHTTP(ctx, servercmd.AdminHandler(checker, reg), adminLn, cfg.ShutdownGrace)
+	})
+	g.Go("health", func(ctx context.Context) error { checker.Run(ctx, healthInterval); return nil })
+	lg.Info("serving", zap.String("openai", httpLn.Addr().String()), zap.String("grpc", grpcLn.Addr().String()),
+		zap.String("admin", adminLn.Addr().String()), zap.String("model", served),
+		zap.Strings("ctx_servers", splitList(cfg.CtxServers)), zap.Strings("gen_servers", splitList(cfg.GenServers)))
+	<-gctx.Done()
+	err = g.Wait()
+	checker.Shutdown()
+	lg.Info("stopped")
+	return err
+}

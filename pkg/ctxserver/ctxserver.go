@@ -1,0 +1,507 @@
+// Package ctxserver is the context (prefill) server: ContextService computes
+// a prompt's KV into pool blocks and advertises them; TransferService pushes
+// them to a generation server's destination blocks over the data transport.
+//
+// One mutex guards the request table; no I/O, RPC or block copy happens
+// under it. A request's blocks are dropped exactly once (dropRefsLocked);
+// transfer pins keep them IN_FLIGHT until the push has returned, so a
+// cancel, release or lease expiry during a transfer can never free memory
+// the transport still reads.
+package ctxserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvferry/kvferry/pkg/blockpool"
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/ticket"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+)
+
+// Config is what a context server needs.
+type Config struct {
+	Engine executor.Engine
+	Pool   *blockpool.Pool
+	Sender *kvtransfer.Sender
+	// TransferEndpoint is the host:port generation servers dial for
+	// TransferService (this server's gRPC address as they see it).
+	TransferEndpoint string
+	HandoffLease     time.Duration
+	TransferDeadline time.Duration
+	Transfers        *metrics.Transfer
+	Cancels          *metrics.Cancel
+	Logger           *zap.Logger
+}
+
+// phase is where a request is on the context server.
+type phase int
+
+const (
+	phasePrefilling phase = iota
+	phaseAdvertised
+	phaseTransferring
+	phaseHandedOff // the generation side has every block; ours are released
+	phaseEnded     // cancelled, released, superseded, expired or failed
+)
+
+func (p phase) String() string {
+	return [...]string{"prefilling", "advertised", "transferring", "handed_off", "ended"}[p]
+}
+
+type request struct {
+	attempt uint32
+	phase   phase
+	blocks  []blockpool.ID
+
+	refsHeld      bool // the request's one reference on each block
+	pinned        bool // a transfer's pin on each block
+	engineRunning bool // the engine is writing the blocks; its caller drops the refs
+
+	prefillCancel context.CancelFunc
+	prefillDone   chan struct{}
+	resp          *kvferryv1.PrefillResponse
+
+	leaseUntil time.Time
+
+	session        uint64
+	transferCancel context.CancelFunc
+	transferDone   chan struct{}
+
+	cancelAt     time.Time // when a cancel arrived; zero if none
+	freeObserved bool
+	endedAt      time.Time
+}
+
+// Server implements ContextService and TransferService.
+type Server struct {
+	kvferryv1.UnimplementedContextServiceServer
+	kvferryv1.UnimplementedTransferServiceServer
+
+	cfg  Config
+	spec executor.ModelSpec
+	lg   *zap.Logger
+
+	mu       sync.Mutex
+	reqs     map[string]*request
+	draining bool
+}
+
+var (
+	_ kvferryv1.ContextServiceServer  = (*Server)(nil)
+	_ kvferryv1.TransferServiceServer = (*Server)(nil)
+)
+
+// New returns a context server.
+func New(cfg Config) *Server {
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), lg: cfg.Logger, reqs: map[string]*request{}}
+}
+
+func reqFields(t *kvferryv1.Ticket) []zap.Field {
+	return []zap.Field{zap.String("request_id", t.GetRequestId()), zap.Uint32("attempt", t.GetAttempt())}
+}
+
+// Prefill implements ContextService.
+func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*kvferryv1.PrefillResponse, error) {
+	if err := ticket.Validate(req.GetTicket()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if err := s.spec.ValidatePrompt(req.GetPromptTokens(), req.GetSampling().GetMaxTokens()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	id, attempt := req.GetTicket().GetRequestId(), req.GetTicket().GetAttempt()
+
+	s.mu.Lock()
+	if s.draining {
+		s.mu.Unlock()
+		return nil, status.Error(codes.Unavailable, "context server is draining")
+	}
+	if old, ok := s.reqs[id]; ok {
+		switch {
+		case attempt < old.attempt:
+			s.mu.Unlock()
+			return nil, status.Errorf(codes.FailedPrecondition, "stale attempt %d: attempt %d already seen", attempt, old.attempt)
+		case attempt == old.attempt:
+			s.mu.Unlock()
+			return s.duplicatePrefill(ctx, old)
+		default:
+			s.endLocked(old) // a newer attempt supersedes the old one
+		}
+	}
+	blocks, err := s.cfg.Pool.Allocate(ctx, s.spec.BlocksFor(len(req.GetPromptTokens())))
+	if err != nil {
+		s.mu.Unlock()
+		if errors.Is(err, blockpool.ErrExhausted) {
+			return nil, status.Error(codes.ResourceExhausted, err.Error())
+		}
+		return nil, status.FromContextError(err).Err()
+	}
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	r := &request{attempt: attempt, phase: phasePrefilling, blocks: blocks, refsHeld: true, engineRunning: true, prefillCancel: cancel, prefillDone: make(chan struct{})}
+	s.reqs[id] = r
+	s.mu.Unlock()
+
+	mem := make([][]byte, len(blocks))
+	for i, b := range blocks {
+		mem[i] = s.cfg.Pool.Bytes(b)
+	}
+	first, sums, err := s.cfg.Engine.Prefill(pctx, req.GetPromptTokens(), executor.ToSampling(req.GetSampling()), mem)
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer close(r.prefillDone)
+	r.engineRunning = false
+	if err == nil && r.phase != phasePrefilling {
+		err = context.Canceled // cancelled or superseded while the engine finished
+	}
+	if err != nil {
+		s.endLocked(r)
+		if ctxErr := pctx.Err(); ctxErr != nil {
+			return nil, status.FromContextError(ctxErr).Err()
+		}
+		return nil, status.Errorf(codes.Internal, "prefill: %v", err)
+	}
+	r.phase = phaseAdvertised
+	r.leaseUntil = time.Now().Add(s.cfg.HandoffLease)
+	r.resp = &kvferryv1.PrefillResponse{
+		FirstToken: first,
+		Advertisement: &kvferryv1.KVAdvertisement{
+			Ticket:           req.GetTicket(),
+			TransferEndpoint: s.cfg.TransferEndpoint,
+			Layout:           s.spec.Layout(),
+			BlockCount:       uint32(len(blocks)),
+			PromptTokens:     uint32(len(req.GetPromptTokens())),
+			BlockChecksums:   sums,
+			ProtocolVersion:  kvtransfer.ProtocolVersion,
+			Transport:        kvtransfer.TransportTCP,
+		},
+	}
+	s.lg.Debug("prefill advertised", append(reqFields(req.GetTicket()), zap.Int("blocks", len(blocks)))...)
+	return r.resp, nil
+}
+
+// duplicatePrefill answers a repeated Prefill of the same attempt with the
+// request's current state, waiting for a prefill still running.
+func (s *Server) duplicatePrefill(ctx context.Context, r *request) (*kvferryv1.PrefillResponse, error) {
+	select {
+	case <-r.prefillDone:
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r.phase == phaseAdvertised || r.phase == phaseTransferring {
+		return r.resp, nil
+	}
+	return nil, status.Errorf(codes.FailedPrecondition, "request already %s", r.phase)
+}
+
+// dropRefsLocked drops the request's references: the single release path.
+// While the engine still writes the blocks it does nothing; Prefill drops
+// them when the engine returns.
+func (s *Server) dropRefsLocked(r *request) {
+	if !r.refsHeld || r.engineRunning {
+		return
+	}
+	r.refsHeld = false
+	if err := s.cfg.Pool.Release(r.blocks); err != nil {
+		s.lg.Error("release blocks", zap.Error(err)) // a bookkeeping bug; the invariant test catches it
+	}
+	s.observeFreeLocked(r)
+}
+
+func (s *Server) observeFreeLocked(r *request) {
+	if !r.cancelAt.IsZero() && !r.freeObserved && !r.refsHeld && !r.pinned && !r.engineRunning {
+		r.freeObserved = true
+		s.cfg.Cancels.RecordCancelToFree(time.Since(r.cancelAt))
+	}
+}
+
+// endLocked ends a request wherever it is: stops its prefill or transfer and
+// drops its references. Pinned blocks stay IN_FLIGHT until the push returns.
+func (s *Server) endLocked(r *request) {
+	switch r.phase {
+	case phasePrefilling:
+		r.prefillCancel()
+	case phaseTransferring:
+		r.transferCancel()
+	}
+	if r.phase != phaseHandedOff {
+		r.phase = phaseEnded
+	}
+	if r.endedAt.IsZero() {
+		r.endedAt = time.Now()
+	}
+	s.dropRefsLocked(r)
+}
+
+// Cancel implements ContextService (DESIGN §4 outcomes).
+func (s *Server) Cancel(_ context.Context, req *kvferryv1.ContextServiceCancelRequest) (*kvferryv1.ContextServiceCancelResponse, error) {
+	if err := ticket.Validate(req.GetTicket()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	resp := s.cancelLocked(req.GetTicket())
+	s.cfg.Cancels.RecordOutcome(resp.Outcome.String())
+	s.lg.Info("cancel", append(reqFields(req.GetTicket()), zap.String("outcome", resp.Outcome.String()), zap.Bool("resources_free_now", resp.ResourcesFreeNow))...)
+	return resp, nil
+}
+
+func (s *Server) cancelLocked(t *kvferryv1.Ticket) *kvferryv1.ContextServiceCancelResponse {
+	r, ok := s.reqs[t.GetRequestId()]
+	if !ok || r.attempt != t.GetAttempt() {
+		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_NOT_FOUND, ResourcesFreeNow: true}
+	}
+	var outcome kvferryv1.CancelOutcome
+	switch r.phase {
+	case phasePrefilling:
+		outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE
+	case phaseAdvertised, phaseTransferring:
+		outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT
+	default:
+		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE, ResourcesFreeNow: !r.refsHeld && !r.pinned}
+	}
+	if r.cancelAt.IsZero() {
+		r.cancelAt = time.Now()
+	}
+	s.endLocked(r)
+	// A prefill still running frees its blocks when the engine returns;
+	// a transfer's pins go when the push returns.
+	return &kvferryv1.ContextServiceCancelResponse{Outcome: outcome, ResourcesFreeNow: !r.refsHeld && !r.pinned}
+}
+
+// Release implements ContextService: the router gives up the handoff.
+func (s *Server) Release(_ context.Context, req *kvferryv1.ReleaseRequest) (*kvferryv1.ReleaseResponse, error) {
+	if err := ticket.Validate(req.GetTicket()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r, ok := s.reqs[req.GetTicket().GetRequestId()]
+	if !ok || r.attempt != req.GetTicket().GetAttempt() || !r.refsHeld || r.phase == phaseHandedOff {
+		return &kvferryv1.ReleaseResponse{Released: false}, nil
+	}
+	s.endLocked(r)
+	s.lg.Debug("released by router", reqFields(req.GetTicket())...)
+	return &kvferryv1.ReleaseResponse{Released: true}, nil
+}
+
+// negotiate checks a transfer request against the request's advertisement;
+// a non-empty answer is the NOT_READY reason.
+func (s *Server) negotiate(req *kvferryv1.TransferRequest, r *request) string {
+	switch {
+	case req.GetProtocolVersion() != kvtransfer.ProtocolVersion:
+		return fmt.Sprintf("protocol version %d, want %d", req.GetProtocolVersion(), kvtransfer.ProtocolVersion)
+	case req.GetTransport() != kvtransfer.TransportTCP:
+		return fmt.Sprintf("transport %q not offered (have %q)", req.GetTransport(), kvtransfer.TransportTCP)
+	case !proto.Equal(req.GetLayout(), s.spec.Layout()):
+		return fmt.Sprintf("kv layout mismatch: have %v", s.spec.Layout())
+	case len(req.GetDestinations()) != len(r.blocks):
+		return fmt.Sprintf("%d destination blocks for %d source blocks", len(req.GetDestinations()), len(r.blocks))
+	case req.GetDataEndpoint() == "":
+		return "no data endpoint"
+	}
+	for i, d := range req.GetDestinations() {
+		if d.GetLength() != uint64(s.spec.BlockBytes()) {
+			return fmt.Sprintf("destination %d has length %d, block is %d", i, d.GetLength(), s.spec.BlockBytes())
+		}
+	}
+	return ""
+}
+
+func notReady(stream kvferryv1.TransferService_TransferServer, reason string) error {
+	return stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_NOT_READY, Reason: reason})
+}
+
+// Transfer implements TransferService: negotiate, pin, push, report.
+func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.TransferService_TransferServer) error {
+	if err := ticket.Validate(req.GetTicket()); err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	ctx := stream.Context()
+	fields := reqFields(req.GetTicket())
+	s.mu.Lock()
+	r, ok := s.reqs[req.GetTicket().GetRequestId()]
+	switch {
+	case !ok:
+		s.mu.Unlock()
+		return notReady(stream, "unknown ticket")
+	case r.attempt != req.GetTicket().GetAttempt():
+		s.mu.Unlock()
+		return notReady(stream, fmt.Sprintf("attempt %d, current attempt is %d", req.GetTicket().GetAttempt(), r.attempt))
+	case r.phase != phaseAdvertised:
+		s.mu.Unlock()
+		return notReady(stream, "request is "+r.phase.String())
+	}
+	if reason := s.negotiate(req, r); reason != "" {
+		s.mu.Unlock()
+		return notReady(stream, reason)
+	}
+	if err := s.cfg.Pool.Pin(r.blocks); err != nil {
+		s.mu.Unlock()
+		return status.Errorf(codes.Internal, "pin: %v", err)
+	}
+	tctx, cancel := context.WithTimeout(ctx, s.cfg.TransferDeadline)
+	defer cancel()
+	r.phase, r.pinned, r.session = phaseTransferring, true, req.GetSessionId()
+	r.transferCancel, r.transferDone = cancel, make(chan struct{})
+	src := make([][]byte, len(r.blocks))
+	for i, b := range r.blocks {
+		src[i] = s.cfg.Pool.Bytes(b)
+	}
+	s.mu.Unlock()
+
+	start := time.Now()
+	err := stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_READY})
+	var sent int64
+	if err == nil {
+		sent, err = s.cfg.Sender.Push(tctx, req.GetDataEndpoint(), req.GetSessionId(), src)
+	}
+	// Push has returned: nothing reads the blocks any more. Quiesced.
+	s.mu.Lock()
+	if uerr := s.cfg.Pool.Unpin(r.blocks); uerr != nil {
+		s.lg.Error("unpin blocks", append(fields, zap.Error(uerr))...)
+	}
+	r.pinned = false
+	close(r.transferDone)
+	outcome := metrics.OutcomeCompleted
+	switch {
+	case err == nil && r.phase == phaseTransferring:
+		r.phase = phaseHandedOff
+		r.endedAt = time.Now()
+		s.dropRefsLocked(r)
+	case err == nil:
+		err = context.Canceled // cancelled after the last byte; the router decides
+		outcome = metrics.OutcomeCancelled
+	case errors.Is(err, context.DeadlineExceeded):
+		outcome = metrics.OutcomeTimedOut
+	case errors.Is(err, context.Canceled):
+		outcome = metrics.OutcomeCancelled
+	default:
+		outcome = metrics.OutcomeFailed
+	}
+	if err != nil && r.phase == phaseTransferring {
+		// The generation side did not take the blocks; they stay advertised
+		// for the router to retry or release, under the same lease.
+		r.phase = phaseAdvertised
+	}
+	s.observeFreeLocked(r)
+	s.mu.Unlock()
+	s.cfg.Transfers.RecordTransfer(metrics.SideSender, outcome, sent, time.Since(start))
+
+	if err != nil {
+		s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome), zap.Int64("bytes", sent), zap.Error(err))...)
+		if ctx.Err() != nil {
+			return status.FromContextError(ctx.Err()).Err()
+		}
+		return stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_FAILED, Reason: err.Error()})
+	}
+	s.lg.Debug("transfer completed", append(fields, zap.Int64("bytes", sent))...)
+	return stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_COMPLETED, BytesSent: uint64(sent)})
+}
+
+// AbortTransfer implements TransferService: it stops the push and answers
+// only once the push has returned, so no_more_writes is a proof.
+func (s *Server) AbortTransfer(ctx context.Context, req *kvferryv1.AbortTransferRequest) (*kvferryv1.AbortTransferResponse, error) {
+	if err := ticket.Validate(req.GetTicket()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	s.mu.Lock()
+	r, ok := s.reqs[req.GetTicket().GetRequestId()]
+	if !ok || r.attempt != req.GetTicket().GetAttempt() {
+		s.mu.Unlock()
+		return &kvferryv1.AbortTransferResponse{NoMoreWrites: true, Found: false}, nil
+	}
+	var done chan struct{}
+	if r.phase == phaseTransferring && r.session == req.GetSessionId() {
+		r.transferCancel()
+		done = r.transferDone
+	}
+	s.mu.Unlock()
+	if done != nil {
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
+	}
+	return &kvferryv1.AbortTransferResponse{NoMoreWrites: true, Found: true}, nil
+}
+
+// tombstoneTTL is how long an ended request is remembered so that late
+// duplicates and stale attempts are recognised: well past any retry.
+const tombstoneTTL = 10 * time.Minute
+
+// Run expires handoff leases and forgets old ended requests every interval
+// until ctx is done. The lease is only the backstop; the router releases at
+// once when the generation leg fails.
+func (s *Server) Run(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			s.sweep(now)
+		}
+	}
+}
+
+func (s *Server) sweep(now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, r := range s.reqs {
+		switch {
+		case r.phase == phaseAdvertised && now.After(r.leaseUntil):
+			s.lg.Info("handoff lease expired", zap.String("request_id", id), zap.Uint32("attempt", r.attempt), zap.Int("blocks", len(r.blocks)))
+			s.endLocked(r)
+		case (r.phase == phaseEnded || r.phase == phaseHandedOff) && !r.pinned && now.Sub(r.endedAt) > tombstoneTTL:
+			delete(s.reqs, id)
+		}
+	}
+}
+
+// Drain refuses new prefills, waits (until ctx is done) for prefills and
+// transfers in progress, then releases every advertised request's blocks.
+func (s *Server) Drain(ctx context.Context) error {
+	s.mu.Lock()
+	s.draining = true
+	var waits []chan struct{}
+	for _, r := range s.reqs {
+		switch r.phase {
+		case phasePrefilling:
+			waits = append(waits, r.prefillDone)
+		case phaseTransferring:
+			waits = append(waits, r.transferDone)
+		}
+	}
+	s.mu.Unlock()
+	for _, w := range waits {
+		select {
+		case <-w:
+		case <-ctx.Done():
+			return fmt.Errorf("drain: %w", ctx.Err())
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, r := range s.reqs {
+		if r.phase == phaseAdvertised {
+			s.endLocked(r)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,456 @@
+// Package genserver is the generation (decode) server: GenerationService
+// allocates destination blocks, asks the context server named in the
+// advertisement to push the KV into them, verifies every block's checksum,
+// decodes and streams tokens.
+//
+// The handler of a request is its single cleanup owner: it drops the
+// request's block references exactly once when it returns. The transfer's
+// pin is dropped by the receiver once it proves no byte can land any more
+// (kvtransfer.Receiver.Finish), so a cancel mid-transfer never frees a block
+// the data connection may still write.
+package genserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvferry/kvferry/pkg/blockpool"
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/ticket"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+)
+
+// Config is what a generation server needs.
+type Config struct {
+	Engine   executor.Engine
+	Pool     *blockpool.Pool
+	Receiver *kvtransfer.Receiver
+	// DataEndpoint is the host:port context servers dial to push blocks.
+	DataEndpoint string
+	Conns        *serving.ConnCache
+	// ProgressTimeout ends a transfer that moved no byte for this long.
+	ProgressTimeout time.Duration
+	// TransferDeadline bounds a transfer from its start.
+	TransferDeadline time.Duration
+	// AbortTimeout bounds the AbortTransfer call to the sender.
+	AbortTimeout time.Duration
+	Transfers    *metrics.Transfer
+	Cancels      *metrics.Cancel
+	Logger       *zap.Logger
+}
+
+type phase int
+
+const (
+	phaseTransferring phase = iota
+	phaseDecoding
+	phaseDone
+)
+
+type request struct {
+	attempt  uint32
+	phase    phase
+	cancel   context.CancelFunc
+	done     chan struct{}
+	endedAt  time.Time
+	cancelAt time.Time
+	holds    int // references and pin still held on the blocks (0, 1 or 2)
+}
+
+// Server implements GenerationService.
+type Server struct {
+	kvferryv1.UnimplementedGenerationServiceServer
+
+	cfg  Config
+	spec executor.ModelSpec
+	lg   *zap.Logger
+
+	mu       sync.Mutex
+	reqs     map[string]*request
+	draining bool
+}
+
+var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
+
+// New returns a generation server.
+func New(cfg Config) *Server {
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), lg: cfg.Logger, reqs: map[string]*request{}}
+}
+
+func (s *Server) validate(req *kvferryv1.GenerateRequest) error {
+	if err := ticket.Validate(req.GetTicket()); err != nil {
+		return err
+	}
+	if err := s.spec.ValidatePrompt(req.GetPromptTokens(), req.GetSampling().GetMaxTokens()); err != nil {
+		return err
+	}
+	adv := req.GetAdvertisement()
+	switch {
+	case adv == nil:
+		return errors.New("missing advertisement")
+	case !proto.Equal(adv.GetTicket(), req.GetTicket()):
+		return errors.New("advertisement is for another ticket")
+	case adv.GetTransferEndpoint() == "":
+		return errors.New("advertisement has no transfer endpoint")
+	case int(adv.GetBlockCount()) != s.spec.BlocksFor(len(req.GetPromptTokens())):
+		return fmt.Errorf("advertisement has %d blocks, prompt needs %d", adv.GetBlockCount(), s.spec.BlocksFor(len(req.GetPromptTokens())))
+	case len(adv.GetBlockChecksums()) != int(adv.GetBlockCount()):
+		return fmt.Errorf("advertisement has %d checksums for %d blocks", len(adv.GetBlockChecksums()), adv.GetBlockCount())
+	}
+	return nil
+}
+
+// negotiate is checked before any block is allocated: a mismatch is
+// FAILED_PRECONDITION and nothing moves.
+func (s *Server) negotiate(adv *kvferryv1.KVAdvertisement) error {
+	switch {
+	case adv.GetProtocolVersion() != kvtransfer.ProtocolVersion:
+		return fmt.Errorf("protocol version %d, want %d", adv.GetProtocolVersion(), kvtransfer.ProtocolVersion)
+	case adv.GetTransport() != kvtransfer.TransportTCP:
+		return fmt.Errorf("transport %q, want %q", adv.GetTransport(), kvtransfer.TransportTCP)
+	case !proto.Equal(adv.GetLayout(), s.spec.Layout()):
+		return fmt.Errorf("kv layout mismatch: advertised %v, have %v", adv.GetLayout(), s.spec.Layout())
+	}
+	return nil
+}
+
+// admit records the request, rejecting stale attempts and duplicates.
+func (s *Server) admit(t *kvferryv1.Ticket, cancel context.CancelFunc) (*request, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining {
+		return nil, status.Error(codes.Unavailable, "generation server is draining")
+	}
+	if old, ok := s.reqs[t.GetRequestId()]; ok {
+		switch {
+		case t.GetAttempt() < old.attempt:
+			return nil, status.Errorf(codes.FailedPrecondition, "stale attempt %d: attempt %d already seen", t.GetAttempt(), old.attempt)
+		case t.GetAttempt() == old.attempt:
+			state := "running"
+			if old.phase == phaseDone {
+				state = "done"
+			}
+			return nil, status.Errorf(codes.AlreadyExists, "attempt %d is already %s", old.attempt, state)
+		default:
+			old.cancel() // the newer attempt supersedes
+		}
+	}
+	r := &request{attempt: t.GetAttempt(), cancel: cancel, done: make(chan struct{})}
+	s.reqs[t.GetRequestId()] = r
+	return r, nil
+}
+
+// dropHold records that the request let go of its references or its pin;
+// when both are gone after a cancel, it observes cancel-to-free.
+func (s *Server) dropHold(r *request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r.holds--
+	if r.holds == 0 && !r.cancelAt.IsZero() {
+		s.cfg.Cancels.RecordCancelToFree(time.Since(r.cancelAt))
+	}
+}
+
+// Generate implements GenerationService.
+func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.GenerationService_GenerateServer) error {
+	if err := s.validate(req); err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	if err := s.negotiate(req.GetAdvertisement()); err != nil {
+		return status.Error(codes.FailedPrecondition, err.Error())
+	}
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
+	r, err := s.admit(req.GetTicket(), cancel)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		s.mu.Lock()
+		r.phase, r.endedAt = phaseDone, time.Now()
+		close(r.done)
+		s.mu.Unlock()
+	}()
+
+	blocks, err := s.cfg.Pool.Allocate(ctx, int(req.GetAdvertisement().GetBlockCount()))
+	if err != nil {
+		if errors.Is(err, blockpool.ErrExhausted) {
+			return status.Error(codes.ResourceExhausted, err.Error())
+		}
+		return status.FromContextError(err).Err()
+	}
+	s.mu.Lock()
+	r.holds = 1
+	s.mu.Unlock()
+	defer func() {
+		if err := s.cfg.Pool.Release(blocks); err != nil {
+			s.lg.Error("release blocks", zap.Error(err))
+		}
+		s.dropHold(r)
+	}()
+	mem := make([][]byte, len(blocks))
+	for i, b := range blocks {
+		mem[i] = s.cfg.Pool.Bytes(b)
+	}
+	if err := s.receive(ctx, req, r, blocks, mem); err != nil {
+		return err
+	}
+
+	sampling := executor.ToSampling(req.GetSampling())
+	seq, sums := s.cfg.Engine.StartDecode(mem, len(req.GetPromptTokens()), req.GetFirstToken(), sampling)
+	for i, want := range req.GetAdvertisement().GetBlockChecksums() {
+		if sums[i] != want {
+			return status.Errorf(codes.DataLoss, "block %d checksum %#x, advertised %#x", i, sums[i], want)
+		}
+	}
+	s.mu.Lock()
+	r.phase = phaseDecoding
+	s.mu.Unlock()
+	return s.decode(ctx, stream, seq)
+}
+
+func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_GenerateServer, seq *executor.Sequence) error {
+	sent := 0
+	for {
+		toks := seq.Tokens()[sent:]
+		msg := &kvferryv1.GenerateResponse{Tokens: toks, KvReady: sent == 0}
+		for i, t := range toks {
+			msg.Text += executor.TokenText(t, sent == 0 && i == 0)
+		}
+		switch seq.Finish() {
+		case executor.FinishStop:
+			msg.FinishReason = kvferryv1.FinishReason_FINISH_REASON_STOP
+		case executor.FinishLength:
+			msg.FinishReason = kvferryv1.FinishReason_FINISH_REASON_LENGTH
+		}
+		if err := stream.Send(msg); err != nil {
+			return err
+		}
+		sent += len(toks)
+		if seq.Finish() != executor.FinishNone {
+			return nil
+		}
+		if err := s.cfg.Engine.Step(ctx, []*executor.Sequence{seq}); err != nil {
+			return status.FromContextError(err).Err()
+		}
+	}
+}
+
+// receive pins the destination blocks, has the context server push into
+// them and waits for the data path's DONE notification, the sender's
+// failure, cancellation, no progress for ProgressTimeout, or the transfer
+// deadline. On every exit the receiver session is finished; the pin is
+// dropped only once it is quiesced.
+func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r *request, blocks []blockpool.ID, mem [][]byte) (err error) {
+	adv := req.GetAdvertisement()
+	fields := []zap.Field{zap.String("request_id", req.GetTicket().GetRequestId()), zap.Uint32("attempt", req.GetTicket().GetAttempt()), zap.String("peer", adv.GetTransferEndpoint())}
+	if err := s.cfg.Pool.Pin(blocks); err != nil {
+		return status.Errorf(codes.Internal, "pin: %v", err)
+	}
+	s.mu.Lock()
+	r.holds++
+	s.mu.Unlock()
+	session := rand.Uint64() | 1 // never zero
+	rs, err := s.cfg.Receiver.Register(session, mem)
+	if err != nil {
+		s.unpin(r, blocks)
+		return status.Errorf(codes.Internal, "register session: %v", err)
+	}
+	start := time.Now()
+	outcome := metrics.OutcomeCompleted
+	defer func() {
+		s.cfg.Receiver.Finish(rs, func() { s.unpin(r, blocks) })
+		moved, _ := s.cfg.Receiver.Progress(rs)
+		s.cfg.Transfers.RecordTransfer(metrics.SideReceiver, outcome, moved, time.Since(start))
+		if outcome != metrics.OutcomeCompleted {
+			s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome), zap.Int64("bytes", moved), zap.Error(err))...)
+		}
+	}()
+
+	cc, err := s.cfg.Conns.Get(adv.GetTransferEndpoint())
+	if err != nil {
+		outcome = metrics.OutcomeFailed
+		return status.Error(codes.Unavailable, err.Error())
+	}
+	client := kvferryv1.NewTransferServiceClient(cc)
+	tctx, tcancel := context.WithCancel(serving.WithRequestID(ctx, req.GetTicket().GetRequestId()))
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer tcancel()
+
+	dests := make([]*kvferryv1.BlockDescriptor, len(blocks))
+	for i, b := range blocks {
+		dests[i] = &kvferryv1.BlockDescriptor{Index: uint32(b), Offset: s.cfg.Pool.Offset(b), Length: uint64(s.cfg.Pool.BlockSize())}
+	}
+	tstream, err := client.Transfer(tctx, &kvferryv1.TransferRequest{
+		Ticket: req.GetTicket(), SessionId: session, ProtocolVersion: kvtransfer.ProtocolVersion,
+		Layout: s.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: s.cfg.DataEndpoint, Destinations: dests,
+	})
+	if err != nil {
+		outcome = metrics.OutcomeFailed
+		return status.Errorf(codes.Unavailable, "transfer: %v", err)
+	}
+	first, err := tstream.Recv()
+	if err != nil {
+		outcome = outcomeOf(ctx, err)
+		return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(status.Code(err), "transfer: %v", err))
+	}
+	if first.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_READY {
+		outcome = metrics.OutcomeFailed
+		return status.Errorf(codes.FailedPrecondition, "context server not ready: %s", first.GetReason())
+	}
+
+	// The sender's terminal event arrives on the stream; read it off the
+	// handler's goroutine. Buffered by one so the reader never blocks; it
+	// ends when the stream does (tcancel above), and wg waits for it.
+	events := make(chan error, 1)
+	wg.Go(func() {
+		m, err := tstream.Recv()
+		switch {
+		case err != nil:
+		case m.GetEvent() == kvferryv1.TransferEvent_TRANSFER_EVENT_FAILED:
+			err = fmt.Errorf("sender failed: %s", m.GetReason())
+		}
+		events <- err
+	})
+	deadline := time.NewTimer(s.cfg.TransferDeadline)
+	defer deadline.Stop()
+	tick := time.NewTicker(max(s.cfg.ProgressTimeout/4, time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-rs.Done():
+			if err := s.cfg.Receiver.Err(rs); err != nil {
+				outcome = metrics.OutcomeFailed
+				return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(codes.DataLoss, "transfer: %v", err))
+			}
+			return nil
+		case err := <-events:
+			if err != nil {
+				outcome = outcomeOf(ctx, err)
+				return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(codes.Unavailable, "transfer: %v", err))
+			}
+			events = nil // COMPLETED: the DONE frame follows on the data path
+		case <-ctx.Done():
+			outcome = metrics.OutcomeCancelled
+			return s.abort(ctx, client, req.GetTicket(), session, status.FromContextError(ctx.Err()).Err())
+		case <-deadline.C:
+			outcome = metrics.OutcomeTimedOut
+			return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(codes.DeadlineExceeded, "transfer deadline %s passed", s.cfg.TransferDeadline))
+		case now := <-tick.C:
+			if _, last := s.cfg.Receiver.Progress(rs); now.Sub(last) > s.cfg.ProgressTimeout {
+				outcome = metrics.OutcomeTimedOut
+				return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(codes.DeadlineExceeded, "transfer made no progress for %s", s.cfg.ProgressTimeout))
+			}
+		}
+	}
+}
+
+func outcomeOf(ctx context.Context, err error) string {
+	if ctx.Err() != nil || status.Code(err) == codes.Canceled {
+		return metrics.OutcomeCancelled
+	}
+	return metrics.OutcomeFailed
+}
+
+// abort asks the sender to stop writing (best effort, bounded by
+// AbortTimeout) and returns cause. The receiver's own quiescence proof
+// covers the pin whatever the sender answers.
+func (s *Server) abort(ctx context.Context, client kvferryv1.TransferServiceClient, t *kvferryv1.Ticket, session uint64, cause error) error {
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.AbortTimeout)
+	defer cancel()
+	if _, err := client.AbortTransfer(actx, &kvferryv1.AbortTransferRequest{Ticket: t, SessionId: session}); err != nil {
+		s.lg.Debug("abort transfer", zap.String("request_id", t.GetRequestId()), zap.Uint32("attempt", t.GetAttempt()), zap.Error(err))
+	}
+	return cause
+}
+
+func (s *Server) unpin(r *request, blocks []blockpool.ID) {
+	if err := s.cfg.Pool.Unpin(blocks); err != nil {
+		s.lg.Error("unpin blocks", zap.Error(err))
+	}
+	s.dropHold(r)
+}
+
+// Cancel implements GenerationService.
+func (s *Server) Cancel(_ context.Context, req *kvferryv1.GenerationServiceCancelRequest) (*kvferryv1.GenerationServiceCancelResponse, error) {
+	if err := ticket.Validate(req.GetTicket()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	s.mu.Lock()
+	resp := &kvferryv1.GenerationServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_NOT_FOUND, ResourcesFreeNow: true}
+	if r, ok := s.reqs[req.GetTicket().GetRequestId()]; ok && r.attempt == req.GetTicket().GetAttempt() {
+		switch {
+		case r.phase == phaseDone:
+			resp = &kvferryv1.GenerationServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE, ResourcesFreeNow: r.holds == 0}
+		default:
+			if r.cancelAt.IsZero() {
+				r.cancelAt = time.Now()
+			}
+			r.cancel()
+			resp = &kvferryv1.GenerationServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT, ResourcesFreeNow: r.holds == 0}
+		}
+	}
+	s.mu.Unlock()
+	s.cfg.Cancels.RecordOutcome(resp.Outcome.String())
+	s.lg.Info("cancel", zap.String("request_id", req.GetTicket().GetRequestId()), zap.Uint32("attempt", req.GetTicket().GetAttempt()), zap.String("outcome", resp.Outcome.String()))
+	return resp, nil
+}
+
+// tombstoneTTL is how long a finished request is remembered so that late
+// duplicates and stale attempts are recognised.
+const tombstoneTTL = 10 * time.Minute
+
+// Run forgets old finished requests every interval until ctx is done.
+func (s *Server) Run(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			s.mu.Lock()
+			for id, r := range s.reqs {
+				if r.phase == phaseDone && r.holds == 0 && now.Sub(r.endedAt) > tombstoneTTL {
+					delete(s.reqs, id)
+				}
+			}
+			s.mu.Unlock()
+		}
+	}
+}
+
+// Drain refuses new requests and waits, until ctx is done, for the running
+// ones to finish.
+func (s *Server) Drain(ctx context.Context) error {
+	s.mu.Lock()
+	s.draining = true
+	var waits []chan struct{}
+	for _, r := range s.reqs {
+		if r.phase != phaseDone {
+			waits = append(waits, r.done)
+		}
+	}
+	s.mu.Unlock()
+	for _, w := range waits {
+		select {
+		case <-w:
+		case <-ctx.Done():
+			return fmt.Errorf("drain: %w", ctx.Err())
+		}
+	}
+	return nil
+}

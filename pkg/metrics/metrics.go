@@ -1,0 +1,210 @@
+// Package metrics defines kvferry's contract metrics (DESIGN §8) behind
+// Record helpers. Each process builds one registry and passes it in; nothing
+// registers on the default registry.
+package metrics
+
+import (
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/kvferry/kvferry/pkg/blockpool"
+	"github.com/kvferry/kvferry/pkg/buildinfo"
+)
+
+const namespace = "kvferry"
+
+// NewRegistry returns a registry with the Go and process collectors and
+// kvferry_build_info.
+func NewRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	bi := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "build_info",
+		Help: "Build of this process; always 1.",
+	}, []string{"version", "commit", "go_version"})
+	bi.WithLabelValues(buildinfo.Version, buildinfo.Commit, runtime.Version()).Set(1)
+	reg.MustRegister(bi)
+	return reg
+}
+
+// poolCollector reads a pool's counts at scrape time, so the gauges can
+// never drift from the pool.
+type poolCollector struct {
+	pool     *blockpool.Pool
+	capacity *prometheus.Desc
+	blocks   *prometheus.Desc
+}
+
+// RegisterPool exports kvferry_blockpool_capacity_blocks and
+// kvferry_blockpool_blocks{state}.
+func RegisterPool(reg prometheus.Registerer, pool *blockpool.Pool) {
+	reg.MustRegister(&poolCollector{
+		pool:     pool,
+		capacity: prometheus.NewDesc(namespace+"_blockpool_capacity_blocks", "Number of KV blocks in the pool.", nil, nil),
+		blocks:   prometheus.NewDesc(namespace+"_blockpool_blocks", "Number of KV blocks in each state; the states sum to the capacity.", []string{"state"}, nil),
+	})
+}
+
+func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.capacity
+	ch <- c.blocks
+}
+
+func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
+	counts := c.pool.Counts()
+	ch <- prometheus.MustNewConstMetric(c.capacity, prometheus.GaugeValue, float64(counts.Capacity))
+	for _, s := range blockpool.States() {
+		ch <- prometheus.MustNewConstMetric(c.blocks, prometheus.GaugeValue, float64(counts.Of(s)), s.String())
+	}
+}
+
+// Transfer sides and outcomes.
+const (
+	SideSender   = "sender"
+	SideReceiver = "receiver"
+
+	OutcomeCompleted = "completed"
+	OutcomeFailed    = "failed"
+	OutcomeCancelled = "cancelled"
+	OutcomeTimedOut  = "timed_out"
+)
+
+// Transfer holds the transfer metrics of a server.
+type Transfer struct {
+	sessions *prometheus.CounterVec
+	bytes    *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+}
+
+// NewTransfer registers the transfer metrics.
+func NewTransfer(reg prometheus.Registerer) *Transfer {
+	t := &Transfer{
+		sessions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "transfer", Name: "sessions_total",
+			Help: "Transfer sessions ended, by side and logical outcome.",
+		}, []string{"side", "outcome"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "transfer", Name: "bytes_total",
+			Help: "KV bytes moved by transfer sessions.",
+		}, []string{"side"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "transfer", Name: "duration_seconds",
+			Help:    "Duration of transfer sessions, from transfer start to the logical outcome.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 18),
+		}, []string{"side"}),
+	}
+	for _, side := range []string{SideSender, SideReceiver} {
+		for _, o := range []string{OutcomeCompleted, OutcomeFailed, OutcomeCancelled, OutcomeTimedOut} {
+			t.sessions.WithLabelValues(side, o)
+		}
+		t.bytes.WithLabelValues(side)
+	}
+	reg.MustRegister(t.sessions, t.bytes, t.duration)
+	return t
+}
+
+// RecordTransfer counts one ended session with its bytes and duration, all
+// from the same transfer.
+func (t *Transfer) RecordTransfer(side, outcome string, bytes int64, d time.Duration) {
+	t.sessions.WithLabelValues(side, outcome).Inc()
+	t.bytes.WithLabelValues(side).Add(float64(bytes))
+	t.duration.WithLabelValues(side).Observe(d.Seconds())
+}
+
+// Cancel holds the cancel metrics of a server.
+type Cancel struct {
+	outcomes *prometheus.CounterVec
+	toFree   prometheus.Histogram
+}
+
+// CancelOutcomes are the six outcomes in lower snake case.
+var CancelOutcomes = []string{"not_found", "already_complete", "cancelled_before_advertise", "cancel_requested_in_flight", "backend_unhealthy", "not_cancellable"}
+
+// NewCancel registers the cancel metrics.
+func NewCancel(reg prometheus.Registerer) *Cancel {
+	c := &Cancel{
+		outcomes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "cancel", Name: "outcomes_total",
+			Help: "Cancel requests answered, by structured outcome.",
+		}, []string{"outcome"}),
+		toFree: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "cancel_to_free_seconds",
+			Help:    "Time from a cancel received to the request's last block released.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 20),
+		}),
+	}
+	for _, o := range CancelOutcomes {
+		c.outcomes.WithLabelValues(o)
+	}
+	reg.MustRegister(c.outcomes, c.toFree)
+	return c
+}
+
+// RecordOutcome counts one cancel outcome, given as its proto enum name
+// (CANCEL_OUTCOME_NOT_FOUND) or lower snake case.
+func (c *Cancel) RecordOutcome(outcome string) {
+	c.outcomes.WithLabelValues(strings.ToLower(strings.TrimPrefix(outcome, "CANCEL_OUTCOME_"))).Inc()
+}
+
+// RecordCancelToFree observes the time from cancel to the last block freed.
+func (c *Cancel) RecordCancelToFree(d time.Duration) { c.toFree.Observe(d.Seconds()) }
+
+// Router request outcomes.
+const (
+	RequestOK        = "ok"
+	RequestCancelled = "cancelled"
+	RequestError     = "error"
+	RequestRejected  = "rejected"
+)
+
+// Router holds the router's request metrics.
+type Router struct {
+	requests   *prometheus.CounterVec
+	ttft       prometheus.Histogram
+	interToken prometheus.Histogram
+	duration   *prometheus.HistogramVec
+}
+
+// NewRouter registers the router metrics.
+func NewRouter(reg prometheus.Registerer) *Router {
+	latency := prometheus.ExponentialBuckets(0.001, 2, 18)
+	r := &Router{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "router", Name: "requests_total",
+			Help: "Requests finished by the router, by outcome.",
+		}, []string{"outcome"}),
+		ttft: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "router", Name: "ttft_seconds",
+			Help: "Time from request accepted to the first token sent to the client.", Buckets: latency,
+		}),
+		interToken: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "router", Name: "inter_token_seconds",
+			Help: "Time between consecutive tokens sent to the client.", Buckets: latency,
+		}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "router", Name: "request_duration_seconds",
+			Help: "End-to-end request duration, by outcome.", Buckets: latency,
+		}, []string{"outcome"}),
+	}
+	for _, o := range []string{RequestOK, RequestCancelled, RequestError, RequestRejected} {
+		r.requests.WithLabelValues(o)
+	}
+	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration)
+	return r
+}
+
+// RecordRequest counts one finished request and its duration.
+func (r *Router) RecordRequest(outcome string, d time.Duration) {
+	r.requests.WithLabelValues(outcome).Inc()
+	r.duration.WithLabelValues(outcome).Observe(d.Seconds())
+}
+
+// RecordTTFT observes time to first token.
+func (r *Router) RecordTTFT(d time.Duration) { r.ttft.Observe(d.Seconds()) }
+
+// RecordInterToken observes the gap between two tokens.
+func (r *Router) RecordInterToken(d time.Duration) { r.interToken.Observe(d.Seconds()) }

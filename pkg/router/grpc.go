@@ -1,0 +1,69 @@
+package router
+
+import (
+	"context"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/ticket"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+)
+
+// Generate implements RouterService for gRPC clients.
+func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kvferryv1.RouterService_GenerateServer) error {
+	if req.GetModel() != r.cfg.ServedModel {
+		return status.Errorf(codes.NotFound, "the model %q does not exist; this server serves %q", req.GetModel(), r.cfg.ServedModel)
+	}
+	s := req.GetSampling()
+	if s == nil {
+		s = &kvferryv1.SamplingParams{Temperature: 1, TopP: 1}
+	}
+	if s.GetMaxTokens() == 0 {
+		s.MaxTokens = uint32(r.cfg.DefaultMaxTokens)
+	}
+	if int(s.GetMaxTokens()) > r.cfg.MaxOutputTokens {
+		return status.Errorf(codes.InvalidArgument, "max_tokens must be at most %d", r.cfg.MaxOutputTokens)
+	}
+	tokens := executor.Tokenize(req.GetPrompt())
+	switch {
+	case len(tokens) == 0:
+		return status.Error(codes.InvalidArgument, "the prompt is empty")
+	case len(tokens) > r.cfg.MaxPromptTokens:
+		return status.Errorf(codes.InvalidArgument, "the prompt has %d tokens, the limit is %d", len(tokens), r.cfg.MaxPromptTokens)
+	}
+	id := req.GetRequestId()
+	if id == "" {
+		id = ticket.NewID()
+	} else if err := ticket.ValidateID(id); err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	completion := uint32(0)
+	_, err := r.Run(stream.Context(), Job{ID: id, Prompt: tokens, Sampling: s}, func(c Chunk) error {
+		completion += uint32(len(c.Tokens))
+		msg := &kvferryv1.RouterServiceGenerateResponse{
+			RequestId: id, Text: c.Text, Tokens: c.Tokens, PromptTokens: uint32(len(tokens)), CompletionTokens: completion,
+		}
+		switch c.Finish {
+		case executor.FinishStop:
+			msg.FinishReason = kvferryv1.FinishReason_FINISH_REASON_STOP
+		case executor.FinishLength:
+			msg.FinishReason = kvferryv1.FinishReason_FINISH_REASON_LENGTH
+		}
+		return stream.Send(msg)
+	})
+	if err != nil {
+		return status.Error(CodeOf(err), err.Error())
+	}
+	return nil
+}
+
+// Cancel implements RouterService.
+func (r *Router) Cancel(ctx context.Context, req *kvferryv1.RouterServiceCancelRequest) (*kvferryv1.RouterServiceCancelResponse, error) {
+	if err := ticket.ValidateID(req.GetRequestId()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	found, outcomes := r.CancelByID(ctx, req.GetRequestId())
+	return &kvferryv1.RouterServiceCancelResponse{Found: found, Outcomes: outcomes}, nil
+}

@@ -1,0 +1,449 @@
+package router
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/ticket"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+)
+
+// apiError is the OpenAI error body.
+type apiError struct {
+	Error apiErrorBody `json:"error"`
+}
+
+type apiErrorBody struct {
+	Message string  `json:"message"`
+	Type    string  `json:"type"`
+	Param   *string `json:"param"`
+	Code    *string `json:"code"`
+}
+
+func writeError(w http.ResponseWriter, status int, typ, param, code, format string, args ...any) {
+	body := apiError{Error: apiErrorBody{Message: fmt.Sprintf(format, args...), Type: typ}}
+	if param != "" {
+		body.Error.Param = &param
+	}
+	if code != "" {
+		body.Error.Code = &code
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(body)
+}
+
+func badRequest(w http.ResponseWriter, param, format string, args ...any) {
+	writeError(w, http.StatusBadRequest, "invalid_request_error", param, "", format, args...)
+}
+
+// writeRunError maps a router error to an HTTP status and OpenAI error.
+func writeRunError(w http.ResponseWriter, err error) {
+	switch CodeOf(err) {
+	case codes.InvalidArgument:
+		badRequest(w, "", "%v", err)
+	case codes.ResourceExhausted:
+		writeError(w, http.StatusServiceUnavailable, "server_error", "", "overloaded", "the KV cache is full, retry later: %v", err)
+	case codes.DeadlineExceeded:
+		writeError(w, http.StatusGatewayTimeout, "server_error", "", "timeout", "%v", err)
+	case codes.Unavailable:
+		writeError(w, http.StatusServiceUnavailable, "server_error", "", "unavailable", "%v", err)
+	case codes.AlreadyExists:
+		writeError(w, http.StatusConflict, "invalid_request_error", "", "duplicate_request_id", "%v", err)
+	case codes.Canceled:
+		writeError(w, 499, "invalid_request_error", "", "cancelled", "%v", err)
+	default:
+		writeError(w, http.StatusInternalServerError, "server_error", "", "", "%v", err)
+	}
+}
+
+// completionRequest is the body of /v1/completions and, with Messages,
+// /v1/chat/completions.
+type completionRequest struct {
+	Model               string          `json:"model"`
+	Prompt              json.RawMessage `json:"prompt"`
+	Messages            []chatMessage   `json:"messages"`
+	MaxTokens           *int            `json:"max_tokens"`
+	MaxCompletionTokens *int            `json:"max_completion_tokens"`
+	Temperature         *float32        `json:"temperature"`
+	TopP                *float32        `json:"top_p"`
+	Seed                *int64          `json:"seed"`
+	Stream              bool            `json:"stream"`
+	StreamOptions       *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+	User string `json:"user"`
+}
+
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+// RenderChat renders chat messages into the prompt the model sees. The
+// template is one line per message, "<role>: <content>", then
+// "assistant:" for the reply.
+func RenderChat(msgs []ChatMessage) string {
+	var b strings.Builder
+	for _, m := range msgs {
+		b.WriteString(m.Role)
+		b.WriteString(": ")
+		b.WriteString(m.Content)
+		b.WriteString("\n")
+	}
+	b.WriteString("assistant:")
+	return b.String()
+}
+
+// ChatMessage is a rendered chat message.
+type ChatMessage struct{ Role, Content string }
+
+// messageText accepts a string or a list of text parts.
+func messageText(raw json.RawMessage) (string, error) {
+	var s string
+	if err := json.Unmarshal(raw, &s); err == nil {
+		return s, nil
+	}
+	var parts []struct {
+		Type string `json:"type"`
+		Text string `json:"text"`
+	}
+	if err := json.Unmarshal(raw, &parts); err != nil {
+		return "", errors.New("content must be a string or a list of text parts")
+	}
+	var b strings.Builder
+	for _, p := range parts {
+		if p.Type != "text" {
+			return "", fmt.Errorf("content part type %q is not supported", p.Type)
+		}
+		b.WriteString(p.Text)
+	}
+	return b.String(), nil
+}
+
+func promptText(raw json.RawMessage) (string, error) {
+	var s string
+	if err := json.Unmarshal(raw, &s); err == nil {
+		return s, nil
+	}
+	var list []string
+	if err := json.Unmarshal(raw, &list); err == nil && len(list) == 1 {
+		return list[0], nil
+	}
+	return "", errors.New("prompt must be a string (or a list of one string)")
+}
+
+// Handler returns the public OpenAI HTTP API.
+func (r *Router) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/v1/completions", r.methods(http.MethodPost, func(w http.ResponseWriter, req *http.Request) { r.serveCompletion(w, req, false) }))
+	mux.HandleFunc("/v1/chat/completions", r.methods(http.MethodPost, func(w http.ResponseWriter, req *http.Request) { r.serveCompletion(w, req, true) }))
+	mux.HandleFunc("/v1/models", r.methods(http.MethodGet, r.serveModels))
+	mux.HandleFunc("/v1/models/{id...}", r.methods(http.MethodGet, r.serveModel))
+	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
+		writeError(w, http.StatusNotFound, "invalid_request_error", "", "not_found", "no route for %s %s", req.Method, req.URL.Path)
+	})
+	return mux
+}
+
+func (r *Router) methods(method string, h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, req *http.Request) {
+		if req.Method != method {
+			w.Header().Set("Allow", method)
+			writeError(w, http.StatusMethodNotAllowed, "invalid_request_error", "", "method_not_allowed", "%s is not allowed on %s; use %s", req.Method, req.URL.Path, method)
+			return
+		}
+		h(w, req)
+	}
+}
+
+type modelObject struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+}
+
+func (r *Router) model() modelObject {
+	return modelObject{ID: r.cfg.ServedModel, Object: "model", Created: r.created, OwnedBy: "kvferry"}
+}
+
+func (r *Router) serveModels(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": []modelObject{r.model()}})
+}
+
+func (r *Router) serveModel(w http.ResponseWriter, req *http.Request) {
+	if id := req.PathValue("id"); id != r.cfg.ServedModel {
+		writeError(w, http.StatusNotFound, "invalid_request_error", "model", "model_not_found", "the model %q does not exist", id)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(r.model())
+}
+
+// parse reads and validates a request body; on failure it has written the
+// error response and returns ok = false.
+func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job Job, body completionRequest, ok bool) {
+	dec := json.NewDecoder(http.MaxBytesReader(w, req.Body, r.cfg.MaxBodyBytes))
+	if err := dec.Decode(&body); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "", "request_too_large", "request body exceeds %d bytes", r.cfg.MaxBodyBytes)
+		} else {
+			badRequest(w, "", "invalid JSON body: %v", err)
+		}
+		return job, body, false
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		badRequest(w, "", "invalid JSON body: trailing data after the object")
+		return job, body, false
+	}
+	if body.Model == "" {
+		badRequest(w, "model", "you must provide a model parameter")
+		return job, body, false
+	}
+	if body.Model != r.cfg.ServedModel {
+		writeError(w, http.StatusNotFound, "invalid_request_error", "model", "model_not_found", "the model %q does not exist; this server serves %q", body.Model, r.cfg.ServedModel)
+		return job, body, false
+	}
+	var prompt string
+	if chat {
+		if len(body.Messages) == 0 {
+			badRequest(w, "messages", "you must provide at least one message")
+			return job, body, false
+		}
+		msgs := make([]ChatMessage, len(body.Messages))
+		for i, m := range body.Messages {
+			text, err := messageText(m.Content)
+			if err != nil || m.Role == "" {
+				badRequest(w, fmt.Sprintf("messages[%d]", i), "invalid message: %v", errors.Join(err, roleErr(m.Role)))
+				return job, body, false
+			}
+			msgs[i] = ChatMessage{Role: m.Role, Content: text}
+		}
+		prompt = RenderChat(msgs)
+	} else {
+		if len(body.Prompt) == 0 {
+			badRequest(w, "prompt", "you must provide a prompt")
+			return job, body, false
+		}
+		p, err := promptText(body.Prompt)
+		if err != nil {
+			badRequest(w, "prompt", "%v", err)
+			return job, body, false
+		}
+		prompt = p
+	}
+	sampling, param, err := r.sampling(body)
+	if err != nil {
+		badRequest(w, param, "%v", err)
+		return job, body, false
+	}
+	tokens := executor.Tokenize(prompt)
+	switch {
+	case len(tokens) == 0:
+		badRequest(w, "prompt", "the prompt is empty")
+		return job, body, false
+	case len(tokens) > r.cfg.MaxPromptTokens:
+		badRequest(w, "prompt", "the prompt has %d tokens, the limit is %d", len(tokens), r.cfg.MaxPromptTokens)
+		return job, body, false
+	case len(tokens)+int(sampling.GetMaxTokens()) > r.cfg.Model.MaxContextTokens:
+		badRequest(w, "max_tokens", "prompt (%d tokens) plus max_tokens (%d) exceeds the context length of %d", len(tokens), sampling.GetMaxTokens(), r.cfg.Model.MaxContextTokens)
+		return job, body, false
+	}
+	id := req.Header.Get("X-Request-Id")
+	if ticket.ValidateID(id) != nil {
+		id = ticket.NewID()
+	}
+	return Job{ID: id, Prompt: tokens, Sampling: sampling}, body, true
+}
+
+func roleErr(role string) error {
+	if role == "" {
+		return errors.New("role is required")
+	}
+	return nil
+}
+
+func (r *Router) sampling(body completionRequest) (*kvferryv1.SamplingParams, string, error) {
+	maxTokens := r.cfg.DefaultMaxTokens
+	param := "max_tokens"
+	if body.MaxCompletionTokens != nil {
+		maxTokens, param = *body.MaxCompletionTokens, "max_completion_tokens"
+	} else if body.MaxTokens != nil {
+		maxTokens = *body.MaxTokens
+	}
+	if maxTokens < 1 || maxTokens > r.cfg.MaxOutputTokens {
+		return nil, param, fmt.Errorf("%s must be between 1 and %d, got %d", param, r.cfg.MaxOutputTokens, maxTokens)
+	}
+	s := &kvferryv1.SamplingParams{MaxTokens: uint32(maxTokens), TopP: 1, Temperature: 1}
+	if body.Temperature != nil {
+		if *body.Temperature < 0 || *body.Temperature > 2 {
+			return nil, "temperature", fmt.Errorf("temperature must be between 0 and 2, got %g", *body.Temperature)
+		}
+		s.Temperature = *body.Temperature
+	}
+	if body.TopP != nil {
+		if *body.TopP <= 0 || *body.TopP > 1 {
+			return nil, "top_p", fmt.Errorf("top_p must be in (0, 1], got %g", *body.TopP)
+		}
+		s.TopP = *body.TopP
+	}
+	if body.Seed != nil {
+		s.Seed = uint64(*body.Seed)
+	}
+	return s, "", nil
+}
+
+// SamplingFor returns the engine sampling the router uses for a request with
+// these optional OpenAI parameters; tests use it to compute Reference.
+func SamplingFor(maxTokens int, temperature, topP *float32, seed *int64) executor.Sampling {
+	s := executor.Sampling{MaxTokens: maxTokens, Temperature: 1, TopP: 1}
+	if temperature != nil {
+		s.Temperature = *temperature
+	}
+	if topP != nil {
+		s.TopP = *topP
+	}
+	if seed != nil {
+		s.Seed = uint64(*seed)
+	}
+	return s
+}
+
+type usageJSON struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+func usageOf(u Usage) *usageJSON {
+	return &usageJSON{PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, TotalTokens: u.PromptTokens + u.CompletionTokens}
+}
+
+func finishJSON(f executor.FinishReason) *string {
+	if f == executor.FinishNone {
+		return nil
+	}
+	s := f.String()
+	return &s
+}
+
+func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat bool) {
+	job, body, ok := r.parse(w, req, chat)
+	if !ok {
+		r.cfg.Metrics.RecordRequest("rejected", 0)
+		return
+	}
+	w.Header().Set("X-Request-Id", job.ID)
+	prefix, object, chunkObject := "cmpl-", "text_completion", "text_completion"
+	if chat {
+		prefix, object, chunkObject = "chatcmpl-", "chat.completion", "chat.completion.chunk"
+	}
+	base := map[string]any{"id": prefix + job.ID, "created": time.Now().Unix(), "model": r.cfg.ServedModel}
+	with := func(obj string, kv map[string]any) map[string]any {
+		out := map[string]any{"object": obj}
+		for k, v := range base {
+			out[k] = v
+		}
+		for k, v := range kv {
+			out[k] = v
+		}
+		return out
+	}
+	choice := func(text string, finish executor.FinishReason, first bool) map[string]any {
+		c := map[string]any{"index": 0, "finish_reason": finishJSON(finish), "logprobs": nil}
+		if !chat {
+			c["text"] = text
+			return c
+		}
+		delta := map[string]any{}
+		if first {
+			delta["role"] = "assistant"
+		}
+		if text != "" || first {
+			delta["content"] = text
+		}
+		c["delta"] = delta
+		return c
+	}
+
+	if !body.Stream {
+		var text strings.Builder
+		finish := executor.FinishNone
+		usage, err := r.Run(req.Context(), job, func(c Chunk) error {
+			text.WriteString(c.Text)
+			finish = c.Finish
+			return nil
+		})
+		if err != nil {
+			r.lg.Info("request failed", zap.String("request_id", job.ID), zap.Error(err))
+			writeRunError(w, err)
+			return
+		}
+		c := map[string]any{"index": 0, "finish_reason": finishJSON(finish), "logprobs": nil}
+		if chat {
+			c["message"] = map[string]any{"role": "assistant", "content": text.String()}
+		} else {
+			c["text"] = text.String()
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(with(object, map[string]any{"choices": []any{c}, "usage": usageOf(usage)}))
+		return
+	}
+
+	flusher, _ := w.(http.Flusher)
+	started := false
+	send := func(v any) error {
+		if !started {
+			w.Header().Set("Content-Type", "text/event-stream")
+			w.Header().Set("Cache-Control", "no-cache")
+			w.WriteHeader(http.StatusOK)
+			started = true
+		}
+		b, err := json.Marshal(v)
+		if err != nil {
+			return err
+		}
+		if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
+			return err
+		}
+		if flusher != nil {
+			flusher.Flush()
+		}
+		return nil
+	}
+	first := true
+	usage, err := r.Run(req.Context(), job, func(c Chunk) error {
+		err := send(with(chunkObject, map[string]any{"choices": []any{choice(c.Text, c.Finish, first)}}))
+		first = false
+		return err
+	})
+	if err != nil {
+		if !started {
+			writeRunError(w, err)
+			return
+		}
+		// Headers are gone: the OpenAI convention is an error event.
+		r.lg.Info("stream failed", zap.String("request_id", job.ID), zap.Error(err))
+		_ = send(apiError{Error: apiErrorBody{Message: err.Error(), Type: "server_error"}})
+		return
+	}
+	if body.StreamOptions != nil && body.StreamOptions.IncludeUsage {
+		_ = send(with(chunkObject, map[string]any{"choices": []any{}, "usage": usageOf(usage)}))
+	}
+	_, _ = io.WriteString(w, "data: [DONE]\n\n")
+	if flusher != nil {
+		flusher.Flush()
+	}
+}
