@@ -1,0 +1,277 @@
+// Package stack builds the three kvferry binaries and runs them as real
+// processes on free loopback ports, for the end-to-end and chaos suites.
+package stack
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// ShouldHappen bounds waits for things that must happen (start, ready, stop).
+const ShouldHappen = 30 * time.Second
+
+// Build compiles ctxserver, genserver and router into dir with the race
+// detector when race is set, and returns dir.
+func Build(ctx context.Context, dir string, race bool) error {
+	root, err := moduleRoot()
+	if err != nil {
+		return err
+	}
+	args := []string{"build", "-o", dir + string(os.PathSeparator)}
+	if race {
+		args = append(args, "-race")
+	}
+	args = append(args, "./cmd/ctxserver", "./cmd/genserver", "./cmd/router")
+	cmd := exec.CommandContext(ctx, "go", args...)
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build: %v\n%s", err, out)
+	}
+	return nil
+}
+
+func moduleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("go.mod not found above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// FreePort returns a loopback port that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Proc is one running server process.
+type Proc struct {
+	Name string
+	cmd  *exec.Cmd
+	log  *os.File
+	done chan struct{}
+	err  error
+}
+
+// Start runs bin with args; stdout and stderr go to a log file in dir.
+func Start(t testing.TB, dir, bin string, args ...string) *Proc {
+	t.Helper()
+	name := filepath.Base(bin)
+	lf, err := os.CreateTemp(dir, name+"-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &Proc{Name: name, cmd: cmd, log: lf, done: make(chan struct{})}
+	go func() { p.err = cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() { p.kill() })
+	return p
+}
+
+// Stop sends SIGTERM and waits for the process; it returns the exit error
+// (nil for a clean exit 0).
+func (p *Proc) Stop() error {
+	select {
+	case <-p.done:
+		return p.err
+	default:
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+		return p.err
+	case <-time.After(ShouldHappen):
+		p.kill()
+		return fmt.Errorf("%s did not stop within %s", p.Name, ShouldHappen)
+	}
+}
+
+func (p *Proc) kill() {
+	select {
+	case <-p.done:
+	default:
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+	_ = p.log.Close()
+}
+
+// Log returns what the process wrote so far.
+func (p *Proc) Log() string {
+	b, _ := os.ReadFile(p.log.Name())
+	return string(b)
+}
+
+// Options shape a stack.
+type Options struct {
+	Model                  string
+	PoolBlocks             int
+	PrefillTokensPerSecond float64
+	DecodeStepTime         time.Duration
+	ExtraRouterArgs        []string
+}
+
+// Stack is router + one context server + one generation server.
+type Stack struct {
+	Ctx, Gen, Router *Proc
+	OpenAIURL        string // http://127.0.0.1:PORT/v1
+	RouterGRPC       string
+	RouterAdmin      string // http://127.0.0.1:PORT
+	CtxGRPC, GenGRPC string
+	CtxHTTP, GenHTTP string // http://127.0.0.1:PORT
+}
+
+// Up starts a stack from binaries in bin and waits until the router is ready.
+func Up(t testing.TB, bin string, o Options) *Stack {
+	t.Helper()
+	if o.Model == "" {
+		o.Model = "tiny"
+	}
+	if o.PoolBlocks == 0 {
+		o.PoolBlocks = 256
+	}
+	addr := func() string { return "127.0.0.1:" + strconv.Itoa(FreePort(t)) }
+	logs := t.TempDir()
+	common := []string{
+		"--model=" + o.Model, "--pool-blocks=" + strconv.Itoa(o.PoolBlocks),
+		"--prefill-tokens-per-second=" + strconv.FormatFloat(o.PrefillTokensPerSecond, 'f', -1, 64),
+		"--decode-step-time=" + o.DecodeStepTime.String(), "--shutdown-grace=5s",
+	}
+	s := &Stack{CtxGRPC: addr(), GenGRPC: addr()}
+	ctxHTTP, genHTTP := addr(), addr()
+	s.CtxHTTP, s.GenHTTP = "http://"+ctxHTTP, "http://"+genHTTP
+	s.Ctx = Start(t, logs, filepath.Join(bin, "ctxserver"), append(common, "--grpc-addr="+s.CtxGRPC, "--http-addr="+ctxHTTP, "--data-addr="+addr())...)
+	s.Gen = Start(t, logs, filepath.Join(bin, "genserver"), append(common, "--grpc-addr="+s.GenGRPC, "--http-addr="+genHTTP, "--data-addr="+addr())...)
+	openai, admin := addr(), addr()
+	s.RouterGRPC = addr()
+	s.OpenAIURL, s.RouterAdmin = "http://"+openai+"/v1", "http://"+admin
+	s.Router = Start(t, logs, filepath.Join(bin, "router"), append([]string{
+		"--model=" + o.Model, "--http-addr=" + openai, "--grpc-addr=" + s.RouterGRPC, "--admin-addr=" + admin,
+		"--ctx-servers=" + s.CtxGRPC, "--gen-servers=" + s.GenGRPC, "--shutdown-grace=5s",
+	}, o.ExtraRouterArgs...)...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, p := range []*Proc{s.Router, s.Ctx, s.Gen} {
+				t.Logf("--- %s log ---\n%s", p.Name, tail(p.Log(), 40))
+			}
+		}
+	})
+	s.WaitReady(t)
+	return s
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// WaitReady polls the router's /readyz until it answers 200.
+func (s *Stack) WaitReady(t testing.TB) {
+	t.Helper()
+	Eventually(t, "router ready", func() bool {
+		code, _, err := Get(s.RouterAdmin + "/readyz")
+		return err == nil && code == http.StatusOK
+	})
+}
+
+// StopAll stops router, then generation, then context server, and fails
+// the test unless each exits cleanly.
+func (s *Stack) StopAll(t testing.TB) {
+	t.Helper()
+	for _, p := range []*Proc{s.Router, s.Gen, s.Ctx} {
+		if err := p.Stop(); err != nil {
+			t.Errorf("%s: unclean stop: %v\n%s", p.Name, err, tail(p.Log(), 20))
+		}
+	}
+}
+
+// Get fetches url and returns status and body.
+func Get(url string) (int, string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// Metric returns the value of one sample (name with its labels exactly as
+// exposed, e.g. `kvferry_blockpool_blocks{state="owned"}`) from a /metrics
+// page.
+func Metric(t testing.TB, base, sample string) float64 {
+	t.Helper()
+	code, body, err := Get(base + "/metrics")
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("scrape %s: %d %v", base, code, err)
+	}
+	sc := bufio.NewScanner(strings.NewReader(body))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				t.Fatalf("sample %s: %v", sample, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("sample %s not found on %s/metrics", sample, base)
+	return 0
+}
+
+// Eventually polls cond every 10 ms until it holds or ShouldHappen passes.
+func Eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(ShouldHappen)
+	for !cond() {
+		select {
+		case <-tick.C:
+		case <-deadline:
+			t.Fatalf("timed out after %s waiting for: %s", ShouldHappen, what)
+		}
+	}
+}
