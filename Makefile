@@ -74,6 +74,8 @@ proto: deps tools
 proto-check: proto
 	git diff --exit-code -- proto/
 
+.bin/buf: $(TOOLS)/buf
+
 lint: $(TOOLS)/buf
 	$(TOOLS)/buf lint
 

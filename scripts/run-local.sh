@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Starts router + one ctxserver + one genserver on localhost (make run) and
+# stops all three on Ctrl-C. Usage: run-local.sh BIN_DIR MODEL PREFILL_TPS DECODE_STEP
+set -euo pipefail
+bin=$1 model=$2 tps=$3 step=$4
+logs=${KVFERRY_RUN_LOGS:-$(mktemp -d -t kvferry-run-XXXXXX)}
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo
+  echo "stopping kvferry..."
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  echo "stopped; logs in $logs"
+  exit 0
+}
+trap stop INT TERM EXIT
+
+common=(--model="$model" --prefill-tokens-per-second="$tps" --decode-step-time="$step")
+"$bin/ctxserver" "${common[@]}" >"$logs/ctxserver.log" 2>&1 & pids+=($!)
+"$bin/genserver" "${common[@]}" >"$logs/genserver.log" 2>&1 & pids+=($!)
+"$bin/router" --model="$model" >"$logs/router.log" 2>&1 & pids+=($!)
+
+for _ in $(seq 1 300); do
+  if curl -fsS http://127.0.0.1:8002/readyz >/dev/null 2>&1; then
+    cat <<MSG
+kvferry is ready: router :8000 (OpenAI) :8001 (gRPC) :8002 (admin); ctxserver :9100; genserver :9200
+logs: $logs
+
+  curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model":"$model","prompt":"the quiet river carries light","max_tokens":16}'
+
+Ctrl-C stops all three.
+MSG
+    wait -n "${pids[@]}" || true
+    trap - EXIT
+    echo "a kvferry process exited on its own; see $logs" >&2
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    exit 1
+  fi
+  for p in "${pids[@]}"; do
+    kill -0 "$p" 2>/dev/null || { echo "a kvferry process failed to start; see $logs" >&2; tail -n 5 "$logs"/*.log >&2; exit 1; }
+  done
+  sleep 0.1
+done
+echo "kvferry did not become ready within 30s; see $logs" >&2
+exit 1
