@@ -1,0 +1,264 @@
+package ctxserver
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/kvferry/kvferry/pkg/blockpool"
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/ticket"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+type fixture struct {
+	srv    *Server
+	pool   *blockpool.Pool
+	spec   executor.ModelSpec
+	client kvferryv1.TransferServiceClient
+}
+
+// newFixture serves the context server's TransferService on a real
+// loopback gRPC server.
+func newFixture(t *testing.T, blocks int) *fixture {
+	t.Helper()
+	spec, _ := executor.Preset("tiny")
+	pool, err := blockpool.New(blocks, spec.BlockBytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sender := kvtransfer.NewSender()
+	t.Cleanup(sender.Close)
+	reg := prometheus.NewRegistry()
+	srv := New(Config{
+		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: pool, Sender: sender,
+		TransferEndpoint: "unused", HandoffLease: 30 * time.Second, TransferDeadline: 10 * time.Second,
+		Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg), Logger: zap.NewNop(),
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	kvferryv1.RegisterTransferServiceServer(gs, srv)
+	go func() { _ = gs.Serve(ln) }()
+	t.Cleanup(gs.Stop)
+	cc, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	t.Cleanup(func() {
+		if err := pool.CheckInvariant(); err != nil {
+			t.Error(err)
+		}
+	})
+	return &fixture{srv: srv, pool: pool, spec: spec, client: kvferryv1.NewTransferServiceClient(cc)}
+}
+
+func (f *fixture) prefill(t *testing.T, tk *kvferryv1.Ticket, words int) *kvferryv1.PrefillResponse {
+	t.Helper()
+	prompt := make([]uint32, words)
+	for i := range prompt {
+		prompt[i] = executor.Tokenize("river")[0]
+	}
+	resp, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: prompt, Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+func (f *fixture) counts() blockpool.Counts { return f.pool.Counts() }
+
+func TestPrefillIdempotentAndStale(t *testing.T) {
+	f := newFixture(t, 16)
+	id := ticket.NewID()
+	first := f.prefill(t, &kvferryv1.Ticket{RequestId: id, Attempt: 2}, 40)
+	again := f.prefill(t, &kvferryv1.Ticket{RequestId: id, Attempt: 2}, 40)
+	if again.GetFirstToken() != first.GetFirstToken() || f.counts().Owned != 3 {
+		t.Fatalf("duplicate prefill was not a no-op: owned %d", f.counts().Owned)
+	}
+	_, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: &kvferryv1.Ticket{RequestId: id, Attempt: 1}, PromptTokens: []uint32{300}})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stale attempt: %v, want FailedPrecondition", err)
+	}
+	// A newer attempt supersedes: the old blocks go, the new ones come.
+	f.prefill(t, &kvferryv1.Ticket{RequestId: id, Attempt: 3}, 10)
+	if got := f.counts().Owned; got != 1 {
+		t.Fatalf("owned %d after newer attempt, want 1", got)
+	}
+}
+
+func TestPrefillRejectsBadInput(t *testing.T) {
+	f := newFixture(t, 4)
+	tk := ticket.New(ticket.NewID())
+	for _, tc := range []struct {
+		name string
+		req  *kvferryv1.PrefillRequest
+		code codes.Code
+	}{
+		{"no ticket", &kvferryv1.PrefillRequest{PromptTokens: []uint32{300}}, codes.InvalidArgument},
+		{"empty prompt", &kvferryv1.PrefillRequest{Ticket: tk}, codes.InvalidArgument},
+		{"token outside vocabulary", &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: []uint32{1 << 30}}, codes.InvalidArgument},
+		{"pool too small", &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: make([]uint32, 5*16)}, codes.ResourceExhausted},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := f.srv.Prefill(context.Background(), tc.req)
+			if status.Code(err) != tc.code {
+				t.Fatalf("err %v, want %s", err, tc.code)
+			}
+			if f.counts().Free != 4 {
+				t.Fatalf("blocks held after a rejected prefill: %+v", f.counts())
+			}
+		})
+	}
+}
+
+func TestCancelOutcomes(t *testing.T) {
+	f := newFixture(t, 16)
+	unknown := ticket.New(ticket.NewID())
+	resp, _ := f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: unknown})
+	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_NOT_FOUND {
+		t.Fatalf("unknown: %v", resp.GetOutcome())
+	}
+	tk := ticket.New(ticket.NewID())
+	f.prefill(t, tk, 20)
+	resp, _ = f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: tk})
+	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT || !resp.GetResourcesFreeNow() {
+		t.Fatalf("advertised: %v free %v", resp.GetOutcome(), resp.GetResourcesFreeNow())
+	}
+	if f.counts().Free != 16 {
+		t.Fatalf("blocks held after cancel: %+v", f.counts())
+	}
+	resp, _ = f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: tk})
+	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE {
+		t.Fatalf("second cancel: %v", resp.GetOutcome())
+	}
+}
+
+func TestReleaseAndLease(t *testing.T) {
+	f := newFixture(t, 16)
+	tk := ticket.New(ticket.NewID())
+	f.prefill(t, tk, 20)
+	for i, want := range []bool{true, false} {
+		resp, err := f.srv.Release(context.Background(), &kvferryv1.ReleaseRequest{Ticket: tk})
+		if err != nil || resp.GetReleased() != want {
+			t.Fatalf("release %d: %v %v, want %v", i, resp, err, want)
+		}
+	}
+	if f.counts().Free != 16 {
+		t.Fatalf("blocks held after release: %+v", f.counts())
+	}
+	tk2 := ticket.New(ticket.NewID())
+	f.prefill(t, tk2, 20)
+	f.srv.sweep(time.Now()) // lease not yet due
+	if f.counts().Owned != 2 {
+		t.Fatalf("lease expired early: %+v", f.counts())
+	}
+	f.srv.sweep(time.Now().Add(31 * time.Second))
+	if f.counts().Free != 16 {
+		t.Fatalf("blocks held after lease expiry: %+v", f.counts())
+	}
+}
+
+// TestTransferNegotiation: any mismatch answers NOT_READY before a byte
+// moves, and the advertised blocks stay for the router to release.
+func TestTransferNegotiation(t *testing.T) {
+	f := newFixture(t, 16)
+	tk := ticket.New(ticket.NewID())
+	f.prefill(t, tk, 20) // 2 blocks
+	dest := func(n int, length uint64) []*kvferryv1.BlockDescriptor {
+		out := make([]*kvferryv1.BlockDescriptor, n)
+		for i := range out {
+			out[i] = &kvferryv1.BlockDescriptor{Index: uint32(i), Length: length}
+		}
+		return out
+	}
+	bs := uint64(f.spec.BlockBytes())
+	good := func() *kvferryv1.TransferRequest {
+		return &kvferryv1.TransferRequest{Ticket: tk, SessionId: 1, ProtocolVersion: kvtransfer.ProtocolVersion, Layout: f.spec.Layout(),
+			Transport: kvtransfer.TransportTCP, DataEndpoint: "127.0.0.1:1", Destinations: dest(2, bs)}
+	}
+	other, _ := executor.Preset("llama3-8b")
+	for _, tc := range []struct {
+		name   string
+		mutate func(*kvferryv1.TransferRequest)
+	}{
+		{"unknown ticket", func(r *kvferryv1.TransferRequest) { r.Ticket = ticket.New(ticket.NewID()) }},
+		{"stale attempt", func(r *kvferryv1.TransferRequest) { r.Ticket = &kvferryv1.Ticket{RequestId: tk.GetRequestId(), Attempt: 2} }},
+		{"protocol", func(r *kvferryv1.TransferRequest) { r.ProtocolVersion = 99 }},
+		{"transport", func(r *kvferryv1.TransferRequest) { r.Transport = "ucx" }},
+		{"layout", func(r *kvferryv1.TransferRequest) { r.Layout = other.Layout() }},
+		{"block count", func(r *kvferryv1.TransferRequest) { r.Destinations = dest(3, bs) }},
+		{"block length", func(r *kvferryv1.TransferRequest) { r.Destinations = dest(2, bs+1) }},
+		{"no endpoint", func(r *kvferryv1.TransferRequest) { r.DataEndpoint = "" }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req := good()
+			tc.mutate(req)
+			st, err := f.client.Transfer(context.Background(), req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, err := st.Recv()
+			if err != nil || m.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_NOT_READY || m.GetReason() == "" {
+				t.Fatalf("got %v %v, want NOT_READY with a reason", m, err)
+			}
+			if c := f.counts(); c.Owned != 2 || c.InFlight != 0 {
+				t.Fatalf("blocks moved on NOT_READY: %+v", c)
+			}
+		})
+	}
+}
+
+// TestTransferToDeadPeerFails: the data endpoint refuses; the sender answers
+// FAILED, unpins, and the blocks stay advertised (not leaked, not freed
+// behind the router's back).
+func TestTransferToDeadPeerFails(t *testing.T) {
+	f := newFixture(t, 16)
+	tk := ticket.New(ticket.NewID())
+	f.prefill(t, tk, 20)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := ln.Addr().String()
+	_ = ln.Close()
+	st, err := f.client.Transfer(context.Background(), &kvferryv1.TransferRequest{Ticket: tk, SessionId: 5, ProtocolVersion: kvtransfer.ProtocolVersion,
+		Layout: f.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: dead,
+		Destinations: []*kvferryv1.BlockDescriptor{{Length: uint64(f.spec.BlockBytes())}, {Length: uint64(f.spec.BlockBytes())}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var events []kvferryv1.TransferEvent
+	for {
+		m, err := st.Recv()
+		if err != nil {
+			break
+		}
+		events = append(events, m.GetEvent())
+	}
+	if len(events) != 2 || events[0] != kvferryv1.TransferEvent_TRANSFER_EVENT_READY || events[1] != kvferryv1.TransferEvent_TRANSFER_EVENT_FAILED {
+		t.Fatalf("events %v, want READY then FAILED", events)
+	}
+	if c := f.counts(); c.Owned != 2 || c.InFlight != 0 {
+		t.Fatalf("after failed push: %+v", c)
+	}
+	if err := f.srv.Drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if c := f.counts(); c.Free != 16 {
+		t.Fatalf("drain left blocks held: %+v", c)
+	}
+}

@@ -1,0 +1,291 @@
+package genserver
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/kvferry/kvferry/pkg/blockpool"
+	"github.com/kvferry/kvferry/pkg/ctxserver"
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/ticket"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+const shouldHappen = 10 * time.Second
+
+// pair is a context server and a generation server on real loopback
+// sockets, in this process.
+type pair struct {
+	spec              executor.ModelSpec
+	ctxPool, genPool  *blockpool.Pool
+	ctxSrv            *ctxserver.Server
+	ctxClient         kvferryv1.ContextServiceClient
+	genClient         kvferryv1.GenerationServiceClient
+	advertise         string // the context server's TransferService address
+}
+
+func serve(t *testing.T, register func(*grpc.Server)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	register(gs)
+	done := make(chan struct{})
+	go func() { _ = gs.Serve(ln); close(done) }()
+	t.Cleanup(func() { gs.Stop(); <-done })
+	return ln.Addr().String()
+}
+
+func dial(t *testing.T, addr string) *grpc.ClientConn {
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	return cc
+}
+
+func newPair(t *testing.T, genModel string, genBlocks int, genTiming executor.Timing) *pair {
+	t.Helper()
+	spec, _ := executor.Preset("tiny")
+	genSpec, _ := executor.Preset(genModel)
+	ctxPool, _ := blockpool.New(64, spec.BlockBytes())
+	genPool, _ := blockpool.New(genBlocks, genSpec.BlockBytes())
+	sender := kvtransfer.NewSender()
+	t.Cleanup(sender.Close)
+	reg := prometheus.NewRegistry()
+	ctxSrv := ctxserver.New(ctxserver.Config{
+		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: ctxPool, Sender: sender,
+		HandoffLease: time.Minute, TransferDeadline: shouldHappen,
+		Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg), Logger: zap.NewNop(),
+	})
+	// The listen address is known only after serving, so the test writes
+	// it into each advertisement (p.advertise) as the real server would.
+	ctxAddr := serve(t, func(gs *grpc.Server) {
+		kvferryv1.RegisterTransferServiceServer(gs, ctxSrv)
+		kvferryv1.RegisterContextServiceServer(gs, ctxSrv)
+	})
+	recv, err := kvtransfer.Listen("127.0.0.1:0", genSpec.BlockBytes(), zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = recv.Close() })
+	conns := serving.NewConnCache()
+	t.Cleanup(conns.Close)
+	greg := prometheus.NewRegistry()
+	genSrv := New(Config{
+		Engine: executor.NewSynthetic(genSpec, genTiming), Pool: genPool, Receiver: recv,
+		DataEndpoint: recv.Addr().String(), Conns: conns, ProgressTimeout: shouldHappen, TransferDeadline: shouldHappen,
+		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(greg), Cancels: metrics.NewCancel(greg), Logger: zap.NewNop(),
+	})
+	genAddr := serve(t, func(gs *grpc.Server) { kvferryv1.RegisterGenerationServiceServer(gs, genSrv) })
+	t.Cleanup(func() {
+		for _, p := range []*blockpool.Pool{ctxPool, genPool} {
+			if err := p.CheckInvariant(); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	p := &pair{spec: spec, ctxPool: ctxPool, genPool: genPool, ctxSrv: ctxSrv,
+		ctxClient: kvferryv1.NewContextServiceClient(dial(t, ctxAddr)), genClient: kvferryv1.NewGenerationServiceClient(dial(t, genAddr))}
+	// Prefill advertises the endpoint the test dialled.
+	p.advertise = ctxAddr
+	return p
+}
+
+// run does what the router does: Prefill, then Generate with the
+// advertisement; it returns the streamed text.
+func (p *pair) run(ctx context.Context, prompt string, s *kvferryv1.SamplingParams, mutate func(*kvferryv1.GenerateRequest)) (string, error) {
+	tk := ticket.New(ticket.NewID())
+	toks := executor.Tokenize(prompt)
+	pre, err := p.ctxClient.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: toks, Sampling: s})
+	if err != nil {
+		return "", err
+	}
+	pre.Advertisement.TransferEndpoint = p.advertise
+	req := &kvferryv1.GenerateRequest{Ticket: tk, PromptTokens: toks, FirstToken: pre.GetFirstToken(), Sampling: s, Advertisement: pre.GetAdvertisement()}
+	if mutate != nil {
+		mutate(req)
+	}
+	st, err := p.genClient.Generate(ctx, req)
+	if err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	for {
+		m, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			if _, rerr := p.ctxClient.Release(ctx, &kvferryv1.ReleaseRequest{Ticket: tk}); rerr != nil {
+				return "", rerr
+			}
+			return b.String(), nil
+		}
+		if err != nil {
+			// As the router does: the generation leg failed, release.
+			_, _ = p.ctxClient.Release(context.WithoutCancel(ctx), &kvferryv1.ReleaseRequest{Ticket: tk})
+			return b.String(), err
+		}
+		b.WriteString(m.GetText())
+	}
+}
+
+func (p *pair) waitIdle(t *testing.T) {
+	t.Helper()
+	deadline := time.After(shouldHappen)
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for p.ctxPool.Counts().Free != p.ctxPool.Capacity() || p.genPool.Counts().Free != p.genPool.Capacity() {
+		select {
+		case <-tick.C:
+		case <-deadline:
+			t.Fatalf("pools not idle: ctx %+v gen %+v", p.ctxPool.Counts(), p.genPool.Counts())
+		}
+	}
+}
+
+func TestGenerateMatchesReference(t *testing.T) {
+	p := newPair(t, "tiny", 64, executor.Timing{})
+	for _, prompt := range []string{"the river", strings.Repeat("the quiet harbour ", 100)} {
+		s := &kvferryv1.SamplingParams{MaxTokens: 32, Seed: 11, Temperature: 1, TopP: 1}
+		got, err := p.run(context.Background(), prompt, s, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := executor.Reference(p.spec, prompt, executor.ToSampling(s)); got != want.Text {
+			t.Fatalf("got %q, reference %q", got, want.Text)
+		}
+		p.waitIdle(t)
+	}
+}
+
+func TestGenerateRejects(t *testing.T) {
+	s := &kvferryv1.SamplingParams{MaxTokens: 4}
+	t.Run("layout mismatch", func(t *testing.T) {
+		p := newPair(t, "llama3-8b", 8, executor.Timing{})
+		_, err := p.run(context.Background(), "the river", s, nil)
+		if status.Code(err) != codes.InvalidArgument && status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("err %v, want a precondition failure", err)
+		}
+		p.waitIdle(t)
+	})
+	p := newPair(t, "tiny", 4, executor.Timing{})
+	for _, tc := range []struct {
+		name   string
+		prompt string
+		mutate func(*kvferryv1.GenerateRequest)
+		code   codes.Code
+	}{
+		{"corrupt checksum", "the river", func(r *kvferryv1.GenerateRequest) { r.Advertisement.BlockChecksums[0] ^= 1 }, codes.DataLoss},
+		{"missing advertisement", "the river", func(r *kvferryv1.GenerateRequest) { r.Advertisement = nil }, codes.InvalidArgument},
+		{"wrong block count", "the river", func(r *kvferryv1.GenerateRequest) { r.Advertisement.BlockCount = 3 }, codes.InvalidArgument},
+		{"protocol version", "the river", func(r *kvferryv1.GenerateRequest) { r.Advertisement.ProtocolVersion = 7 }, codes.FailedPrecondition},
+		{"pool exhausted", strings.Repeat("the ", 80), nil, codes.ResourceExhausted},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := p.run(context.Background(), tc.prompt, s, tc.mutate)
+			if status.Code(err) != tc.code {
+				t.Fatalf("err %v, want %s", err, tc.code)
+			}
+			p.waitIdle(t)
+		})
+	}
+}
+
+func TestGenerateStaleAndDuplicate(t *testing.T) {
+	p := newPair(t, "tiny", 64, executor.Timing{})
+	ctx := context.Background()
+	tk := &kvferryv1.Ticket{RequestId: ticket.NewID(), Attempt: 2}
+	toks := executor.Tokenize("the river")
+	s := &kvferryv1.SamplingParams{MaxTokens: 3}
+	pre, err := p.ctxClient.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: toks, Sampling: s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pre.Advertisement.TransferEndpoint = p.advertise
+	gen := func(attempt uint32) error {
+		adv := pre.GetAdvertisement()
+		req := &kvferryv1.GenerateRequest{Ticket: &kvferryv1.Ticket{RequestId: tk.GetRequestId(), Attempt: attempt}, PromptTokens: toks, FirstToken: pre.GetFirstToken(), Sampling: s, Advertisement: adv}
+		adv.Ticket = req.Ticket
+		st, err := p.genClient.Generate(ctx, req)
+		if err != nil {
+			return err
+		}
+		for {
+			if _, err := st.Recv(); err != nil {
+				if errors.Is(err, io.EOF) {
+					return nil
+				}
+				return err
+			}
+		}
+	}
+	if err := gen(2); err != nil {
+		t.Fatal(err)
+	}
+	if err := gen(2); status.Code(err) != codes.AlreadyExists {
+		t.Fatalf("duplicate: %v, want AlreadyExists", err)
+	}
+	if err := gen(1); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stale: %v, want FailedPrecondition", err)
+	}
+	p.waitIdle(t)
+}
+
+func TestCancelMidDecode(t *testing.T) {
+	p := newPair(t, "tiny", 64, executor.Timing{DecodeStepTime: time.Hour}) // decode waits for the cancel
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	tk := ticket.New(ticket.NewID())
+	toks := executor.Tokenize(strings.Repeat("the river ", 20))
+	s := &kvferryv1.SamplingParams{MaxTokens: 100}
+	pre, err := p.ctxClient.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: toks, Sampling: s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pre.Advertisement.TransferEndpoint = p.advertise
+	st, err := p.genClient.Generate(ctx, &kvferryv1.GenerateRequest{Ticket: tk, PromptTokens: toks, FirstToken: pre.GetFirstToken(),
+		Sampling: s, Advertisement: pre.GetAdvertisement()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := p.genClient.Cancel(ctx, &kvferryv1.GenerationServiceCancelRequest{Ticket: tk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT {
+		t.Fatalf("outcome %v, want CANCEL_REQUESTED_IN_FLIGHT", resp.GetOutcome())
+	}
+	unknown, _ := p.genClient.Cancel(ctx, &kvferryv1.GenerationServiceCancelRequest{Ticket: ticket.New(ticket.NewID())})
+	if unknown.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_NOT_FOUND {
+		t.Fatalf("unknown: %v", unknown.GetOutcome())
+	}
+	for {
+		if _, err := st.Recv(); err != nil {
+			break
+		}
+	}
+	p.waitIdle(t)
+}
