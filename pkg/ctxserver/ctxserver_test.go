@@ -199,7 +199,9 @@ func TestTransferNegotiation(t *testing.T) {
 		mutate func(*kvferryv1.TransferRequest)
 	}{
 		{"unknown ticket", func(r *kvferryv1.TransferRequest) { r.Ticket = ticket.New(ticket.NewID()) }},
-		{"stale attempt", func(r *kvferryv1.TransferRequest) { r.Ticket = &kvferryv1.Ticket{RequestId: tk.GetRequestId(), Attempt: 2} }},
+		{"stale attempt", func(r *kvferryv1.TransferRequest) {
+			r.Ticket = &kvferryv1.Ticket{RequestId: tk.GetRequestId(), Attempt: 2}
+		}},
 		{"protocol", func(r *kvferryv1.TransferRequest) { r.ProtocolVersion = 99 }},
 		{"transport", func(r *kvferryv1.TransferRequest) { r.Transport = "ucx" }},
 		{"layout", func(r *kvferryv1.TransferRequest) { r.Layout = other.Layout() }},

@@ -34,12 +34,12 @@ const shouldHappen = 10 * time.Second
 // pair is a context server and a generation server on real loopback
 // sockets, in this process.
 type pair struct {
-	spec              executor.ModelSpec
-	ctxPool, genPool  *blockpool.Pool
-	ctxSrv            *ctxserver.Server
-	ctxClient         kvferryv1.ContextServiceClient
-	genClient         kvferryv1.GenerationServiceClient
-	advertise         string // the context server's TransferService address
+	spec             executor.ModelSpec
+	ctxPool, genPool *blockpool.Pool
+	ctxSrv           *ctxserver.Server
+	ctxClient        kvferryv1.ContextServiceClient
+	genClient        kvferryv1.GenerationServiceClient
+	advertise        string // the context server's TransferService address
 }
 
 func serve(t *testing.T, register func(*grpc.Server)) string {
