@@ -21,6 +21,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/kvferry/kvferry/pkg/blockpool"
+	"github.com/kvferry/kvferry/pkg/metrics"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -55,9 +56,7 @@ type Checker struct {
 	pool       *blockpool.Pool // nil for the router
 	readyCheck ReadyCheck
 	grpc       *grpchealth.Server
-	live       prometheus.Gauge
-	ready      prometheus.Gauge
-	sinceProg  prometheus.Gauge
+	gauges     *metrics.Health
 
 	mu       sync.Mutex
 	draining bool
@@ -71,11 +70,8 @@ func New(reg prometheus.Registerer, pool *blockpool.Pool, check ReadyCheck) *Che
 		pool:       pool,
 		readyCheck: check,
 		grpc:       grpchealth.NewServer(),
-		live:       prometheus.NewGauge(prometheus.GaugeOpts{Name: "kvferry_health_live", Help: "1 when the process is live, else 0."}),
-		ready:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "kvferry_health_ready", Help: "1 when the process is ready for traffic, else 0."}),
-		sinceProg:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "kvferry_health_seconds_since_progress", Help: "Seconds since the last global progress while work was pending; 0 when idle."}),
+		gauges:     metrics.NewHealth(reg),
 	}
-	reg.MustRegister(c.live, c.ready, c.sinceProg)
 	c.set(Status{Live: true, Ready: true, Reason: ReasonOK})
 	return c
 }
@@ -123,15 +119,9 @@ func (c *Checker) set(st Status) {
 	c.grpc.SetServingStatus(ServiceLiveness, serving(st.Live))
 	c.grpc.SetServingStatus(ServiceReadiness, serving(st.Ready))
 	c.grpc.SetServingStatus("", serving(st.Live && st.Ready))
-	c.live.Set(b2f(st.Live))
-	c.ready.Set(b2f(st.Ready))
-}
-
-func b2f(b bool) float64 {
-	if b {
-		return 1
-	}
-	return 0
+	// Global progress tracking arrives with the health evaluator; until
+	// then nothing is ever reported stuck.
+	c.gauges.RecordHealth(st.Live, st.Ready, 0)
 }
 
 // Run re-evaluates every interval until ctx is done, so gRPC health

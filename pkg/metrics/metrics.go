@@ -102,6 +102,7 @@ func NewTransfer(reg prometheus.Registerer) *Transfer {
 			t.sessions.WithLabelValues(side, o)
 		}
 		t.bytes.WithLabelValues(side)
+		t.duration.WithLabelValues(side)
 	}
 	reg.MustRegister(t.sessions, t.bytes, t.duration)
 	return t
@@ -192,6 +193,7 @@ func NewRouter(reg prometheus.Registerer) *Router {
 	}
 	for _, o := range []string{RequestOK, RequestCancelled, RequestError, RequestRejected} {
 		r.requests.WithLabelValues(o)
+		r.duration.WithLabelValues(o)
 	}
 	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration)
 	return r
@@ -208,3 +210,33 @@ func (r *Router) RecordTTFT(d time.Duration) { r.ttft.Observe(d.Seconds()) }
 
 // RecordInterToken observes the gap between two tokens.
 func (r *Router) RecordInterToken(d time.Duration) { r.interToken.Observe(d.Seconds()) }
+
+// Health holds the health gauges.
+type Health struct {
+	live, ready, sinceProgress prometheus.Gauge
+}
+
+// NewHealth registers kvferry_health_live, _ready and _seconds_since_progress.
+func NewHealth(reg prometheus.Registerer) *Health {
+	h := &Health{
+		live:          prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Subsystem: "health", Name: "live", Help: "1 when the process is live, else 0."}),
+		ready:         prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Subsystem: "health", Name: "ready", Help: "1 when the process is ready for traffic, else 0."}),
+		sinceProgress: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Subsystem: "health", Name: "seconds_since_progress", Help: "Seconds since the last global progress while work was pending; 0 when idle."}),
+	}
+	reg.MustRegister(h.live, h.ready, h.sinceProgress)
+	return h
+}
+
+// RecordHealth sets the health gauges.
+func (h *Health) RecordHealth(live, ready bool, sinceProgress time.Duration) {
+	h.live.Set(boolGauge(live))
+	h.ready.Set(boolGauge(ready))
+	h.sinceProgress.Set(sinceProgress.Seconds())
+}
+
+func boolGauge(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
