@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"net"
 	"testing"
@@ -224,4 +225,49 @@ func eventually(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for: %s", what)
 		}
 	}
+}
+
+// BenchmarkRawTCPLoopback is the same-run baseline for BenchmarkPushLoopback:
+// the same bytes in 2 MiB writes over one loopback TCP connection, read with
+// io.ReadFull into one buffer, no framing and no session bookkeeping.
+func BenchmarkRawTCPLoopback(b *testing.B) {
+	const size = 2 << 20
+	const n = 32
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan struct{})
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, size)
+		for {
+			for range n {
+				if _, err := io.ReadFull(c, buf); err != nil {
+					return
+				}
+			}
+			got <- struct{}{}
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	src := randomBlocks(n, size, 1)
+	b.SetBytes(n * size)
+	for b.Loop() {
+		for _, blk := range src {
+			if _, err := c.Write(blk); err != nil {
+				b.Fatal(err)
+			}
+		}
+		<-got
+	}
+	_ = c.Close()
 }
