@@ -53,10 +53,11 @@ func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session 
 	// A cancelled ctx must unblock a write stuck on a stalled peer.
 	stop := context.AfterFunc(ctx, func() { _ = c.SetWriteDeadline(time.Unix(1, 0)) })
 	n, err := writeSession(ctx, c, session, src)
-	if !stop() {
-		err = errors.Join(err, ctx.Err()) // the deadline poisoned the conn
-	}
-	if err != nil {
+	deadlineSet := !stop()
+	if err != nil || deadlineSet {
+		// A failed write leaves a partial frame; a deadline set by a cancel
+		// that came after the last write leaves the conn unusable, but every
+		// frame, DONE included, was written: the push itself succeeded.
 		_ = c.Close()
 		return n, err
 	}

@@ -271,3 +271,25 @@ func BenchmarkRawTCPLoopback(b *testing.B) {
 	}
 	_ = c.Close()
 }
+
+// TestPushCancelAfterLastWriteSucceeds: a cancel that arrives once every
+// frame is written (the receiver already has the DONE notification and
+// hangs up) must not turn a complete push into a failure.
+func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
+	const size = 4096
+	r := newReceiver(t, size)
+	snd := NewSender()
+	defer snd.Close()
+	for i := range uint64(50) {
+		dst := [][]byte{make([]byte, size)}
+		s, _ := r.Register(1000+i, dst)
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() { <-s.Done(); cancel() }() // the receiver side ends the stream at once
+		n, err := snd.Push(ctx, r.Addr().String(), 1000+i, randomBlocks(1, size, i))
+		cancel()
+		if err != nil || n != size {
+			t.Fatalf("push %d: %d bytes, %v", i, n, err)
+		}
+		r.Finish(s, func() {})
+	}
+}
