@@ -21,6 +21,7 @@ import (
 type Config struct {
 	servercmd.Config
 	HandoffLease time.Duration
+	PrefixReuse  bool
 }
 
 // Validate checks the configuration.
@@ -37,6 +38,7 @@ func main() {
 	fs := flag.NewFlagSet("ctxserver", flag.ContinueOnError)
 	cfg.Register(fs, servercmd.Ports{GRPC: 9100, HTTP: 9101, Data: 9102})
 	fs.DurationVar(&cfg.HandoffLease, "handoff-lease", 30*time.Second, "release prefilled blocks no generation server took within this long (a backstop: the router releases at once)")
+	fs.BoolVar(&cfg.PrefixReuse, "prefix-reuse", true, "serve full KV blocks of a known prompt prefix from the reuse cache (evicted least recently used when the pool needs room)")
 	os.Exit(servercmd.Main(fs, "ctxserver: the kvferry context (prefill) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }
@@ -62,6 +64,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		TransferEndpoint: servercmd.Advertised(cfg.AdvertiseHost, p.GRPCLn),
 		HandoffLease:     cfg.HandoffLease,
 		TransferDeadline: cfg.TransferDeadline,
+		PrefixReuse:      cfg.PrefixReuse,
 		Transfers:        metrics.NewTransfer(p.Registry),
 		Cancels:          metrics.NewCancel(p.Registry),
 		Logger:           lg,

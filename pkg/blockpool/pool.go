@@ -12,6 +12,13 @@
 // references, so dropping the last reference of a block in flight cannot
 // free memory a transport may still touch.
 //
+// Prefix reuse: a block holding a full block of prompt KV can be published
+// under the hash chain of its tokens; the reuse cache then holds one
+// reference on it, so it stays OWNED after its request ends. Lookup hands
+// cached blocks to later requests with the same prefix. Blocks whose only
+// reference is the cache's are evicted least recently used first, when an
+// allocation would otherwise fail.
+//
 // Pool memory is one slab allocated at start; Bytes returns a block's slice
 // of it. The pool does no I/O and starts no goroutines.
 package blockpool
@@ -20,6 +27,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 )
 
@@ -102,6 +110,21 @@ type block struct {
 	pins        int32
 	quarantined bool
 	poisoned    bool
+
+	cached bool   // the reuse cache holds one of refs
+	hash   uint64 // the cache key while cached
+
+	// LRU links of evictable blocks (cached, only the cache's reference, no
+	// pin); noBlock when not linked.
+	prev, next int32
+	inLRU      bool
+}
+
+const noBlock = -1
+
+// evictable: the cache's reference is the only thing keeping it.
+func (b *block) evictable() bool {
+	return b.cached && b.refs == 1 && b.pins == 0 && !b.quarantined && !b.poisoned
 }
 
 func (b *block) state() State {
@@ -128,6 +151,10 @@ type Pool struct {
 	blocks []block
 	free   []ID // stack of FREE blocks
 	counts [numStates]int
+
+	cache            map[uint64]ID
+	lruHead, lruTail int32 // head is the least recently used
+	lruLen           int
 }
 
 // New returns a pool of capacity blocks of blockSize bytes each.
@@ -143,6 +170,12 @@ func New(capacity, blockSize int) (*Pool, error) {
 		slab:      make([]byte, capacity*blockSize),
 		blocks:    make([]block, capacity),
 		free:      make([]ID, capacity),
+		cache:     map[uint64]ID{},
+		lruHead:   noBlock,
+		lruTail:   noBlock,
+	}
+	for i := range p.blocks {
+		p.blocks[i].prev, p.blocks[i].next = noBlock, noBlock
 	}
 	for i := range p.free {
 		// Pop from the end hands out low ids first; that only makes logs easier to read.
@@ -168,9 +201,10 @@ func (p *Pool) Bytes(id ID) []byte {
 // Offset returns the byte offset of block id in the slab.
 func (p *Pool) Offset(id ID) uint64 { return uint64(id) * uint64(p.blockSize) }
 
-// Allocate takes n FREE blocks, each with one reference, or none at all. It
-// never waits: a pool without n free blocks answers ErrExhausted at once, and
-// a done ctx answers its error.
+// Allocate takes n FREE blocks, each with one reference, or none at all,
+// evicting unreferenced cached blocks (least recently used first) when the
+// free ones do not suffice. It never waits: a pool without n free or
+// evictable blocks answers ErrExhausted at once, and a done ctx its error.
 func (p *Pool) Allocate(ctx context.Context, n int) ([]ID, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -180,8 +214,11 @@ func (p *Pool) Allocate(ctx context.Context, n int) ([]ID, error) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if len(p.free) < n {
-		return nil, fmt.Errorf("%w: want %d, free %d of %d", ErrExhausted, n, len(p.free), len(p.blocks))
+	if len(p.free)+p.lruLen < n {
+		return nil, fmt.Errorf("%w: want %d, free %d, evictable %d of %d", ErrExhausted, n, len(p.free), p.lruLen, len(p.blocks))
+	}
+	for len(p.free) < n {
+		p.evictLocked(ID(p.lruHead))
 	}
 	ids := make([]ID, n)
 	copy(ids, p.free[len(p.free)-n:])
@@ -288,9 +325,75 @@ func (p *Pool) Poison(ids []ID) error {
 		return err
 	}
 	for _, id := range ids {
-		p.transitionLocked(id, func(b *block) { b.poisoned = true })
+		// A poisoned block may have been written by a late transfer: it
+		// must never be served from the cache again.
+		p.transitionLocked(id, func(b *block) { b.poisoned = true; p.uncacheLocked(id) })
 	}
 	return nil
+}
+
+// Publish puts block id into the reuse cache under hash, the cache taking a
+// reference of its own. It reports false, and changes nothing, when the hash
+// is already cached (another request published the same prefix first) or
+// the block is not OWNED by a request.
+func (p *Pool) Publish(id ID, hash uint64) (bool, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.checkLocked([]ID{id}, func(b *block) bool { return b.refs > 0 && !b.quarantined && !b.poisoned }); err != nil {
+		return false, err
+	}
+	if _, dup := p.cache[hash]; dup || p.blocks[id].cached {
+		return false, nil
+	}
+	p.cache[hash] = id
+	p.transitionLocked(id, func(b *block) { b.cached, b.hash = true, hash; b.refs++ })
+	return true, nil
+}
+
+// Lookup returns the cached blocks of the longest cached prefix of hashes,
+// each with a new reference for the caller.
+func (p *Pool) Lookup(hashes []uint64) []ID {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var ids []ID
+	for _, h := range hashes {
+		id, ok := p.cache[h]
+		// A repeated hash is no chain; a quarantined block is out of
+		// circulation until its transfer is proven quiet.
+		if !ok || slices.Contains(ids, id) || p.blocks[id].quarantined {
+			break
+		}
+		ids = append(ids, id)
+		p.transitionLocked(id, func(b *block) { b.refs++ })
+	}
+	return ids
+}
+
+// Cached returns the number of blocks in the reuse cache.
+func (p *Pool) Cached() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.cache)
+}
+
+// evictLocked drops the cache's reference on an evictable block, which
+// makes it FREE.
+func (p *Pool) evictLocked(id ID) {
+	b := &p.blocks[id]
+	delete(p.cache, b.hash)
+	p.transitionLocked(id, func(b *block) { b.cached = false; b.refs-- })
+}
+
+// uncacheLocked removes a block from the cache and drops the cache's
+// reference, whatever else holds it.
+func (p *Pool) uncacheLocked(id ID) {
+	b := &p.blocks[id]
+	if !b.cached {
+		return
+	}
+	delete(p.cache, b.hash)
+	b.cached = false
+	b.refs--
 }
 
 // State returns the state of one block.
@@ -340,6 +443,29 @@ func (p *Pool) CheckInvariant() error {
 	if len(p.free) != recount[Free] {
 		return fmt.Errorf("blockpool: free list has %d blocks, %d are free", len(p.free), recount[Free])
 	}
+	for h, id := range p.cache {
+		if b := &p.blocks[id]; !b.cached || b.hash != h || b.refs < 1 {
+			return fmt.Errorf("blockpool: cache entry %#x -> block %d (cached %v, hash %#x, refs %d)", h, id, b.cached, b.hash, b.refs)
+		}
+	}
+	linked, evictable := 0, 0
+	for i := p.lruHead; i != noBlock; i = p.blocks[i].next {
+		if !p.blocks[i].evictable() {
+			return fmt.Errorf("blockpool: block %d in LRU but not evictable", i)
+		}
+		linked++
+	}
+	for i := range p.blocks {
+		if p.blocks[i].evictable() {
+			evictable++
+		}
+		if p.blocks[i].cached && p.cache[p.blocks[i].hash] != ID(i) {
+			return fmt.Errorf("blockpool: block %d cached but not in the cache map", i)
+		}
+	}
+	if linked != evictable || linked != p.lruLen {
+		return fmt.Errorf("blockpool: LRU links %d, evictable %d, length %d", linked, evictable, p.lruLen)
+	}
 	return nil
 }
 
@@ -368,13 +494,19 @@ func (p *Pool) checkLocked(ids []ID, ok func(*block) bool) error {
 	return nil
 }
 
-// transitionLocked applies change to block id and keeps the counts and the
-// free list in step with the block's state.
+// transitionLocked applies change to block id and keeps the counts, the
+// free list and the LRU in step with the block's state.
 func (p *Pool) transitionLocked(id ID, change func(*block)) {
 	b := &p.blocks[id]
 	before := b.state()
 	change(b)
 	after := b.state()
+	switch ev := b.evictable(); {
+	case ev && !b.inLRU:
+		p.lruPushLocked(id)
+	case !ev && b.inLRU:
+		p.lruRemoveLocked(id)
+	}
 	if before == after {
 		return
 	}
@@ -384,4 +516,33 @@ func (p *Pool) transitionLocked(id ID, change func(*block)) {
 		p.free = append(p.free, id)
 	}
 	// Leaving Free only happens in Allocate, which pops the free list itself.
+}
+
+// lruPushLocked links id as the most recently used.
+func (p *Pool) lruPushLocked(id ID) {
+	b := &p.blocks[id]
+	b.inLRU, b.prev, b.next = true, p.lruTail, noBlock
+	if p.lruTail != noBlock {
+		p.blocks[p.lruTail].next = int32(id)
+	} else {
+		p.lruHead = int32(id)
+	}
+	p.lruTail = int32(id)
+	p.lruLen++
+}
+
+func (p *Pool) lruRemoveLocked(id ID) {
+	b := &p.blocks[id]
+	if b.prev != noBlock {
+		p.blocks[b.prev].next = b.next
+	} else {
+		p.lruHead = b.next
+	}
+	if b.next != noBlock {
+		p.blocks[b.next].prev = b.prev
+	} else {
+		p.lruTail = b.prev
+	}
+	b.inLRU, b.prev, b.next = false, noBlock, noBlock
+	p.lruLen--
 }

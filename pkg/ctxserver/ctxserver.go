@@ -39,9 +39,12 @@ type Config struct {
 	TransferEndpoint string
 	HandoffLease     time.Duration
 	TransferDeadline time.Duration
-	Transfers        *metrics.Transfer
-	Cancels          *metrics.Cancel
-	Logger           *zap.Logger
+	// PrefixReuse serves full blocks of a known prompt prefix from the
+	// pool's reuse cache instead of recomputing them.
+	PrefixReuse bool
+	Transfers   *metrics.Transfer
+	Cancels     *metrics.Cancel
+	Logger      *zap.Logger
 }
 
 // phase is where a request is on the context server.
@@ -138,7 +141,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 			s.endLocked(old) // a newer attempt supersedes the old one
 		}
 	}
-	blocks, err := s.cfg.Pool.Allocate(ctx, s.spec.BlocksFor(len(req.GetPromptTokens())))
+	blocks, hashes, reused, err := s.allocateLocked(ctx, req.GetPromptTokens())
 	if err != nil {
 		s.mu.Unlock()
 		if errors.Is(err, blockpool.ErrExhausted) {
@@ -156,7 +159,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	for i, b := range blocks {
 		mem[i] = s.cfg.Pool.Bytes(b)
 	}
-	first, sums, err := s.cfg.Engine.Prefill(pctx, req.GetPromptTokens(), executor.ToSampling(req.GetSampling()), mem)
+	first, sums, err := s.cfg.Engine.Prefill(pctx, req.GetPromptTokens(), executor.ToSampling(req.GetSampling()), mem, reused)
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -172,10 +175,18 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 		}
 		return nil, status.Errorf(codes.Internal, "prefill: %v", err)
 	}
+	// The freshly computed full blocks become reusable by later prompts
+	// with the same prefix; from now on nothing writes them.
+	for j := reused; j < len(hashes); j++ {
+		if _, err := s.cfg.Pool.Publish(blocks[j], hashes[j]); err != nil {
+			s.lg.Error("publish block", zap.Error(err))
+		}
+	}
 	r.phase = phaseAdvertised
 	r.leaseUntil = time.Now().Add(s.cfg.HandoffLease)
 	r.resp = &kvferryv1.PrefillResponse{
-		FirstToken: first,
+		ReusedBlocks: uint32(reused),
+		FirstToken:   first,
 		Advertisement: &kvferryv1.KVAdvertisement{
 			Ticket:           req.GetTicket(),
 			TransferEndpoint: s.cfg.TransferEndpoint,
@@ -189,6 +200,31 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	}
 	s.lg.Debug("prefill advertised", append(reqFields(req.GetTicket()), zap.Int("blocks", len(blocks)))...)
 	return r.resp, nil
+}
+
+// allocateLocked gives a prompt its blocks: the longest cached prefix from
+// the reuse cache, then fresh blocks for the rest. It returns the blocks,
+// the reuse keys of the full blocks, and how many blocks were reused.
+func (s *Server) allocateLocked(ctx context.Context, tokens []uint32) ([]blockpool.ID, []uint64, int, error) {
+	n := s.spec.BlocksFor(len(tokens))
+	var hashes []uint64
+	var blocks []blockpool.ID
+	if s.cfg.PrefixReuse {
+		hashes = executor.BlockHashes(s.spec, tokens)
+		blocks = s.cfg.Pool.Lookup(hashes)
+	}
+	reused := len(blocks)
+	if n > reused {
+		fresh, err := s.cfg.Pool.Allocate(ctx, n-reused)
+		if err != nil {
+			if reused > 0 {
+				_ = s.cfg.Pool.Release(blocks)
+			}
+			return nil, nil, 0, err
+		}
+		blocks = append(blocks, fresh...)
+	}
+	return blocks, hashes, reused, nil
 }
 
 // duplicatePrefill answers a repeated Prefill of the same attempt with the

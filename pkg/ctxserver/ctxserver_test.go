@@ -33,7 +33,9 @@ type fixture struct {
 
 // newFixture serves the context server's TransferService on a real
 // loopback gRPC server.
-func newFixture(t *testing.T, blocks int) *fixture {
+func newFixture(t *testing.T, blocks int) *fixture { return newFixtureReuse(t, blocks, false) }
+
+func newFixtureReuse(t *testing.T, blocks int, reuse bool) *fixture {
 	t.Helper()
 	spec, _ := executor.Preset("tiny")
 	pool, err := blockpool.New(blocks, spec.BlockBytes())
@@ -45,7 +47,7 @@ func newFixture(t *testing.T, blocks int) *fixture {
 	reg := prometheus.NewRegistry()
 	srv := New(Config{
 		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: pool, Sender: sender,
-		TransferEndpoint: "unused", HandoffLease: 30 * time.Second, TransferDeadline: 10 * time.Second,
+		TransferEndpoint: "unused", HandoffLease: 30 * time.Second, TransferDeadline: 10 * time.Second, PrefixReuse: reuse,
 		Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg), Logger: zap.NewNop(),
 	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -262,5 +264,50 @@ func TestTransferToDeadPeerFails(t *testing.T) {
 	}
 	if c := f.counts(); c.Free != 16 {
 		t.Fatalf("drain left blocks held: %+v", c)
+	}
+}
+
+// TestPrefixReuse: a second prompt with the same prefix reuses its full
+// blocks; after both end only the cache holds them; pool pressure evicts
+// them; and a cached block being pushed is never evicted.
+func TestPrefixReuse(t *testing.T) {
+	f := newFixtureReuse(t, 8, true)
+	a := ticket.New(ticket.NewID())
+	first := f.prefill(t, a, 40) // 2 full blocks + 1 partial
+	if first.GetReusedBlocks() != 0 {
+		t.Fatalf("cold prefill reused %d blocks", first.GetReusedBlocks())
+	}
+	b := ticket.New(ticket.NewID())
+	second := f.prefill(t, b, 40)
+	if second.GetReusedBlocks() != 2 || second.GetFirstToken() != first.GetFirstToken() {
+		t.Fatalf("warm prefill reused %d blocks, first token %d vs %d", second.GetReusedBlocks(), second.GetFirstToken(), first.GetFirstToken())
+	}
+	for i := range 2 {
+		if first.GetAdvertisement().GetBlockChecksums()[i] != second.GetAdvertisement().GetBlockChecksums()[i] {
+			t.Fatalf("reused block %d has another checksum", i)
+		}
+	}
+	if c := f.counts(); c.Owned != 4 || f.pool.Cached() != 2 {
+		t.Fatalf("two requests sharing 2 blocks: %+v cached %d", c, f.pool.Cached())
+	}
+	for _, tk := range []*kvferryv1.Ticket{a, b} {
+		if _, err := f.srv.Release(context.Background(), &kvferryv1.ReleaseRequest{Ticket: tk}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c := f.counts(); c.Owned != 2 || c.Free != 6 {
+		t.Fatalf("idle with cache: %+v", c)
+	}
+	// Eight blocks needed: the cached two are evicted to make room.
+	big := ticket.New(ticket.NewID())
+	prompt := make([]uint32, 8*16)
+	for i := range prompt {
+		prompt[i] = executor.Tokenize("stone")[0]
+	}
+	if _, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: big, PromptTokens: prompt, Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}}); err != nil {
+		t.Fatalf("prefill needing eviction: %v", err)
+	}
+	if f.pool.Cached() != 8 || f.counts().Owned != 8 {
+		t.Fatalf("after eviction: %+v cached %d", f.counts(), f.pool.Cached())
 	}
 }

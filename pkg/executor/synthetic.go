@@ -45,8 +45,9 @@ type Engine interface {
 	Model() ModelSpec
 	// Prefill writes the KV of tokens into blocks (BlocksFor(len(tokens))
 	// blocks of BlockBytes each), returns one checksum per block and the
-	// first generated token.
-	Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte) (first uint32, checksums []uint64, err error)
+	// first generated token. The first reused blocks already hold their KV
+	// (prefix reuse): they are read, never written.
+	Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (first uint32, checksums []uint64, err error)
 	// StartDecode reads every byte of the received KV blocks and returns the
 	// decode state, plus the checksum it computed for each block.
 	StartDecode(blocks [][]byte, promptTokens int, first uint32, s Sampling) (*Sequence, []uint64)
@@ -81,17 +82,21 @@ func (e *Synthetic) Model() ModelSpec { return e.spec }
 var ErrBlocks = errors.New("executor: blocks do not match the prompt")
 
 // Prefill implements Engine.
-func (e *Synthetic) Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte) (uint32, []uint64, error) {
+func (e *Synthetic) Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
 	if want := e.spec.BlocksFor(len(tokens)); len(tokens) == 0 || len(blocks) != want {
 		return 0, nil, fmt.Errorf("%w: %d tokens need %d blocks, got %d", ErrBlocks, len(tokens), want, len(blocks))
 	}
+	if reused < 0 || reused > len(tokens)/e.spec.BlockTokens {
+		return 0, nil, fmt.Errorf("%w: %d reused blocks of %d full ones", ErrBlocks, reused, len(tokens)/e.spec.BlockTokens)
+	}
 	if e.timing.PrefillTokensPerSecond > 0 {
-		d := time.Duration(float64(len(tokens)) / e.timing.PrefillTokensPerSecond * float64(time.Second))
+		// Only the tokens not served from the reuse cache cost time.
+		d := time.Duration(float64(len(tokens)-reused*e.spec.BlockTokens) / e.timing.PrefillTokensPerSecond * float64(time.Second))
 		if err := wait(ctx, d); err != nil {
 			return 0, nil, err
 		}
 	}
-	writeKV(e.spec, tokens, blocks)
+	writeKV(e.spec, tokens, blocks, reused)
 	sums := make([]uint64, len(blocks))
 	for i, b := range blocks {
 		sums[i] = Checksum(b)
@@ -200,14 +205,17 @@ func mix(x uint64) uint64 {
 	return x
 }
 
-// writeKV fills blocks with the KV of tokens: token i's bytes are a stream
-// seeded by the hash chain of tokens[0..i], so they depend on the whole
-// prefix. The tail of the last block is zero.
-func writeKV(spec ModelSpec, tokens []uint32, blocks [][]byte) {
+// writeKV fills blocks[skip:] with the KV of tokens: token i's bytes are a
+// stream seeded by the hash chain of tokens[0..i], so they depend on the
+// whole prefix. The tail of the last block is zero.
+func writeKV(spec ModelSpec, tokens []uint32, blocks [][]byte, skip int) {
 	per := spec.BytesPerToken()
 	var chain uint64 = 0x6b766665727279 // "kvferry"
 	for i, tok := range tokens {
 		chain = mix(chain ^ uint64(tok) ^ uint64(i)<<32)
+		if i/spec.BlockTokens < skip {
+			continue
+		}
 		b := blocks[i/spec.BlockTokens]
 		off := (i % spec.BlockTokens) * per
 		fill(b[off:off+per], chain)
@@ -274,11 +282,27 @@ func Reference(spec ModelSpec, prompt string, s Sampling) Result {
 	for i := range blocks {
 		blocks[i] = make([]byte, spec.BlockBytes())
 	}
-	writeKV(spec, tokens, blocks)
+	writeKV(spec, tokens, blocks, 0)
 	sq, sums := NewSynthetic(spec, Timing{}).StartDecode(blocks, len(tokens), 0, s)
 	sq.tokens[0] = firstToken(Digest(sums), s)
 	for sq.Finish() == FinishNone {
 		sq.step()
 	}
 	return Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Detokenize(sq.Tokens()), Finish: sq.Finish()}
+}
+
+// BlockHashes returns the prefix-reuse key of each full block of tokens: a
+// hash chain, so block j's key depends on every token up to its end and on
+// the model geometry. The partial last block has no key.
+func BlockHashes(spec ModelSpec, tokens []uint32) []uint64 {
+	full := len(tokens) / spec.BlockTokens
+	out := make([]uint64, full)
+	h := mix(uint64(spec.BytesPerToken())<<20 ^ uint64(spec.BlockTokens))
+	for j := range full {
+		for _, t := range tokens[j*spec.BlockTokens : (j+1)*spec.BlockTokens] {
+			h = mix(h ^ uint64(t))
+		}
+		out[j] = h
+	}
+	return out
 }

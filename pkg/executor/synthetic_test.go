@@ -75,7 +75,7 @@ func TestPrefillDecodeMatchesReference(t *testing.T) {
 		for _, s := range []Sampling{{MaxTokens: 1}, {MaxTokens: 16, Seed: 7}, {MaxTokens: 64, Temperature: 0.7, TopP: 0.9}} {
 			toks := Tokenize(prompt)
 			blocks := blocksFor(spec, len(toks))
-			first, sums, err := e.Prefill(context.Background(), toks, s, blocks)
+			first, sums, err := e.Prefill(context.Background(), toks, s, blocks, 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -111,7 +111,7 @@ func TestOneFlippedByteChangesOutput(t *testing.T) {
 	ref := Reference(spec, prompt, s)
 	for _, pos := range []int{0, spec.BlockBytes() - 1, spec.BlockBytes() + 17} {
 		blocks := blocksFor(spec, len(toks))
-		first, sums, _ := e.Prefill(context.Background(), toks, s, blocks)
+		first, sums, _ := e.Prefill(context.Background(), toks, s, blocks, 0)
 		blocks[pos/spec.BlockBytes()][pos%spec.BlockBytes()] ^= 1
 		sq, got := e.StartDecode(blocks, len(toks), first, s)
 		if got[pos/spec.BlockBytes()] == sums[pos/spec.BlockBytes()] {
@@ -130,8 +130,8 @@ func TestKVDependsOnPrefix(t *testing.T) {
 	spec, _ := Preset("tiny")
 	a, b := Tokenize("the river "+longPrompt(20)), Tokenize("a river "+longPrompt(20))
 	ba, bb := blocksFor(spec, len(a)), blocksFor(spec, len(b))
-	writeKV(spec, a, ba)
-	writeKV(spec, b, bb)
+	writeKV(spec, a, ba, 0)
+	writeKV(spec, b, bb, 0)
 	last := len(ba) - 1
 	if Checksum(ba[last]) == Checksum(bb[last]) {
 		t.Fatal("last block equal although the first token differs")
@@ -141,7 +141,7 @@ func TestKVDependsOnPrefix(t *testing.T) {
 func TestPrefillRejectsWrongBlocks(t *testing.T) {
 	spec, _ := Preset("tiny")
 	e := NewSynthetic(spec, Timing{})
-	if _, _, err := e.Prefill(context.Background(), Tokenize("the"), Sampling{}, nil); err == nil {
+	if _, _, err := e.Prefill(context.Background(), Tokenize("the"), Sampling{}, nil, 0); err == nil {
 		t.Fatal("want error")
 	}
 }
@@ -152,7 +152,7 @@ func TestTimingHonoursCancel(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	toks := Tokenize("the")
-	if _, _, err := e.Prefill(ctx, toks, Sampling{}, blocksFor(spec, 1)); err != context.Canceled {
+	if _, _, err := e.Prefill(ctx, toks, Sampling{}, blocksFor(spec, 1), 0); err != context.Canceled {
 		t.Fatalf("err %v, want context.Canceled", err)
 	}
 }
@@ -172,8 +172,45 @@ func BenchmarkPrefillLlama8B4k(b *testing.B) {
 	blocks := blocksFor(spec, len(toks))
 	b.SetBytes(int64(len(blocks) * spec.BlockBytes()))
 	for b.Loop() {
-		if _, _, err := e.Prefill(context.Background(), toks, Sampling{}, blocks); err != nil {
+		if _, _, err := e.Prefill(context.Background(), toks, Sampling{}, blocks, 0); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestPrefillWithReuse: blocks served from the reuse cache are not written,
+// and the output is the same as a full prefill.
+func TestPrefillWithReuse(t *testing.T) {
+	spec, _ := Preset("tiny")
+	e := NewSynthetic(spec, Timing{})
+	toks := Tokenize(longPrompt(40)) // 2 full blocks and a partial one
+	full := blocksFor(spec, len(toks))
+	f1, s1, err := e.Prefill(context.Background(), toks, Sampling{}, full, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reused := blocksFor(spec, len(toks))
+	copy(reused[0], full[0])
+	copy(reused[1], full[1])
+	f2, s2, err := e.Prefill(context.Background(), toks, Sampling{}, reused, 2)
+	if err != nil || f1 != f2 {
+		t.Fatalf("first token %d vs %d, %v", f1, f2, err)
+	}
+	for i := range s1 {
+		if s1[i] != s2[i] {
+			t.Fatalf("block %d differs with reuse", i)
+		}
+	}
+	// A reused block is never written: a marker in it survives.
+	reused[0][0] ^= 0xff
+	if _, s3, _ := e.Prefill(context.Background(), toks, Sampling{}, reused, 1); s3[0] == s1[0] {
+		t.Fatal("reused block was rewritten")
+	}
+	if _, _, err := e.Prefill(context.Background(), toks, Sampling{}, reused, 3); err == nil {
+		t.Fatal("reusing the partial block: want error")
+	}
+	h1, h2 := BlockHashes(spec, toks), BlockHashes(spec, Tokenize("a "+longPrompt(40)))
+	if len(h1) != 2 || h1[0] == h2[0] {
+		t.Fatalf("hashes %v %v", h1, h2)
 	}
 }

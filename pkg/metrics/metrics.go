@@ -37,6 +37,7 @@ type poolCollector struct {
 	pool     *blockpool.Pool
 	capacity *prometheus.Desc
 	blocks   *prometheus.Desc
+	cached   *prometheus.Desc
 }
 
 // RegisterPool exports kvferry_blockpool_capacity_blocks and
@@ -46,17 +47,20 @@ func RegisterPool(reg prometheus.Registerer, pool *blockpool.Pool) {
 		pool:     pool,
 		capacity: prometheus.NewDesc(namespace+"_blockpool_capacity_blocks", "Number of KV blocks in the pool.", nil, nil),
 		blocks:   prometheus.NewDesc(namespace+"_blockpool_blocks", "Number of KV blocks in each state; the states sum to the capacity.", []string{"state"}, nil),
+		cached:   prometheus.NewDesc(namespace+"_blockpool_cached_blocks", "Number of blocks in the prefix-reuse cache (each holds a reference, so counts among owned).", nil, nil),
 	})
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.capacity
 	ch <- c.blocks
+	ch <- c.cached
 }
 
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	counts := c.pool.Counts()
 	ch <- prometheus.MustNewConstMetric(c.capacity, prometheus.GaugeValue, float64(counts.Capacity))
+	ch <- prometheus.MustNewConstMetric(c.cached, prometheus.GaugeValue, float64(c.pool.Cached()))
 	for _, s := range blockpool.States() {
 		ch <- prometheus.MustNewConstMetric(c.blocks, prometheus.GaugeValue, float64(counts.Of(s)), s.String())
 	}

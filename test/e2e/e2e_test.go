@@ -61,15 +61,18 @@ func testCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// checkIdle waits until both servers hold no block: the only idle value
-// while there is no prefix-reuse cache.
+// checkIdle waits until both servers are idle: nothing in flight or
+// quarantined, and the only owned blocks are the prefix-reuse cache's.
 func checkIdle(t *testing.T, s *stack.Stack) {
 	t.Helper()
 	for _, base := range []string{s.CtxHTTP, s.GenHTTP} {
 		stack.Eventually(t, base+" idle", func() bool {
+			owned := stack.Metric(t, base, `kvferry_blockpool_blocks{state="owned"}`)
+			cached := stack.Metric(t, base, `kvferry_blockpool_cached_blocks`)
 			return stack.Metric(t, base, `kvferry_blockpool_blocks{state="in_flight"}`) == 0 &&
-				stack.Metric(t, base, `kvferry_blockpool_blocks{state="owned"}`) == 0 &&
-				stack.Metric(t, base, `kvferry_blockpool_blocks{state="free"}`) == stack.Metric(t, base, `kvferry_blockpool_capacity_blocks`)
+				stack.Metric(t, base, `kvferry_blockpool_blocks{state="quarantined"}`) == 0 &&
+				owned == cached &&
+				stack.Metric(t, base, `kvferry_blockpool_blocks{state="free"}`)+owned == stack.Metric(t, base, `kvferry_blockpool_capacity_blocks`)
 		})
 	}
 }
@@ -252,7 +255,7 @@ func TestAbort(t *testing.T) {
 			done <- err
 		}()
 		stack.Eventually(t, "context server prefilling", func() bool {
-			return stack.Metric(t, s.CtxHTTP, `kvferry_blockpool_blocks{state="owned"}`) > 0
+			return stack.Metric(t, s.CtxHTTP, `kvferry_blockpool_blocks{state="owned"}`) > stack.Metric(t, s.CtxHTTP, `kvferry_blockpool_cached_blocks`)
 		})
 		cancel()
 		if err := <-done; !errors.Is(err, context.Canceled) {
