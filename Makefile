@@ -22,7 +22,9 @@ RUN_MODEL ?= tiny
 RUN_PREFILL_TOKENS_PER_SECOND ?= 20000
 RUN_DECODE_STEP_TIME ?= 20ms
 
-.PHONY: all build run test test-unit test-e2e proto proto-check lint vet fmt-check tools deps clean
+SEEDS ?= 100000
+
+.PHONY: all build run test test-unit test-e2e sim proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
@@ -43,6 +45,11 @@ test-unit:
 
 test-e2e:
 	$(GO) test -race -count=1 -v ./test/e2e/...
+
+# sim runs the deterministic transfer-lifecycle simulation over SEEDS seeds
+# (make test runs 2,000). A failure prints the seed and the replay command.
+sim:
+	$(GO) test -count=1 -timeout 60m -run TestSimulation -v ./pkg/kvtransfer/ -seeds $(SEEDS)
 
 vet:
 	$(GO) vet ./...
