@@ -36,9 +36,12 @@ run: build
 	@scripts/run-local.sh $(BIN) $(RUN_MODEL) $(RUN_PREFILL_TOKENS_PER_SECOND) $(RUN_DECODE_STEP_TIME)
 
 # make test runs every test: the unit tests of every package and the
-# multi-process end-to-end suite, all under the race detector.
+# multi-process end-to-end suite, all under the race detector, then the
+# transfer-lifecycle simulation over 2,000 seeds without it (it is one
+# goroutine; -race only slows it).
 test:
 	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -count=1 -run TestSimulation ./pkg/kvtransfer/ -seeds 2000
 
 test-unit:
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test/)

@@ -52,6 +52,7 @@ type RecvSession struct {
 	ended        bool
 	aborted      bool
 	writing      int
+	readers      map[net.Conn]int // connections reading a block of this session now
 	onQuiesced   func()
 }
 
@@ -115,9 +116,12 @@ func (r *Receiver) Err(s *RecvSession) error {
 
 // Finish unregisters a session and calls onQuiesced exactly once, as soon as
 // no frame of the session is being read: at once when none is, else from
-// the reader that finishes the last one. After Finish no byte lands in the
-// session's blocks. It is safe to call for a completed session, and twice
-// (the second call does nothing).
+// the reader that finishes the last one. A read still in progress is cut
+// short by closing its connection — a sender stalled mid-block (a stopped
+// process) could otherwise hold it forever — so the proof comes promptly
+// and is local: this reader is the only writer of the blocks. After Finish
+// no byte lands in the session's blocks. It is safe to call for a completed
+// session, and twice (the second call does nothing).
 func (r *Receiver) Finish(s *RecvSession, onQuiesced func()) {
 	r.mu.Lock()
 	if s.aborted {
@@ -129,7 +133,14 @@ func (r *Receiver) Finish(s *RecvSession, onQuiesced func()) {
 	r.endLocked(s, ErrAborted)
 	if s.writing > 0 {
 		s.onQuiesced = onQuiesced
+		conns := make([]net.Conn, 0, len(s.readers))
+		for c := range s.readers {
+			conns = append(conns, c)
+		}
 		r.mu.Unlock()
+		for _, c := range conns {
+			_ = c.Close()
+		}
 		return
 	}
 	r.mu.Unlock()
@@ -243,6 +254,10 @@ func (r *Receiver) data(c net.Conn, h Header) error {
 		default:
 			dst = s.dests[h.Index]
 			s.writing++
+			if s.readers == nil {
+				s.readers = map[net.Conn]int{}
+			}
+			s.readers[c]++
 		}
 	}
 	r.mu.Unlock()
@@ -254,6 +269,9 @@ func (r *Receiver) data(c net.Conn, h Header) error {
 
 	r.mu.Lock()
 	s.writing--
+	if s.readers[c]--; s.readers[c] == 0 {
+		delete(s.readers, c)
+	}
 	if err == nil && !s.ended {
 		s.received[h.Index] = true
 		s.nReceived++

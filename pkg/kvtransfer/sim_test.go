@@ -30,6 +30,9 @@ const (
 	simPoolBlocks = 24
 )
 
+// raceSeeds caps the seeds under -race (see raceEnabled).
+const raceSeeds = 100
+
 var simTimeouts = Timeouts{Progress: 60 * time.Millisecond, Deadline: 400 * time.Millisecond, Quarantine: 1500 * time.Millisecond}
 
 type simFault uint8
@@ -474,11 +477,15 @@ func runSeed(t *testing.T, seed uint64) (*world, error) {
 }
 
 func TestSimulation(t *testing.T) {
-	seeds := make([]uint64, 0, *simSeeds)
+	n := *simSeeds
+	if raceEnabled && n > raceSeeds {
+		n = raceSeeds
+	}
+	seeds := make([]uint64, 0, n)
 	if *simSeed != 0 {
 		seeds = append(seeds, *simSeed)
 	} else {
-		for i := range *simSeeds {
+		for i := range n {
 			seeds = append(seeds, uint64(i+1))
 		}
 	}
