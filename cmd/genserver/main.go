@@ -29,8 +29,10 @@ func main() {
 // quiescence proof does not depend on its answer.
 const abortTimeout = 2 * time.Second
 
-// sweepInterval is how often finished requests are forgotten.
-const sweepInterval = time.Minute
+// sweepInterval is how often quarantined sessions are reaped and finished
+// requests forgotten: a poison comes at most this late after the
+// quarantine deadline (120 s by default).
+const sweepInterval = time.Second
 
 func run(ctx context.Context, cfg servercmd.Config, lg *zap.Logger) error {
 	p, err := servercmd.Build(cfg, true, lg)
@@ -42,20 +44,22 @@ func run(ctx context.Context, cfg servercmd.Config, lg *zap.Logger) error {
 	conns := serving.NewConnCache()
 	defer conns.Close()
 	srv := genserver.New(genserver.Config{
-		Engine:           p.Engine,
-		Pool:             p.Pool,
-		Receiver:         recv,
-		DataEndpoint:     servercmd.Advertised(cfg.AdvertiseHost, p.DataLn),
-		Conns:            conns,
-		ProgressTimeout:  cfg.TransferProgressTimeout,
-		TransferDeadline: cfg.TransferDeadline,
-		AbortTimeout:     abortTimeout,
-		Transfers:        metrics.NewTransfer(p.Registry),
-		Cancels:          metrics.NewCancel(p.Registry),
-		Logger:           lg,
+		Engine:       p.Engine,
+		Pool:         p.Pool,
+		Receiver:     recv,
+		DataEndpoint: servercmd.Advertised(cfg.AdvertiseHost, p.DataLn),
+		Conns:        conns,
+		Timeouts: kvtransfer.Timeouts{
+			Progress: cfg.TransferProgressTimeout, Deadline: cfg.TransferDeadline, Quarantine: cfg.QuarantineDeadline,
+		},
+		AbortTimeout: abortTimeout,
+		Transfers:    metrics.NewTransfer(p.Registry),
+		Cancels:      metrics.NewCancel(p.Registry),
+		Quarantines:  metrics.NewQuarantine(p.Registry),
+		Logger:       lg,
 	})
 	kvferryv1.RegisterGenerationServiceServer(p.GRPC, srv)
 	return servercmd.Serve(ctx, cfg, p,
-		map[string]func(context.Context) error{"tombstones": func(ctx context.Context) error { srv.Run(ctx, sweepInterval); return nil }},
+		map[string]func(context.Context) error{"reaper": func(ctx context.Context) error { srv.Run(ctx, sweepInterval); return nil }},
 		srv.Drain)
 }

@@ -40,14 +40,14 @@ type Config struct {
 	// DataEndpoint is the host:port context servers dial to push blocks.
 	DataEndpoint string
 	Conns        *serving.ConnCache
-	// ProgressTimeout ends a transfer that moved no byte for this long.
-	ProgressTimeout time.Duration
-	// TransferDeadline bounds a transfer from its start.
-	TransferDeadline time.Duration
+	// Timeouts are the receive sessions' progress timeout, deadline from
+	// transfer start, and quarantine deadline.
+	Timeouts kvtransfer.Timeouts
 	// AbortTimeout bounds the AbortTransfer call to the sender.
 	AbortTimeout time.Duration
 	Transfers    *metrics.Transfer
 	Cancels      *metrics.Cancel
+	Quarantines  *metrics.Quarantine
 	Logger       *zap.Logger
 }
 
@@ -77,16 +77,17 @@ type Server struct {
 	spec executor.ModelSpec
 	lg   *zap.Logger
 
-	mu       sync.Mutex
-	reqs     map[string]*request
-	draining bool
+	mu         sync.Mutex
+	reqs       map[string]*request
+	quarantine map[*transfer]struct{} // receive sessions in doubt, for the reaper
+	draining   bool
 }
 
 var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
 
 // New returns a generation server.
 func New(cfg Config) *Server {
-	return &Server{cfg: cfg, spec: cfg.Engine.Model(), lg: cfg.Logger, reqs: map[string]*request{}}
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}}
 }
 
 func (s *Server) validate(req *kvferryv1.GenerateRequest) error {
@@ -157,6 +158,10 @@ func (s *Server) admit(t *kvferryv1.Ticket, cancel context.CancelFunc) (*request
 func (s *Server) dropHold(r *request) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.dropHoldLocked(r)
+}
+
+func (s *Server) dropHoldLocked(r *request) {
 	r.holds--
 	if r.holds == 0 && !r.cancelAt.IsZero() {
 		s.cfg.Cancels.RecordCancelToFree(time.Since(r.cancelAt))
@@ -248,47 +253,131 @@ func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_
 	}
 }
 
+// transfer is one receive session as the server owns it: the lifecycle
+// state machine, the destination blocks and where their pin stands. It is
+// only touched under Server.mu.
+type transfer struct {
+	sess        *kvtransfer.Session
+	r           *request
+	requestID   string
+	blocks      []blockpool.ID
+	pinned      bool
+	quarantined bool
+}
+
+// stepLocked feeds one event's actions to the pool: the only place a
+// receive session's pin is dropped, quarantined, returned or poisoned.
+func (s *Server) stepLocked(tr *transfer, as kvtransfer.Actions) {
+	pool := s.cfg.Pool
+	if as.Has(kvtransfer.ActQuarantine) && tr.pinned {
+		if err := pool.Quarantine(tr.blocks); err != nil {
+			s.lg.Error("quarantine blocks", zap.String("request_id", tr.requestID), zap.Error(err))
+		}
+		tr.pinned, tr.quarantined = false, true
+		s.quarantine[tr] = struct{}{}
+		s.cfg.Quarantines.RecordQuarantine(metrics.SideReceiver)
+	}
+	if as.Has(kvtransfer.ActUnpin) && tr.pinned {
+		if err := pool.Unpin(tr.blocks); err != nil {
+			s.lg.Error("unpin blocks", zap.String("request_id", tr.requestID), zap.Error(err))
+		}
+		tr.pinned = false
+		s.dropHoldLocked(tr.r)
+	}
+	if as.Has(kvtransfer.ActUnquarantine) && tr.quarantined {
+		if err := pool.Unquarantine(tr.blocks); err != nil {
+			s.lg.Error("unquarantine blocks", zap.String("request_id", tr.requestID), zap.Error(err))
+		}
+		tr.quarantined = false
+		delete(s.quarantine, tr)
+		s.dropHoldLocked(tr.r)
+	}
+	if as.Has(kvtransfer.ActPoison) && tr.quarantined {
+		if err := pool.Poison(tr.blocks); err != nil {
+			s.lg.Error("poison blocks", zap.String("request_id", tr.requestID), zap.Error(err))
+		}
+		tr.quarantined = false
+		delete(s.quarantine, tr)
+		s.cfg.Quarantines.RecordPoison(metrics.SideReceiver, len(tr.blocks))
+		s.lg.Error("blocks poisoned: quiescence never proven before the quarantine deadline",
+			zap.String("request_id", tr.requestID), zap.Int("blocks", len(tr.blocks)))
+	}
+}
+
+// step runs one event on the session under the lock, with the current time.
+func (s *Server) step(tr *transfer, event func(*kvtransfer.Session, time.Time) kvtransfer.Actions) kvtransfer.Actions {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	as := event(tr.sess, time.Now())
+	s.stepLocked(tr, as)
+	return as
+}
+
 // receive pins the destination blocks, has the context server push into
 // them and waits for the data path's DONE notification, the sender's
-// failure, cancellation, no progress for ProgressTimeout, or the transfer
-// deadline. On every exit the receiver session is finished; the pin is
-// dropped only once it is quiesced.
-func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r *request, blocks []blockpool.ID, mem [][]byte) (err error) {
+// failure, cancellation, no progress for ProgressTimeout or the transfer
+// deadline — the session decides which, and when the blocks may leave
+// IN_FLIGHT. On every exit the receiver session is finished: its reader
+// proves the blocks quiet, which returns quarantined ones.
+func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r *request, blocks []blockpool.ID, mem [][]byte) error {
 	adv := req.GetAdvertisement()
-	fields := []zap.Field{zap.String("request_id", req.GetTicket().GetRequestId()), zap.Uint32("attempt", req.GetTicket().GetAttempt()), zap.String("peer", adv.GetTransferEndpoint())}
+	id := req.GetTicket().GetRequestId()
+	fields := []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", req.GetTicket().GetAttempt()), zap.String("peer", adv.GetTransferEndpoint())}
 	if err := s.cfg.Pool.Pin(blocks); err != nil {
 		return status.Errorf(codes.Internal, "pin: %v", err)
 	}
+	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), r: r, requestID: id, blocks: blocks, pinned: true}
 	s.mu.Lock()
 	r.holds++
 	s.mu.Unlock()
 	session := rand.Uint64() | 1 // never zero
 	rs, err := s.cfg.Receiver.Register(session, mem)
 	if err != nil {
-		s.unpin(r, blocks)
+		s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Cancel(now) })
 		return status.Errorf(codes.Internal, "register session: %v", err)
 	}
 	start := time.Now()
-	outcome := metrics.OutcomeCompleted
-	defer func() {
-		s.cfg.Receiver.Finish(rs, func() { s.unpin(r, blocks) })
+	// end finishes the receiver session (its reader proves quiescence,
+	// which returns quarantined blocks) and records the outcome.
+	end := func() {
+		s.cfg.Receiver.Finish(rs, func() {
+			s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
+				return ss.Prove(now, kvtransfer.ProofTransportTerminal)
+			})
+		})
 		moved, _ := s.cfg.Receiver.Progress(rs)
-		s.cfg.Transfers.RecordTransfer(metrics.SideReceiver, outcome, moved, time.Since(start))
-		if outcome != metrics.OutcomeCompleted {
-			s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome), zap.Int64("bytes", moved), zap.Error(err))...)
+		s.mu.Lock()
+		outcome := tr.sess.Outcome()
+		s.mu.Unlock()
+		s.cfg.Transfers.RecordTransfer(metrics.SideReceiver, outcome.String(), moved, time.Since(start))
+		if outcome != kvtransfer.OutcomeCompleted {
+			s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome.String()), zap.Int64("bytes", moved))...)
 		}
-	}()
+	}
+	defer end()
+	// The descriptors leave with the request: from now on the peer may write.
+	s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Start(now) })
 
 	cc, err := s.cfg.Conns.Get(adv.GetTransferEndpoint())
 	if err != nil {
-		outcome = metrics.OutcomeFailed
+		s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Fail(now, 0) })
 		return status.Error(codes.Unavailable, err.Error())
 	}
 	client := kvferryv1.NewTransferServiceClient(cc)
-	tctx, tcancel := context.WithCancel(serving.WithRequestID(ctx, req.GetTicket().GetRequestId()))
+	tctx, tcancel := context.WithCancel(serving.WithRequestID(ctx, id))
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer tcancel()
+	// fail ends the session with an event, asks the sender to stop and
+	// returns cause.
+	fail := func(event func(*kvtransfer.Session, time.Time) kvtransfer.Actions, cause error) error {
+		if as := s.step(tr, event); as.Has(kvtransfer.ActAbort) {
+			s.abort(ctx, client, req.GetTicket(), session)
+		}
+		return cause
+	}
+	failNow := func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Fail(now, 0) }
+	cancelNow := func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Cancel(now) }
 
 	dests := make([]*kvferryv1.BlockDescriptor, len(blocks))
 	for i, b := range blocks {
@@ -299,17 +388,19 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 		Layout: s.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: s.cfg.DataEndpoint, Destinations: dests,
 	})
 	if err != nil {
-		outcome = metrics.OutcomeFailed
-		return status.Errorf(codes.Unavailable, "transfer: %v", err)
+		return fail(failNow, status.Errorf(codes.Unavailable, "transfer: %v", err))
 	}
 	first, err := tstream.Recv()
 	if err != nil {
-		outcome = outcomeOf(ctx, err)
-		return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(status.Code(err), "transfer: %v", err))
+		if ctx.Err() != nil {
+			return fail(cancelNow, status.FromContextError(ctx.Err()).Err())
+		}
+		return fail(failNow, status.Errorf(status.Code(err), "transfer: %v", err))
 	}
 	if first.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_READY {
-		outcome = metrics.OutcomeFailed
-		return status.Errorf(codes.FailedPrecondition, "context server not ready: %s", first.GetReason())
+		// NOT_READY: the sender will not write; the receive blocks are
+		// released normally once the reader confirms it.
+		return fail(failNow, status.Errorf(codes.FailedPrecondition, "context server not ready: %s", first.GetReason()))
 	}
 
 	// The sender's terminal event arrives on the stream; read it off the
@@ -325,63 +416,76 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 		}
 		events <- err
 	})
-	deadline := time.NewTimer(s.cfg.TransferDeadline)
-	defer deadline.Stop()
-	tick := time.NewTicker(max(s.cfg.ProgressTimeout/4, time.Millisecond))
+	tick := time.NewTicker(tickInterval(s.cfg.Timeouts))
 	defer tick.Stop()
+	var seen int64
 	for {
 		select {
 		case <-rs.Done():
 			if err := s.cfg.Receiver.Err(rs); err != nil {
-				outcome = metrics.OutcomeFailed
-				return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(codes.DataLoss, "transfer: %v", err))
+				return fail(failNow, status.Errorf(codes.DataLoss, "transfer: %v", err))
 			}
+			s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Complete(now) })
 			return nil
 		case err := <-events:
 			if err != nil {
-				outcome = outcomeOf(ctx, err)
-				return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(codes.Unavailable, "transfer: %v", err))
+				if ctx.Err() != nil {
+					return fail(cancelNow, status.FromContextError(ctx.Err()).Err())
+				}
+				return fail(failNow, status.Errorf(codes.Unavailable, "transfer: %v", err))
 			}
 			events = nil // COMPLETED: the DONE frame follows on the data path
 		case <-ctx.Done():
-			outcome = metrics.OutcomeCancelled
-			return s.abort(ctx, client, req.GetTicket(), session, status.FromContextError(ctx.Err()).Err())
-		case <-deadline.C:
-			outcome = metrics.OutcomeTimedOut
-			return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(codes.DeadlineExceeded, "transfer deadline %s passed", s.cfg.TransferDeadline))
-		case now := <-tick.C:
-			if _, last := s.cfg.Receiver.Progress(rs); now.Sub(last) > s.cfg.ProgressTimeout {
-				outcome = metrics.OutcomeTimedOut
-				return s.abort(ctx, client, req.GetTicket(), session, status.Errorf(codes.DeadlineExceeded, "transfer made no progress for %s", s.cfg.ProgressTimeout))
+			return fail(cancelNow, status.FromContextError(ctx.Err()).Err())
+		case <-tick.C:
+			moved, last := s.cfg.Receiver.Progress(rs)
+			delta := moved - seen
+			seen = moved
+			as := s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
+				ss.Progress(last, delta)
+				return ss.Tick(now)
+			})
+			if as.Has(kvtransfer.ActNotify) {
+				s.abort(ctx, client, req.GetTicket(), session)
+				return status.Errorf(codes.DeadlineExceeded, "transfer timed out: no progress for %s or past the %s deadline", s.cfg.Timeouts.Progress, s.cfg.Timeouts.Deadline)
 			}
 		}
 	}
 }
 
-func outcomeOf(ctx context.Context, err error) string {
-	if ctx.Err() != nil || status.Code(err) == codes.Canceled {
-		return metrics.OutcomeCancelled
-	}
-	return metrics.OutcomeFailed
+// tickInterval is how often a receive checks its timers: an eighth of the
+// shorter timeout, so a timeout fires at most 12.5% late, and never more
+// often than every 5 ms.
+func tickInterval(t kvtransfer.Timeouts) time.Duration {
+	return max(min(t.Progress, t.Deadline)/8, 5*time.Millisecond)
 }
 
 // abort asks the sender to stop writing (best effort, bounded by
-// AbortTimeout) and returns cause. The receiver's own quiescence proof
-// covers the pin whatever the sender answers.
-func (s *Server) abort(ctx context.Context, client kvferryv1.TransferServiceClient, t *kvferryv1.Ticket, session uint64, cause error) error {
+// AbortTimeout). For tcp its answer is not the proof: bytes already in the
+// socket may still arrive, so quiescence comes from the receiver's reader.
+func (s *Server) abort(ctx context.Context, client kvferryv1.TransferServiceClient, t *kvferryv1.Ticket, session uint64) {
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.AbortTimeout)
 	defer cancel()
 	if _, err := client.AbortTransfer(actx, &kvferryv1.AbortTransferRequest{Ticket: t, SessionId: session}); err != nil {
 		s.lg.Debug("abort transfer", zap.String("request_id", t.GetRequestId()), zap.Uint32("attempt", t.GetAttempt()), zap.Error(err))
 	}
-	return cause
 }
 
-func (s *Server) unpin(r *request, blocks []blockpool.ID) {
-	if err := s.cfg.Pool.Unpin(blocks); err != nil {
-		s.lg.Error("unpin blocks", zap.Error(err))
+// Reap advances every quarantined session's timers: one whose quarantine
+// deadline passed without proof is poisoned. It never blocks.
+func (s *Server) Reap(now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for tr := range s.quarantine {
+		s.stepLocked(tr, tr.sess.Tick(now))
 	}
-	s.dropHold(r)
+}
+
+// QuarantinedSessions returns how many receive sessions wait for proof.
+func (s *Server) QuarantinedSessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.quarantine)
 }
 
 // Cancel implements GenerationService.
@@ -413,7 +517,8 @@ func (s *Server) Cancel(_ context.Context, req *kvferryv1.GenerationServiceCance
 // duplicates and stale attempts are recognised.
 const tombstoneTTL = 10 * time.Minute
 
-// Run forgets old finished requests every interval until ctx is done.
+// Run reaps quarantined sessions and forgets old finished requests every
+// interval until ctx is done.
 func (s *Server) Run(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -422,6 +527,7 @@ func (s *Server) Run(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
+			s.Reap(now)
 			s.mu.Lock()
 			for id, r := range s.reqs {
 				if r.phase == phaseDone && r.holds == 0 && now.Sub(r.endedAt) > tombstoneTTL {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -40,6 +41,8 @@ type pair struct {
 	ctxClient        kvferryv1.ContextServiceClient
 	genClient        kvferryv1.GenerationServiceClient
 	advertise        string // the context server's TransferService address
+	genSrv           *Server
+	quarantined      prometheus.Collector
 }
 
 func serve(t *testing.T, register func(*grpc.Server)) string {
@@ -67,6 +70,16 @@ func dial(t *testing.T, addr string) *grpc.ClientConn {
 
 func newPair(t *testing.T, genModel string, genBlocks int, genTiming executor.Timing) *pair {
 	t.Helper()
+	return newPairWith(t, genModel, genBlocks, genTiming, kvtransfer.Timeouts{Progress: shouldHappen, Deadline: shouldHappen, Quarantine: 2 * shouldHappen})
+}
+
+func newPairTimeouts(t *testing.T, genBlocks int, to kvtransfer.Timeouts) *pair {
+	t.Helper()
+	return newPairWith(t, "tiny", genBlocks, executor.Timing{}, to)
+}
+
+func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executor.Timing, to kvtransfer.Timeouts) *pair {
+	t.Helper()
 	spec, _ := executor.Preset("tiny")
 	genSpec, _ := executor.Preset(genModel)
 	ctxPool, _ := blockpool.New(64, spec.BlockBytes())
@@ -93,10 +106,13 @@ func newPair(t *testing.T, genModel string, genBlocks int, genTiming executor.Ti
 	conns := serving.NewConnCache()
 	t.Cleanup(conns.Close)
 	greg := prometheus.NewRegistry()
+	quarantines := metrics.NewQuarantine(greg)
 	genSrv := New(Config{
 		Engine: executor.NewSynthetic(genSpec, genTiming), Pool: genPool, Receiver: recv,
-		DataEndpoint: recv.Addr().String(), Conns: conns, ProgressTimeout: shouldHappen, TransferDeadline: shouldHappen,
-		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(greg), Cancels: metrics.NewCancel(greg), Logger: zap.NewNop(),
+		DataEndpoint: recv.Addr().String(), Conns: conns,
+		Timeouts:     to,
+		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(greg), Cancels: metrics.NewCancel(greg),
+		Quarantines: quarantines, Logger: zap.NewNop(),
 	})
 	genAddr := serve(t, func(gs *grpc.Server) { kvferryv1.RegisterGenerationServiceServer(gs, genSrv) })
 	t.Cleanup(func() {
@@ -106,7 +122,7 @@ func newPair(t *testing.T, genModel string, genBlocks int, genTiming executor.Ti
 			}
 		}
 	})
-	p := &pair{spec: spec, ctxPool: ctxPool, genPool: genPool, ctxSrv: ctxSrv,
+	p := &pair{genSrv: genSrv, quarantined: quarantines.QuarantinedCounter(metrics.SideReceiver), spec: spec, ctxPool: ctxPool, genPool: genPool, ctxSrv: ctxSrv,
 		ctxClient: kvferryv1.NewContextServiceClient(dial(t, ctxAddr)), genClient: kvferryv1.NewGenerationServiceClient(dial(t, genAddr))}
 	// Prefill advertises the endpoint the test dialled.
 	p.advertise = ctxAddr
@@ -288,4 +304,157 @@ func TestCancelMidDecode(t *testing.T) {
 		}
 	}
 	p.waitIdle(t)
+}
+
+// fakeSender is a TransferService whose behaviour a test scripts: it
+// answers NOT_READY, or READY and then writes half of block 0 and stalls
+// until wake is closed (a stopped process), then tries to write the rest.
+type fakeSender struct {
+	kvferryv1.UnimplementedTransferServiceServer
+	notReady bool
+	stalled  chan struct{} // closed once the half block is written
+	wake     chan struct{}
+	woke     chan error // what the woken writer's write returned
+}
+
+func (f *fakeSender) Transfer(req *kvferryv1.TransferRequest, st kvferryv1.TransferService_TransferServer) error {
+	if f.notReady {
+		return st.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_NOT_READY, Reason: "scripted"})
+	}
+	if err := st.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_READY}); err != nil {
+		return err
+	}
+	c, err := net.Dial("tcp", req.GetDataEndpoint())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	size := int(req.GetDestinations()[0].GetLength())
+	var hdr [kvtransfer.HeaderSize]byte
+	kvtransfer.Header{Kind: kvtransfer.FrameData, Session: req.GetSessionId(), Index: 0, Length: uint32(size)}.Encode(hdr[:])
+	if _, err := c.Write(append(hdr[:], make([]byte, size/2)...)); err != nil {
+		return err
+	}
+	close(f.stalled)
+	<-f.wake
+	junk := make([]byte, size)
+	for i := range junk {
+		junk[i] = 0xee
+	}
+	_, err = c.Write(junk)
+	if err == nil {
+		// The write may sit in a socket buffer; a second one surfaces a reset.
+		_, err = c.Write(junk)
+	}
+	f.woke <- err
+	return nil
+}
+
+func (f *fakeSender) AbortTransfer(context.Context, *kvferryv1.AbortTransferRequest) (*kvferryv1.AbortTransferResponse, error) {
+	return &kvferryv1.AbortTransferResponse{NoMoreWrites: true, Found: true}, nil
+}
+
+// generateFrom runs Generate against a scripted sender's advertisement.
+func generateFrom(ctx context.Context, p *pair, senderAddr string) error {
+	tk := ticket.New(ticket.NewID())
+	toks := executor.Tokenize("the river carries light")
+	adv := &kvferryv1.KVAdvertisement{
+		Ticket: tk, TransferEndpoint: senderAddr, Layout: p.spec.Layout(), BlockCount: 1, PromptTokens: uint32(len(toks)),
+		BlockChecksums: []uint64{1}, ProtocolVersion: kvtransfer.ProtocolVersion, Transport: kvtransfer.TransportTCP,
+	}
+	st, err := p.genClient.Generate(ctx, &kvferryv1.GenerateRequest{Ticket: tk, PromptTokens: toks, Sampling: &kvferryv1.SamplingParams{MaxTokens: 2}, Advertisement: adv})
+	if err != nil {
+		return err
+	}
+	for {
+		if _, err := st.Recv(); err != nil {
+			return err
+		}
+	}
+}
+
+// TestNotReadyReleasesReceiveBlocks: a NOT_READY answer returns the
+// destination blocks, and the next transfer still gets blocks (a pool of
+// exactly one request's worth proves it).
+func TestNotReadyReleasesReceiveBlocks(t *testing.T) {
+	p := newPairTimeouts(t, 1, kvtransfer.Timeouts{Progress: shouldHappen, Deadline: shouldHappen, Quarantine: shouldHappen})
+	addr := serve(t, func(gs *grpc.Server) { kvferryv1.RegisterTransferServiceServer(gs, &fakeSender{notReady: true}) })
+	for range 3 {
+		if err := generateFrom(context.Background(), p, addr); status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("err %v, want FailedPrecondition", err)
+		}
+		p.waitIdle(t)
+	}
+	if _, err := p.run(context.Background(), "the river", &kvferryv1.SamplingParams{MaxTokens: 3}, nil); err != nil {
+		t.Fatalf("next transfer: %v", err)
+	}
+}
+
+// TestTimedOutTransferLateWriteDoesNotCorruptReusedBlock: a sender stalls
+// mid-block; the receive times out on progress and its blocks are
+// quarantined, not freed; the reader's connection is cut, which proves
+// quiescence and returns them. When the sender wakes, its bytes land
+// nowhere, and the next request on the same single block decodes exactly
+// the Reference.
+func TestTimedOutTransferLateWriteDoesNotCorruptReusedBlock(t *testing.T) {
+	p := newPairTimeouts(t, 1, kvtransfer.Timeouts{Progress: 100 * time.Millisecond, Deadline: shouldHappen, Quarantine: shouldHappen})
+	f := &fakeSender{stalled: make(chan struct{}), wake: make(chan struct{}), woke: make(chan error, 1)}
+	addr := serve(t, func(gs *grpc.Server) { kvferryv1.RegisterTransferServiceServer(gs, f) })
+	if err := generateFrom(context.Background(), p, addr); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("err %v, want DeadlineExceeded", err)
+	}
+	<-f.stalled
+	p.waitIdle(t)
+	if got := p.genSrv.QuarantinedSessions(); got != 0 {
+		t.Fatalf("%d sessions still quarantined", got)
+	}
+	close(f.wake)
+	if err := <-f.woke; err == nil {
+		t.Fatal("the woken sender could still write into its old session")
+	}
+	s := &kvferryv1.SamplingParams{MaxTokens: 16, Seed: 5, Temperature: 1, TopP: 1}
+	got, err := p.run(context.Background(), "the river", s, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := executor.Reference(p.spec, "the river", executor.ToSampling(s)).Text; got != want {
+		t.Fatalf("after the late write: %q, reference %q", got, want)
+	}
+	if q := testutil.ToFloat64(p.quarantined); q != 1 {
+		t.Fatalf("quarantined sessions counted %v, want 1", q)
+	}
+}
+
+// TestReapPoisonsUnprovenQuarantine: a session in doubt with no proof by
+// the quarantine deadline is poisoned by the reaper, not before, and its
+// blocks never come back.
+func TestReapPoisonsUnprovenQuarantine(t *testing.T) {
+	p := newPairTimeouts(t, 4, kvtransfer.Timeouts{Progress: time.Second, Deadline: time.Second, Quarantine: time.Minute})
+	s := p.genSrv
+	blocks, err := s.cfg.Pool.Allocate(context.Background(), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = s.cfg.Pool.Pin(blocks)
+	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), r: &request{holds: 2}, requestID: "test", blocks: blocks, pinned: true}
+	t0 := time.Now()
+	s.mu.Lock()
+	tr.sess.Start(t0)
+	s.stepLocked(tr, tr.sess.Cancel(t0))
+	s.mu.Unlock()
+	_ = s.cfg.Pool.Release(blocks)
+	if c := s.cfg.Pool.Counts(); c.Quarantined != 2 {
+		t.Fatalf("after cancel without proof: %+v", c)
+	}
+	s.Reap(t0.Add(59 * time.Second))
+	if c := s.cfg.Pool.Counts(); c.Quarantined != 2 {
+		t.Fatalf("poisoned before the deadline: %+v", c)
+	}
+	s.Reap(t0.Add(time.Minute))
+	if c := s.cfg.Pool.Counts(); c.Poisoned != 2 || c.Free != 2 {
+		t.Fatalf("after the deadline: %+v", c)
+	}
+	if _, err := s.cfg.Pool.Allocate(context.Background(), 3); err == nil {
+		t.Fatal("poisoned blocks handed out again")
+	}
 }

@@ -244,3 +244,44 @@ func boolGauge(b bool) float64 {
 	}
 	return 0
 }
+
+// Quarantine counts sessions that ended in doubt and blocks poisoned.
+type Quarantine struct {
+	quarantined *prometheus.CounterVec
+	poisoned    *prometheus.CounterVec
+}
+
+// NewQuarantine registers kvferry_transfer_quarantined_sessions_total and
+// kvferry_blockpool_poisoned_blocks_total.
+func NewQuarantine(reg prometheus.Registerer) *Quarantine {
+	q := &Quarantine{
+		quarantined: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "transfer", Name: "quarantined_sessions_total",
+			Help: "Transfer sessions that ended with quiescence unproven; their blocks were quarantined.",
+		}, []string{"side"}),
+		poisoned: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "blockpool", Name: "poisoned_blocks_total",
+			Help: "Blocks poisoned because quiescence was never proven before the quarantine deadline.",
+		}, []string{"side"}),
+	}
+	for _, side := range []string{SideSender, SideReceiver} {
+		q.quarantined.WithLabelValues(side)
+		q.poisoned.WithLabelValues(side)
+	}
+	reg.MustRegister(q.quarantined, q.poisoned)
+	return q
+}
+
+// RecordQuarantine counts one session quarantined.
+func (q *Quarantine) RecordQuarantine(side string) { q.quarantined.WithLabelValues(side).Inc() }
+
+// RecordPoison counts blocks poisoned.
+func (q *Quarantine) RecordPoison(side string, blocks int) {
+	q.poisoned.WithLabelValues(side).Add(float64(blocks))
+}
+
+// QuarantinedCounter returns the quarantined-sessions counter of one side,
+// for tests.
+func (q *Quarantine) QuarantinedCounter(side string) prometheus.Collector {
+	return q.quarantined.WithLabelValues(side)
+}

@@ -28,6 +28,7 @@ func contractRegistry(t *testing.T) (*prometheus.Registry, *blockpool.Pool, *Tra
 	pool, _ := blockpool.New(10, 64)
 	RegisterPool(reg, pool)
 	NewHealth(reg)
+	NewQuarantine(reg)
 	return reg, pool, NewTransfer(reg), NewCancel(reg), NewRouter(reg)
 }
 

@@ -46,6 +46,7 @@ type Config struct {
 	DecodeStepTime          time.Duration
 	TransferProgressTimeout time.Duration
 	TransferDeadline        time.Duration
+	QuarantineDeadline      time.Duration
 	ShutdownGrace           time.Duration
 }
 
@@ -65,6 +66,7 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	fs.DurationVar(&c.DecodeStepTime, "decode-step-time", 0, "synthetic engine time per decode step (0 = instant)")
 	fs.DurationVar(&c.TransferProgressTimeout, "transfer-progress-timeout", 10*time.Second, "end a transfer that moved no byte for this long")
 	fs.DurationVar(&c.TransferDeadline, "transfer-deadline", 60*time.Second, "end a transfer this long after it started")
+	fs.DurationVar(&c.QuarantineDeadline, "quarantine-deadline", 120*time.Second, "poison blocks of a transfer whose quiescence is not proven this long after it ended")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
 }
 
@@ -85,7 +87,7 @@ func (c *Config) Validate() error {
 	if c.PrefillTokensPerSecond < 0 || c.DecodeStepTime < 0 {
 		errs = append(errs, errors.New("--prefill-tokens-per-second and --decode-step-time must not be negative"))
 	}
-	for name, d := range map[string]time.Duration{"--transfer-progress-timeout": c.TransferProgressTimeout, "--transfer-deadline": c.TransferDeadline, "--shutdown-grace": c.ShutdownGrace} {
+	for name, d := range map[string]time.Duration{"--transfer-progress-timeout": c.TransferProgressTimeout, "--transfer-deadline": c.TransferDeadline, "--quarantine-deadline": c.QuarantineDeadline, "--shutdown-grace": c.ShutdownGrace} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
 		}
