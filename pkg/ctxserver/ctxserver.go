@@ -377,6 +377,11 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	case r.attempt != req.GetTicket().GetAttempt():
 		s.mu.Unlock()
 		return notReady(stream, fmt.Sprintf("attempt %d, current attempt is %d", req.GetTicket().GetAttempt(), r.attempt))
+	case r.session == req.GetSessionId() && (r.phase == phaseTransferring || r.phase == phaseHandedOff):
+		// A duplicate of the transfer request (a retried RPC): a no-op that
+		// reports the current state.
+		s.mu.Unlock()
+		return s.duplicateTransfer(stream, r)
 	case r.phase != phaseAdvertised:
 		s.mu.Unlock()
 		return notReady(stream, "request is "+r.phase.String())
@@ -446,6 +451,29 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	}
 	s.lg.Debug("transfer completed", append(fields, zap.Int64("bytes", sent))...)
 	return stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_COMPLETED, BytesSent: uint64(sent)})
+}
+
+// duplicateTransfer answers a repeated Transfer of the session in progress
+// or done: READY, then the outcome once the original push has ended.
+func (s *Server) duplicateTransfer(stream kvferryv1.TransferService_TransferServer, r *request) error {
+	if err := stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_READY}); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	done := r.transferDone
+	s.mu.Unlock()
+	select {
+	case <-done:
+	case <-stream.Context().Done():
+		return status.FromContextError(stream.Context().Err()).Err()
+	}
+	s.mu.Lock()
+	handedOff := r.phase == phaseHandedOff
+	s.mu.Unlock()
+	if handedOff {
+		return stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_COMPLETED})
+	}
+	return stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_FAILED, Reason: "the original transfer of this session did not complete"})
 }
 
 // AbortTransfer implements TransferService: it stops the push and answers

@@ -36,8 +36,12 @@ type fixture struct {
 func newFixture(t *testing.T, blocks int) *fixture { return newFixtureReuse(t, blocks, false) }
 
 func newFixtureReuse(t *testing.T, blocks int, reuse bool) *fixture {
+	return newFixtureModel(t, "tiny", blocks, reuse)
+}
+
+func newFixtureModel(t *testing.T, model string, blocks int, reuse bool) *fixture {
 	t.Helper()
-	spec, _ := executor.Preset("tiny")
+	spec, _ := executor.Preset(model)
 	pool, err := blockpool.New(blocks, spec.BlockBytes())
 	if err != nil {
 		t.Fatal(err)
@@ -309,5 +313,179 @@ func TestPrefixReuse(t *testing.T) {
 	}
 	if f.pool.Cached() != 8 || f.counts().Owned != 8 {
 		t.Fatalf("after eviction: %+v cached %d", f.counts(), f.pool.Cached())
+	}
+}
+
+// stallingReceiver accepts data connections and never reads them, like a
+// stopped generation server: a push into it blocks once buffers fill.
+func stallingReceiver(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns []net.Conn
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns = append(conns, c)
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		<-done
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	})
+	return ln.Addr().String()
+}
+
+func bigPrompt(words int) []uint32 {
+	out := make([]uint32, words)
+	for i := range out {
+		out[i] = executor.Tokenize("harbour")[0] + uint32(i%7)
+	}
+	return out
+}
+
+// TestCancelDuringTransferWithReuseTerminatesOnce: a request cancelled
+// while its push is stuck on a stalled peer, with prefix reuse on, is
+// terminated exactly once, its push stops, no block stays pinned, and only
+// the reuse cache keeps blocks.
+func TestCancelDuringTransferWithReuseTerminatesOnce(t *testing.T) {
+	// 24 llama3-8b blocks are 48 MiB: far more than loopback socket
+	// buffers hold, so the push blocks on the stalled peer.
+	const tokens = 24 * 16
+	f := newFixtureModel(t, "llama3-8b", 32, true)
+	tk := ticket.New(ticket.NewID())
+	if _, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: bigPrompt(tokens), Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}}); err != nil {
+		t.Fatal(err)
+	}
+	n := f.spec.BlocksFor(tokens)
+	dests := make([]*kvferryv1.BlockDescriptor, n)
+	for i := range dests {
+		dests[i] = &kvferryv1.BlockDescriptor{Index: uint32(i), Length: uint64(f.spec.BlockBytes())}
+	}
+	st, err := f.client.Transfer(context.Background(), &kvferryv1.TransferRequest{Ticket: tk, SessionId: 9, ProtocolVersion: kvtransfer.ProtocolVersion,
+		Layout: f.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: stallingReceiver(t), Destinations: dests})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := st.Recv(); err != nil || m.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_READY {
+		t.Fatalf("first event %v %v", m, err)
+	}
+	eventually(t, "push under way", func() bool { return f.counts().InFlight == n })
+	resp, _ := f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: tk})
+	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT || resp.GetResourcesFreeNow() {
+		t.Fatalf("cancel in flight: %v free %v", resp.GetOutcome(), resp.GetResourcesFreeNow())
+	}
+	// Every waiter is answered: the transfer stream ends with FAILED.
+	if m, err := st.Recv(); err != nil || m.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_FAILED {
+		t.Fatalf("after cancel: %v %v", m, err)
+	}
+	eventually(t, "blocks unpinned", func() bool { return f.counts().InFlight == 0 })
+	c := f.counts()
+	if c.Owned != f.pool.Cached() || c.Owned != tokens/16 {
+		t.Fatalf("after cancel: %+v, cached %d: only the cache may hold blocks", c, f.pool.Cached())
+	}
+	again, _ := f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: tk})
+	if again.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE || !again.GetResourcesFreeNow() {
+		t.Fatalf("second cancel: %v", again)
+	}
+}
+
+// TestCancelWhileQueuedAnswersEveryWaiter: a prefill still running (queued
+// for the transfer, nothing advertised) and a duplicate waiting on it are
+// both answered by a cancel, which reports CANCELLED_BEFORE_ADVERTISE.
+func TestCancelWhileQueuedAnswersEveryWaiter(t *testing.T) {
+	spec, _ := executor.Preset("tiny")
+	f := newFixture(t, 16)
+	f.srv.cfg.Engine = executor.NewSynthetic(spec, executor.Timing{PrefillTokensPerSecond: 1}) // a prefill that never ends by itself
+	tk := ticket.New(ticket.NewID())
+	req := &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: bigPrompt(20), Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}}
+	errs := make(chan error, 2)
+	go func() { _, err := f.srv.Prefill(context.Background(), req); errs <- err }()
+	eventually(t, "prefill admitted", func() bool { return f.counts().Owned == 2 })
+	go func() { _, err := f.srv.Prefill(context.Background(), req); errs <- err }()
+	resp, _ := f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: tk})
+	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE {
+		t.Fatalf("outcome %v", resp.GetOutcome())
+	}
+	for range 2 {
+		select {
+		case err := <-errs:
+			if c := status.Code(err); c != codes.Canceled && c != codes.FailedPrecondition {
+				t.Fatalf("waiter answered %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a waiter was never answered")
+		}
+	}
+	eventually(t, "blocks freed", func() bool { return f.counts().Free == 16 })
+}
+
+// TestDuplicateTransferIsANoOp: the same transfer request twice moves the
+// blocks once; the duplicate reports the outcome.
+func TestDuplicateTransferIsANoOp(t *testing.T) {
+	f := newFixture(t, 16)
+	tk := ticket.New(ticket.NewID())
+	f.prefill(t, tk, 20)
+	recv, err := kvtransfer.Listen("127.0.0.1:0", f.spec.BlockBytes(), zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer recv.Close()
+	dst := [][]byte{make([]byte, f.spec.BlockBytes()), make([]byte, f.spec.BlockBytes())}
+	rs, _ := recv.Register(77, dst)
+	req := &kvferryv1.TransferRequest{Ticket: tk, SessionId: 77, ProtocolVersion: kvtransfer.ProtocolVersion, Layout: f.spec.Layout(),
+		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Addr().String(),
+		Destinations: []*kvferryv1.BlockDescriptor{{Length: uint64(f.spec.BlockBytes())}, {Index: 1, Length: uint64(f.spec.BlockBytes())}}}
+	for i := range 2 {
+		st, err := f.client.Transfer(context.Background(), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var last kvferryv1.TransferEvent
+		for {
+			m, err := st.Recv()
+			if err != nil {
+				break
+			}
+			last = m.GetEvent()
+		}
+		if last != kvferryv1.TransferEvent_TRANSFER_EVENT_COMPLETED {
+			t.Fatalf("transfer %d ended with %v", i, last)
+		}
+	}
+	<-rs.Done()
+	if err := recv.Err(rs); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := recv.Progress(rs); got != int64(2*f.spec.BlockBytes()) {
+		t.Fatalf("%d bytes landed, want one copy", got)
+	}
+	if c := f.counts(); c.Free != 16 {
+		t.Fatalf("after handoff: %+v", c)
+	}
+	recv.Finish(rs, func() {})
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(10 * time.Second)
+	for !cond() {
+		select {
+		case <-tick.C:
+		case <-deadline:
+			t.Fatalf("timed out waiting for: %s", what)
+		}
 	}
 }

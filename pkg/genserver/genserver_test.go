@@ -458,3 +458,33 @@ func TestReapPoisonsUnprovenQuarantine(t *testing.T) {
 		t.Fatal("poisoned blocks handed out again")
 	}
 }
+
+// TestReapDoesNotBlockOnUnfinishedTransfer: the reaper's poll returns at
+// once while a transfer is stuck mid-block (fails if it blocks beyond
+// 100 ms).
+func TestReapDoesNotBlockOnUnfinishedTransfer(t *testing.T) {
+	p := newPairTimeouts(t, 4, kvtransfer.Timeouts{Progress: shouldHappen, Deadline: shouldHappen, Quarantine: shouldHappen})
+	f := &fakeSender{stalled: make(chan struct{}), wake: make(chan struct{}), woke: make(chan error, 1)}
+	addr := serve(t, func(gs *grpc.Server) { kvferryv1.RegisterTransferServiceServer(gs, f) })
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- generateFrom(ctx, p, addr) }()
+	<-f.stalled
+	reaped := make(chan struct{})
+	go func() {
+		p.genSrv.Reap(time.Now().Add(time.Hour))
+		close(reaped)
+	}()
+	select {
+	case <-reaped:
+	case <-time.After(100 * time.Millisecond):
+		t.Fatal("Reap blocked on an unfinished transfer")
+	}
+	cancel()
+	if err := <-done; status.Code(err) != codes.Canceled {
+		t.Fatalf("err %v, want Canceled", err)
+	}
+	close(f.wake)
+	<-f.woke
+	p.waitIdle(t)
+}
