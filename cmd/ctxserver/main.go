@@ -55,7 +55,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	sender := kvtransfer.NewSender()
+	sender := kvtransfer.NewSender(cfg.TransferProgressTimeout)
 	defer sender.Close()
 	srv := ctxserver.New(ctxserver.Config{
 		Engine:           p.Engine,

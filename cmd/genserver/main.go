@@ -56,7 +56,10 @@ func run(ctx context.Context, cfg servercmd.Config, lg *zap.Logger) error {
 		Transfers:    metrics.NewTransfer(p.Registry),
 		Cancels:      metrics.NewCancel(p.Registry),
 		Quarantines:  metrics.NewQuarantine(p.Registry),
-		Logger:       lg,
+		// Until the health evaluator arrives: a pool with poisoned blocks
+		// has a transport that did not honour an abort.
+		BackendHealthy: func() bool { return p.Pool.Counts().Poisoned == 0 },
+		Logger:         lg,
 	})
 	kvferryv1.RegisterGenerationServiceServer(p.GRPC, srv)
 	return servercmd.Serve(ctx, cfg, p,

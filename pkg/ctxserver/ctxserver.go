@@ -39,6 +39,9 @@ type Config struct {
 	TransferEndpoint string
 	HandoffLease     time.Duration
 	TransferDeadline time.Duration
+	// BackendHealthy tells Cancel whether an in-flight cancel can be
+	// trusted to take effect (nil: always). Health evaluation supplies it.
+	BackendHealthy func() bool
 	// PrefixReuse serves full blocks of a known prompt prefix from the
 	// pool's reuse cache instead of recomputing them.
 	PrefixReuse bool
@@ -306,6 +309,9 @@ func (s *Server) cancelLocked(t *kvferryv1.Ticket) *kvferryv1.ContextServiceCanc
 		outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE
 	case phaseAdvertised, phaseTransferring:
 		outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT
+		if s.cfg.BackendHealthy != nil && !s.cfg.BackendHealthy() {
+			outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_BACKEND_UNHEALTHY
+		}
 	default:
 		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE, ResourcesFreeNow: !r.refsHeld && !r.pinned}
 	}
@@ -426,7 +432,7 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	case err == nil:
 		err = context.Canceled // cancelled after the last byte; the router decides
 		outcome = metrics.OutcomeCancelled
-	case errors.Is(err, context.DeadlineExceeded):
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, kvtransfer.ErrNoProgress):
 		outcome = metrics.OutcomeTimedOut
 	case errors.Is(err, context.Canceled):
 		outcome = metrics.OutcomeCancelled

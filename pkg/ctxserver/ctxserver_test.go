@@ -46,7 +46,7 @@ func newFixtureModel(t *testing.T, model string, blocks int, reuse bool) *fixtur
 	if err != nil {
 		t.Fatal(err)
 	}
-	sender := kvtransfer.NewSender()
+	sender := kvtransfer.NewSender(0)
 	t.Cleanup(sender.Close)
 	reg := prometheus.NewRegistry()
 	srv := New(Config{
@@ -487,5 +487,35 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		case <-deadline:
 			t.Fatalf("timed out waiting for: %s", what)
 		}
+	}
+}
+
+// TestCancelOutcomeOrder: still queued answers CANCELLED_BEFORE_ADVERTISE
+// even when the backend is unhealthy; tracked and in flight answers
+// BACKEND_UNHEALTHY when it is.
+func TestCancelOutcomeOrder(t *testing.T) {
+	spec, _ := executor.Preset("tiny")
+	f := newFixture(t, 16)
+	f.srv.cfg.BackendHealthy = func() bool { return false }
+	tk := ticket.New(ticket.NewID())
+	f.prefill(t, tk, 20)
+	resp, _ := f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: tk})
+	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_BACKEND_UNHEALTHY {
+		t.Fatalf("advertised, backend unhealthy: %v", resp.GetOutcome())
+	}
+	f.srv.cfg.Engine = executor.NewSynthetic(spec, executor.Timing{PrefillTokensPerSecond: 1})
+	queued := ticket.New(ticket.NewID())
+	errs := make(chan error, 1)
+	go func() {
+		_, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: queued, PromptTokens: bigPrompt(20), Sampling: &kvferryv1.SamplingParams{MaxTokens: 2}})
+		errs <- err
+	}()
+	eventually(t, "prefill admitted", func() bool { return f.counts().Owned == 2 })
+	resp, _ = f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: queued})
+	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE {
+		t.Fatalf("queued, backend unhealthy: %v", resp.GetOutcome())
+	}
+	if err := <-errs; status.Code(err) != codes.Canceled {
+		t.Fatalf("prefill: %v", err)
 	}
 }

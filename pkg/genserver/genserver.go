@@ -48,7 +48,10 @@ type Config struct {
 	Transfers    *metrics.Transfer
 	Cancels      *metrics.Cancel
 	Quarantines  *metrics.Quarantine
-	Logger       *zap.Logger
+	// BackendHealthy tells Cancel whether an in-flight cancel can be
+	// trusted to take effect (nil: always).
+	BackendHealthy func() bool
+	Logger         *zap.Logger
 }
 
 type phase int
@@ -504,7 +507,11 @@ func (s *Server) Cancel(_ context.Context, req *kvferryv1.GenerationServiceCance
 				r.cancelAt = time.Now()
 			}
 			r.cancel()
-			resp = &kvferryv1.GenerationServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT, ResourcesFreeNow: r.holds == 0}
+			outcome := kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT
+			if s.cfg.BackendHealthy != nil && !s.cfg.BackendHealthy() {
+				outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_BACKEND_UNHEALTHY
+			}
+			resp = &kvferryv1.GenerationServiceCancelResponse{Outcome: outcome, ResourcesFreeNow: r.holds == 0}
 		}
 	}
 	s.mu.Unlock()

@@ -84,7 +84,7 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 	genSpec, _ := executor.Preset(genModel)
 	ctxPool, _ := blockpool.New(64, spec.BlockBytes())
 	genPool, _ := blockpool.New(genBlocks, genSpec.BlockBytes())
-	sender := kvtransfer.NewSender()
+	sender := kvtransfer.NewSender(0)
 	t.Cleanup(sender.Close)
 	reg := prometheus.NewRegistry()
 	ctxSrv := ctxserver.New(ctxserver.Config{

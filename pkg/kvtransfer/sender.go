@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"time"
 )
@@ -17,7 +18,8 @@ const maxIdleConnsPerPeer = 2
 // Sender pushes blocks to receivers over pooled data connections. It is safe
 // for concurrent use; each push holds one connection exclusively.
 type Sender struct {
-	dialer net.Dialer
+	dialer   net.Dialer
+	progress time.Duration // a block write that moves nothing for this long fails
 
 	mu     sync.Mutex
 	idle   map[string][]net.Conn
@@ -25,7 +27,15 @@ type Sender struct {
 }
 
 // NewSender returns a sender with no connections.
-func NewSender() *Sender { return &Sender{idle: map[string][]net.Conn{}} }
+// progress bounds each block write: a peer that takes no byte for that long
+// (stopped, or its reader stuck) fails the push with ErrNoProgress. Zero
+// means no bound (the caller's ctx still applies).
+func NewSender(progress time.Duration) *Sender {
+	return &Sender{idle: map[string][]net.Conn{}, progress: progress}
+}
+
+// ErrNoProgress: a block write moved nothing for the progress timeout.
+var ErrNoProgress = errors.New("kvtransfer: peer took no bytes for the progress timeout")
 
 // Push writes src[i] into the receiver's destination block i of session,
 // then the DONE notification. Blocks are written straight from src with
@@ -52,8 +62,14 @@ func (s *Sender) Push(ctx context.Context, endpoint string, session uint64, src 
 func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session uint64, src [][]byte) (int64, error) {
 	// A cancelled ctx must unblock a write stuck on a stalled peer.
 	stop := context.AfterFunc(ctx, func() { _ = c.SetWriteDeadline(time.Unix(1, 0)) })
-	n, err := writeSession(ctx, c, session, src)
+	n, err := writeSession(ctx, c, session, src, s.progress)
 	deadlineSet := !stop()
+	switch {
+	case err != nil && ctx.Err() != nil:
+		err = errors.Join(ctx.Err(), err)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		err = fmt.Errorf("%w: %w", ErrNoProgress, err)
+	}
 	if err != nil || deadlineSet {
 		// A failed write leaves a partial frame; a deadline set by a cancel
 		// that came after the last write leaves the conn unusable, but every
@@ -65,10 +81,15 @@ func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session 
 	return n, nil
 }
 
-func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte) (int64, error) {
+func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte, progress time.Duration) (int64, error) {
 	var hdr [HeaderSize]byte
 	var sent int64
 	for i, b := range src {
+		if progress > 0 {
+			// Set before the ctx check: a cancel that fires after the check
+			// sets its own (past) deadline over this one.
+			_ = c.SetWriteDeadline(time.Now().Add(progress))
+		}
 		if err := ctx.Err(); err != nil {
 			return sent, err
 		}

@@ -53,7 +53,7 @@ func waitDone(t *testing.T, s *RecvSession) {
 func TestPushLandsEveryByte(t *testing.T) {
 	const size = 64 << 10
 	r := newReceiver(t, size)
-	snd := NewSender()
+	snd := NewSender(0)
 	defer snd.Close()
 	// Two sessions in a row reuse the pooled connection.
 	for seed := range uint64(2) {
@@ -92,7 +92,7 @@ func TestBadDescriptorFailsSession(t *testing.T) {
 	r := newReceiver(t, 4096)
 	dst := [][]byte{make([]byte, size)}
 	s, _ := r.Register(7, dst)
-	snd := NewSender()
+	snd := NewSender(0)
 	defer snd.Close()
 	// Two source blocks for a one-block destination: index 1 is outside.
 	if _, err := snd.Push(context.Background(), r.Addr().String(), 7, randomBlocks(2, size, 1)); err != nil {
@@ -176,7 +176,7 @@ func TestPushCancelUnblocksStalledWrite(t *testing.T) {
 		}
 		close(accepted)
 	}()
-	snd := NewSender()
+	snd := NewSender(0)
 	defer snd.Close()
 	ctx, cancel := context.WithCancel(context.Background())
 	res := make(chan error, 1)
@@ -211,7 +211,7 @@ func BenchmarkPushLoopback(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer r.Close()
-	snd := NewSender()
+	snd := NewSender(0)
 	defer snd.Close()
 	src := randomBlocks(n, size, 1)
 	dst := randomBlocks(n, size, 2)
@@ -294,7 +294,7 @@ func BenchmarkRawTCPLoopback(b *testing.B) {
 func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
 	const size = 4096
 	r := newReceiver(t, size)
-	snd := NewSender()
+	snd := NewSender(0)
 	defer snd.Close()
 	for i := range uint64(50) {
 		dst := [][]byte{make([]byte, size)}
@@ -307,5 +307,36 @@ func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
 			t.Fatalf("push %d: %d bytes, %v", i, n, err)
 		}
 		r.Finish(s, func() {})
+	}
+}
+
+// TestPushNoProgressTimesOut: a peer that stops taking bytes fails the push
+// with ErrNoProgress after the progress timeout, without any cancel.
+func TestPushNoProgressTimesOut(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+		close(accepted)
+	}()
+	snd := NewSender(50 * time.Millisecond)
+	defer snd.Close()
+	blocks := make([][]byte, 64)
+	for i := range blocks {
+		blocks[i] = make([]byte, 1<<20)
+	}
+	_, err = snd.Push(context.Background(), ln.Addr().String(), 1, blocks)
+	if !errors.Is(err, ErrNoProgress) {
+		t.Fatalf("err %v, want ErrNoProgress", err)
+	}
+	if c, ok := <-accepted; ok {
+		_ = c.Close()
 	}
 }
