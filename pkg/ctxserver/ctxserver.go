@@ -25,6 +25,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/serving"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -518,16 +519,7 @@ const tombstoneTTL = 10 * time.Minute
 // until ctx is done. The lease is only the backstop; the router releases at
 // once when the generation leg fails.
 func (s *Server) Run(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			s.sweep(now)
-		}
-	}
+	serving.Every(ctx, interval, s.sweep)
 }
 
 func (s *Server) sweep(now time.Time) {
@@ -559,12 +551,8 @@ func (s *Server) Drain(ctx context.Context) error {
 		}
 	}
 	s.mu.Unlock()
-	for _, w := range waits {
-		select {
-		case <-w:
-		case <-ctx.Done():
-			return fmt.Errorf("drain: %w", ctx.Err())
-		}
+	if err := serving.WaitAll(ctx, waits); err != nil {
+		return fmt.Errorf("drain: %w", err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -527,21 +527,16 @@ const tombstoneTTL = 10 * time.Minute
 // Run reaps quarantined sessions and forgets old finished requests every
 // interval until ctx is done.
 func (s *Server) Run(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			s.Reap(now)
-			s.mu.Lock()
-			for id, r := range s.reqs {
-				if r.phase == phaseDone && r.holds == 0 && now.Sub(r.endedAt) > tombstoneTTL {
-					delete(s.reqs, id)
-				}
-			}
-			s.mu.Unlock()
+	serving.Every(ctx, interval, s.sweep)
+}
+
+func (s *Server) sweep(now time.Time) {
+	s.Reap(now)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, r := range s.reqs {
+		if r.phase == phaseDone && r.holds == 0 && now.Sub(r.endedAt) > tombstoneTTL {
+			delete(s.reqs, id)
 		}
 	}
 }
@@ -558,12 +553,8 @@ func (s *Server) Drain(ctx context.Context) error {
 		}
 	}
 	s.mu.Unlock()
-	for _, w := range waits {
-		select {
-		case <-w:
-		case <-ctx.Done():
-			return fmt.Errorf("drain: %w", ctx.Err())
-		}
+	if err := serving.WaitAll(ctx, waits); err != nil {
+		return fmt.Errorf("drain: %w", err)
 	}
 	return nil
 }

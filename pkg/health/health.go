@@ -22,6 +22,7 @@ import (
 
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -127,16 +128,8 @@ func (c *Checker) set(st Status) {
 // Run re-evaluates every interval until ctx is done, so gRPC health
 // watchers see changes without being asked.
 func (c *Checker) Run(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		c.Evaluate(ctx)
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
+	c.Evaluate(ctx)
+	serving.Every(ctx, interval, func(time.Time) { c.Evaluate(ctx) })
 }
 
 // Shutdown sets every gRPC health service NOT_SERVING for good.

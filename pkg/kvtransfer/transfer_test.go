@@ -163,19 +163,7 @@ func TestFinishWaitsForWriteInProgress(t *testing.T) {
 // TestPushCancelUnblocksStalledWrite: a receiver that stops reading must not
 // hold a cancelled push forever.
 func TestPushCancelUnblocksStalledWrite(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err == nil {
-			accepted <- c
-		}
-		close(accepted)
-	}()
+	addr := stalledPeer(t)
 	snd := NewSender(0)
 	defer snd.Close()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -187,11 +175,9 @@ func TestPushCancelUnblocksStalledWrite(t *testing.T) {
 		for i := range blocks {
 			blocks[i] = make([]byte, 1<<20)
 		}
-		_, err := snd.Push(ctx, ln.Addr().String(), 1, blocks)
+		_, err := snd.Push(ctx, addr, 1, blocks)
 		res <- err
 	}()
-	c := <-accepted
-	defer c.Close()
 	cancel()
 	select {
 	case err := <-res:
@@ -313,11 +299,27 @@ func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
 // TestPushNoProgressTimesOut: a peer that stops taking bytes fails the push
 // with ErrNoProgress after the progress timeout, without any cancel.
 func TestPushNoProgressTimesOut(t *testing.T) {
+	addr := stalledPeer(t)
+	snd := NewSender(50 * time.Millisecond)
+	defer snd.Close()
+	blocks := make([][]byte, 64)
+	for i := range blocks {
+		blocks[i] = make([]byte, 1<<20)
+	}
+	_, err := snd.Push(context.Background(), addr, 1, blocks)
+	if !errors.Is(err, ErrNoProgress) {
+		t.Fatalf("err %v, want ErrNoProgress", err)
+	}
+}
+
+// stalledPeer accepts one data connection and never reads it, like a
+// stopped receiver; the test's cleanup closes both.
+func stalledPeer(t *testing.T) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, err := ln.Accept()
@@ -326,17 +328,11 @@ func TestPushNoProgressTimesOut(t *testing.T) {
 		}
 		close(accepted)
 	}()
-	snd := NewSender(50 * time.Millisecond)
-	defer snd.Close()
-	blocks := make([][]byte, 64)
-	for i := range blocks {
-		blocks[i] = make([]byte, 1<<20)
-	}
-	_, err = snd.Push(context.Background(), ln.Addr().String(), 1, blocks)
-	if !errors.Is(err, ErrNoProgress) {
-		t.Fatalf("err %v, want ErrNoProgress", err)
-	}
-	if c, ok := <-accepted; ok {
-		_ = c.Close()
-	}
+	t.Cleanup(func() {
+		_ = ln.Close()
+		if c, ok := <-accepted; ok {
+			_ = c.Close()
+		}
+	})
+	return ln.Addr().String()
 }

@@ -255,3 +255,30 @@ func (c *ConnCache) Close() {
 		delete(c.conns, addr)
 	}
 }
+
+// Every calls fn with the tick time every interval until ctx is done. It is
+// the body of the periodic runnables (lease sweep, reaper, health).
+func Every(ctx context.Context, interval time.Duration, fn func(now time.Time)) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			fn(now)
+		}
+	}
+}
+
+// WaitAll waits until every channel is closed or ctx is done.
+func WaitAll(ctx context.Context, chans []chan struct{}) error {
+	for _, c := range chans {
+		select {
+		case <-c:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
