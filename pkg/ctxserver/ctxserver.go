@@ -71,9 +71,9 @@ type request struct {
 	phase   phase
 	blocks  []blockpool.ID
 
-	refsHeld      bool // the request's one reference on each block
-	pinned        bool // a transfer's pin on each block
-	engineRunning bool // the engine is writing the blocks; its caller drops the refs
+	refsHeld      bool            // the request's one reference on each block
+	hold          kvtransfer.Hold // a transfer's pin on each block
+	engineRunning bool            // the engine is writing the blocks; its caller drops the refs
 
 	prefillCancel context.CancelFunc
 	prefillDone   chan struct{}
@@ -262,7 +262,7 @@ func (s *Server) dropRefsLocked(r *request) {
 }
 
 func (s *Server) observeFreeLocked(r *request) {
-	if !r.cancelAt.IsZero() && !r.freeObserved && !r.refsHeld && !r.pinned && !r.engineRunning {
+	if !r.cancelAt.IsZero() && !r.freeObserved && !r.refsHeld && !r.hold.Pinned && !r.engineRunning {
 		r.freeObserved = true
 		s.cfg.Cancels.RecordCancelToFree(time.Since(r.cancelAt))
 	}
@@ -314,7 +314,7 @@ func (s *Server) cancelLocked(t *kvferryv1.Ticket) *kvferryv1.ContextServiceCanc
 			outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_BACKEND_UNHEALTHY
 		}
 	default:
-		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE, ResourcesFreeNow: !r.refsHeld && !r.pinned}
+		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE, ResourcesFreeNow: !r.refsHeld && !r.hold.Pinned}
 	}
 	if r.cancelAt.IsZero() {
 		r.cancelAt = time.Now()
@@ -322,7 +322,7 @@ func (s *Server) cancelLocked(t *kvferryv1.Ticket) *kvferryv1.ContextServiceCanc
 	s.endLocked(r)
 	// A prefill still running frees its blocks when the engine returns;
 	// a transfer's pins go when the push returns.
-	return &kvferryv1.ContextServiceCancelResponse{Outcome: outcome, ResourcesFreeNow: !r.refsHeld && !r.pinned}
+	return &kvferryv1.ContextServiceCancelResponse{Outcome: outcome, ResourcesFreeNow: !r.refsHeld && !r.hold.Pinned}
 }
 
 // Release implements ContextService: the router gives up the handoff.
@@ -397,13 +397,19 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 		s.mu.Unlock()
 		return notReady(stream, reason)
 	}
-	if err := s.cfg.Pool.Pin(r.blocks); err != nil {
+	r.hold = kvtransfer.Hold{Blocks: r.blocks}
+	if err := r.hold.Pin(s.cfg.Pool); err != nil {
 		s.mu.Unlock()
-		return status.Errorf(codes.Internal, "pin: %v", err)
+		return status.Error(codes.Internal, err.Error())
 	}
+	// The push is synchronous and enforces its own timers (progress per
+	// block write, the deadline through tctx); its return is the proof, so
+	// this session is never ticked and never in doubt.
+	sess := kvtransfer.NewSession(kvtransfer.Timeouts{Progress: s.cfg.TransferDeadline, Deadline: s.cfg.TransferDeadline, Quarantine: s.cfg.TransferDeadline})
+	sess.Start(time.Now())
 	tctx, cancel := context.WithTimeout(ctx, s.cfg.TransferDeadline)
 	defer cancel()
-	r.phase, r.pinned, r.session = phaseTransferring, true, req.GetSessionId()
+	r.phase, r.session = phaseTransferring, req.GetSessionId()
 	r.transferCancel, r.transferDone = cancel, make(chan struct{})
 	src := make([][]byte, len(r.blocks))
 	for i, b := range r.blocks {
@@ -417,28 +423,29 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	if err == nil {
 		sent, err = s.cfg.Sender.Push(tctx, req.GetDataEndpoint(), req.GetSessionId(), src)
 	}
-	// Push has returned: nothing reads the blocks any more. Quiesced.
+	// Push has returned: it reads the blocks no more, which is the proof.
 	s.mu.Lock()
-	if uerr := s.cfg.Pool.Unpin(r.blocks); uerr != nil {
-		s.lg.Error("unpin blocks", append(fields, zap.Error(uerr))...)
-	}
-	r.pinned = false
-	close(r.transferDone)
-	outcome := metrics.OutcomeCompleted
+	outcome := kvtransfer.OutcomeCompleted
 	switch {
 	case err == nil && r.phase == phaseTransferring:
 		r.phase = phaseHandedOff
 		r.endedAt = time.Now()
-		s.dropRefsLocked(r)
 	case err == nil:
 		err = context.Canceled // cancelled after the last byte; the router decides
-		outcome = metrics.OutcomeCancelled
+		outcome = kvtransfer.OutcomeCancelled
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, kvtransfer.ErrNoProgress):
-		outcome = metrics.OutcomeTimedOut
+		outcome = kvtransfer.OutcomeTimedOut
 	case errors.Is(err, context.Canceled):
-		outcome = metrics.OutcomeCancelled
+		outcome = kvtransfer.OutcomeCancelled
 	default:
-		outcome = metrics.OutcomeFailed
+		outcome = kvtransfer.OutcomeFailed
+	}
+	if _, aerr := r.hold.Apply(s.cfg.Pool, sess.Returned(time.Now(), outcome)); aerr != nil {
+		s.lg.Error("apply session actions", append(fields, zap.Error(aerr))...)
+	}
+	close(r.transferDone)
+	if r.phase == phaseHandedOff {
+		s.dropRefsLocked(r)
 	}
 	if err != nil && r.phase == phaseTransferring {
 		// The generation side did not take the blocks; they stay advertised
@@ -447,10 +454,10 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	}
 	s.observeFreeLocked(r)
 	s.mu.Unlock()
-	s.cfg.Transfers.RecordTransfer(metrics.SideSender, outcome, sent, time.Since(start))
+	s.cfg.Transfers.RecordTransfer(metrics.SideSender, outcome.String(), sent, time.Since(start))
 
 	if err != nil {
-		s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome), zap.Int64("bytes", sent), zap.Error(err))...)
+		s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome.String()), zap.Int64("bytes", sent), zap.Error(err))...)
 		if ctx.Err() != nil {
 			return status.FromContextError(ctx.Err()).Err()
 		}
@@ -530,7 +537,7 @@ func (s *Server) sweep(now time.Time) {
 		case r.phase == phaseAdvertised && now.After(r.leaseUntil):
 			s.lg.Info("handoff lease expired", zap.String("request_id", id), zap.Uint32("attempt", r.attempt), zap.Int("blocks", len(r.blocks)))
 			s.endLocked(r)
-		case (r.phase == phaseEnded || r.phase == phaseHandedOff) && !r.pinned && now.Sub(r.endedAt) > tombstoneTTL:
+		case (r.phase == phaseEnded || r.phase == phaseHandedOff) && !r.hold.Pinned && now.Sub(r.endedAt) > tombstoneTTL:
 			delete(s.reqs, id)
 		}
 	}

@@ -257,53 +257,35 @@ func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_
 }
 
 // transfer is one receive session as the server owns it: the lifecycle
-// state machine, the destination blocks and where their pin stands. It is
-// only touched under Server.mu.
+// state machine and the destination blocks' hold. Only touched under
+// Server.mu.
 type transfer struct {
-	sess        *kvtransfer.Session
-	r           *request
-	requestID   string
-	blocks      []blockpool.ID
-	pinned      bool
-	quarantined bool
+	sess      *kvtransfer.Session
+	hold      kvtransfer.Hold
+	r         *request
+	requestID string
 }
 
-// stepLocked feeds one event's actions to the pool: the only place a
-// receive session's pin is dropped, quarantined, returned or poisoned.
+// stepLocked carries out one event's actions on the pool and keeps the
+// reaper's set and the metrics in step.
 func (s *Server) stepLocked(tr *transfer, as kvtransfer.Actions) {
-	pool := s.cfg.Pool
-	if as.Has(kvtransfer.ActQuarantine) && tr.pinned {
-		if err := pool.Quarantine(tr.blocks); err != nil {
-			s.lg.Error("quarantine blocks", zap.String("request_id", tr.requestID), zap.Error(err))
-		}
-		tr.pinned, tr.quarantined = false, true
+	eff, err := tr.hold.Apply(s.cfg.Pool, as)
+	if err != nil {
+		s.lg.Error("apply session actions", zap.String("request_id", tr.requestID), zap.Error(err))
+	}
+	if eff.Quarantined {
 		s.quarantine[tr] = struct{}{}
 		s.cfg.Quarantines.RecordQuarantine(metrics.SideReceiver)
 	}
-	if as.Has(kvtransfer.ActUnpin) && tr.pinned {
-		if err := pool.Unpin(tr.blocks); err != nil {
-			s.lg.Error("unpin blocks", zap.String("request_id", tr.requestID), zap.Error(err))
-		}
-		tr.pinned = false
-		s.dropHoldLocked(tr.r)
-	}
-	if as.Has(kvtransfer.ActUnquarantine) && tr.quarantined {
-		if err := pool.Unquarantine(tr.blocks); err != nil {
-			s.lg.Error("unquarantine blocks", zap.String("request_id", tr.requestID), zap.Error(err))
-		}
-		tr.quarantined = false
+	if eff.Released {
 		delete(s.quarantine, tr)
 		s.dropHoldLocked(tr.r)
 	}
-	if as.Has(kvtransfer.ActPoison) && tr.quarantined {
-		if err := pool.Poison(tr.blocks); err != nil {
-			s.lg.Error("poison blocks", zap.String("request_id", tr.requestID), zap.Error(err))
-		}
-		tr.quarantined = false
+	if eff.Poisoned {
 		delete(s.quarantine, tr)
-		s.cfg.Quarantines.RecordPoison(metrics.SideReceiver, len(tr.blocks))
+		s.cfg.Quarantines.RecordPoison(metrics.SideReceiver, len(tr.hold.Blocks))
 		s.lg.Error("blocks poisoned: quiescence never proven before the quarantine deadline",
-			zap.String("request_id", tr.requestID), zap.Int("blocks", len(tr.blocks)))
+			zap.String("request_id", tr.requestID), zap.Int("blocks", len(tr.hold.Blocks)))
 	}
 }
 
@@ -326,10 +308,10 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 	adv := req.GetAdvertisement()
 	id := req.GetTicket().GetRequestId()
 	fields := []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", req.GetTicket().GetAttempt()), zap.String("peer", adv.GetTransferEndpoint())}
-	if err := s.cfg.Pool.Pin(blocks); err != nil {
-		return status.Errorf(codes.Internal, "pin: %v", err)
+	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), hold: kvtransfer.Hold{Blocks: blocks}, r: r, requestID: id}
+	if err := tr.hold.Pin(s.cfg.Pool); err != nil {
+		return status.Error(codes.Internal, err.Error())
 	}
-	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), r: r, requestID: id, blocks: blocks, pinned: true}
 	s.mu.Lock()
 	r.holds++
 	s.mu.Unlock()
@@ -426,7 +408,11 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 		select {
 		case <-rs.Done():
 			if err := s.cfg.Receiver.Err(rs); err != nil {
-				return fail(failNow, status.Errorf(codes.DataLoss, "transfer: %v", err))
+				code := codes.DataLoss
+				if errors.Is(err, kvtransfer.ErrBadDescriptor) {
+					code = codes.InvalidArgument // the peer named a block outside this session
+				}
+				return fail(failNow, status.Errorf(code, "transfer: %v", err))
 			}
 			s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Complete(now) })
 			return nil

@@ -435,8 +435,10 @@ func TestReapPoisonsUnprovenQuarantine(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = s.cfg.Pool.Pin(blocks)
-	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), r: &request{holds: 2}, requestID: "test", blocks: blocks, pinned: true}
+	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), hold: kvtransfer.Hold{Blocks: blocks}, r: &request{holds: 2}, requestID: "test"}
+	if err := tr.hold.Pin(s.cfg.Pool); err != nil {
+		t.Fatal(err)
+	}
 	t0 := time.Now()
 	s.mu.Lock()
 	tr.sess.Start(t0)

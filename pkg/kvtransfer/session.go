@@ -188,6 +188,16 @@ func (s *Session) Fail(now time.Time, quiet Proof) Actions {
 	return s.end(now, OutcomeFailed, quiet)
 }
 
+// Returned records a synchronous transport call that came back with
+// outcome o: its return is the proof (it no longer touches the memory), so
+// the session ends quiesced. A later event changes nothing.
+func (s *Session) Returned(now time.Time, o Outcome) Actions {
+	if s.outcome != OutcomeNone || o == OutcomeNone {
+		return s.Prove(now, ProofTransportTerminal)
+	}
+	return s.end(now, o, ProofTransportTerminal)
+}
+
 // Cancel records a local cancel. A queued session ends quiesced (nothing was
 // posted); an active one ends in doubt and asks for an abort.
 func (s *Session) Cancel(now time.Time) Actions {

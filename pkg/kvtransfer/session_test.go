@@ -96,6 +96,15 @@ func TestSessionTransitions(t *testing.T) {
 			outcome: OutcomeCancelled, disp: DispPoisoned,
 		},
 		{
+			name: "a synchronous transport's return is outcome and proof at once",
+			steps: []step{
+				{func(s *Session) Actions { return s.Start(at(0)) }, 0},
+				{func(s *Session) Actions { return s.Returned(at(time.Second), OutcomeTimedOut) }, ActNotify | ActUnpin},
+				{func(s *Session) Actions { return s.Returned(at(2*time.Second), OutcomeCompleted) }, 0},
+			},
+			outcome: OutcomeTimedOut, disp: DispQuiesced,
+		},
+		{
 			name: "a failure that proves the reader done ends quiesced",
 			steps: []step{
 				{func(s *Session) Actions { return s.Start(at(0)) }, 0},

@@ -60,12 +60,9 @@ func (f simFault) String() string {
 type side struct {
 	name     string
 	pool     *blockpool.Pool
-	blocks   []blockpool.ID
+	hold     Hold // the transfer's pin, through the same Apply the servers use
 	sess     *Session
 	refs     bool // the request's references
-	pinned   bool // IN_FLIGHT pins
-	quarant  bool // pins moved to QUARANTINED
-	poisoned bool
 	notified int
 	quarAt   int
 }
@@ -139,8 +136,8 @@ func (w *world) admit() {
 	r := &simReq{
 		id: len(w.reqs), startAt: w.ms + w.rng.IntN(30), cancelAt: -1, fault: w.drawFault(),
 		failAt: -1, deadAt: -1, abortAt: -1, notifyAt: -1, terminalAt: -1,
-		snd: &side{name: "sender", pool: w.ctxPool, blocks: cb, sess: NewSession(simTimeouts), refs: true},
-		rcv: &side{name: "receiver", pool: w.genPool, blocks: gb, sess: NewSession(simTimeouts), refs: true},
+		snd: &side{name: "sender", pool: w.ctxPool, hold: Hold{Blocks: cb}, sess: NewSession(simTimeouts), refs: true},
+		rcv: &side{name: "receiver", pool: w.genPool, hold: Hold{Blocks: gb}, sess: NewSession(simTimeouts), refs: true},
 	}
 	if w.rng.IntN(3) == 0 { // a third of the requests are cancelled at a random moment
 		r.cancelAt = r.startAt - 10 + w.rng.IntN(200)
@@ -173,10 +170,9 @@ func (w *world) start(r *simReq) {
 		if s.sess.Outcome() != OutcomeNone {
 			continue
 		}
-		if err := s.pool.Pin(s.blocks); err != nil {
+		if err := s.hold.Pin(s.pool); err != nil {
 			w.failf("req %d %s pin: %v", r.id, s.name, err)
 		}
-		s.pinned = true
 		w.apply(r, s, s.sess.Start(w.now()))
 	}
 	if r.snd.sess.Outcome() != OutcomeNone || r.rcv.sess.Outcome() != OutcomeNone {
@@ -189,7 +185,7 @@ func (w *world) start(r *simReq) {
 	if r.fault == faultDelay {
 		gap += 20
 	}
-	r.writes = make([]int, len(r.snd.blocks))
+	r.writes = make([]int, len(r.snd.hold.Blocks))
 	for i := range r.writes {
 		r.writes[i] = w.ms + gap*(i+1)
 	}
@@ -243,30 +239,18 @@ func (w *world) apply(r *simReq, s *side, as Actions) {
 	if as.Has(ActAbort) && r.abortAt < 0 {
 		r.abortAt = w.ms
 	}
-	if as.Has(ActQuarantine) && s.pinned {
-		if err := s.pool.Quarantine(s.blocks); err != nil {
-			w.failf("req %d %s quarantine: %v", r.id, s.name, err)
-		}
-		s.pinned, s.quarant, s.quarAt = false, true, w.ms
+	quarantinedBefore := s.hold.Quarantined
+	eff, err := s.hold.Apply(s.pool, as)
+	if err != nil {
+		w.failf("req %d %s apply %08b: %v", r.id, s.name, as, err)
 	}
-	if as.Has(ActUnpin) && s.pinned {
-		if err := s.pool.Unpin(s.blocks); err != nil {
-			w.failf("req %d %s unpin: %v", r.id, s.name, err)
-		}
-		s.pinned = false
+	if eff.Quarantined {
+		s.quarAt = w.ms
 	}
-	if as.Has(ActUnquarantine) && s.quarant {
-		if err := s.pool.Unquarantine(s.blocks); err != nil {
-			w.failf("req %d %s unquarantine: %v", r.id, s.name, err)
-		}
-		s.quarant = false
+	if eff.Released && quarantinedBefore {
 		w.longestQ = max(w.longestQ, w.ms-s.quarAt)
 	}
-	if as.Has(ActPoison) && s.quarant {
-		if err := s.pool.Poison(s.blocks); err != nil {
-			w.failf("req %d %s poison: %v", r.id, s.name, err)
-		}
-		s.quarant, s.poisoned = false, true
+	if eff.Poisoned {
 		w.poisonedSessions++
 		if r.terminal && r.terminalAt <= s.quarAt+int(simTimeouts.Quarantine/time.Millisecond) {
 			w.failf("req %d %s poisoned although the transport was terminal at %dms", r.id, s.name, r.terminalAt)
@@ -286,7 +270,7 @@ func (w *world) release(r *simReq, s *side) {
 	if !s.refs {
 		return
 	}
-	if err := s.pool.Release(s.blocks); err != nil {
+	if err := s.pool.Release(s.hold.Blocks); err != nil {
 		w.failf("req %d %s release: %v", r.id, s.name, err)
 	}
 	s.refs = false
@@ -296,10 +280,10 @@ func (w *world) release(r *simReq, s *side) {
 // disown forgets the request's claim on its blocks once it holds nothing;
 // from then on a write into them is a violation.
 func (w *world) disown(r *simReq, s *side) {
-	if s.refs || s.pinned || s.quarant || s.poisoned {
+	if s.refs || s.hold.Pinned || s.hold.Quarantined || s.hold.Poisoned {
 		return
 	}
-	for _, id := range s.blocks {
+	for _, id := range s.hold.Blocks {
 		if w.owner[s.pool][id] == r.id {
 			delete(w.owner[s.pool], id)
 		}
@@ -308,7 +292,7 @@ func (w *world) disown(r *simReq, s *side) {
 
 // touch checks a transport access to block id on behalf of r.
 func (w *world) touch(r *simReq, s *side, i int, what string) {
-	id := s.blocks[i]
+	id := s.hold.Blocks[i]
 	st := s.pool.State(id)
 	if owner, ok := w.owner[s.pool][id]; !ok || owner != r.id || (st != blockpool.InFlight && st != blockpool.Quarantined) {
 		w.failf("req %d: %s of %s block %d which is %s (owner %d, ok %v)", r.id, what, s.name, id, st, owner, ok)
@@ -414,7 +398,7 @@ func (w *world) step() {
 		// The reaper: a non-blocking poll of the transport's status for every
 		// in-doubt session.
 		for _, s := range []*side{r.snd, r.rcv} {
-			if s.quarant && r.terminal {
+			if s.hold.Quarantined && r.terminal {
 				w.apply(r, s, s.sess.Prove(w.now(), ProofTransportTerminal))
 			}
 			w.apply(r, s, s.sess.Tick(w.now()))
@@ -422,7 +406,7 @@ func (w *world) step() {
 		if r.rcv.refs && r.rcv.sess.Outcome() == OutcomeCompleted && w.ms >= r.decodeEnd {
 			w.release(r, r.rcv)
 		}
-		r.done = !r.snd.refs && !r.rcv.refs && !r.snd.pinned && !r.rcv.pinned && !r.snd.quarant && !r.rcv.quarant
+		r.done = !r.snd.refs && !r.rcv.refs && !r.snd.hold.Pinned && !r.rcv.hold.Pinned && !r.snd.hold.Quarantined && !r.rcv.hold.Quarantined
 	}
 	for _, p := range []*blockpool.Pool{w.ctxPool, w.genPool} {
 		if err := p.CheckInvariant(); err != nil {
@@ -443,7 +427,7 @@ func (w *world) check() {
 					w.failf("req %d %s ended %s after start, deadline %s", r.id, s.name, d, simTimeouts.Deadline)
 				}
 			}
-			if s.poisoned && r.fault != faultStallForever {
+			if s.hold.Poisoned && r.fault != faultStallForever {
 				w.failf("req %d %s poisoned with fault %s: quiescence was provable", r.id, s.name, r.fault)
 			}
 		}
