@@ -12,6 +12,7 @@ import (
 
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
 	"github.com/kvferry/kvferry/pkg/ctxserver"
+	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
@@ -20,8 +21,9 @@ import (
 // Config is the context server's configuration.
 type Config struct {
 	servercmd.Config
-	HandoffLease time.Duration
-	PrefixReuse  bool
+	HandoffLease   time.Duration
+	PrefixReuse    bool
+	TransportFault string
 }
 
 // Validate checks the configuration.
@@ -30,7 +32,8 @@ func (c *Config) Validate() error {
 	if c.HandoffLease <= 0 {
 		leaseErr = fmt.Errorf("--handoff-lease must be positive, got %s", c.HandoffLease)
 	}
-	return servercmd.OneLine(c.Config.Validate(), leaseErr)
+	_, faultErr := kvtransfer.ParseFault(c.TransportFault, time.Now())
+	return servercmd.OneLine(c.Config.Validate(), leaseErr, faultErr)
 }
 
 func main() {
@@ -39,6 +42,7 @@ func main() {
 	cfg.Register(fs, servercmd.Ports{GRPC: 9100, HTTP: 9101, Data: 9102})
 	fs.DurationVar(&cfg.HandoffLease, "handoff-lease", 30*time.Second, "release prefilled blocks no generation server took within this long (a backstop: the router releases at once)")
 	fs.BoolVar(&cfg.PrefixReuse, "prefix-reuse", true, "serve full KV blocks of a known prompt prefix from the reuse cache (evicted least recently used when the pool needs room)")
+	fs.StringVar(&cfg.TransportFault, "transport-fault", "", "inject a transport fault, for tests and drills: stall|delay[:after=N,for=DURATION,rate=F,d=DURATION]")
 	os.Exit(servercmd.Main(fs, "ctxserver: the kvferry context (prefill) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }
@@ -56,7 +60,15 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		return err
 	}
 	sender := kvtransfer.NewSender(cfg.TransferProgressTimeout)
+	if sender.Fault, err = kvtransfer.ParseFault(cfg.TransportFault, time.Now()); err != nil {
+		return err
+	}
+	sender.OnBlock = p.Progress.Touch
+	if sender.Fault != nil {
+		lg.Warn("transport fault injected", zap.String("fault", cfg.TransportFault))
+	}
 	defer sender.Close()
+	var checker *health.Checker
 	srv := ctxserver.New(ctxserver.Config{
 		Engine:           p.Engine,
 		Pool:             p.Pool,
@@ -65,10 +77,13 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		HandoffLease:     cfg.HandoffLease,
 		TransferDeadline: cfg.TransferDeadline,
 		PrefixReuse:      cfg.PrefixReuse,
+		Progress:         p.Progress,
+		BackendHealthy:   func() bool { return checker.Healthy() },
 		Transfers:        metrics.NewTransfer(p.Registry),
 		Cancels:          metrics.NewCancel(p.Registry),
 		Logger:           lg,
 	})
+	checker = p.StartHealth(cfg.Config, health.Sources{})
 	kvferryv1.RegisterContextServiceServer(p.GRPC, srv)
 	kvferryv1.RegisterTransferServiceServer(p.GRPC, srv)
 	return servercmd.Serve(ctx, cfg.Config, p,

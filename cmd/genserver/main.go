@@ -11,6 +11,7 @@ import (
 
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
 	"github.com/kvferry/kvferry/pkg/genserver"
+	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
@@ -43,6 +44,7 @@ func run(ctx context.Context, cfg servercmd.Config, lg *zap.Logger) error {
 	defer func() { _ = recv.Close() }()
 	conns := serving.NewConnCache()
 	defer conns.Close()
+	var checker *health.Checker
 	srv := genserver.New(genserver.Config{
 		Engine:       p.Engine,
 		Pool:         p.Pool,
@@ -52,15 +54,16 @@ func run(ctx context.Context, cfg servercmd.Config, lg *zap.Logger) error {
 		Timeouts: kvtransfer.Timeouts{
 			Progress: cfg.TransferProgressTimeout, Deadline: cfg.TransferDeadline, Quarantine: cfg.QuarantineDeadline,
 		},
-		AbortTimeout: abortTimeout,
-		Transfers:    metrics.NewTransfer(p.Registry),
-		Cancels:      metrics.NewCancel(p.Registry),
-		Quarantines:  metrics.NewQuarantine(p.Registry),
-		// Until the health evaluator arrives: a pool with poisoned blocks
-		// has a transport that did not honour an abort.
-		BackendHealthy: func() bool { return p.Pool.Counts().Poisoned == 0 },
+		AbortTimeout:   abortTimeout,
+		Transfers:      metrics.NewTransfer(p.Registry),
+		Cancels:        metrics.NewCancel(p.Registry),
+		Quarantines:    metrics.NewQuarantine(p.Registry),
+		BackendHealthy: func() bool { return checker.Healthy() },
+		Progress:       p.Progress,
+		Sessions:       p.Sessions,
 		Logger:         lg,
 	})
+	checker = p.StartHealth(cfg, health.Sources{QuarantinedSessions: srv.QuarantinedSessions})
 	kvferryv1.RegisterGenerationServiceServer(p.GRPC, srv)
 	return servercmd.Serve(ctx, cfg, p,
 		map[string]func(context.Context) error{"reaper": func(ctx context.Context) error { srv.Run(ctx, sweepInterval); return nil }},

@@ -137,7 +137,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	checker := health.New(reg, nil, rt.ReadyCheck)
+	checker := health.New(reg, health.Config{}, health.Sources{Ready: rt.ReadyCheck})
 	gs := serving.NewGRPCServer(lg)
 	checker.Register(gs)
 	kvferryv1.RegisterRouterServiceServer(gs, rt)

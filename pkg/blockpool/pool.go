@@ -369,6 +369,14 @@ func (p *Pool) Lookup(hashes []uint64) []ID {
 	return ids
 }
 
+// Available returns how many blocks an allocation could get now: the free
+// ones and the evictable cached ones.
+func (p *Pool) Available() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.free) + p.lruLen
+}
+
 // Cached returns the number of blocks in the reuse cache.
 func (p *Pool) Cached() int {
 	p.mu.Lock()

@@ -23,6 +23,7 @@ import (
 
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
@@ -43,6 +44,9 @@ type Config struct {
 	// BackendHealthy tells Cancel whether an in-flight cancel can be
 	// trusted to take effect (nil: always). Health evaluation supplies it.
 	BackendHealthy func() bool
+	// Progress is told of admissions, finished requests and progress, for
+	// the health evaluator (nil: not tracked).
+	Progress *health.Progress
 	// PrefixReuse serves full blocks of a known prompt prefix from the
 	// pool's reuse cache instead of recomputing them.
 	PrefixReuse bool
@@ -157,6 +161,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	defer cancel()
 	r := &request{attempt: attempt, phase: phasePrefilling, blocks: blocks, refsHeld: true, engineRunning: true, prefillCancel: cancel, prefillDone: make(chan struct{})}
 	s.reqs[id] = r
+	s.cfg.Progress.Begin(time.Now())
 	s.mu.Unlock()
 
 	mem := make([][]byte, len(blocks))
@@ -187,6 +192,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 		}
 	}
 	r.phase = phaseAdvertised
+	s.cfg.Progress.Touch(time.Now())
 	r.leaseUntil = time.Now().Add(s.cfg.HandoffLease)
 	r.resp = &kvferryv1.PrefillResponse{
 		ReusedBlocks: uint32(reused),
@@ -255,6 +261,7 @@ func (s *Server) dropRefsLocked(r *request) {
 		return
 	}
 	r.refsHeld = false
+	s.cfg.Progress.End()
 	if err := s.cfg.Pool.Release(r.blocks); err != nil {
 		s.lg.Error("release blocks", zap.Error(err)) // a bookkeeping bug; the invariant test catches it
 	}
@@ -424,6 +431,9 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 		sent, err = s.cfg.Sender.Push(tctx, req.GetDataEndpoint(), req.GetSessionId(), src)
 	}
 	// Push has returned: it reads the blocks no more, which is the proof.
+	if sent > 0 {
+		s.cfg.Progress.Touch(time.Now())
+	}
 	s.mu.Lock()
 	outcome := kvtransfer.OutcomeCompleted
 	switch {

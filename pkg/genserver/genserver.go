@@ -25,6 +25,7 @@ import (
 
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
@@ -51,7 +52,10 @@ type Config struct {
 	// BackendHealthy tells Cancel whether an in-flight cancel can be
 	// trusted to take effect (nil: always).
 	BackendHealthy func() bool
-	Logger         *zap.Logger
+	// Progress and Sessions feed the health evaluator (nil: not tracked).
+	Progress *health.Progress
+	Sessions *health.Sessions
+	Logger   *zap.Logger
 }
 
 type phase int
@@ -185,6 +189,8 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 	if err != nil {
 		return err
 	}
+	s.cfg.Progress.Begin(time.Now())
+	defer s.cfg.Progress.End()
 	defer func() {
 		s.mu.Lock()
 		r.phase, r.endedAt = phaseDone, time.Now()
@@ -253,6 +259,7 @@ func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_
 		if err := s.cfg.Engine.Step(ctx, []*executor.Sequence{seq}); err != nil {
 			return status.FromContextError(err).Err()
 		}
+		s.cfg.Progress.Touch(time.Now())
 	}
 }
 
@@ -316,7 +323,13 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 	r.holds++
 	s.mu.Unlock()
 	session := rand.Uint64() | 1 // never zero
-	rs, err := s.cfg.Receiver.Register(session, mem)
+	tracked := s.cfg.Sessions.Add(time.Now())
+	defer s.cfg.Sessions.Remove(tracked)
+	rs, err := s.cfg.Receiver.Register(session, mem, func(now time.Time) {
+		// Every landed block is progress, for this session and globally.
+		s.cfg.Progress.Touch(now)
+		s.cfg.Sessions.Touch(tracked, now)
+	})
 	if err != nil {
 		s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Cancel(now) })
 		return status.Errorf(codes.Internal, "register session: %v", err)
@@ -415,6 +428,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 				return fail(failNow, status.Errorf(code, "transfer: %v", err))
 			}
 			s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Complete(now) })
+			s.cfg.Progress.Touch(time.Now())
 			return nil
 		case err := <-events:
 			if err != nil {
@@ -430,6 +444,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 			moved, last := s.cfg.Receiver.Progress(rs)
 			delta := moved - seen
 			seen = moved
+
 			as := s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
 				ss.Progress(last, delta)
 				return ss.Tick(now)

@@ -1,18 +1,23 @@
-// Package health answers liveness and readiness: grpc.health.v1 for the
+// Package health tells the truth about a kvferry process: liveness fails
+// only on sustained evidence that it is wedged (so Kubernetes restarts it),
+// readiness fails whenever it should not get traffic (draining, pool
+// exhausted, pair path broken, GPU fault) — and one slow transfer never
+// restarts a pod.
+//
+// The evaluator runs on its own goroutine and reads lock-free or briefly
+// locked snapshots; probes and GetHealth only read its last result, so a
+// wedged executor cannot stall health. Outputs: grpc.health.v1 for the
 // services "liveness", "readiness" and "", HTTP /livez and /readyz, the
 // kvferry.v1.HealthService snapshot and the kvferry_health_* gauges.
-//
-// This is the spine's health: a process that runs is live, and it is ready
-// until it starts draining or an owner-supplied readiness check fails. The
-// evaluator of DESIGN §6 (progress deadline, stuck sessions, poison budget,
-// pair canary, GPU) builds on this surface.
 package health
 
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,13 +37,50 @@ const (
 	ServiceReadiness = "readiness"
 )
 
-// Reasons (machine-readable).
+// Reasons (machine-readable), in the order they are checked.
 const (
-	ReasonOK       = "ok"
-	ReasonDraining = "draining"
+	ReasonOK                   = "ok"
+	ReasonStarting             = "starting"
+	ReasonNoProgress           = "no_progress"
+	ReasonSessionStuck         = "session_stuck"
+	ReasonPoisonBudgetExceeded = "poison_budget_exceeded"
+	ReasonDraining             = "draining"
+	ReasonPoolExhausted        = "pool_exhausted"
+	ReasonCanaryFailing        = "pair_canary_failing"
+	ReasonGPUFault             = "gpu_fault"
 )
 
-// Status is one evaluation.
+// Config holds the health thresholds (DESIGN §7 defaults).
+type Config struct {
+	// ProgressDeadline: no global progress this long with work pending
+	// fails liveness (60 s); so does a session this long past its
+	// transfer deadline.
+	ProgressDeadline time.Duration
+	// TransferDeadline is the sessions' own deadline (60 s).
+	TransferDeadline time.Duration
+	// PoisonBudget: more poisoned blocks than this fail liveness (16).
+	PoisonBudget int
+	// ExhaustionGrace: a pool with nothing allocatable for longer fails
+	// readiness (5 s).
+	ExhaustionGrace time.Duration
+}
+
+// ReadyCheck is an owner's extra readiness condition (the router's: a
+// ready pair of backends); it returns ok, or a reason and a sentence.
+type ReadyCheck func(ctx context.Context) (ok bool, reason, message string)
+
+// Sources are what the evaluator reads; any may be nil.
+type Sources struct {
+	Pool                *blockpool.Pool
+	Progress            *Progress
+	Sessions            *Sessions
+	QuarantinedSessions func() int
+	Canary              func() *kvferryv1.CanaryStatus
+	GPUs                func() (present bool, gpus []*kvferryv1.GpuStatus)
+	Ready               ReadyCheck
+}
+
+// Status is the probe answer.
 type Status struct {
 	Live    bool   `json:"live"`
 	Ready   bool   `json:"ready"`
@@ -46,34 +88,29 @@ type Status struct {
 	Message string `json:"message"`
 }
 
-// ReadyCheck is an owner's extra readiness condition; it returns ok, or a
-// reason and a sentence.
-type ReadyCheck func(ctx context.Context) (ok bool, reason, message string)
-
-// Checker holds a server's health state. Safe for concurrent use.
+// Checker evaluates and serves a process's health. Safe for concurrent use.
 type Checker struct {
 	kvferryv1.UnimplementedHealthServiceServer
 
-	pool       *blockpool.Pool // nil for the router
-	readyCheck ReadyCheck
-	grpc       *grpchealth.Server
-	gauges     *metrics.Health
+	cfg    Config
+	src    Sources
+	grpc   *grpchealth.Server
+	gauges *metrics.Health
 
-	mu       sync.Mutex
-	draining bool
+	draining atomic.Bool
+	last     atomic.Pointer[kvferryv1.GetHealthResponse]
+
+	evalMu         sync.Mutex // serialises Evaluate; guards exhaustedSince
+	exhaustedSince time.Time
 }
 
 var _ kvferryv1.HealthServiceServer = (*Checker)(nil)
 
-// New returns a checker. pool and check may be nil.
-func New(reg prometheus.Registerer, pool *blockpool.Pool, check ReadyCheck) *Checker {
-	c := &Checker{
-		pool:       pool,
-		readyCheck: check,
-		grpc:       grpchealth.NewServer(),
-		gauges:     metrics.NewHealth(reg),
-	}
-	c.set(Status{Live: true, Ready: true, Reason: ReasonOK})
+// New returns a checker; until its first evaluation it reports live but
+// not ready, so no traffic arrives before the sources were looked at.
+func New(reg prometheus.Registerer, cfg Config, src Sources) *Checker {
+	c := &Checker{cfg: cfg, src: src, grpc: grpchealth.NewServer(), gauges: metrics.NewHealth(reg)}
+	c.publish(&kvferryv1.GetHealthResponse{Live: true, Reason: ReasonStarting, Message: "not evaluated yet"})
 	return c
 }
 
@@ -83,93 +120,161 @@ func (c *Checker) Register(s *grpc.Server) {
 	kvferryv1.RegisterHealthServiceServer(s, c)
 }
 
-// SetDraining marks the server as draining: readiness fails from now on.
+// SetDraining fails readiness from now on (liveness stays) and publishes
+// at once.
 func (c *Checker) SetDraining() {
-	c.mu.Lock()
-	c.draining = true
-	c.mu.Unlock()
-	c.set(Status{Live: true, Ready: false, Reason: ReasonDraining, Message: "the server is shutting down"})
+	c.draining.Store(true)
+	c.Evaluate(context.Background(), time.Now())
 }
 
-// Evaluate computes the current status and publishes it to gRPC health and
-// the gauges.
-func (c *Checker) Evaluate(ctx context.Context) Status {
-	c.mu.Lock()
-	draining := c.draining
-	c.mu.Unlock()
-	st := Status{Live: true, Ready: true, Reason: ReasonOK, Message: "serving"}
-	switch {
-	case draining:
-		st = Status{Live: true, Ready: false, Reason: ReasonDraining, Message: "the server is shutting down"}
-	case c.readyCheck != nil:
-		if ok, reason, msg := c.readyCheck(ctx); !ok {
-			st = Status{Live: true, Ready: false, Reason: reason, Message: msg}
+// Run evaluates every interval until ctx is done.
+func (c *Checker) Run(ctx context.Context, interval time.Duration) {
+	c.Evaluate(ctx, time.Now())
+	serving.Every(ctx, interval, func(now time.Time) { c.Evaluate(ctx, now) })
+}
+
+// Shutdown sets every gRPC health service NOT_SERVING for good.
+func (c *Checker) Shutdown() { c.grpc.Shutdown() }
+
+// Current returns the last evaluation.
+func (c *Checker) Current() *kvferryv1.GetHealthResponse { return c.last.Load() }
+
+// Evaluate computes the health at now from the sources and publishes it.
+func (c *Checker) Evaluate(ctx context.Context, now time.Time) *kvferryv1.GetHealthResponse {
+	c.evalMu.Lock()
+	defer c.evalMu.Unlock()
+	h := &kvferryv1.GetHealthResponse{
+		Live: true, Ready: true, Reason: ReasonOK, Message: "serving",
+		ProgressDeadlineSeconds: c.cfg.ProgressDeadline.Seconds(),
+		PoisonBudgetBlocks:      uint64(c.cfg.PoisonBudget),
+		EvaluatedUnixNanos:      now.UnixNano(),
+	}
+	// fail records the first failing condition as the reason.
+	fail := func(live bool, reason, format string, args ...any) {
+		if !h.Ready {
+			return
+		}
+		h.Ready, h.Reason, h.Message = false, reason, fmt.Sprintf(format, args...)
+		h.Live = live
+	}
+
+	// Liveness: sustained evidence only.
+	if p := c.src.Progress; p != nil {
+		pending, last := p.Snapshot()
+		h.PendingWork = pending
+		if pending > 0 {
+			since := now.Sub(last)
+			h.SecondsSinceProgress = since.Seconds()
+			if since >= c.cfg.ProgressDeadline {
+				fail(false, ReasonNoProgress, "no progress for %s with %d requests pending (deadline %s)", since.Round(time.Millisecond), pending, c.cfg.ProgressDeadline)
+			}
 		}
 	}
-	c.set(st)
-	return st
+	if s := c.src.Sessions; s != nil {
+		ss := s.snapshot(now, c.cfg.ProgressDeadline, c.cfg.TransferDeadline)
+		h.InFlightSessions = uint64(ss.InFlight)
+		h.OldestSessionAgeSeconds = ss.OldestAge.Seconds()
+		h.OldestStuckSessionAgeSeconds = ss.OldestStuckAge.Seconds()
+		if ss.LongestPastDeadline >= c.cfg.ProgressDeadline {
+			fail(false, ReasonSessionStuck, "a transfer session is %s past its %s deadline", ss.LongestPastDeadline.Round(time.Millisecond), c.cfg.TransferDeadline)
+		}
+	}
+	if c.src.QuarantinedSessions != nil {
+		h.QuarantinedSessions = uint64(c.src.QuarantinedSessions())
+	}
+	if pool := c.src.Pool; pool != nil {
+		n := pool.Counts()
+		h.Pool = &kvferryv1.PoolCounts{
+			Capacity: uint64(n.Capacity), Free: uint64(n.Free), Owned: uint64(n.Owned),
+			InFlight: uint64(n.InFlight), Quarantined: uint64(n.Quarantined), Poisoned: uint64(n.Poisoned),
+		}
+		h.QuarantinedBlocks, h.PoisonedBlocks = uint64(n.Quarantined), uint64(n.Poisoned)
+		if n.Poisoned > c.cfg.PoisonBudget {
+			fail(false, ReasonPoisonBudgetExceeded, "%d poisoned blocks, budget %d: a transport never honoured an abort", n.Poisoned, c.cfg.PoisonBudget)
+		}
+	}
+
+	// Readiness.
+	if c.draining.Load() {
+		fail(true, ReasonDraining, "the server is shutting down")
+	}
+	if pool := c.src.Pool; pool != nil {
+		if pool.Available() == 0 {
+			if c.exhaustedSince.IsZero() {
+				c.exhaustedSince = now
+			}
+			if d := now.Sub(c.exhaustedSince); d > c.cfg.ExhaustionGrace {
+				fail(true, ReasonPoolExhausted, "no allocatable block for %s", d.Round(time.Millisecond))
+			}
+		} else {
+			c.exhaustedSince = time.Time{}
+		}
+	}
+	if c.src.Canary != nil {
+		h.Canary = c.src.Canary()
+		if h.Canary.GetFailing() {
+			fail(true, ReasonCanaryFailing, "the pair canary fails against every recently seen context server")
+		}
+	}
+	if c.src.GPUs != nil {
+		h.GpuPresent, h.Gpus = c.src.GPUs()
+		for _, g := range h.Gpus {
+			if !g.GetHealthy() {
+				fail(true, ReasonGPUFault, "GPU %d (%s): %s", g.GetIndex(), g.GetName(), g.GetReason())
+				break
+			}
+		}
+	}
+	if c.src.Ready != nil && h.Ready {
+		if ok, reason, msg := c.src.Ready(ctx); !ok {
+			fail(true, reason, "%s", msg)
+		}
+	}
+	h.Healthy = h.Live && h.Ready
+	c.publish(h)
+	return h
 }
 
-func (c *Checker) set(st Status) {
+func (c *Checker) publish(h *kvferryv1.GetHealthResponse) {
+	c.last.Store(h)
 	serving := func(ok bool) healthpb.HealthCheckResponse_ServingStatus {
 		if ok {
 			return healthpb.HealthCheckResponse_SERVING
 		}
 		return healthpb.HealthCheckResponse_NOT_SERVING
 	}
-	c.grpc.SetServingStatus(ServiceLiveness, serving(st.Live))
-	c.grpc.SetServingStatus(ServiceReadiness, serving(st.Ready))
-	c.grpc.SetServingStatus("", serving(st.Live && st.Ready))
-	// Global progress tracking arrives with the health evaluator; until
-	// then nothing is ever reported stuck.
-	c.gauges.RecordHealth(st.Live, st.Ready, 0)
+	c.grpc.SetServingStatus(ServiceLiveness, serving(h.GetLive()))
+	c.grpc.SetServingStatus(ServiceReadiness, serving(h.GetReady()))
+	c.grpc.SetServingStatus("", serving(h.GetLive() && h.GetReady()))
+	c.gauges.RecordHealth(h.GetLive(), h.GetReady(), time.Duration(h.GetSecondsSinceProgress()*float64(time.Second)))
 }
 
-// Run re-evaluates every interval until ctx is done, so gRPC health
-// watchers see changes without being asked.
-func (c *Checker) Run(ctx context.Context, interval time.Duration) {
-	c.Evaluate(ctx)
-	serving.Every(ctx, interval, func(time.Time) { c.Evaluate(ctx) })
-}
+// Healthy reports whether the last evaluation was live: what an in-flight
+// cancel's outcome (CANCEL_REQUESTED_IN_FLIGHT or BACKEND_UNHEALTHY)
+// depends on.
+func (c *Checker) Healthy() bool { return c.Current().GetLive() }
 
-// Shutdown sets every gRPC health service NOT_SERVING for good.
-func (c *Checker) Shutdown() { c.grpc.Shutdown() }
-
-// GetHealth implements kvferry.v1.HealthService.
-func (c *Checker) GetHealth(ctx context.Context, _ *kvferryv1.GetHealthRequest) (*kvferryv1.GetHealthResponse, error) {
-	st := c.Evaluate(ctx)
-	resp := &kvferryv1.GetHealthResponse{
-		Healthy: st.Live && st.Ready, Live: st.Live, Ready: st.Ready,
-		Reason: st.Reason, Message: st.Message,
-	}
-	if c.pool != nil {
-		n := c.pool.Counts()
-		resp.Pool = &kvferryv1.PoolCounts{
-			Capacity: uint64(n.Capacity), Free: uint64(n.Free), Owned: uint64(n.Owned),
-			InFlight: uint64(n.InFlight), Quarantined: uint64(n.Quarantined), Poisoned: uint64(n.Poisoned),
-		}
-		resp.QuarantinedBlocks = uint64(n.Quarantined)
-		resp.PoisonedBlocks = uint64(n.Poisoned)
-	}
-	return resp, nil
+// GetHealth implements kvferry.v1.HealthService: the last evaluation.
+func (c *Checker) GetHealth(context.Context, *kvferryv1.GetHealthRequest) (*kvferryv1.GetHealthResponse, error) {
+	return c.Current(), nil
 }
 
 // Routes adds /livez and /readyz to mux: 200 or 503 with the status as JSON.
 func (c *Checker) Routes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, r *http.Request) {
-		st := c.Evaluate(r.Context())
-		writeStatus(w, st, st.Live)
+	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) {
+		h := c.Current()
+		writeStatus(w, h, h.GetLive())
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		st := c.Evaluate(r.Context())
-		writeStatus(w, st, st.Ready)
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		h := c.Current()
+		writeStatus(w, h, h.GetReady())
 	})
 }
 
-func writeStatus(w http.ResponseWriter, st Status, ok bool) {
+func writeStatus(w http.ResponseWriter, h *kvferryv1.GetHealthResponse, ok bool) {
 	w.Header().Set("Content-Type", "application/json")
 	if !ok {
 		w.WriteHeader(http.StatusServiceUnavailable)
 	}
-	_ = json.NewEncoder(w).Encode(st)
+	_ = json.NewEncoder(w).Encode(Status{Live: h.GetLive(), Ready: h.GetReady(), Reason: h.GetReason(), Message: h.GetMessage()})
 }

@@ -54,6 +54,7 @@ type RecvSession struct {
 	writing      int
 	readers      map[net.Conn]int // connections reading a block of this session now
 	onQuiesced   func()
+	onBlock      func(time.Time)
 }
 
 // Done is closed when the session completed (every block and the DONE
@@ -85,8 +86,9 @@ func Serve(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
 func (r *Receiver) Addr() net.Addr { return r.ln.Addr() }
 
 // Register makes a session able to receive into dests. The id must be unique
-// among live sessions.
-func (r *Receiver) Register(id uint64, dests [][]byte) (*RecvSession, error) {
+// among live sessions. onBlock, when not nil, is called from the reader
+// after each block lands (health's progress clock); it must not block.
+func (r *Receiver) Register(id uint64, dests [][]byte, onBlock func(now time.Time)) (*RecvSession, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
@@ -95,7 +97,7 @@ func (r *Receiver) Register(id uint64, dests [][]byte) (*RecvSession, error) {
 	if _, dup := r.sessions[id]; dup {
 		return nil, fmt.Errorf("kvtransfer: session %d already registered", id)
 	}
-	s := &RecvSession{id: id, dests: dests, done: make(chan struct{}), received: make([]bool, len(dests)), lastProgress: time.Now()}
+	s := &RecvSession{id: id, dests: dests, done: make(chan struct{}), received: make([]bool, len(dests)), lastProgress: time.Now(), onBlock: onBlock}
 	r.sessions[id] = s
 	return s, nil
 }
@@ -285,7 +287,11 @@ func (r *Receiver) data(c net.Conn, h Header) error {
 	if s.aborted && s.writing == 0 && s.onQuiesced != nil {
 		quiesced, s.onQuiesced = s.onQuiesced, nil
 	}
+	landed := s.lastProgress
 	r.mu.Unlock()
+	if err == nil && s.onBlock != nil {
+		s.onBlock(landed)
+	}
 	if quiesced != nil {
 		quiesced()
 	}

@@ -20,6 +20,11 @@ const maxIdleConnsPerPeer = 2
 type Sender struct {
 	dialer   net.Dialer
 	progress time.Duration // a block write that moves nothing for this long fails
+	// Fault, when set, is injected before each block write (tests, drills).
+	Fault *Fault
+	// OnBlock, when set, is called after each block is written (health's
+	// progress clock); it must not block.
+	OnBlock func(now time.Time)
 
 	mu     sync.Mutex
 	idle   map[string][]net.Conn
@@ -62,7 +67,7 @@ func (s *Sender) Push(ctx context.Context, endpoint string, session uint64, src 
 func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session uint64, src [][]byte) (int64, error) {
 	// A cancelled ctx must unblock a write stuck on a stalled peer.
 	stop := context.AfterFunc(ctx, func() { _ = c.SetWriteDeadline(time.Unix(1, 0)) })
-	n, err := writeSession(ctx, c, session, src, s.progress)
+	n, err := writeSession(ctx, c, session, src, s.progress, s.Fault, s.OnBlock)
 	deadlineSet := !stop()
 	switch {
 	case err != nil && ctx.Err() != nil:
@@ -81,10 +86,13 @@ func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session 
 	return n, nil
 }
 
-func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte, progress time.Duration) (int64, error) {
+func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte, progress time.Duration, fault *Fault, onBlock func(time.Time)) (int64, error) {
 	var hdr [HeaderSize]byte
 	var sent int64
 	for i, b := range src {
+		if err := fault.before(ctx, session, i); err != nil {
+			return sent, err
+		}
 		if progress > 0 {
 			// Set before the ctx check: a cancel that fires after the check
 			// sets its own (past) deadline over this one.
@@ -99,6 +107,9 @@ func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte,
 			return sent, fmt.Errorf("kvtransfer: write block %d: %w", i, err)
 		}
 		sent += int64(len(b))
+		if onBlock != nil {
+			onBlock(time.Now())
+		}
 	}
 	Header{Kind: FrameDone, Session: session, Index: uint32(len(src))}.Encode(hdr[:])
 	if _, err := c.Write(hdr[:]); err != nil {

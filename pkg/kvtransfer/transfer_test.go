@@ -62,7 +62,7 @@ func TestPushLandsEveryByte(t *testing.T) {
 		for i := range dst {
 			dst[i] = make([]byte, size)
 		}
-		s, err := r.Register(100+seed, dst)
+		s, err := r.Register(100+seed, dst, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -91,7 +91,7 @@ func TestBadDescriptorFailsSession(t *testing.T) {
 	const size = 128
 	r := newReceiver(t, 4096)
 	dst := [][]byte{make([]byte, size)}
-	s, _ := r.Register(7, dst)
+	s, _ := r.Register(7, dst, nil)
 	snd := NewSender(0)
 	defer snd.Close()
 	// Two source blocks for a one-block destination: index 1 is outside.
@@ -103,7 +103,7 @@ func TestBadDescriptorFailsSession(t *testing.T) {
 		t.Fatalf("err %v, want ErrBadDescriptor", err)
 	}
 	// Wrong length is refused too.
-	s2, _ := r.Register(8, dst)
+	s2, _ := r.Register(8, dst, nil)
 	if _, err := snd.Push(context.Background(), r.Addr().String(), 8, randomBlocks(1, size/2, 1)); err != nil {
 		t.Fatal(err)
 	}
@@ -119,7 +119,7 @@ func TestFinishWaitsForWriteInProgress(t *testing.T) {
 	const size = 1 << 20
 	r := newReceiver(t, size)
 	dst := [][]byte{make([]byte, size)}
-	s, _ := r.Register(9, dst)
+	s, _ := r.Register(9, dst, nil)
 	c, err := net.Dial("tcp", r.Addr().String())
 	if err != nil {
 		t.Fatal(err)
@@ -205,7 +205,7 @@ func BenchmarkPushLoopback(b *testing.B) {
 	var id uint64
 	for b.Loop() {
 		id++
-		s, _ := r.Register(id, dst)
+		s, _ := r.Register(id, dst, nil)
 		if _, err := snd.Push(context.Background(), r.Addr().String(), id, src); err != nil {
 			b.Fatal(err)
 		}
@@ -284,7 +284,7 @@ func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
 	defer snd.Close()
 	for i := range uint64(50) {
 		dst := [][]byte{make([]byte, size)}
-		s, _ := r.Register(1000+i, dst)
+		s, _ := r.Register(1000+i, dst, nil)
 		ctx, cancel := context.WithCancel(context.Background())
 		go func() { <-s.Done(); cancel() }() // the receiver side ends the stream at once
 		n, err := snd.Push(ctx, r.Addr().String(), 1000+i, randomBlocks(1, size, i))
@@ -335,4 +335,62 @@ func stalledPeer(t *testing.T) string {
 		}
 	})
 	return ln.Addr().String()
+}
+
+func TestParseFault(t *testing.T) {
+	now := time.Unix(100, 0)
+	for _, tc := range []struct {
+		spec string
+		want *Fault
+		ok   bool
+	}{
+		{"", nil, true},
+		{"stall", &Fault{Kind: FaultStall, Rate: 1, Delay: 100 * time.Millisecond, start: now}, true},
+		{"stall:after=2,for=5s", &Fault{Kind: FaultStall, After: 2, For: 5 * time.Second, Rate: 1, Delay: 100 * time.Millisecond, start: now}, true},
+		{"delay:d=300ms,rate=0.5", &Fault{Kind: FaultDelay, Rate: 0.5, Delay: 300 * time.Millisecond, start: now}, true},
+		{"corrupt", nil, false},
+		{"stall:after=-1", nil, false},
+		{"stall:rate=2", nil, false},
+		{"stall:for", nil, false},
+		{"stall:colour=red", nil, false},
+	} {
+		got, err := ParseFault(tc.spec, now)
+		if (err == nil) != tc.ok {
+			t.Fatalf("%q: err %v", tc.spec, err)
+		}
+		if tc.ok && (got == nil) != (tc.want == nil) || got != nil && tc.want != nil && *got != *tc.want {
+			t.Fatalf("%q: got %+v, want %+v", tc.spec, got, tc.want)
+		}
+	}
+}
+
+// TestStallFaultHealsAfterWindow: a stall holds the push without writing
+// until its window ends, then the push completes.
+func TestStallFaultHealsAfterWindow(t *testing.T) {
+	const size = 4096
+	r := newReceiver(t, size)
+	snd := NewSender(0)
+	defer snd.Close()
+	snd.Fault, _ = ParseFault("stall:after=1,for=300ms", time.Now())
+	dst := [][]byte{make([]byte, size), make([]byte, size)}
+	s, _ := r.Register(5, dst, nil)
+	done := make(chan error, 1)
+	go func() {
+		_, err := snd.Push(context.Background(), r.Addr().String(), 5, randomBlocks(2, size, 1))
+		done <- err
+	}()
+	eventually(t, "first block landed", func() bool { n, _ := r.Progress(s); return n == size })
+	select {
+	case <-s.Done():
+		t.Fatal("stalled push completed inside the window")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, s)
+	if err := r.Err(s); err != nil {
+		t.Fatal(err)
+	}
+	r.Finish(s, func() {})
 }

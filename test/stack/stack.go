@@ -117,6 +117,12 @@ func (p *Proc) Stop() error {
 	}
 }
 
+// Signal sends sig to the process.
+func (p *Proc) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
+
+// Done is closed when the process has exited.
+func (p *Proc) Done() <-chan struct{} { return p.done }
+
 func (p *Proc) kill() {
 	select {
 	case <-p.done:
@@ -140,6 +146,7 @@ type Options struct {
 	PrefillTokensPerSecond float64
 	DecodeStepTime         time.Duration
 	ExtraRouterArgs        []string
+	CtxArgs, GenArgs       []string // extra flags for the context / generation server
 }
 
 // Stack is router + one context server + one generation server.
@@ -171,8 +178,8 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 	s := &Stack{CtxGRPC: addr(), GenGRPC: addr()}
 	ctxHTTP, genHTTP := addr(), addr()
 	s.CtxHTTP, s.GenHTTP = "http://"+ctxHTTP, "http://"+genHTTP
-	s.Ctx = Start(t, logs, filepath.Join(bin, "ctxserver"), append(common, "--grpc-addr="+s.CtxGRPC, "--http-addr="+ctxHTTP, "--data-addr="+addr())...)
-	s.Gen = Start(t, logs, filepath.Join(bin, "genserver"), append(common, "--grpc-addr="+s.GenGRPC, "--http-addr="+genHTTP, "--data-addr="+addr())...)
+	s.Ctx = Start(t, logs, filepath.Join(bin, "ctxserver"), append(append(common, "--grpc-addr="+s.CtxGRPC, "--http-addr="+ctxHTTP, "--data-addr="+addr()), o.CtxArgs...)...)
+	s.Gen = Start(t, logs, filepath.Join(bin, "genserver"), append(append(common, "--grpc-addr="+s.GenGRPC, "--http-addr="+genHTTP, "--data-addr="+addr()), o.GenArgs...)...)
 	openai, admin := addr(), addr()
 	s.RouterGRPC = addr()
 	s.OpenAIURL, s.RouterAdmin = "http://"+openai+"/v1", "http://"+admin

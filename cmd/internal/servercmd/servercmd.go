@@ -48,6 +48,10 @@ type Config struct {
 	TransferDeadline        time.Duration
 	QuarantineDeadline      time.Duration
 	ShutdownGrace           time.Duration
+	ProgressDeadline        time.Duration
+	PoisonBudget            int
+	HealthInterval          time.Duration
+	ExhaustionGrace         time.Duration
 }
 
 // Ports are a server's default listeners (DESIGN §7).
@@ -67,6 +71,10 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	fs.DurationVar(&c.TransferProgressTimeout, "transfer-progress-timeout", 10*time.Second, "end a transfer that moved no byte for this long")
 	fs.DurationVar(&c.TransferDeadline, "transfer-deadline", 60*time.Second, "end a transfer this long after it started")
 	fs.DurationVar(&c.QuarantineDeadline, "quarantine-deadline", 120*time.Second, "poison blocks of a transfer whose quiescence is not proven this long after it ended")
+	fs.DurationVar(&c.ProgressDeadline, "progress-deadline", 60*time.Second, "liveness fails after no global progress this long with work pending, or a session this long past its transfer deadline")
+	fs.IntVar(&c.PoisonBudget, "poison-budget", 16, "liveness fails when more blocks than this are poisoned")
+	fs.DurationVar(&c.HealthInterval, "health-interval", time.Second, "how often health is evaluated")
+	fs.DurationVar(&c.ExhaustionGrace, "exhaustion-grace", 5*time.Second, "readiness fails when no block could be allocated for longer than this")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
 }
 
@@ -84,10 +92,14 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%s %q: %w", name, addr, err))
 		}
 	}
+	if c.PoisonBudget < 0 {
+		errs = append(errs, fmt.Errorf("--poison-budget must not be negative, got %d", c.PoisonBudget))
+	}
 	if c.PrefillTokensPerSecond < 0 || c.DecodeStepTime < 0 {
 		errs = append(errs, errors.New("--prefill-tokens-per-second and --decode-step-time must not be negative"))
 	}
-	for name, d := range map[string]time.Duration{"--transfer-progress-timeout": c.TransferProgressTimeout, "--transfer-deadline": c.TransferDeadline, "--quarantine-deadline": c.QuarantineDeadline, "--shutdown-grace": c.ShutdownGrace} {
+	for name, d := range map[string]time.Duration{"--transfer-progress-timeout": c.TransferProgressTimeout, "--transfer-deadline": c.TransferDeadline, "--quarantine-deadline": c.QuarantineDeadline, "--shutdown-grace": c.ShutdownGrace,
+		"--progress-deadline": c.ProgressDeadline, "--health-interval": c.HealthInterval, "--exhaustion-grace": c.ExhaustionGrace} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
 		}
@@ -117,7 +129,9 @@ type Parts struct {
 	Engine   *executor.Synthetic
 	Pool     *blockpool.Pool
 	Registry *prometheus.Registry
-	Health   *health.Checker
+	Progress *health.Progress
+	Sessions *health.Sessions
+	Health   *health.Checker // set by StartHealth
 	GRPC     *grpc.Server
 	GRPCLn   net.Listener
 	HTTPLn   net.Listener
@@ -145,11 +159,11 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		Engine:   executor.NewSynthetic(spec, executor.Timing{PrefillTokensPerSecond: cfg.PrefillTokensPerSecond, DecodeStepTime: cfg.DecodeStepTime}),
 		Pool:     pool,
 		Registry: reg,
-		Health:   health.New(reg, pool, nil),
+		Progress: health.NewProgress(time.Now()),
+		Sessions: health.NewSessions(),
 		GRPC:     serving.NewGRPCServer(lg),
 		Logger:   lg,
 	}
-	p.Health.Register(p.GRPC)
 	for _, l := range []struct {
 		addr string
 		ln   *net.Listener
@@ -186,6 +200,19 @@ func Advertised(advertiseHost string, ln net.Listener) string {
 	return net.JoinHostPort(host, port)
 }
 
+// StartHealth builds the health checker from the common sources (pool,
+// progress, sessions) plus the server's own, and registers it on the gRPC
+// server. Call it once, before Serve.
+func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
+	extra.Pool, extra.Progress, extra.Sessions = p.Pool, p.Progress, p.Sessions
+	p.Health = health.New(p.Registry, health.Config{
+		ProgressDeadline: cfg.ProgressDeadline, TransferDeadline: cfg.TransferDeadline,
+		PoisonBudget: cfg.PoisonBudget, ExhaustionGrace: cfg.ExhaustionGrace,
+	}, extra)
+	p.Health.Register(p.GRPC)
+	return p.Health
+}
+
 // AdminHandler serves /livez, /readyz and /metrics.
 func AdminHandler(h *health.Checker, reg *prometheus.Registry) http.Handler {
 	mux := http.NewServeMux()
@@ -194,21 +221,29 @@ func AdminHandler(h *health.Checker, reg *prometheus.Registry) http.Handler {
 	return mux
 }
 
-// healthInterval is how often health is re-evaluated for gRPC watchers.
-const healthInterval = time.Second
-
 // Serve runs the gRPC and admin HTTP servers plus the extra runnables until
-// ctx is done or one fails; then health turns NOT_SERVING, gRPC stops
-// gracefully within the grace period, and drain runs under the same grace.
+// ctx is done or one fails. Then health turns NOT_SERVING for readiness at
+// once, gRPC stops gracefully within the grace period, drain runs under the
+// same grace, and only then does the admin server (probes, metrics) stop:
+// liveness answers true until the process exits.
 func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(context.Context) error, drain func(context.Context) error) error {
-	g, gctx := serving.NewGroup(ctx)
+	runCtx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	adminCtx, stopAdmin := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopAdmin()
+	adminErr := make(chan error, 1)
+	go func() {
+		err := serving.ServeHTTP(adminCtx, AdminHandler(p.Health, p.Registry), p.HTTPLn, cfg.ShutdownGrace)
+		if err != nil {
+			stopRun() // the admin server failed: stop the process
+		}
+		adminErr <- err
+	}()
+	g, gctx := serving.NewGroup(runCtx)
 	g.Go("grpc", func(ctx context.Context) error {
 		return serving.ServeGRPC(ctx, p.GRPC, p.GRPCLn, cfg.ShutdownGrace, p.Health.SetDraining)
 	})
-	g.Go("http", func(ctx context.Context) error {
-		return serving.ServeHTTP(ctx, AdminHandler(p.Health, p.Registry), p.HTTPLn, cfg.ShutdownGrace)
-	})
-	g.Go("health", func(ctx context.Context) error { p.Health.Run(ctx, healthInterval); return nil })
+	g.Go("health", func(ctx context.Context) error { p.Health.Run(ctx, cfg.HealthInterval); return nil })
 	for name, fn := range extra {
 		g.Go(name, fn)
 	}
@@ -222,11 +257,15 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 		zap.Int("pool_blocks", p.Pool.Capacity()), zap.String("block_bytes", strconv.Itoa(p.Spec.BlockBytes())))
 	<-gctx.Done()
 	err := g.Wait()
-	p.Health.Shutdown()
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownGrace)
 	defer cancel()
 	if derr := drain(dctx); derr != nil {
 		err = errors.Join(err, derr)
+	}
+	p.Health.Shutdown()
+	stopAdmin()
+	if aerr := <-adminErr; aerr != nil {
+		err = errors.Join(err, fmt.Errorf("http: %w", aerr))
 	}
 	c := p.Pool.Counts()
 	p.Logger.Info("stopped", zap.Int("free", c.Free), zap.Int("owned", c.Owned), zap.Int("in_flight", c.InFlight), zap.Int("quarantined", c.Quarantined), zap.Int("poisoned", c.Poisoned))

@@ -148,18 +148,32 @@ type GetHealthResponse struct {
 	Live    bool                   `protobuf:"varint,2,opt,name=live,proto3" json:"live,omitempty"`
 	Ready   bool                   `protobuf:"varint,3,opt,name=ready,proto3" json:"ready,omitempty"`
 	// reason is machine-readable (lower snake case); message is a sentence.
-	Reason                       string      `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
-	Message                      string      `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
-	QuarantinedBlocks            uint64      `protobuf:"varint,6,opt,name=quarantined_blocks,json=quarantinedBlocks,proto3" json:"quarantined_blocks,omitempty"`
-	QuarantinedSessions          uint64      `protobuf:"varint,7,opt,name=quarantined_sessions,json=quarantinedSessions,proto3" json:"quarantined_sessions,omitempty"`
-	PoisonedBlocks               uint64      `protobuf:"varint,8,opt,name=poisoned_blocks,json=poisonedBlocks,proto3" json:"poisoned_blocks,omitempty"`
-	PoisonBudgetBlocks           uint64      `protobuf:"varint,9,opt,name=poison_budget_blocks,json=poisonBudgetBlocks,proto3" json:"poison_budget_blocks,omitempty"`
-	SecondsSinceProgress         float64     `protobuf:"fixed64,10,opt,name=seconds_since_progress,json=secondsSinceProgress,proto3" json:"seconds_since_progress,omitempty"`
-	ProgressDeadlineSeconds      float64     `protobuf:"fixed64,11,opt,name=progress_deadline_seconds,json=progressDeadlineSeconds,proto3" json:"progress_deadline_seconds,omitempty"`
+	Reason                  string  `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	Message                 string  `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
+	QuarantinedBlocks       uint64  `protobuf:"varint,6,opt,name=quarantined_blocks,json=quarantinedBlocks,proto3" json:"quarantined_blocks,omitempty"`
+	QuarantinedSessions     uint64  `protobuf:"varint,7,opt,name=quarantined_sessions,json=quarantinedSessions,proto3" json:"quarantined_sessions,omitempty"`
+	PoisonedBlocks          uint64  `protobuf:"varint,8,opt,name=poisoned_blocks,json=poisonedBlocks,proto3" json:"poisoned_blocks,omitempty"`
+	PoisonBudgetBlocks      uint64  `protobuf:"varint,9,opt,name=poison_budget_blocks,json=poisonBudgetBlocks,proto3" json:"poison_budget_blocks,omitempty"`
+	SecondsSinceProgress    float64 `protobuf:"fixed64,10,opt,name=seconds_since_progress,json=secondsSinceProgress,proto3" json:"seconds_since_progress,omitempty"`
+	ProgressDeadlineSeconds float64 `protobuf:"fixed64,11,opt,name=progress_deadline_seconds,json=progressDeadlineSeconds,proto3" json:"progress_deadline_seconds,omitempty"`
+	// oldest_stuck_session_age_seconds is the age of the oldest in-flight
+	// transfer session that made no progress for the progress deadline or
+	// ran past its transfer deadline; 0 when none.
 	OldestStuckSessionAgeSeconds float64     `protobuf:"fixed64,12,opt,name=oldest_stuck_session_age_seconds,json=oldestStuckSessionAgeSeconds,proto3" json:"oldest_stuck_session_age_seconds,omitempty"`
 	Pool                         *PoolCounts `protobuf:"bytes,13,opt,name=pool,proto3" json:"pool,omitempty"`
-	unknownFields                protoimpl.UnknownFields
-	sizeCache                    protoimpl.SizeCache
+	// pending_work counts requests admitted and not finished.
+	PendingWork int64 `protobuf:"varint,14,opt,name=pending_work,json=pendingWork,proto3" json:"pending_work,omitempty"`
+	// in_flight_sessions counts transfer sessions running now.
+	InFlightSessions        uint64        `protobuf:"varint,15,opt,name=in_flight_sessions,json=inFlightSessions,proto3" json:"in_flight_sessions,omitempty"`
+	OldestSessionAgeSeconds float64       `protobuf:"fixed64,16,opt,name=oldest_session_age_seconds,json=oldestSessionAgeSeconds,proto3" json:"oldest_session_age_seconds,omitempty"`
+	Canary                  *CanaryStatus `protobuf:"bytes,17,opt,name=canary,proto3" json:"canary,omitempty"`
+	// gpu_present is false where the NVIDIA library is absent.
+	GpuPresent bool         `protobuf:"varint,18,opt,name=gpu_present,json=gpuPresent,proto3" json:"gpu_present,omitempty"`
+	Gpus       []*GpuStatus `protobuf:"bytes,19,rep,name=gpus,proto3" json:"gpus,omitempty"`
+	// evaluated_unix_nanos is when this snapshot was computed.
+	EvaluatedUnixNanos int64 `protobuf:"varint,20,opt,name=evaluated_unix_nanos,json=evaluatedUnixNanos,proto3" json:"evaluated_unix_nanos,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *GetHealthResponse) Reset() {
@@ -283,6 +297,320 @@ func (x *GetHealthResponse) GetPool() *PoolCounts {
 	return nil
 }
 
+func (x *GetHealthResponse) GetPendingWork() int64 {
+	if x != nil {
+		return x.PendingWork
+	}
+	return 0
+}
+
+func (x *GetHealthResponse) GetInFlightSessions() uint64 {
+	if x != nil {
+		return x.InFlightSessions
+	}
+	return 0
+}
+
+func (x *GetHealthResponse) GetOldestSessionAgeSeconds() float64 {
+	if x != nil {
+		return x.OldestSessionAgeSeconds
+	}
+	return 0
+}
+
+func (x *GetHealthResponse) GetCanary() *CanaryStatus {
+	if x != nil {
+		return x.Canary
+	}
+	return nil
+}
+
+func (x *GetHealthResponse) GetGpuPresent() bool {
+	if x != nil {
+		return x.GpuPresent
+	}
+	return false
+}
+
+func (x *GetHealthResponse) GetGpus() []*GpuStatus {
+	if x != nil {
+		return x.Gpus
+	}
+	return nil
+}
+
+func (x *GetHealthResponse) GetEvaluatedUnixNanos() int64 {
+	if x != nil {
+		return x.EvaluatedUnixNanos
+	}
+	return 0
+}
+
+// CanaryStatus is the pair canary of a generation server: a one-block KV
+// pulled from each context server it talked to recently.
+type CanaryStatus struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Enabled bool                   `protobuf:"varint,1,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	// failing is true when every recently seen peer's last canary failed.
+	Failing       bool          `protobuf:"varint,2,opt,name=failing,proto3" json:"failing,omitempty"`
+	Peers         []*CanaryPeer `protobuf:"bytes,3,rep,name=peers,proto3" json:"peers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CanaryStatus) Reset() {
+	*x = CanaryStatus{}
+	mi := &file_kvferry_v1_health_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CanaryStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CanaryStatus) ProtoMessage() {}
+
+func (x *CanaryStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_health_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CanaryStatus.ProtoReflect.Descriptor instead.
+func (*CanaryStatus) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_health_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *CanaryStatus) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *CanaryStatus) GetFailing() bool {
+	if x != nil {
+		return x.Failing
+	}
+	return false
+}
+
+func (x *CanaryStatus) GetPeers() []*CanaryPeer {
+	if x != nil {
+		return x.Peers
+	}
+	return nil
+}
+
+// CanaryPeer is the last canary result against one context server.
+type CanaryPeer struct {
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	Endpoint            string                 `protobuf:"bytes,1,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	Ok                  bool                   `protobuf:"varint,2,opt,name=ok,proto3" json:"ok,omitempty"`
+	Error               string                 `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	LastUnixNanos       int64                  `protobuf:"varint,4,opt,name=last_unix_nanos,json=lastUnixNanos,proto3" json:"last_unix_nanos,omitempty"`
+	ConsecutiveFailures uint64                 `protobuf:"varint,5,opt,name=consecutive_failures,json=consecutiveFailures,proto3" json:"consecutive_failures,omitempty"`
+	DurationSeconds     float64                `protobuf:"fixed64,6,opt,name=duration_seconds,json=durationSeconds,proto3" json:"duration_seconds,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *CanaryPeer) Reset() {
+	*x = CanaryPeer{}
+	mi := &file_kvferry_v1_health_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CanaryPeer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CanaryPeer) ProtoMessage() {}
+
+func (x *CanaryPeer) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_health_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CanaryPeer.ProtoReflect.Descriptor instead.
+func (*CanaryPeer) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_health_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *CanaryPeer) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *CanaryPeer) GetOk() bool {
+	if x != nil {
+		return x.Ok
+	}
+	return false
+}
+
+func (x *CanaryPeer) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *CanaryPeer) GetLastUnixNanos() int64 {
+	if x != nil {
+		return x.LastUnixNanos
+	}
+	return 0
+}
+
+func (x *CanaryPeer) GetConsecutiveFailures() uint64 {
+	if x != nil {
+		return x.ConsecutiveFailures
+	}
+	return 0
+}
+
+func (x *CanaryPeer) GetDurationSeconds() float64 {
+	if x != nil {
+		return x.DurationSeconds
+	}
+	return 0
+}
+
+// GpuStatus is one GPU as NVML reports it.
+type GpuStatus struct {
+	state                protoimpl.MessageState `protogen:"open.v1"`
+	Index                uint32                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Name                 string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	MemoryTotalBytes     uint64                 `protobuf:"varint,3,opt,name=memory_total_bytes,json=memoryTotalBytes,proto3" json:"memory_total_bytes,omitempty"`
+	MemoryUsedBytes      uint64                 `protobuf:"varint,4,opt,name=memory_used_bytes,json=memoryUsedBytes,proto3" json:"memory_used_bytes,omitempty"`
+	TemperatureCelsius   uint32                 `protobuf:"varint,5,opt,name=temperature_celsius,json=temperatureCelsius,proto3" json:"temperature_celsius,omitempty"`
+	UtilizationPercent   uint32                 `protobuf:"varint,6,opt,name=utilization_percent,json=utilizationPercent,proto3" json:"utilization_percent,omitempty"`
+	EccUncorrectedErrors uint64                 `protobuf:"varint,7,opt,name=ecc_uncorrected_errors,json=eccUncorrectedErrors,proto3" json:"ecc_uncorrected_errors,omitempty"`
+	CriticalXidEvents    uint64                 `protobuf:"varint,8,opt,name=critical_xid_events,json=criticalXidEvents,proto3" json:"critical_xid_events,omitempty"`
+	Healthy              bool                   `protobuf:"varint,9,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	Reason               string                 `protobuf:"bytes,10,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *GpuStatus) Reset() {
+	*x = GpuStatus{}
+	mi := &file_kvferry_v1_health_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GpuStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GpuStatus) ProtoMessage() {}
+
+func (x *GpuStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_health_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GpuStatus.ProtoReflect.Descriptor instead.
+func (*GpuStatus) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_health_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *GpuStatus) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *GpuStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GpuStatus) GetMemoryTotalBytes() uint64 {
+	if x != nil {
+		return x.MemoryTotalBytes
+	}
+	return 0
+}
+
+func (x *GpuStatus) GetMemoryUsedBytes() uint64 {
+	if x != nil {
+		return x.MemoryUsedBytes
+	}
+	return 0
+}
+
+func (x *GpuStatus) GetTemperatureCelsius() uint32 {
+	if x != nil {
+		return x.TemperatureCelsius
+	}
+	return 0
+}
+
+func (x *GpuStatus) GetUtilizationPercent() uint32 {
+	if x != nil {
+		return x.UtilizationPercent
+	}
+	return 0
+}
+
+func (x *GpuStatus) GetEccUncorrectedErrors() uint64 {
+	if x != nil {
+		return x.EccUncorrectedErrors
+	}
+	return 0
+}
+
+func (x *GpuStatus) GetCriticalXidEvents() uint64 {
+	if x != nil {
+		return x.CriticalXidEvents
+	}
+	return 0
+}
+
+func (x *GpuStatus) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *GpuStatus) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 var File_kvferry_v1_health_proto protoreflect.FileDescriptor
 
 const file_kvferry_v1_health_proto_rawDesc = "" +
@@ -297,7 +625,7 @@ const file_kvferry_v1_health_proto_rawDesc = "" +
 	"\x05owned\x18\x03 \x01(\x04R\x05owned\x12\x1b\n" +
 	"\tin_flight\x18\x04 \x01(\x04R\binFlight\x12 \n" +
 	"\vquarantined\x18\x05 \x01(\x04R\vquarantined\x12\x1a\n" +
-	"\bpoisoned\x18\x06 \x01(\x04R\bpoisoned\"\xac\x04\n" +
+	"\bpoisoned\x18\x06 \x01(\x04R\bpoisoned\"\xea\x06\n" +
 	"\x11GetHealthResponse\x12\x18\n" +
 	"\ahealthy\x18\x01 \x01(\bR\ahealthy\x12\x12\n" +
 	"\x04live\x18\x02 \x01(\bR\x04live\x12\x14\n" +
@@ -312,7 +640,39 @@ const file_kvferry_v1_health_proto_rawDesc = "" +
 	" \x01(\x01R\x14secondsSinceProgress\x12:\n" +
 	"\x19progress_deadline_seconds\x18\v \x01(\x01R\x17progressDeadlineSeconds\x12F\n" +
 	" oldest_stuck_session_age_seconds\x18\f \x01(\x01R\x1coldestStuckSessionAgeSeconds\x12*\n" +
-	"\x04pool\x18\r \x01(\v2\x16.kvferry.v1.PoolCountsR\x04pool2Y\n" +
+	"\x04pool\x18\r \x01(\v2\x16.kvferry.v1.PoolCountsR\x04pool\x12!\n" +
+	"\fpending_work\x18\x0e \x01(\x03R\vpendingWork\x12,\n" +
+	"\x12in_flight_sessions\x18\x0f \x01(\x04R\x10inFlightSessions\x12;\n" +
+	"\x1aoldest_session_age_seconds\x18\x10 \x01(\x01R\x17oldestSessionAgeSeconds\x120\n" +
+	"\x06canary\x18\x11 \x01(\v2\x18.kvferry.v1.CanaryStatusR\x06canary\x12\x1f\n" +
+	"\vgpu_present\x18\x12 \x01(\bR\n" +
+	"gpuPresent\x12)\n" +
+	"\x04gpus\x18\x13 \x03(\v2\x15.kvferry.v1.GpuStatusR\x04gpus\x120\n" +
+	"\x14evaluated_unix_nanos\x18\x14 \x01(\x03R\x12evaluatedUnixNanos\"p\n" +
+	"\fCanaryStatus\x12\x18\n" +
+	"\aenabled\x18\x01 \x01(\bR\aenabled\x12\x18\n" +
+	"\afailing\x18\x02 \x01(\bR\afailing\x12,\n" +
+	"\x05peers\x18\x03 \x03(\v2\x16.kvferry.v1.CanaryPeerR\x05peers\"\xd4\x01\n" +
+	"\n" +
+	"CanaryPeer\x12\x1a\n" +
+	"\bendpoint\x18\x01 \x01(\tR\bendpoint\x12\x0e\n" +
+	"\x02ok\x18\x02 \x01(\bR\x02ok\x12\x14\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\x12&\n" +
+	"\x0flast_unix_nanos\x18\x04 \x01(\x03R\rlastUnixNanos\x121\n" +
+	"\x14consecutive_failures\x18\x05 \x01(\x04R\x13consecutiveFailures\x12)\n" +
+	"\x10duration_seconds\x18\x06 \x01(\x01R\x0fdurationSeconds\"\x89\x03\n" +
+	"\tGpuStatus\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12,\n" +
+	"\x12memory_total_bytes\x18\x03 \x01(\x04R\x10memoryTotalBytes\x12*\n" +
+	"\x11memory_used_bytes\x18\x04 \x01(\x04R\x0fmemoryUsedBytes\x12/\n" +
+	"\x13temperature_celsius\x18\x05 \x01(\rR\x12temperatureCelsius\x12/\n" +
+	"\x13utilization_percent\x18\x06 \x01(\rR\x12utilizationPercent\x124\n" +
+	"\x16ecc_uncorrected_errors\x18\a \x01(\x04R\x14eccUncorrectedErrors\x12.\n" +
+	"\x13critical_xid_events\x18\b \x01(\x04R\x11criticalXidEvents\x12\x18\n" +
+	"\ahealthy\x18\t \x01(\bR\ahealthy\x12\x16\n" +
+	"\x06reason\x18\n" +
+	" \x01(\tR\x06reason2Y\n" +
 	"\rHealthService\x12H\n" +
 	"\tGetHealth\x12\x1c.kvferry.v1.GetHealthRequest\x1a\x1d.kvferry.v1.GetHealthResponseB7Z5github.com/kvferry/kvferry/proto/kvferry/v1;kvferryv1b\x06proto3"
 
@@ -328,21 +688,27 @@ func file_kvferry_v1_health_proto_rawDescGZIP() []byte {
 	return file_kvferry_v1_health_proto_rawDescData
 }
 
-var file_kvferry_v1_health_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_kvferry_v1_health_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_kvferry_v1_health_proto_goTypes = []any{
 	(*GetHealthRequest)(nil),  // 0: kvferry.v1.GetHealthRequest
 	(*PoolCounts)(nil),        // 1: kvferry.v1.PoolCounts
 	(*GetHealthResponse)(nil), // 2: kvferry.v1.GetHealthResponse
+	(*CanaryStatus)(nil),      // 3: kvferry.v1.CanaryStatus
+	(*CanaryPeer)(nil),        // 4: kvferry.v1.CanaryPeer
+	(*GpuStatus)(nil),         // 5: kvferry.v1.GpuStatus
 }
 var file_kvferry_v1_health_proto_depIdxs = []int32{
 	1, // 0: kvferry.v1.GetHealthResponse.pool:type_name -> kvferry.v1.PoolCounts
-	0, // 1: kvferry.v1.HealthService.GetHealth:input_type -> kvferry.v1.GetHealthRequest
-	2, // 2: kvferry.v1.HealthService.GetHealth:output_type -> kvferry.v1.GetHealthResponse
-	2, // [2:3] is the sub-list for method output_type
-	1, // [1:2] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	3, // 1: kvferry.v1.GetHealthResponse.canary:type_name -> kvferry.v1.CanaryStatus
+	5, // 2: kvferry.v1.GetHealthResponse.gpus:type_name -> kvferry.v1.GpuStatus
+	4, // 3: kvferry.v1.CanaryStatus.peers:type_name -> kvferry.v1.CanaryPeer
+	0, // 4: kvferry.v1.HealthService.GetHealth:input_type -> kvferry.v1.GetHealthRequest
+	2, // 5: kvferry.v1.HealthService.GetHealth:output_type -> kvferry.v1.GetHealthResponse
+	5, // [5:6] is the sub-list for method output_type
+	4, // [4:5] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_kvferry_v1_health_proto_init() }
@@ -356,7 +722,7 @@ func file_kvferry_v1_health_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvferry_v1_health_proto_rawDesc), len(file_kvferry_v1_health_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   3,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
