@@ -16,8 +16,8 @@ import (
 
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/router"
-	"github.com/kvferry/kvferry/test/stack"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+	"github.com/kvferry/kvferry/test/stack"
 )
 
 func probe(url string) int {
