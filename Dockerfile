@@ -9,11 +9,14 @@ RUN go mod download
 COPY . .
 ARG VERSION=dev
 ARG COMMIT=unknown
-RUN CGO_ENABLED=0 go build -trimpath \
+# cgo: go-nvml loads the NVIDIA management library with dlopen at run time
+# (absent library = no GPU), so the binaries need libc, not the library.
+ENV CGO_CFLAGS=-Wno-deprecated-declarations
+RUN CGO_ENABLED=1 go build -trimpath \
       -ldflags "-s -w -X github.com/kvferry/kvferry/pkg/buildinfo.Version=${VERSION} -X github.com/kvferry/kvferry/pkg/buildinfo.Commit=${COMMIT}" \
       -o /out/ ./cmd/ctxserver ./cmd/genserver ./cmd/router
 
-FROM gcr.io/distroless/static-debian12:nonroot
+FROM gcr.io/distroless/base-debian12:nonroot
 COPY --from=build /out/ctxserver /out/genserver /out/router /usr/local/bin/
 # 65532 is distroless's "nonroot" user.
 USER 65532:65532

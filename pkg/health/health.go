@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc"
 	grpchealth "google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/metrics"
@@ -268,6 +269,11 @@ func (c *Checker) Routes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		h := c.Current()
 		writeStatus(w, h, h.GetReady())
+	})
+	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		b, _ := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(c.Current())
+		_, _ = w.Write(append(b, '\n'))
 	})
 }
 

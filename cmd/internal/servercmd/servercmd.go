@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
@@ -29,6 +30,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/flagenv"
 	"github.com/kvferry/kvferry/pkg/health"
+	"github.com/kvferry/kvferry/pkg/health/gpu"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
 )
@@ -132,6 +134,7 @@ type Parts struct {
 	Progress *health.Progress
 	Sessions *health.Sessions
 	Health   *health.Checker // set by StartHealth
+	GPU      *gpu.Monitor
 	GRPC     *grpc.Server
 	GRPCLn   net.Listener
 	HTTPLn   net.Listener
@@ -160,6 +163,7 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		Pool:     pool,
 		Registry: reg,
 		Progress: health.NewProgress(time.Now()),
+		GPU:      gpu.New(nvml.New(), reg, lg),
 		Sessions: health.NewSessions(),
 		GRPC:     serving.NewGRPCServer(lg),
 		Logger:   lg,
@@ -204,7 +208,7 @@ func Advertised(advertiseHost string, ln net.Listener) string {
 // progress, sessions) plus the server's own, and registers it on the gRPC
 // server. Call it once, before Serve.
 func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
-	extra.Pool, extra.Progress, extra.Sessions = p.Pool, p.Progress, p.Sessions
+	extra.Pool, extra.Progress, extra.Sessions, extra.GPUs = p.Pool, p.Progress, p.Sessions, p.GPU.Snapshot
 	p.Health = health.New(p.Registry, health.Config{
 		ProgressDeadline: cfg.ProgressDeadline, TransferDeadline: cfg.TransferDeadline,
 		PoisonBudget: cfg.PoisonBudget, ExhaustionGrace: cfg.ExhaustionGrace,
@@ -213,7 +217,12 @@ func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
 	return p.Health
 }
 
-// AdminHandler serves /livez, /readyz and /metrics.
+// gpuPollInterval is how often NVML is read: ECC and XID faults reach
+// readiness within it, and NVML queries stay cheap.
+const gpuPollInterval = 5 * time.Second
+
+// AdminHandler serves /livez, /readyz, /health (the full snapshot as JSON)
+// and /metrics.
 func AdminHandler(h *health.Checker, reg *prometheus.Registry) http.Handler {
 	mux := http.NewServeMux()
 	h.Routes(mux)
@@ -244,6 +253,7 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 		return serving.ServeGRPC(ctx, p.GRPC, p.GRPCLn, cfg.ShutdownGrace, p.Health.SetDraining)
 	})
 	g.Go("health", func(ctx context.Context) error { p.Health.Run(ctx, cfg.HealthInterval); return nil })
+	g.Go("gpu", func(ctx context.Context) error { p.GPU.Run(ctx, gpuPollInterval); return nil })
 	for name, fn := range extra {
 		g.Go(name, fn)
 	}
@@ -263,6 +273,7 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 		err = errors.Join(err, derr)
 	}
 	p.Health.Shutdown()
+	p.GPU.Shutdown()
 	stopAdmin()
 	if aerr := <-adminErr; aerr != nil {
 		err = errors.Join(err, fmt.Errorf("http: %w", aerr))

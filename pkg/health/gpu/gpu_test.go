@@ -1,0 +1,109 @@
+package gpu
+
+import (
+	"testing"
+
+	"github.com/NVIDIA/go-nvml/pkg/nvml"
+	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/zap"
+)
+
+// fakeGPU is one mock device with settable ECC count.
+type fakeGPU struct {
+	ecc uint64
+	dev *mock.Device
+}
+
+func newFakeGPU(name string) *fakeGPU {
+	g := &fakeGPU{}
+	g.dev = &mock.Device{
+		GetNameFunc:       func() (string, nvml.Return) { return name, nvml.SUCCESS },
+		GetMemoryInfoFunc: func() (nvml.Memory, nvml.Return) { return nvml.Memory{Total: 80 << 30, Used: 10 << 30}, nvml.SUCCESS },
+		GetTemperatureFunc: func(nvml.TemperatureSensors) (uint32, nvml.Return) {
+			return 41, nvml.SUCCESS
+		},
+		GetUtilizationRatesFunc: func() (nvml.Utilization, nvml.Return) { return nvml.Utilization{Gpu: 37}, nvml.SUCCESS },
+		GetTotalEccErrorsFunc: func(t nvml.MemoryErrorType, c nvml.EccCounterType) (uint64, nvml.Return) {
+			if t != nvml.MEMORY_ERROR_TYPE_UNCORRECTED || c != nvml.VOLATILE_ECC {
+				return 0, nvml.ERROR_INVALID_ARGUMENT
+			}
+			return g.ecc, nvml.SUCCESS
+		},
+		RegisterEventsFunc: func(uint64, nvml.EventSet) nvml.Return { return nvml.SUCCESS },
+	}
+	return g
+}
+
+func fakeLib(gpus []*fakeGPU, events *[]nvml.EventData) *mock.Interface {
+	es := &mock.EventSet{
+		WaitFunc: func(uint32) (nvml.EventData, nvml.Return) {
+			if len(*events) == 0 {
+				return nvml.EventData{}, nvml.ERROR_TIMEOUT
+			}
+			e := (*events)[0]
+			*events = (*events)[1:]
+			return e, nvml.SUCCESS
+		},
+		FreeFunc: func() nvml.Return { return nvml.SUCCESS },
+	}
+	return &mock.Interface{
+		InitFunc:           func() nvml.Return { return nvml.SUCCESS },
+		ShutdownFunc:       func() nvml.Return { return nvml.SUCCESS },
+		ErrorStringFunc:    func(r nvml.Return) string { return "mock error" },
+		DeviceGetCountFunc: func() (int, nvml.Return) { return len(gpus), nvml.SUCCESS },
+		DeviceGetHandleByIndexFunc: func(i int) (nvml.Device, nvml.Return) {
+			return gpus[i].dev, nvml.SUCCESS
+		},
+		EventSetCreateFunc: func() (nvml.EventSet, nvml.Return) { return es, nvml.SUCCESS },
+	}
+}
+
+func TestNoLibraryMeansNoGPU(t *testing.T) {
+	lib := &mock.Interface{InitFunc: func() nvml.Return { return nvml.ERROR_LIBRARY_NOT_FOUND }}
+	m := New(lib, prometheus.NewRegistry(), zap.NewNop())
+	m.Poll()
+	if present, gpus := m.Snapshot(); present || len(gpus) != 0 {
+		t.Fatalf("present %v, %d gpus", present, len(gpus))
+	}
+	m.Shutdown()
+}
+
+func TestHealthyThenECCThenXID(t *testing.T) {
+	gpus := []*fakeGPU{newFakeGPU("NVIDIA H100 80GB HBM3"), newFakeGPU("NVIDIA H100 80GB HBM3")}
+	var events []nvml.EventData
+	reg := prometheus.NewRegistry()
+	m := New(fakeLib(gpus, &events), reg, zap.NewNop())
+	defer m.Shutdown()
+
+	m.Poll()
+	present, snap := m.Snapshot()
+	if !present || len(snap) != 2 {
+		t.Fatalf("present %v, %d gpus", present, len(snap))
+	}
+	g := snap[0]
+	if !g.GetHealthy() || g.GetName() != "NVIDIA H100 80GB HBM3" || g.GetMemoryTotalBytes() != 80<<30 || g.GetTemperatureCelsius() != 41 || g.GetUtilizationPercent() != 37 {
+		t.Fatalf("gpu 0: %+v", g)
+	}
+	if got := testutil.ToFloat64(m.gauges.util.WithLabelValues("0")); got != 0.37 {
+		t.Fatalf("utilization gauge %v", got)
+	}
+
+	gpus[1].ecc = 3
+	m.Poll()
+	_, snap = m.Snapshot()
+	if snap[1].GetHealthy() || snap[1].GetReason() != "3 uncorrected ECC errors" || !snap[0].GetHealthy() {
+		t.Fatalf("after ECC: %+v / %+v", snap[0], snap[1])
+	}
+
+	events = append(events, nvml.EventData{Device: gpus[0].dev, EventType: nvml.EventTypeXidCriticalError, EventData: 79})
+	m.Poll()
+	_, snap = m.Snapshot()
+	if snap[0].GetHealthy() || snap[0].GetCriticalXidEvents() != 1 {
+		t.Fatalf("after XID 79: %+v", snap[0])
+	}
+	if got := testutil.ToFloat64(m.gauges.xidTotal.WithLabelValues("0")); got != 1 {
+		t.Fatalf("xid gauge %v", got)
+	}
+}
