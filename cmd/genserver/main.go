@@ -4,6 +4,7 @@ package main
 import (
 	"context"
 	"flag"
+	"fmt"
 	"os"
 	"time"
 
@@ -18,10 +19,26 @@ import (
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
+// Config is the generation server's configuration.
+type Config struct {
+	servercmd.Config
+	CanaryInterval time.Duration
+}
+
+// Validate checks the configuration.
+func (c *Config) Validate() error {
+	var canaryErr error
+	if c.CanaryInterval < 0 {
+		canaryErr = fmt.Errorf("--canary-interval must not be negative, got %s", c.CanaryInterval)
+	}
+	return servercmd.OneLine(c.Config.Validate(), canaryErr)
+}
+
 func main() {
-	var cfg servercmd.Config
+	var cfg Config
 	fs := flag.NewFlagSet("genserver", flag.ContinueOnError)
 	cfg.Register(fs, servercmd.Ports{GRPC: 9200, HTTP: 9201, Data: 9202})
+	fs.DurationVar(&cfg.CanaryInterval, "canary-interval", 10*time.Second, "how often the pair canary pulls a one-block KV from each recently seen context server (0 disables)")
 	os.Exit(servercmd.Main(fs, "genserver: the kvferry generation (decode) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }
@@ -35,8 +52,8 @@ const abortTimeout = 2 * time.Second
 // quarantine deadline (120 s by default).
 const sweepInterval = time.Second
 
-func run(ctx context.Context, cfg servercmd.Config, lg *zap.Logger) error {
-	p, err := servercmd.Build(cfg, true, lg)
+func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
+	p, err := servercmd.Build(cfg.Config, true, lg)
 	if err != nil {
 		return err
 	}
@@ -61,11 +78,15 @@ func run(ctx context.Context, cfg servercmd.Config, lg *zap.Logger) error {
 		BackendHealthy: func() bool { return checker.Healthy() },
 		Progress:       p.Progress,
 		Sessions:       p.Sessions,
+		CanaryInterval: cfg.CanaryInterval,
+		Canaries:       metrics.NewCanary(p.Registry),
 		Logger:         lg,
 	})
-	checker = p.StartHealth(cfg, health.Sources{QuarantinedSessions: srv.QuarantinedSessions})
+	checker = p.StartHealth(cfg.Config, health.Sources{QuarantinedSessions: srv.QuarantinedSessions, Canary: srv.CanaryStatus})
 	kvferryv1.RegisterGenerationServiceServer(p.GRPC, srv)
-	return servercmd.Serve(ctx, cfg, p,
-		map[string]func(context.Context) error{"reaper": func(ctx context.Context) error { srv.Run(ctx, sweepInterval); return nil }},
+	return servercmd.Serve(ctx, cfg.Config, p,
+		map[string]func(context.Context) error{"reaper": func(ctx context.Context) error { srv.Run(ctx, sweepInterval); return nil },
+			"canary": func(ctx context.Context) error { srv.RunCanary(ctx); return nil },
+		},
 		srv.Drain)
 }

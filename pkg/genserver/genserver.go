@@ -52,6 +52,10 @@ type Config struct {
 	// BackendHealthy tells Cancel whether an in-flight cancel can be
 	// trusted to take effect (nil: always).
 	BackendHealthy func() bool
+	// CanaryInterval is how often the pair canary probes recent context
+	// servers (0 disables); Canaries counts its results.
+	CanaryInterval time.Duration
+	Canaries       *metrics.Canary
 	// Progress and Sessions feed the health evaluator (nil: not tracked).
 	Progress *health.Progress
 	Sessions *health.Sessions
@@ -88,13 +92,15 @@ type Server struct {
 	reqs       map[string]*request
 	quarantine map[*transfer]struct{} // receive sessions in doubt, for the reaper
 	draining   bool
+
+	canary canary // its own lock
 }
 
 var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
 
 // New returns a generation server.
 func New(cfg Config) *Server {
-	return &Server{cfg: cfg, spec: cfg.Engine.Model(), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}}
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
 }
 
 func (s *Server) validate(req *kvferryv1.GenerateRequest) error {
@@ -183,6 +189,7 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 	if err := s.negotiate(req.GetAdvertisement()); err != nil {
 		return status.Error(codes.FailedPrecondition, err.Error())
 	}
+	s.canary.notePeer(req.GetAdvertisement().GetTransferEndpoint(), time.Now())
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
 	r, err := s.admit(req.GetTicket(), cancel)

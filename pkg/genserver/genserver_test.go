@@ -47,10 +47,20 @@ type pair struct {
 
 func serve(t *testing.T, register func(*grpc.Server)) string {
 	t.Helper()
+	return serveOn(t, listen(t), register)
+}
+
+func listen(t *testing.T) net.Listener {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return ln
+}
+
+func serveOn(t *testing.T, ln net.Listener, register func(*grpc.Server)) string {
+	t.Helper()
 	gs := grpc.NewServer()
 	register(gs)
 	done := make(chan struct{})
@@ -87,14 +97,15 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 	sender := kvtransfer.NewSender(0)
 	t.Cleanup(sender.Close)
 	reg := prometheus.NewRegistry()
+	ctxLn := listen(t)
 	ctxSrv := ctxserver.New(ctxserver.Config{
-		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: ctxPool, Sender: sender,
+		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: ctxPool, Sender: sender, TransferEndpoint: ctxLn.Addr().String(),
 		HandoffLease: time.Minute, TransferDeadline: shouldHappen,
 		Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg), Logger: zap.NewNop(),
 	})
 	// The listen address is known only after serving, so the test writes
 	// it into each advertisement (p.advertise) as the real server would.
-	ctxAddr := serve(t, func(gs *grpc.Server) {
+	ctxAddr := serveOn(t, ctxLn, func(gs *grpc.Server) {
 		kvferryv1.RegisterTransferServiceServer(gs, ctxSrv)
 		kvferryv1.RegisterContextServiceServer(gs, ctxSrv)
 	})
@@ -112,7 +123,7 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 		DataEndpoint: recv.Addr().String(), Conns: conns,
 		Timeouts:     to,
 		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(greg), Cancels: metrics.NewCancel(greg),
-		Quarantines: quarantines, Logger: zap.NewNop(),
+		Quarantines: quarantines, Canaries: metrics.NewCanary(greg), CanaryInterval: time.Hour, Logger: zap.NewNop(),
 	})
 	genAddr := serve(t, func(gs *grpc.Server) { kvferryv1.RegisterGenerationServiceServer(gs, genSrv) })
 	t.Cleanup(func() {
@@ -488,5 +499,45 @@ func TestReapDoesNotBlockOnUnfinishedTransfer(t *testing.T) {
 	}
 	close(f.wake)
 	<-f.woke
+	p.waitIdle(t)
+}
+
+// TestPairCanary: after a request, the canary pulls a block from that
+// context server and verifies it; a dead peer fails; the canary counts as
+// failing only when every recent peer fails twice in a row.
+func TestPairCanary(t *testing.T) {
+	p := newPair(t, "tiny", 64, executor.Timing{})
+	if _, err := p.run(context.Background(), "the river", &kvferryv1.SamplingParams{MaxTokens: 2}, nil); err != nil {
+		t.Fatal(err)
+	}
+	s := p.genSrv
+	s.CanaryRound(context.Background(), time.Now())
+	st := s.CanaryStatus()
+	if !st.GetEnabled() || st.GetFailing() || len(st.GetPeers()) != 1 || !st.GetPeers()[0].GetOk() {
+		t.Fatalf("after one round: %v", st)
+	}
+	p.waitIdle(t)
+
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := ln.Addr().String()
+	_ = ln.Close()
+	s.canary.notePeer(dead, time.Now())
+	for range canaryFailThreshold {
+		s.CanaryRound(context.Background(), time.Now())
+	}
+	st = s.CanaryStatus()
+	if st.GetFailing() || len(st.GetPeers()) != 2 {
+		t.Fatalf("one good peer, one dead: %v", st)
+	}
+	s.canary.mu.Lock()
+	delete(s.canary.peers, p.advertise)
+	s.canary.mu.Unlock()
+	if st = s.CanaryStatus(); !st.GetFailing() {
+		t.Fatalf("only a dead peer: %v", st)
+	}
+	// A peer not seen for the TTL is no longer probed.
+	if due := s.canary.due(time.Now().Add(canaryPeerTTL + time.Second)); len(due) != 0 {
+		t.Fatalf("stale peers still due: %v", due)
+	}
 	p.waitIdle(t)
 }

@@ -285,3 +285,34 @@ func (q *Quarantine) RecordPoison(side string, blocks int) {
 func (q *Quarantine) QuarantinedCounter(side string) prometheus.Collector {
 	return q.quarantined.WithLabelValues(side)
 }
+
+// Canary counts pair-canary results.
+type Canary struct {
+	results  *prometheus.CounterVec
+	duration prometheus.Histogram
+}
+
+// NewCanary registers kvferry_health_canary_total{result} and
+// kvferry_health_canary_duration_seconds.
+func NewCanary(reg prometheus.Registerer) *Canary {
+	c := &Canary{
+		results: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "health", Name: "canary_total",
+			Help: "Pair canaries (a one-block transfer from a context server, checksum-verified), by result.",
+		}, []string{"result"}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "health", Name: "canary_duration_seconds",
+			Help: "Duration of one pair canary.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}),
+	}
+	c.results.WithLabelValues("ok")
+	c.results.WithLabelValues("failed")
+	reg.MustRegister(c.results, c.duration)
+	return c
+}
+
+// RecordCanary counts one canary result ("ok" or "failed") and its duration.
+func (c *Canary) RecordCanary(result string, d time.Duration) {
+	c.results.WithLabelValues(result).Inc()
+	c.duration.Observe(d.Seconds())
+}

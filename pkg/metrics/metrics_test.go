@@ -29,6 +29,7 @@ func contractRegistry(t *testing.T) (*prometheus.Registry, *blockpool.Pool, *Tra
 	RegisterPool(reg, pool)
 	NewHealth(reg)
 	NewQuarantine(reg)
+	NewCanary(reg)
 	return reg, pool, NewTransfer(reg), NewCancel(reg), NewRouter(reg)
 }
 

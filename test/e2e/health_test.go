@@ -192,3 +192,37 @@ func TestHealthProbesAndDraining(t *testing.T) {
 		t.Fatalf("genserver exit: %v", err)
 	}
 }
+
+// TestPairCanaryFeedsReadiness: the generation server's canary proves the
+// pair path after a request; when the context server goes away, readiness
+// fails with pair_canary_failing while liveness stays true.
+func TestPairCanaryFeedsReadiness(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{GenArgs: []string{"--canary-interval=200ms", "--health-interval=100ms"}})
+	c := client(s)
+	if _, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
+		Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(2),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	hc := kvferryv1.NewHealthServiceClient(grpcConn(t, s.GenGRPC))
+	stack.Eventually(t, "a successful canary", func() bool {
+		h, err := hc.GetHealth(testCtx(t), &kvferryv1.GetHealthRequest{})
+		return err == nil && len(h.GetCanary().GetPeers()) == 1 && h.GetCanary().GetPeers()[0].GetOk()
+	})
+	if got := stack.Metric(t, s.GenHTTP, `kvferry_health_canary_total{result="ok"}`); got < 1 {
+		t.Fatalf("canary ok count %v", got)
+	}
+	if err := s.Ctx.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	stack.Eventually(t, "not ready: canary failing", func() bool {
+		h, err := hc.GetHealth(testCtx(t), &kvferryv1.GetHealthRequest{})
+		return err == nil && !h.GetReady() && h.GetLive() && h.GetReason() == "pair_canary_failing"
+	})
+	if code := probe(s.GenHTTP + "/readyz"); code != http.StatusServiceUnavailable {
+		t.Fatalf("readyz %d", code)
+	}
+	if code := probe(s.GenHTTP + "/livez"); code != http.StatusOK {
+		t.Fatalf("livez %d", code)
+	}
+}
