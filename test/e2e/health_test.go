@@ -3,12 +3,14 @@ package e2e
 import (
 	"context"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/openai/openai-go/v3"
+	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -225,4 +227,48 @@ func TestPairCanaryFeedsReadiness(t *testing.T) {
 	if code := probe(s.GenHTTP + "/livez"); code != http.StatusOK {
 		t.Fatalf("livez %d", code)
 	}
+}
+
+// TestMetricsPassPromlint: every binary's /metrics passes Prometheus'
+// linter and exposes the contract families.
+func TestMetricsPassPromlint(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{})
+	c := client(s)
+	if _, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
+		Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(3),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	contract := map[string][]string{
+		s.CtxHTTP:     {"kvferry_blockpool_capacity_blocks", "kvferry_blockpool_blocks", "kvferry_transfer_sessions_total", "kvferry_transfer_bytes_total", "kvferry_transfer_duration_seconds", "kvferry_cancel_outcomes_total", "kvferry_cancel_to_free_seconds", "kvferry_health_live", "kvferry_health_ready", "kvferry_health_seconds_since_progress", "kvferry_build_info"},
+		s.GenHTTP:     {"kvferry_blockpool_blocks", "kvferry_transfer_sessions_total", "kvferry_health_canary_total", "kvferry_gpu_devices"},
+		s.RouterAdmin: {"kvferry_router_requests_total", "kvferry_router_ttft_seconds", "kvferry_router_inter_token_seconds", "kvferry_router_request_duration_seconds", "kvferry_health_ready", "kvferry_build_info"},
+	}
+	for base, families := range contract {
+		_, body, err := stack.Get(base + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		problems, err := promlint.New(strings.NewReader(body)).Lint()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range problems {
+			if strings.HasPrefix(p.Metric, "kvferry_") {
+				t.Errorf("%s: %s: %s", base, p.Metric, p.Text)
+			}
+		}
+		for _, f := range families {
+			if !strings.Contains(body, "# TYPE "+f+" ") {
+				t.Errorf("%s lacks %s", base, f)
+			}
+		}
+	}
+	if got := stack.Metric(t, s.CtxHTTP, `kvferry_transfer_sessions_total{outcome="completed",side="sender"}`); got != 1 {
+		t.Errorf("sender completed sessions %v, want 1", got)
+	}
+	if got := stack.Metric(t, s.RouterAdmin, `kvferry_router_requests_total{outcome="ok"}`); got != 1 {
+		t.Errorf("router ok requests %v, want 1", got)
+	}
+	s.StopAll(t)
 }

@@ -50,7 +50,7 @@ func newGauges(reg prometheus.Registerer) gauges {
 		return prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "kvferry", Subsystem: "gpu", Name: name, Help: help}, []string{"gpu"})
 	}
 	g := gauges{
-		present:  prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "kvferry", Subsystem: "gpu", Name: "count", Help: "Number of NVIDIA GPUs NVML reports; 0 without the NVIDIA library."}),
+		present:  prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "kvferry", Subsystem: "gpu", Name: "devices", Help: "Number of NVIDIA GPUs NVML reports; 0 without the NVIDIA library."}),
 		memTotal: vec("memory_total_bytes", "GPU memory in total."),
 		memUsed:  vec("memory_used_bytes", "GPU memory in use."),
 		temp:     vec("temperature_celsius", "GPU core temperature."),
