@@ -40,6 +40,9 @@ type Config struct {
 	CancelTimeout    time.Duration
 	ShutdownGrace    time.Duration
 	LogLevel         string
+	MaxRetries       int
+	MaxInflight      int
+	APIKeysFile      string
 }
 
 func (c *Config) register(fs *flag.FlagSet) {
@@ -58,6 +61,9 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.DurationVar(&c.CancelTimeout, "cancel-timeout", 2*time.Second, "bound on each Cancel / Release call to a server")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.IntVar(&c.MaxRetries, "max-retries", 1, "attempts after a server failure, only before the first token reached the client")
+	fs.IntVar(&c.MaxInflight, "max-inflight", 512, "requests in flight before the router answers 429 with Retry-After (0: no bound)")
+	fs.StringVar(&c.APIKeysFile, "api-keys-file", "", "file of accepted API keys, one per line; when set, the OpenAI API requires Authorization: Bearer <key>")
 }
 
 func splitList(s string) []string {
@@ -98,6 +104,14 @@ func (c *Config) Validate() error {
 	if c.DefaultMaxTokens <= 0 || c.DefaultMaxTokens > c.MaxOutputTokens {
 		errs = append(errs, fmt.Errorf("--default-max-tokens must be between 1 and --max-output-tokens (%d)", c.MaxOutputTokens))
 	}
+	if c.MaxRetries < 0 || c.MaxInflight < 0 {
+		errs = append(errs, errors.New("--max-retries and --max-inflight must not be negative"))
+	}
+	if c.APIKeysFile != "" {
+		if _, err := readAPIKeys(c.APIKeysFile); err != nil {
+			errs = append(errs, fmt.Errorf("--api-keys-file: %w", err))
+		}
+	}
 	if c.RequestTimeout <= 0 || c.CancelTimeout <= 0 || c.ShutdownGrace <= 0 {
 		errs = append(errs, errors.New("--request-timeout, --cancel-timeout and --shutdown-grace must be positive"))
 	}
@@ -124,6 +138,12 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if served == "" {
 		served = spec.Name
 	}
+	var keys map[string]bool
+	if cfg.APIKeysFile != "" {
+		if keys, err = readAPIKeys(cfg.APIKeysFile); err != nil {
+			return err
+		}
+	}
 	reg := metrics.NewRegistry()
 	conns := serving.NewConnCache()
 	defer conns.Close()
@@ -132,6 +152,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		Model: spec, ServedModel: served,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
 		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, CancelTimeout: cfg.CancelTimeout,
+		MaxRetries: cfg.MaxRetries, MaxInflight: cfg.MaxInflight, APIKeys: keys,
 		Conns: conns, Metrics: metrics.NewRouter(reg), Logger: lg,
 	})
 	if err != nil {
@@ -186,4 +207,22 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	checker.Shutdown()
 	lg.Info("stopped")
 	return err
+}
+
+// readAPIKeys reads one key per line; blank lines and # comments are skipped.
+func readAPIKeys(path string) (map[string]bool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	keys := map[string]bool{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+			keys[line] = true
+		}
+	}
+	if len(keys) == 0 {
+		return nil, errors.New("no keys in the file")
+	}
+	return keys, nil
 }

@@ -52,6 +52,11 @@ func writeRunError(w http.ResponseWriter, err error) {
 	case codes.InvalidArgument:
 		badRequest(w, "", "%v", err)
 	case codes.ResourceExhausted:
+		if err == ErrOverloaded {
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusTooManyRequests, "rate_limit_error", "", "too_many_requests", "%v; retry after 1 s", err)
+			return
+		}
 		writeError(w, http.StatusServiceUnavailable, "server_error", "", "overloaded", "the KV cache is full, retry later: %v", err)
 	case codes.DeadlineExceeded:
 		writeError(w, http.StatusGatewayTimeout, "server_error", "", "timeout", "%v", err)
@@ -81,7 +86,99 @@ type completionRequest struct {
 	StreamOptions       *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
-	User string `json:"user"`
+	User string          `json:"user"`
+	Stop json.RawMessage `json:"stop"`
+
+	// Parameters kvferry does not support: any meaningful value is a 400
+	// naming it, never silently ignored.
+	N                 *int            `json:"n"`
+	BestOf            *int            `json:"best_of"`
+	Logprobs          json.RawMessage `json:"logprobs"`
+	TopLogprobs       *int            `json:"top_logprobs"`
+	Echo              *bool           `json:"echo"`
+	Suffix            *string         `json:"suffix"`
+	Tools             json.RawMessage `json:"tools"`
+	ToolChoice        json.RawMessage `json:"tool_choice"`
+	Functions         json.RawMessage `json:"functions"`
+	FunctionCall      json.RawMessage `json:"function_call"`
+	ResponseFormat    json.RawMessage `json:"response_format"`
+	LogitBias         json.RawMessage `json:"logit_bias"`
+	PresencePenalty   *float64        `json:"presence_penalty"`
+	FrequencyPenalty  *float64        `json:"frequency_penalty"`
+	ParallelToolCalls *bool           `json:"parallel_tool_calls"`
+}
+
+// maxStops is OpenAI's limit on stop sequences.
+const maxStops = 4
+
+// unsupported returns the first parameter given a value kvferry cannot
+// honour, with a sentence; "" when there is none.
+func (b *completionRequest) unsupported() (param, msg string) {
+	set := func(raw json.RawMessage) bool {
+		v := strings.TrimSpace(string(raw))
+		return v != "" && v != "null" && v != "false" && v != "0" && v != "[]" && v != "{}"
+	}
+	switch {
+	case b.N != nil && *b.N != 1:
+		return "n", "only n=1 is supported"
+	case b.BestOf != nil && *b.BestOf != 1:
+		return "best_of", "only best_of=1 is supported"
+	case set(b.Logprobs):
+		return "logprobs", "logprobs are not supported"
+	case b.TopLogprobs != nil && *b.TopLogprobs != 0:
+		return "top_logprobs", "logprobs are not supported"
+	case b.Echo != nil && *b.Echo:
+		return "echo", "echo is not supported"
+	case b.Suffix != nil && *b.Suffix != "":
+		return "suffix", "suffix is not supported"
+	case set(b.Tools):
+		return "tools", "tools are not supported"
+	case set(b.ToolChoice) && strings.Trim(string(b.ToolChoice), `" `) != "none":
+		return "tool_choice", "tools are not supported"
+	case set(b.Functions):
+		return "functions", "functions are not supported"
+	case set(b.FunctionCall) && strings.Trim(string(b.FunctionCall), `" `) != "none":
+		return "function_call", "functions are not supported"
+	case set(b.ResponseFormat) && !strings.Contains(strings.ReplaceAll(string(b.ResponseFormat), " ", ""), `"type":"text"`):
+		return "response_format", "only the text response format is supported"
+	case set(b.LogitBias):
+		return "logit_bias", "logit_bias is not supported"
+	case b.PresencePenalty != nil && *b.PresencePenalty != 0:
+		return "presence_penalty", "presence_penalty is not supported"
+	case b.FrequencyPenalty != nil && *b.FrequencyPenalty != 0:
+		return "frequency_penalty", "frequency_penalty is not supported"
+	case b.ParallelToolCalls != nil && *b.ParallelToolCalls:
+		return "parallel_tool_calls", "tools are not supported"
+	}
+	return "", ""
+}
+
+// stops parses `stop`: a string or a list of at most four strings.
+func stops(raw json.RawMessage) ([]string, error) {
+	if v := strings.TrimSpace(string(raw)); v == "" || v == "null" {
+		return nil, nil
+	}
+	var one string
+	if err := json.Unmarshal(raw, &one); err == nil {
+		if one == "" {
+			return nil, nil
+		}
+		return []string{one}, nil
+	}
+	var list []string
+	if err := json.Unmarshal(raw, &list); err != nil {
+		return nil, errors.New("stop must be a string or a list of strings")
+	}
+	if len(list) > maxStops {
+		return nil, fmt.Errorf("stop takes at most %d sequences, got %d", maxStops, len(list))
+	}
+	out := list[:0]
+	for _, s := range list {
+		if s != "" {
+			out = append(out, s)
+		}
+	}
+	return out, nil
 }
 
 type chatMessage struct {
@@ -142,8 +239,24 @@ func promptText(raw json.RawMessage) (string, error) {
 	return "", errors.New("prompt must be a string (or a list of one string)")
 }
 
-// Handler returns the public OpenAI HTTP API.
+// Handler returns the public OpenAI HTTP API, behind the API-key check
+// when keys are configured.
 func (r *Router) Handler() http.Handler {
+	mux := r.routes()
+	if len(r.cfg.APIKeys) == 0 {
+		return mux
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		key, ok := strings.CutPrefix(req.Header.Get("Authorization"), "Bearer ")
+		if !ok || !r.cfg.APIKeys[strings.TrimSpace(key)] {
+			writeError(w, http.StatusUnauthorized, "invalid_request_error", "", "invalid_api_key", "missing or incorrect API key: send Authorization: Bearer <key>")
+			return
+		}
+		mux.ServeHTTP(w, req)
+	})
+}
+
+func (r *Router) routes() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/v1/completions", r.methods(http.MethodPost, func(w http.ResponseWriter, req *http.Request) { r.serveCompletion(w, req, false) }))
 	mux.HandleFunc("/v1/chat/completions", r.methods(http.MethodPost, func(w http.ResponseWriter, req *http.Request) { r.serveCompletion(w, req, true) }))
@@ -212,6 +325,15 @@ func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job
 		badRequest(w, "model", "you must provide a model parameter")
 		return job, body, false
 	}
+	if param, msg := body.unsupported(); param != "" {
+		badRequest(w, param, "%s", msg)
+		return job, body, false
+	}
+	stopSeqs, err := stops(body.Stop)
+	if err != nil {
+		badRequest(w, "stop", "%v", err)
+		return job, body, false
+	}
 	if body.Model != r.cfg.ServedModel {
 		writeError(w, http.StatusNotFound, "invalid_request_error", "model", "model_not_found", "the model %q does not exist; this server serves %q", body.Model, r.cfg.ServedModel)
 		return job, body, false
@@ -265,7 +387,7 @@ func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job
 	if ticket.ValidateID(id) != nil {
 		id = ticket.NewID()
 	}
-	return Job{ID: id, Prompt: tokens, Sampling: sampling}, body, true
+	return Job{ID: id, Prompt: tokens, Sampling: sampling, Stop: stopSeqs}, body, true
 }
 
 func roleErr(role string) error {

@@ -22,7 +22,6 @@ import (
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
-	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -41,26 +40,30 @@ type Config struct {
 	RequestTimeout   time.Duration
 	// CancelTimeout bounds each Cancel / Release call to a server.
 	CancelTimeout time.Duration
-	Conns         *serving.ConnCache
-	Metrics       *metrics.Router
-	Logger        *zap.Logger
-}
-
-type backend struct {
-	addr     string
-	role     string
-	inflight atomic.Int64
+	// MaxRetries is how many more attempts a request gets after a server
+	// failure, only before its first token reached the client.
+	MaxRetries int
+	// MaxInflight bounds requests in flight; beyond it the router answers
+	// 429 (0: no bound).
+	MaxInflight int
+	// APIKeys, when not empty, are the bearer tokens the HTTP API accepts.
+	APIKeys map[string]bool
+	Conns   *serving.ConnCache
+	Metrics *metrics.Router
+	Logger  *zap.Logger
 }
 
 // Router runs requests across context and generation servers.
 type Router struct {
 	kvferryv1.UnimplementedRouterServiceServer
 
-	cfg     Config
-	lg      *zap.Logger
-	ctxs    []*backend
-	gens    []*backend
-	created int64
+	cfg      Config
+	lg       *zap.Logger
+	ctxs     []*backend
+	gens     []*backend
+	policy   *policy
+	created  int64
+	inflight atomic.Int64
 
 	mu     sync.Mutex
 	active map[string]*active
@@ -80,28 +83,19 @@ func New(cfg Config) (*Router, error) {
 	if len(cfg.CtxServers) == 0 || len(cfg.GenServers) == 0 {
 		return nil, errors.New("router: need at least one context and one generation server")
 	}
-	r := &Router{cfg: cfg, lg: cfg.Logger, active: map[string]*active{}, created: time.Now().Unix()}
+	r := &Router{cfg: cfg, lg: cfg.Logger, active: map[string]*active{}, created: time.Now().Unix(),
+		policy: &policy{filters: []Filter{readyOnly}, scorers: []Scorer{leastInflight{}, prefixAffinity{}}}}
 	for _, a := range cfg.CtxServers {
-		r.ctxs = append(r.ctxs, &backend{addr: a, role: "context"})
+		b := &backend{addr: a, role: "context"}
+		b.ready.Store(true) // until the health loop says otherwise
+		r.ctxs = append(r.ctxs, b)
 	}
 	for _, a := range cfg.GenServers {
-		r.gens = append(r.gens, &backend{addr: a, role: "generation"})
+		b := &backend{addr: a, role: "generation"}
+		b.ready.Store(true)
+		r.gens = append(r.gens, b)
 	}
 	return r, nil
-}
-
-// pick returns the backend with the least work in flight; the first wins a
-// tie, and the counter moves before the call so that concurrent picks
-// spread.
-func pick(bs []*backend) *backend {
-	best := bs[0]
-	for _, b := range bs[1:] {
-		if b.inflight.Load() < best.inflight.Load() {
-			best = b
-		}
-	}
-	best.inflight.Add(1)
-	return best
 }
 
 // Job is one request as the router runs it.
@@ -109,6 +103,8 @@ type Job struct {
 	ID       string
 	Prompt   []uint32
 	Sampling *kvferryv1.SamplingParams
+	// Stop sequences end the output before them (never sent).
+	Stop []string
 }
 
 // Chunk is a piece of the output sent to the client.
@@ -145,12 +141,46 @@ func CodeOf(err error) codes.Code {
 	return status.Code(err)
 }
 
+// ErrOverloaded is returned when MaxInflight requests are running.
+var ErrOverloaded = &Error{Code: codes.ResourceExhausted, Msg: "too many requests in flight"}
+
 // Run executes a job and calls emit for each chunk. It returns when the
 // generation finished, the client went away (emit failed or ctx is done),
-// or a server failed. Every exit other than success cancels on both servers.
+// or the servers failed. A server failure before the first chunk reached
+// the client is retried up to MaxRetries times, each with attempt+1 and a
+// fresh pair that excludes the failed server; never on a client error.
 func (r *Router) Run(ctx context.Context, job Job, emit func(Chunk) error) (Usage, error) {
 	start := time.Now()
-	usage, err := r.run(ctx, job, emit, start)
+	if n := r.inflight.Add(1); r.cfg.MaxInflight > 0 && n > int64(r.cfg.MaxInflight) {
+		r.inflight.Add(-1)
+		r.cfg.Metrics.RecordRequest(metrics.RequestRejected, 0)
+		return Usage{PromptTokens: len(job.Prompt)}, ErrOverloaded
+	}
+	defer r.inflight.Add(-1)
+	a := &active{}
+	if err := r.track(job.ID, a); err != nil {
+		return Usage{}, err
+	}
+	defer r.untrack(job.ID)
+
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
+	defer cancel()
+	ctx = serving.WithRequestID(ctx, job.ID)
+	exclude := map[*backend]bool{}
+	var usage Usage
+	var err error
+	for attempt := uint32(1); ; attempt++ {
+		var emitted bool
+		var failed *backend
+		usage, emitted, failed, err = r.attempt(ctx, job, attempt, a, exclude, start, emit)
+		if err == nil || emitted || int(attempt) > r.cfg.MaxRetries || !retryable(err) || ctx.Err() != nil {
+			break
+		}
+		if failed != nil {
+			exclude[failed] = true
+		}
+		r.lg.Info("retrying", zap.String("request_id", job.ID), zap.Uint32("attempt", attempt+1), zap.Error(err))
+	}
 	outcome := metrics.RequestOK
 	switch {
 	case err == nil:
@@ -165,45 +195,74 @@ func (r *Router) Run(ctx context.Context, job Job, emit func(Chunk) error) (Usag
 	return usage, err
 }
 
-func (r *Router) run(ctx context.Context, job Job, emit func(Chunk) error, start time.Time) (Usage, error) {
-	usage := Usage{PromptTokens: len(job.Prompt)}
-	t := ticket.New(job.ID)
-	fields := []zap.Field{zap.String("request_id", t.GetRequestId()), zap.Uint32("attempt", t.GetAttempt())}
-	ctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
-	defer cancel()
-	ctx = serving.WithRequestID(ctx, job.ID)
-
-	c, g := pick(r.ctxs), pick(r.gens)
-	defer c.inflight.Add(-1)
-	defer g.inflight.Add(-1)
-	a := &active{ticket: t, ctx: c, gen: g, cancel: cancel}
-	if err := r.track(job.ID, a); err != nil {
-		return usage, err
+// retryable: a server failure another pair may not have; never the
+// client's own error, a cancel or the request's deadline.
+func retryable(err error) bool {
+	switch CodeOf(err) {
+	case codes.Unavailable, codes.ResourceExhausted, codes.Internal, codes.DataLoss, codes.Aborted, codes.FailedPrecondition, codes.Unknown:
+		return true
 	}
-	defer r.untrack(job.ID)
+	return false
+}
+
+// serverFault: the failure counts against the server's breaker.
+func serverFault(err error) bool {
+	switch CodeOf(err) {
+	case codes.Unavailable, codes.Internal, codes.DataLoss, codes.Unknown:
+		return true
+	}
+	return false
+}
+
+// attempt runs one attempt of a job on a fresh pair. emitted reports
+// whether any chunk reached the client; failed names the server to exclude
+// from a retry.
+func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active, exclude map[*backend]bool, start time.Time, emit func(Chunk) error) (usage Usage, emitted bool, failed *backend, err error) {
+	usage = Usage{PromptTokens: len(job.Prompt)}
+	t := &kvferryv1.Ticket{RequestId: job.ID, Attempt: attempt}
+	fields := []zap.Field{zap.String("request_id", t.GetRequestId()), zap.Uint32("attempt", t.GetAttempt())}
+	req := &pickRequest{prefixHash: prefixHash(r.cfg.Model, job.Prompt), exclude: exclude, now: time.Now()}
+	c := r.policy.pick(req, r.ctxs)
+	if c == nil {
+		return usage, false, nil, fail(codes.Unavailable, "no context server available")
+	}
+	defer c.inflight.Add(-1)
+	req.prefixHash = 0 // affinity is for the reuse cache, which lives on context servers
+	g := r.policy.pick(req, r.gens)
+	if g == nil {
+		c.result(true, time.Now()) // release a half-open probe slot unused
+		return usage, false, nil, fail(codes.Unavailable, "no generation server available")
+	}
+	defer g.inflight.Add(-1)
+	actx, acancel := context.WithCancel(ctx)
+	defer acancel()
+	r.setActive(a, t, c, g, acancel)
 
 	cc, err := r.cfg.Conns.Get(c.addr)
 	if err != nil {
-		return usage, fail(codes.Unavailable, "context server: %v", err)
+		return usage, false, c, fail(codes.Unavailable, "context server: %v", err)
 	}
 	gc, err := r.cfg.Conns.Get(g.addr)
 	if err != nil {
-		return usage, fail(codes.Unavailable, "generation server: %v", err)
+		return usage, false, g, fail(codes.Unavailable, "generation server: %v", err)
 	}
 	ctxClient := kvferryv1.NewContextServiceClient(cc)
-	pre, err := ctxClient.Prefill(ctx, &kvferryv1.PrefillRequest{
-		Ticket: t, PromptTokens: job.Prompt, Sampling: job.Sampling, DeadlineUnixNanos: deadlineOf(ctx),
+	pre, err := ctxClient.Prefill(actx, &kvferryv1.PrefillRequest{
+		Ticket: t, PromptTokens: job.Prompt, Sampling: job.Sampling, DeadlineUnixNanos: deadlineOf(actx),
 	})
 	if err != nil {
 		if ctx.Err() != nil {
 			r.cancelBoth(ctx, a)
 		}
-		return usage, r.rpcError(ctx, "prefill", err)
+		err = r.rpcError(ctx, "prefill", err)
+		c.result(!serverFault(err), time.Now())
+		return usage, false, c, err
 	}
+	c.result(true, time.Now())
 
-	gstream, err := kvferryv1.NewGenerationServiceClient(gc).Generate(ctx, &kvferryv1.GenerateRequest{
+	gstream, err := kvferryv1.NewGenerationServiceClient(gc).Generate(actx, &kvferryv1.GenerateRequest{
 		Ticket: t, PromptTokens: job.Prompt, FirstToken: pre.GetFirstToken(), Sampling: job.Sampling,
-		Advertisement: pre.GetAdvertisement(), DeadlineUnixNanos: deadlineOf(ctx),
+		Advertisement: pre.GetAdvertisement(), DeadlineUnixNanos: deadlineOf(actx),
 	})
 	handedOff := false
 	defer func() {
@@ -214,8 +273,11 @@ func (r *Router) run(ctx context.Context, job Job, emit func(Chunk) error, start
 		}
 	}()
 	if err != nil {
-		return usage, r.rpcError(ctx, "generate", err)
+		err = r.rpcError(ctx, "generate", err)
+		g.result(!serverFault(err), time.Now())
+		return usage, false, g, err
 	}
+	stop := newStopper(job.Stop)
 	last := time.Time{}
 	for {
 		msg, err := gstream.Recv()
@@ -223,31 +285,53 @@ func (r *Router) run(ctx context.Context, job Job, emit func(Chunk) error, start
 			if ctx.Err() != nil {
 				r.cancelBoth(ctx, a)
 			}
-			return usage, r.rpcError(ctx, "generate", err)
+			err = r.rpcError(ctx, "generate", err)
+			g.result(!serverFault(err), time.Now())
+			return usage, emitted, g, err
 		}
 		if msg.GetKvReady() {
 			handedOff = true
 		}
-		now := time.Now()
-		if len(msg.GetTokens()) > 0 {
-			if last.IsZero() {
-				r.cfg.Metrics.RecordTTFT(now.Sub(start))
-			} else {
-				r.cfg.Metrics.RecordInterToken(now.Sub(last))
-			}
-			last = now
+		text, stopped := stop.feed(msg.GetText())
+		finish := finishOf(msg.GetFinishReason())
+		switch {
+		case stopped:
+			finish = executor.FinishStop
+		case finish != executor.FinishNone:
+			text += stop.flush()
 		}
 		usage.CompletionTokens += len(msg.GetTokens())
-		ch := Chunk{Text: msg.GetText(), Tokens: msg.GetTokens(), Finish: finishOf(msg.GetFinishReason())}
-		if err := emit(ch); err != nil {
-			cancel()
-			r.cancelBoth(ctx, a)
-			return usage, fail(codes.Canceled, "client went away: %v", err)
+		if text == "" && finish == executor.FinishNone {
+			continue // held back: it may be the start of a stop sequence
 		}
-		if ch.Finish != executor.FinishNone {
-			return usage, nil
+		now := time.Now()
+		if last.IsZero() {
+			r.cfg.Metrics.RecordTTFT(now.Sub(start))
+		} else {
+			r.cfg.Metrics.RecordInterToken(now.Sub(last))
+		}
+		last = now
+		if err := emit(Chunk{Text: text, Tokens: msg.GetTokens(), Finish: finish}); err != nil {
+			acancel()
+			r.cancelBoth(ctx, a)
+			return usage, true, nil, fail(codes.Canceled, "client went away: %v", err)
+		}
+		emitted = true
+		if finish != executor.FinishNone {
+			g.result(true, time.Now())
+			// A stop sequence ends the request early: the generation stream
+			// is cancelled by acancel when this returns.
+			return usage, true, nil, nil
 		}
 	}
+}
+
+// prefixHash keys a prompt's first full block, for prefix affinity.
+func prefixHash(spec executor.ModelSpec, prompt []uint32) uint64 {
+	if hs := executor.BlockHashes(spec, prompt); len(hs) > 0 {
+		return hs[0]
+	}
+	return 0
 }
 
 func finishOf(f kvferryv1.FinishReason) executor.FinishReason {
@@ -293,6 +377,13 @@ func (r *Router) untrack(id string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	delete(r.active, id)
+}
+
+// setActive records the current attempt of a request for CancelByID.
+func (r *Router) setActive(a *active, t *kvferryv1.Ticket, c, g *backend, cancel context.CancelFunc) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a.ticket, a.ctx, a.gen, a.cancel = t, c, g, cancel
 }
 
 func (r *Router) release(ctx context.Context, c kvferryv1.ContextServiceClient, t *kvferryv1.Ticket, fields []zap.Field) {
@@ -354,12 +445,16 @@ func (r *Router) cancelBoth(ctx context.Context, a *active) []*kvferryv1.ServerC
 func (r *Router) CancelByID(ctx context.Context, id string) (found bool, outcomes []*kvferryv1.ServerCancelOutcome) {
 	r.mu.Lock()
 	a, ok := r.active[id]
-	r.mu.Unlock()
-	if !ok {
-		return false, nil
+	var snap active
+	if ok {
+		snap = *a
 	}
-	out := r.cancelBoth(ctx, a)
-	a.cancel()
+	r.mu.Unlock()
+	if !ok || snap.ticket == nil {
+		return ok, nil
+	}
+	out := r.cancelBoth(ctx, &snap)
+	snap.cancel()
 	return true, out
 }
 
@@ -369,29 +464,30 @@ const backendReadyTimeout = time.Second
 // ReadyCheck is the router's readiness: at least one context server and one
 // generation server answer SERVING for "readiness".
 func (r *Router) ReadyCheck(ctx context.Context) (bool, string, string) {
-	for _, group := range []struct {
-		bs     []*backend
-		reason string
-	}{{r.ctxs, "no_ready_context_server"}, {r.gens, "no_ready_generation_server"}} {
-		if !r.anyReady(ctx, group.bs) {
-			return false, group.reason, fmt.Sprintf("no %s server answers ready", group.bs[0].role)
-		}
+	ctxOK, genOK := r.anyReady(ctx, r.ctxs), r.anyReady(ctx, r.gens)
+	switch {
+	case !ctxOK:
+		return false, "no_ready_context_server", "no context server answers ready"
+	case !genOK:
+		return false, "no_ready_generation_server", "no generation server answers ready"
 	}
 	return true, "", ""
 }
 
+// anyReady probes every backend's readiness, records it for the routing
+// filter, and reports whether any is ready.
 func (r *Router) anyReady(ctx context.Context, bs []*backend) bool {
+	any := false
 	for _, b := range bs {
-		cc, err := r.cfg.Conns.Get(b.addr)
-		if err != nil {
-			continue
+		ok := false
+		if cc, err := r.cfg.Conns.Get(b.addr); err == nil {
+			cctx, cancel := context.WithTimeout(ctx, backendReadyTimeout)
+			resp, err := healthpb.NewHealthClient(cc).Check(cctx, &healthpb.HealthCheckRequest{Service: health.ServiceReadiness})
+			cancel()
+			ok = err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING
 		}
-		cctx, cancel := context.WithTimeout(ctx, backendReadyTimeout)
-		resp, err := healthpb.NewHealthClient(cc).Check(cctx, &healthpb.HealthCheckRequest{Service: health.ServiceReadiness})
-		cancel()
-		if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
-			return true
-		}
+		b.ready.Store(ok)
+		any = any || ok
 	}
-	return false
+	return any
 }

@@ -1,0 +1,91 @@
+package router
+
+import (
+	"testing"
+	"time"
+)
+
+func backends(addrs ...string) []*backend {
+	out := make([]*backend, len(addrs))
+	for i, a := range addrs {
+		out[i] = &backend{addr: a, role: "context"}
+		out[i].ready.Store(true)
+	}
+	return out
+}
+
+func newPolicy() *policy {
+	return &policy{filters: []Filter{readyOnly}, scorers: []Scorer{leastInflight{}, prefixAffinity{}}}
+}
+
+func TestPickLeastInflightAndReadiness(t *testing.T) {
+	bs := backends("a:1", "b:1", "c:1")
+	p := newPolicy()
+	now := time.Now()
+	bs[0].inflight.Store(2)
+	bs[1].inflight.Store(1)
+	bs[2].ready.Store(false)
+	if got := p.pick(&pickRequest{now: now}, bs); got != bs[1] {
+		t.Fatalf("picked %s, want b:1 (least in flight among ready)", got.addr)
+	}
+	// Nothing ready: fall back to trying anyway.
+	for _, b := range bs {
+		b.ready.Store(false)
+	}
+	if got := p.pick(&pickRequest{now: now}, bs); got == nil {
+		t.Fatal("no pick when no backend is ready")
+	}
+	if got := p.pick(&pickRequest{now: now, exclude: map[*backend]bool{bs[0]: true, bs[1]: true, bs[2]: true}}, bs); got != nil {
+		t.Fatalf("picked %s although every backend is excluded", got.addr)
+	}
+}
+
+func TestPrefixAffinityIsStable(t *testing.T) {
+	bs := backends("a:1", "b:1", "c:1", "d:1")
+	p := newPolicy()
+	first := p.pick(&pickRequest{prefixHash: 42, now: time.Now()}, bs)
+	first.inflight.Add(-1)
+	for range 10 {
+		got := p.pick(&pickRequest{prefixHash: 42, now: time.Now()}, bs)
+		got.inflight.Add(-1)
+		if got != first {
+			t.Fatalf("prefix 42 went to %s, then %s", first.addr, got.addr)
+		}
+	}
+}
+
+func TestBreaker(t *testing.T) {
+	bs := backends("a:1", "b:1")
+	p := newPolicy()
+	t0 := time.Now()
+	for range breakerThreshold {
+		bs[0].result(false, t0)
+	}
+	for range 5 {
+		got := p.pick(&pickRequest{now: t0.Add(time.Second)}, bs)
+		if got != bs[1] {
+			t.Fatalf("open breaker still picked: %s", got.addr)
+		}
+		got.inflight.Add(-1)
+	}
+	// After the cooldown one probe goes through (half-open), no second.
+	bs[1].inflight.Store(100) // make a:1 preferred
+	later := t0.Add(breakerCooldown + time.Second)
+	if got := p.pick(&pickRequest{now: later}, bs); got != bs[0] {
+		t.Fatalf("half-open probe went to %v", got)
+	}
+	if got := p.pick(&pickRequest{now: later}, bs); got != bs[1] {
+		t.Fatalf("second request during the probe went to %v", got)
+	}
+	bs[0].result(true, later)
+	if got := p.pick(&pickRequest{now: later}, bs); got != bs[0] {
+		t.Fatalf("closed breaker not picked: %v", got)
+	}
+	// A failed probe reopens at once.
+	bs[0].result(false, later)
+	bs[0].result(false, later)
+	bs[0].result(false, later)
+	if !bs[0].openAt.Equal(later) {
+		t.Fatal("breaker not open after failures")
+	}
+}
