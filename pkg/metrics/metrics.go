@@ -168,10 +168,12 @@ const (
 
 // Router holds the router's request metrics.
 type Router struct {
-	requests   *prometheus.CounterVec
-	ttft       prometheus.Histogram
-	interToken prometheus.Histogram
-	duration   *prometheus.HistogramVec
+	requests        *prometheus.CounterVec
+	ttft            prometheus.Histogram
+	interToken      prometheus.Histogram
+	duration        *prometheus.HistogramVec
+	retries         prometheus.Counter
+	backendInflight *prometheus.GaugeVec
 }
 
 // NewRouter registers the router metrics.
@@ -194,13 +196,33 @@ func NewRouter(reg prometheus.Registerer) *Router {
 			Namespace: namespace, Subsystem: "router", Name: "request_duration_seconds",
 			Help: "End-to-end request duration, by outcome.", Buckets: latency,
 		}, []string{"outcome"}),
+		retries: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "router", Name: "retries_total",
+			Help: "Attempts after the first, made after a server failure before any token reached the client.",
+		}),
+		backendInflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Subsystem: "router", Name: "backend_inflight_requests",
+			Help: "Requests in flight on each server, as the router counts them.",
+		}, []string{"role", "server"}),
 	}
 	for _, o := range []string{RequestOK, RequestCancelled, RequestError, RequestRejected} {
 		r.requests.WithLabelValues(o)
 		r.duration.WithLabelValues(o)
 	}
-	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration)
+	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration, r.retries, r.backendInflight)
 	return r
+}
+
+// RecordAttempt counts an attempt (retry = true for attempt 2 and later).
+func (r *Router) RecordAttempt(retry bool) {
+	if retry {
+		r.retries.Inc()
+	}
+}
+
+// BackendInflight returns the gauge of one server's requests in flight.
+func (r *Router) BackendInflight(role, server string) prometheus.Gauge {
+	return r.backendInflight.WithLabelValues(role, server)
 }
 
 // RecordRequest counts one finished request and its duration.

@@ -1,10 +1,17 @@
 package router
 
 import (
+	"bytes"
 	"encoding/json"
+	"net/http"
+	"net/http/httptest"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/ticket"
 )
 
 func TestPromptText(t *testing.T) {
@@ -83,4 +90,60 @@ func TestSampling(t *testing.T) {
 			}
 		})
 	}
+}
+
+func fuzzRouter() *Router {
+	tiny, _ := executor.Preset("tiny")
+	r, _ := New(Config{CtxServers: []string{"127.0.0.1:1"}, GenServers: []string{"127.0.0.1:2"}, Model: tiny, ServedModel: "tiny",
+		MaxBodyBytes: 1 << 16, MaxPromptTokens: 500, MaxOutputTokens: 64, DefaultMaxTokens: 16, Metrics: metrics.NewRouter(prometheus.NewRegistry())})
+	return r
+}
+
+// fuzzParse: any body either parses into a job within the limits or is
+// answered with a 4xx OpenAI error; nothing panics.
+func fuzzParse(t *testing.T, r *Router, body []byte, chat bool) {
+	req := httptest.NewRequest(http.MethodPost, "/v1/completions", bytes.NewReader(body))
+	rec := httptest.NewRecorder()
+	job, _, ok := r.parse(rec, req, chat)
+	if !ok {
+		if rec.Code < 400 || rec.Code >= 500 {
+			t.Fatalf("rejected with status %d", rec.Code)
+		}
+		var e apiError
+		if err := json.Unmarshal(rec.Body.Bytes(), &e); err != nil || e.Error.Message == "" {
+			t.Fatalf("not an OpenAI error: %s", rec.Body)
+		}
+		return
+	}
+	if len(job.Prompt) == 0 || len(job.Prompt) > 500 || job.Sampling.GetMaxTokens() < 1 || job.Sampling.GetMaxTokens() > 64 || len(job.Stop) > maxStops {
+		t.Fatalf("accepted a job outside the limits: %d tokens, max %d, %d stops", len(job.Prompt), job.Sampling.GetMaxTokens(), len(job.Stop))
+	}
+	if ticket.ValidateID(job.ID) != nil {
+		t.Fatalf("bad request id %q", job.ID)
+	}
+}
+
+func FuzzCompletionRequest(f *testing.F) {
+	for _, s := range []string{
+		`{"model":"tiny","prompt":"the river","max_tokens":5,"stop":["a","b"]}`,
+		`{"model":"tiny","prompt":["x"],"n":2}`,
+		`{"model":"tiny","prompt":"","temperature":9}`,
+		`{`, `null`, `[]`,
+	} {
+		f.Add([]byte(s))
+	}
+	r := fuzzRouter()
+	f.Fuzz(func(t *testing.T, body []byte) { fuzzParse(t, r, body, false) })
+}
+
+func FuzzChatRequest(f *testing.F) {
+	for _, s := range []string{
+		`{"model":"tiny","messages":[{"role":"user","content":"the river"}],"max_completion_tokens":3}`,
+		`{"model":"tiny","messages":[{"role":"user","content":[{"type":"text","text":"a"}]}],"tools":[{}]}`,
+		`{"model":"tiny","messages":[]}`,
+	} {
+		f.Add([]byte(s))
+	}
+	r := fuzzRouter()
+	f.Fuzz(func(t *testing.T, body []byte) { fuzzParse(t, r, body, true) })
 }

@@ -12,7 +12,8 @@ type backend struct {
 	addr     string
 	role     string
 	inflight atomic.Int64
-	ready    atomic.Bool // from the health loop; true until first checked
+	gauge    interface{ Set(float64) } // the exported in-flight gauge; may be nil
+	ready    atomic.Bool               // from the health loop; true until first checked
 
 	mu       sync.Mutex // guards the breaker
 	failures int        // consecutive
@@ -159,8 +160,16 @@ func (p *policy) pick(req *pickRequest, all []*backend) *backend {
 	if best == nil || !best.admit(req.now) {
 		return nil
 	}
-	best.inflight.Add(1)
+	best.add(1)
 	return best
+}
+
+// add moves the in-flight count and its gauge.
+func (b *backend) add(n int64) {
+	v := b.inflight.Add(n)
+	if b.gauge != nil {
+		b.gauge.Set(float64(v))
+	}
 }
 
 // admitPeek is admit without taking the half-open slot.

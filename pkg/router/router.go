@@ -86,12 +86,12 @@ func New(cfg Config) (*Router, error) {
 	r := &Router{cfg: cfg, lg: cfg.Logger, active: map[string]*active{}, created: time.Now().Unix(),
 		policy: &policy{filters: []Filter{readyOnly}, scorers: []Scorer{leastInflight{}, prefixAffinity{}}}}
 	for _, a := range cfg.CtxServers {
-		b := &backend{addr: a, role: "context"}
+		b := &backend{addr: a, role: "context", gauge: cfg.Metrics.BackendInflight("context", a)}
 		b.ready.Store(true) // until the health loop says otherwise
 		r.ctxs = append(r.ctxs, b)
 	}
 	for _, a := range cfg.GenServers {
-		b := &backend{addr: a, role: "generation"}
+		b := &backend{addr: a, role: "generation", gauge: cfg.Metrics.BackendInflight("generation", a)}
 		b.ready.Store(true)
 		r.gens = append(r.gens, b)
 	}
@@ -170,6 +170,7 @@ func (r *Router) Run(ctx context.Context, job Job, emit func(Chunk) error) (Usag
 	var usage Usage
 	var err error
 	for attempt := uint32(1); ; attempt++ {
+		r.cfg.Metrics.RecordAttempt(attempt > 1)
 		var emitted bool
 		var failed *backend
 		usage, emitted, failed, err = r.attempt(ctx, job, attempt, a, exclude, start, emit)
@@ -226,14 +227,14 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	if c == nil {
 		return usage, false, nil, fail(codes.Unavailable, "no context server available")
 	}
-	defer c.inflight.Add(-1)
+	defer c.add(-1)
 	req.prefixHash = 0 // affinity is for the reuse cache, which lives on context servers
 	g := r.policy.pick(req, r.gens)
 	if g == nil {
 		c.result(true, time.Now()) // release a half-open probe slot unused
 		return usage, false, nil, fail(codes.Unavailable, "no generation server available")
 	}
-	defer g.inflight.Add(-1)
+	defer g.add(-1)
 	actx, acancel := context.WithCancel(ctx)
 	defer acancel()
 	r.setActive(a, t, c, g, acancel)

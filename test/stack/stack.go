@@ -146,17 +146,22 @@ type Options struct {
 	PrefillTokensPerSecond float64
 	DecodeStepTime         time.Duration
 	ExtraRouterArgs        []string
-	CtxArgs, GenArgs       []string // extra flags for the context / generation server
+	CtxArgs, GenArgs       []string // extra flags for the context / generation servers
+	Ctxs, Gens             int      // how many of each (default 1)
 }
 
-// Stack is router + one context server + one generation server.
+// Stack is a router with context and generation servers. Ctx and Gen are
+// the first of each.
 type Stack struct {
-	Ctx, Gen, Router *Proc
-	OpenAIURL        string // http://127.0.0.1:PORT/v1
-	RouterGRPC       string
-	RouterAdmin      string // http://127.0.0.1:PORT
-	CtxGRPC, GenGRPC string
-	CtxHTTP, GenHTTP string // http://127.0.0.1:PORT
+	Ctx, Gen, Router   *Proc
+	Ctxs, Gens         []*Proc
+	OpenAIURL          string // http://127.0.0.1:PORT/v1
+	RouterGRPC         string
+	RouterAdmin        string // http://127.0.0.1:PORT
+	CtxGRPC, GenGRPC   string
+	CtxHTTP, GenHTTP   string // http://127.0.0.1:PORT
+	CtxGRPCs, GenGRPCs []string
+	CtxHTTPs, GenHTTPs []string
 }
 
 // Up starts a stack from binaries in bin and waits until the router is ready.
@@ -175,21 +180,31 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 		"--prefill-tokens-per-second=" + strconv.FormatFloat(o.PrefillTokensPerSecond, 'f', -1, 64),
 		"--decode-step-time=" + o.DecodeStepTime.String(), "--shutdown-grace=5s",
 	}
-	s := &Stack{CtxGRPC: addr(), GenGRPC: addr()}
-	ctxHTTP, genHTTP := addr(), addr()
-	s.CtxHTTP, s.GenHTTP = "http://"+ctxHTTP, "http://"+genHTTP
-	s.Ctx = Start(t, logs, filepath.Join(bin, "ctxserver"), append(append(common, "--grpc-addr="+s.CtxGRPC, "--http-addr="+ctxHTTP, "--data-addr="+addr()), o.CtxArgs...)...)
-	s.Gen = Start(t, logs, filepath.Join(bin, "genserver"), append(append(common, "--grpc-addr="+s.GenGRPC, "--http-addr="+genHTTP, "--data-addr="+addr()), o.GenArgs...)...)
+	s := &Stack{}
+	for i := range max(o.Ctxs, 1) {
+		grpcAddr, httpAddr := addr(), addr()
+		p := Start(t, logs, filepath.Join(bin, "ctxserver"), append(append(common, "--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--data-addr="+addr()), o.CtxArgs...)...)
+		p.Name = fmt.Sprintf("ctxserver-%d", i)
+		s.Ctxs, s.CtxGRPCs, s.CtxHTTPs = append(s.Ctxs, p), append(s.CtxGRPCs, grpcAddr), append(s.CtxHTTPs, "http://"+httpAddr)
+	}
+	for i := range max(o.Gens, 1) {
+		grpcAddr, httpAddr := addr(), addr()
+		p := Start(t, logs, filepath.Join(bin, "genserver"), append(append(common, "--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--data-addr="+addr()), o.GenArgs...)...)
+		p.Name = fmt.Sprintf("genserver-%d", i)
+		s.Gens, s.GenGRPCs, s.GenHTTPs = append(s.Gens, p), append(s.GenGRPCs, grpcAddr), append(s.GenHTTPs, "http://"+httpAddr)
+	}
+	s.Ctx, s.Gen = s.Ctxs[0], s.Gens[0]
+	s.CtxGRPC, s.GenGRPC, s.CtxHTTP, s.GenHTTP = s.CtxGRPCs[0], s.GenGRPCs[0], s.CtxHTTPs[0], s.GenHTTPs[0]
 	openai, admin := addr(), addr()
 	s.RouterGRPC = addr()
 	s.OpenAIURL, s.RouterAdmin = "http://"+openai+"/v1", "http://"+admin
 	s.Router = Start(t, logs, filepath.Join(bin, "router"), append([]string{
 		"--model=" + o.Model, "--http-addr=" + openai, "--grpc-addr=" + s.RouterGRPC, "--admin-addr=" + admin,
-		"--ctx-servers=" + s.CtxGRPC, "--gen-servers=" + s.GenGRPC, "--shutdown-grace=5s",
+		"--ctx-servers=" + strings.Join(s.CtxGRPCs, ","), "--gen-servers=" + strings.Join(s.GenGRPCs, ","), "--shutdown-grace=5s",
 	}, o.ExtraRouterArgs...)...)
 	t.Cleanup(func() {
 		if t.Failed() {
-			for _, p := range []*Proc{s.Router, s.Ctx, s.Gen} {
+			for _, p := range append(append([]*Proc{s.Router}, s.Ctxs...), s.Gens...) {
 				t.Logf("--- %s log ---\n%s", p.Name, tail(p.Log(), 40))
 			}
 		}
@@ -219,7 +234,7 @@ func (s *Stack) WaitReady(t testing.TB) {
 // the test unless each exits cleanly.
 func (s *Stack) StopAll(t testing.TB) {
 	t.Helper()
-	for _, p := range []*Proc{s.Router, s.Gen, s.Ctx} {
+	for _, p := range append(append([]*Proc{s.Router}, s.Gens...), s.Ctxs...) {
 		if err := p.Stop(); err != nil {
 			t.Errorf("%s: unclean stop: %v\n%s", p.Name, err, tail(p.Log(), 20))
 		}

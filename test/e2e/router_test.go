@@ -1,0 +1,213 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/router"
+	"github.com/kvferry/kvferry/test/stack"
+)
+
+// TestStopSequences: stop strings cut the text exactly where the Reference
+// text has them, plain and streamed, and never leak.
+func TestStopSequences(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{})
+	c := client(s)
+	prompt := "the quiet river"
+	// A seed whose reference output is long enough to cut in the middle.
+	var seed int64
+	var ref executor.Result
+	for seed = 1; seed < 100; seed++ {
+		if ref = executor.Reference(tiny, prompt, router.SamplingFor(40, nil, nil, &seed)); len(strings.Fields(ref.Text)) >= 6 {
+			break
+		}
+	}
+	words := strings.Fields(ref.Text)
+	if len(words) < 6 {
+		t.Fatalf("no seed gives a long enough reference: %q", ref.Text)
+	}
+	stop := " " + words[4] // a word in the middle, with its leading space
+	want, stopped := router.ApplyStop(ref.Text, []string{stop, "never-generated"})
+	if !stopped {
+		t.Fatalf("stop %q not in %q", stop, ref.Text)
+	}
+	params := openai.CompletionNewParams{
+		Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
+		MaxTokens: openai.Int(40), Seed: openai.Int(seed),
+		Stop: openai.CompletionNewParamsStopUnion{OfStringArray: []string{stop, "never-generated"}},
+	}
+	resp, err := c.Completions.New(testCtx(t), params)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := resp.Choices[0].Text; got != want || resp.Choices[0].FinishReason != "stop" {
+		t.Fatalf("plain: %q (%s), want %q (stop)", got, resp.Choices[0].FinishReason, want)
+	}
+	st := c.Completions.NewStreaming(testCtx(t), params)
+	var text strings.Builder
+	finish := ""
+	for st.Next() {
+		ch := st.Current()
+		text.WriteString(ch.Choices[0].Text)
+		if ch.Choices[0].FinishReason != "" {
+			finish = string(ch.Choices[0].FinishReason)
+		}
+	}
+	if err := st.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if text.String() != want || finish != "stop" || strings.Contains(text.String(), stop) {
+		t.Fatalf("stream: %q (%s), want %q (stop)", text.String(), finish, want)
+	}
+	checkIdle(t, s)
+	s.StopAll(t)
+}
+
+// TestUnsupportedParametersAndLimits: parameters kvferry cannot honour are
+// 400s naming them; too many requests in flight are 429 with Retry-After;
+// a missing API key is 401.
+func TestUnsupportedParametersAndLimits(t *testing.T) {
+	keys := filepath.Join(t.TempDir(), "keys")
+	if err := os.WriteFile(keys, []byte("# test keys\nsecret-1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := stack.Up(t, binDir, stack.Options{DecodeStepTime: 50 * time.Millisecond,
+		ExtraRouterArgs: []string{"--max-inflight=1", "--api-keys-file=" + keys}})
+	c := openai.NewClient(option.WithBaseURL(s.OpenAIURL+"/"), option.WithAPIKey("secret-1"), option.WithMaxRetries(0))
+	for _, tc := range []struct {
+		param string
+		call  func() error
+	}{
+		{"n", func() error {
+			_, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the")}, N: openai.Int(2)})
+			return err
+		}},
+		{"logprobs", func() error {
+			_, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the")}, Logprobs: openai.Int(2)})
+			return err
+		}},
+		{"tools", func() error {
+			_, err := c.Chat.Completions.New(testCtx(t), openai.ChatCompletionNewParams{Model: "tiny",
+				Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("the river")},
+				Tools:    []openai.ChatCompletionToolUnionParam{openai.ChatCompletionFunctionTool(openai.FunctionDefinitionParam{Name: "f"})}})
+			return err
+		}},
+	} {
+		var apiErr *openai.Error
+		if err := tc.call(); !errors.As(err, &apiErr) || apiErr.StatusCode != 400 || apiErr.Param != tc.param {
+			t.Fatalf("%s: %v", tc.param, err)
+		}
+	}
+
+	// 401 without a key.
+	req, _ := http.NewRequestWithContext(testCtx(t), "POST", s.OpenAIURL+"/completions", strings.NewReader(`{"model":"tiny","prompt":"the"}`))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 401 || !strings.Contains(string(b), "invalid_api_key") {
+		t.Fatalf("no key: %d %s", resp.StatusCode, b)
+	}
+
+	// One request in flight holds the only slot; the next is 429.
+	ctx, cancel := context.WithCancel(testCtx(t))
+	defer cancel()
+	st := c.Completions.NewStreaming(ctx, openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(500)})
+	if !st.Next() {
+		t.Fatalf("no first chunk: %v", st.Err())
+	}
+	req, _ = http.NewRequestWithContext(testCtx(t), "POST", s.OpenAIURL+"/completions", strings.NewReader(`{"model":"tiny","prompt":"the"}`))
+	req.Header.Set("Authorization", "Bearer secret-1")
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 429 || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("over the in-flight bound: %d %q %s", resp.StatusCode, resp.Header.Get("Retry-After"), b)
+	}
+	cancel()
+	_ = st.Close()
+	checkIdle(t, s)
+	s.StopAll(t)
+}
+
+// TestGenerationServerDiesBetweenPrefillAndDecode: with two pairs, the
+// generation server the router picked is killed while the prompt is being
+// prefilled; the context server's blocks are released at once and the
+// request succeeds on the other generation server (a retry with attempt 2).
+func TestGenerationServerDiesBetweenPrefillAndDecode(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{Ctxs: 2, Gens: 2, PrefillTokensPerSecond: 500})
+	c := client(s)
+	prompt := longPrompt(300) // 0.6 s of prefill
+	seed := int64(8)
+	want := executor.Reference(tiny, prompt, router.SamplingFor(6, nil, nil, &seed))
+	type result struct {
+		text string
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		resp, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
+			Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
+			MaxTokens: openai.Int(6), Seed: openai.Int(seed),
+		})
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		done <- result{text: resp.Choices[0].Text}
+	}()
+	// Which generation server did the router pick for the first attempt?
+	victim := -1
+	stack.Eventually(t, "a generation server picked", func() bool {
+		for i, addr := range s.GenGRPCs {
+			if stack.Metric(t, s.RouterAdmin, fmt.Sprintf(`kvferry_router_backend_inflight_requests{role="generation",server=%q}`, addr)) == 1 {
+				victim = i
+				return true
+			}
+		}
+		return false
+	})
+	if err := s.Gens[victim].Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	r := <-done
+	if r.err != nil || r.text != want.Text {
+		t.Fatalf("request after the kill: %q %v, reference %q", r.text, r.err, want.Text)
+	}
+	if got := stack.Metric(t, s.RouterAdmin, `kvferry_router_retries_total`); got != 1 {
+		t.Fatalf("retries %v, want 1", got)
+	}
+	// Every context server is back to idle (only the reuse cache holds blocks).
+	for _, base := range s.CtxHTTPs {
+		stack.Eventually(t, base+" idle", func() bool {
+			return stack.Metric(t, base, `kvferry_blockpool_blocks{state="in_flight"}`) == 0 &&
+				stack.Metric(t, base, `kvferry_blockpool_blocks{state="owned"}`) == stack.Metric(t, base, `kvferry_blockpool_cached_blocks`)
+		})
+	}
+	for i, p := range append(append([]*stack.Proc{s.Router}, s.Ctxs...), s.Gens...) {
+		if p == s.Gens[victim] {
+			continue
+		}
+		if err := p.Stop(); err != nil {
+			t.Errorf("process %d: %v", i, err)
+		}
+	}
+}
