@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -210,4 +212,67 @@ func TestGenerationServerDiesBetweenPrefillAndDecode(t *testing.T) {
 			t.Errorf("process %d: %v", i, err)
 		}
 	}
+}
+
+// TestRandomAborts: 200 streams aborted at random points (before the first
+// token, mid-transfer, mid-decode) on two pairs; afterwards every server is
+// back to idle within a second, and nothing was lost.
+func TestRandomAborts(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{Ctxs: 2, Gens: 2, PrefillTokensPerSecond: 20000, DecodeStepTime: 2 * time.Millisecond, PoolBlocks: 512})
+	c := client(s)
+	const total, conc = 200, 8
+	rng := rand.New(rand.NewPCG(7, 7))
+	delays := make([]time.Duration, total)
+	prompts := make([]string, total)
+	for i := range delays {
+		delays[i] = time.Duration(rng.IntN(40)) * time.Millisecond
+		prompts[i] = longPrompt(10 + rng.IntN(400))
+	}
+	sem := make(chan struct{}, conc)
+	var wg sync.WaitGroup
+	for i := range total {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			timer := time.AfterFunc(delays[i], cancel) // the client gives up at a random moment
+			defer timer.Stop()
+			st := c.Completions.NewStreaming(ctx, openai.CompletionNewParams{
+				Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompts[i])}, MaxTokens: openai.Int(100),
+			})
+			for st.Next() {
+			}
+			_ = st.Close()
+		})
+	}
+	wg.Wait()
+	deadline := time.Now().Add(time.Second)
+	for _, base := range append(append([]string{}, s.CtxHTTPs...), s.GenHTTPs...) {
+		stack.Eventually(t, base+" idle", func() bool {
+			return stack.Metric(t, base, `kvferry_blockpool_blocks{state="in_flight"}`) == 0 &&
+				stack.Metric(t, base, `kvferry_blockpool_blocks{state="quarantined"}`) == 0 &&
+				stack.Metric(t, base, `kvferry_blockpool_blocks{state="owned"}`) == stack.Metric(t, base, `kvferry_blockpool_cached_blocks`)
+		})
+	}
+	if late := time.Since(deadline); late > 0 {
+		t.Errorf("servers idle %s after the 1 s bound", late)
+	}
+	var sum float64
+	for _, o := range []string{"ok", "cancelled", "error", "rejected"} {
+		sum += stack.Metric(t, s.RouterAdmin, `kvferry_router_requests_total{outcome="`+o+`"}`)
+	}
+	// A client that gives up within a millisecond may never reach the
+	// router; every request that did has exactly one outcome and left no
+	// work counted in flight.
+	if sum > total || sum < total/2 {
+		t.Errorf("router counted %v finished requests, sent %d", sum, total)
+	}
+	for _, addr := range s.CtxGRPCs {
+		if v := stack.Metric(t, s.RouterAdmin, fmt.Sprintf(`kvferry_router_backend_inflight_requests{role="context",server=%q}`, addr)); v != 0 {
+			t.Errorf("router still counts %v requests on %s", v, addr)
+		}
+	}
+	t.Logf("%v of %d aborted requests reached the router", sum, total)
+	s.StopAll(t)
 }
