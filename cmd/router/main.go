@@ -19,6 +19,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/router"
+	"github.com/kvferry/kvferry/pkg/router/discovery"
 	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -43,14 +44,18 @@ type Config struct {
 	MaxRetries       int
 	MaxInflight      int
 	APIKeysFile      string
+	ResolveInterval  time.Duration
+	DNSServer        string
 }
 
 func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.HTTPAddr, "http-addr", ":8000", "OpenAI HTTP listen address")
 	fs.StringVar(&c.GRPCAddr, "grpc-addr", ":8001", "gRPC RouterService listen address")
 	fs.StringVar(&c.AdminAddr, "admin-addr", ":8002", "admin HTTP listen address (/livez, /readyz, /metrics)")
-	fs.StringVar(&c.CtxServers, "ctx-servers", "127.0.0.1:9100", "comma-separated context server gRPC addresses")
-	fs.StringVar(&c.GenServers, "gen-servers", "127.0.0.1:9200", "comma-separated generation server gRPC addresses")
+	fs.StringVar(&c.CtxServers, "ctx-servers", "127.0.0.1:9100", "context servers: comma-separated host:port, or dns:NAME:PORT (a headless Service, re-resolved every --resolve-interval)")
+	fs.StringVar(&c.GenServers, "gen-servers", "127.0.0.1:9200", "generation servers: comma-separated host:port, or dns:NAME:PORT")
+	fs.DurationVar(&c.ResolveInterval, "resolve-interval", 10*time.Second, "how often DNS-discovered servers are re-resolved")
+	fs.StringVar(&c.DNSServer, "dns-server", "", "host:port of the DNS server to ask instead of the system resolver")
 	fs.StringVar(&c.Model, "model", "tiny", "model preset the servers run: "+fmt.Sprint(executor.PresetNames()))
 	fs.StringVar(&c.ServedModelName, "served-model-name", "", "model name clients use (default: --model)")
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 4<<20, "largest request body accepted (413 above)")
@@ -66,16 +71,6 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.APIKeysFile, "api-keys-file", "", "file of accepted API keys, one per line; when set, the OpenAI API requires Authorization: Bearer <key>")
 }
 
-func splitList(s string) []string {
-	var out []string
-	for _, p := range strings.Split(s, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
-		}
-	}
-	return out
-}
-
 // Validate checks the configuration.
 func (c *Config) Validate() error {
 	var errs []error
@@ -87,16 +82,13 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%s %q: %w", name, addr, err))
 		}
 	}
-	for name, list := range map[string]string{"--ctx-servers": c.CtxServers, "--gen-servers": c.GenServers} {
-		addrs := splitList(list)
-		if len(addrs) == 0 {
-			errs = append(errs, fmt.Errorf("%s needs at least one address", name))
+	for name, spec := range map[string]string{"--ctx-servers": c.CtxServers, "--gen-servers": c.GenServers} {
+		if _, err := discovery.Parse(spec, nil); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
-		for _, a := range addrs {
-			if _, _, err := net.SplitHostPort(a); err != nil {
-				errs = append(errs, fmt.Errorf("%s %q: %w", name, a, err))
-			}
-		}
+	}
+	if c.ResolveInterval <= 0 {
+		errs = append(errs, errors.New("--resolve-interval must be positive"))
 	}
 	if c.MaxBodyBytes <= 0 || c.MaxPromptTokens <= 0 || c.MaxOutputTokens <= 0 {
 		errs = append(errs, errors.New("--max-body-bytes, --max-prompt-tokens and --max-output-tokens must be positive"))
@@ -147,8 +139,17 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	reg := metrics.NewRegistry()
 	conns := serving.NewConnCache()
 	defer conns.Close()
+	resolver := discovery.Resolver(cfg.DNSServer)
+	ctxSrc, err := discovery.Parse(cfg.CtxServers, resolver)
+	if err != nil {
+		return err
+	}
+	genSrc, err := discovery.Parse(cfg.GenServers, resolver)
+	if err != nil {
+		return err
+	}
 	rt, err := router.New(router.Config{
-		CtxServers: splitList(cfg.CtxServers), GenServers: splitList(cfg.GenServers),
+		CtxServers: ctxSrc, GenServers: genSrc, ResolveInterval: cfg.ResolveInterval,
 		Model: spec, ServedModel: served,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
 		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, CancelTimeout: cfg.CancelTimeout,
@@ -157,6 +158,9 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	})
 	if err != nil {
 		return err
+	}
+	if err := rt.Resolve(ctx); err != nil {
+		lg.Warn("initial discovery failed; retrying every --resolve-interval", zap.Error(err))
 	}
 	checker := health.New(reg, health.Config{}, health.Sources{Ready: rt.ReadyCheck})
 	gs := serving.NewGRPCServer(lg)
@@ -199,9 +203,10 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		return serving.ServeHTTP(ctx, servercmd.AdminHandler(checker, reg), adminLn, cfg.ShutdownGrace)
 	})
 	g.Go("health", func(ctx context.Context) error { checker.Run(ctx, healthInterval); return nil })
+	g.Go("discovery", func(ctx context.Context) error { rt.Discover(ctx); return nil })
 	lg.Info("serving", zap.String("openai", httpLn.Addr().String()), zap.String("grpc", grpcLn.Addr().String()),
 		zap.String("admin", adminLn.Addr().String()), zap.String("model", served),
-		zap.Strings("ctx_servers", splitList(cfg.CtxServers)), zap.Strings("gen_servers", splitList(cfg.GenServers)))
+		zap.String("ctx_servers", ctxSrc.String()), zap.String("gen_servers", genSrc.String()))
 	<-gctx.Done()
 	err = g.Wait()
 	checker.Shutdown()

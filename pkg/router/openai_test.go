@@ -11,6 +11,7 @@ import (
 
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/router/discovery"
 	"github.com/kvferry/kvferry/pkg/ticket"
 )
 
@@ -94,7 +95,7 @@ func TestSampling(t *testing.T) {
 
 func fuzzRouter() *Router {
 	tiny, _ := executor.Preset("tiny")
-	r, _ := New(Config{CtxServers: []string{"127.0.0.1:1"}, GenServers: []string{"127.0.0.1:2"}, Model: tiny, ServedModel: "tiny",
+	r, _ := New(Config{CtxServers: discovery.Static{"127.0.0.1:1"}, GenServers: discovery.Static{"127.0.0.1:2"}, Model: tiny, ServedModel: "tiny",
 		MaxBodyBytes: 1 << 16, MaxPromptTokens: 500, MaxOutputTokens: 64, DefaultMaxTokens: 16, Metrics: metrics.NewRouter(prometheus.NewRegistry())})
 	return r
 }

@@ -21,14 +21,18 @@ import (
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/router/discovery"
 	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
 // Config is what the router needs.
 type Config struct {
-	CtxServers []string
-	GenServers []string
+	// CtxServers and GenServers find the servers (a static list or a DNS
+	// name); Discover re-resolves them every ResolveInterval.
+	CtxServers      discovery.Source
+	GenServers      discovery.Source
+	ResolveInterval time.Duration
 	// Model is the served model's geometry; ServedModel its public name.
 	Model       executor.ModelSpec
 	ServedModel string
@@ -59,6 +63,7 @@ type Router struct {
 
 	cfg      Config
 	lg       *zap.Logger
+	bmu      sync.Mutex // guards ctxs and gens (replaced, never mutated)
 	ctxs     []*backend
 	gens     []*backend
 	policy   *policy
@@ -78,24 +83,80 @@ type active struct {
 	cancel context.CancelFunc
 }
 
-// New returns a router.
+// New returns a router. Call Discover (or Resolve once) to learn the
+// servers.
 func New(cfg Config) (*Router, error) {
-	if len(cfg.CtxServers) == 0 || len(cfg.GenServers) == 0 {
-		return nil, errors.New("router: need at least one context and one generation server")
+	if cfg.CtxServers == nil || cfg.GenServers == nil {
+		return nil, errors.New("router: need a source of context and of generation servers")
 	}
 	r := &Router{cfg: cfg, lg: cfg.Logger, active: map[string]*active{}, created: time.Now().Unix(),
 		policy: &policy{filters: []Filter{readyOnly}, scorers: []Scorer{leastInflight{}, prefixAffinity{}}}}
-	for _, a := range cfg.CtxServers {
-		b := &backend{addr: a, role: "context", gauge: cfg.Metrics.BackendInflight("context", a)}
-		b.ready.Store(true) // until the health loop says otherwise
-		r.ctxs = append(r.ctxs, b)
-	}
-	for _, a := range cfg.GenServers {
-		b := &backend{addr: a, role: "generation", gauge: cfg.Metrics.BackendInflight("generation", a)}
-		b.ready.Store(true)
-		r.gens = append(r.gens, b)
-	}
 	return r, nil
+}
+
+// Resolve asks both sources for the current servers and applies what they
+// answer; a source that fails keeps its last known set.
+func (r *Router) Resolve(ctx context.Context) error {
+	var errs []error
+	for _, role := range []struct {
+		name string
+		src  discovery.Source
+		set  *[]*backend
+	}{{"context", r.cfg.CtxServers, &r.ctxs}, {"generation", r.cfg.GenServers, &r.gens}} {
+		addrs, err := role.src.Resolve(ctx)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		r.setServers(role.name, role.set, addrs)
+	}
+	return errors.Join(errs...)
+}
+
+// setServers replaces a role's servers with addrs, keeping the backend
+// (breaker, counts) of every address that stays. Requests in flight hold
+// their backend and finish undisturbed when it is removed.
+func (r *Router) setServers(role string, set *[]*backend, addrs []string) {
+	r.bmu.Lock()
+	defer r.bmu.Unlock()
+	old := map[string]*backend{}
+	for _, b := range *set {
+		old[b.addr] = b
+	}
+	next := make([]*backend, 0, len(addrs))
+	for _, a := range addrs {
+		b, ok := old[a]
+		if !ok {
+			b = &backend{addr: a, role: role, gauge: r.cfg.Metrics.BackendInflight(role, a)}
+			b.ready.Store(true) // until the health loop says otherwise
+			r.lg.Info("server added", zap.String("role", role), zap.String("peer", a))
+		}
+		delete(old, a)
+		next = append(next, b)
+	}
+	for a := range old {
+		r.lg.Info("server removed", zap.String("role", role), zap.String("peer", a))
+	}
+	*set = next
+}
+
+// servers returns the current servers of both roles.
+func (r *Router) servers() (ctxs, gens []*backend) {
+	r.bmu.Lock()
+	defer r.bmu.Unlock()
+	return r.ctxs, r.gens
+}
+
+// Discover re-resolves the servers every ResolveInterval until ctx is done.
+func (r *Router) Discover(ctx context.Context) {
+	if r.cfg.ResolveInterval <= 0 {
+		return
+	}
+	serving.Every(ctx, r.cfg.ResolveInterval, func(time.Time) {
+		if err := r.Resolve(ctx); err != nil {
+			r.lg.Warn("discovery failed; keeping the last known servers", zap.Error(err))
+		}
+	})
 }
 
 // Job is one request as the router runs it.
@@ -223,13 +284,14 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	t := &kvferryv1.Ticket{RequestId: job.ID, Attempt: attempt}
 	fields := []zap.Field{zap.String("request_id", t.GetRequestId()), zap.Uint32("attempt", t.GetAttempt())}
 	req := &pickRequest{prefixHash: prefixHash(r.cfg.Model, job.Prompt), exclude: exclude, now: time.Now()}
-	c := r.policy.pick(req, r.ctxs)
+	ctxs, gens := r.servers()
+	c := r.policy.pick(req, ctxs)
 	if c == nil {
 		return usage, false, nil, fail(codes.Unavailable, "no context server available")
 	}
 	defer c.add(-1)
 	req.prefixHash = 0 // affinity is for the reuse cache, which lives on context servers
-	g := r.policy.pick(req, r.gens)
+	g := r.policy.pick(req, gens)
 	if g == nil {
 		c.result(true, time.Now()) // release a half-open probe slot unused
 		return usage, false, nil, fail(codes.Unavailable, "no generation server available")
@@ -465,7 +527,8 @@ const backendReadyTimeout = time.Second
 // ReadyCheck is the router's readiness: at least one context server and one
 // generation server answer SERVING for "readiness".
 func (r *Router) ReadyCheck(ctx context.Context) (bool, string, string) {
-	ctxOK, genOK := r.anyReady(ctx, r.ctxs), r.anyReady(ctx, r.gens)
+	ctxs, gens := r.servers()
+	ctxOK, genOK := r.anyReady(ctx, ctxs), r.anyReady(ctx, gens)
 	switch {
 	case !ctxOK:
 		return false, "no_ready_context_server", "no context server answers ready"
