@@ -22,6 +22,8 @@ import (
 	"github.com/kvferry/kvferry/pkg/router/discovery"
 	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 )
 
 // Config is the router's configuration.
@@ -46,6 +48,9 @@ type Config struct {
 	APIKeysFile      string
 	ResolveInterval  time.Duration
 	DNSServer        string
+	K8sService       string
+	K8sNamespace     string
+	K8sPortName      string
 }
 
 func (c *Config) register(fs *flag.FlagSet) {
@@ -56,6 +61,9 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.GenServers, "gen-servers", "127.0.0.1:9200", "generation servers: comma-separated host:port, or dns:NAME:PORT")
 	fs.DurationVar(&c.ResolveInterval, "resolve-interval", 10*time.Second, "how often DNS-discovered servers are re-resolved")
 	fs.StringVar(&c.DNSServer, "dns-server", "", "host:port of the DNS server to ask instead of the system resolver")
+	fs.StringVar(&c.K8sService, "k8s-service", "", "discover servers from Kubernetes EndpointSlices: ctx=SERVICE,gen=SERVICE (overrides --ctx-servers / --gen-servers for the roles named; in-cluster credentials)")
+	fs.StringVar(&c.K8sNamespace, "k8s-namespace", "", "namespace of the --k8s-service Services (default: the pod's own)")
+	fs.StringVar(&c.K8sPortName, "k8s-port-name", "grpc", "EndpointSlice port name of the servers' gRPC port")
 	fs.StringVar(&c.Model, "model", "tiny", "model preset the servers run: "+fmt.Sprint(executor.PresetNames()))
 	fs.StringVar(&c.ServedModelName, "served-model-name", "", "model name clients use (default: --model)")
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 4<<20, "largest request body accepted (413 above)")
@@ -86,6 +94,9 @@ func (c *Config) Validate() error {
 		if _, err := discovery.Parse(spec, nil); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
+	}
+	if _, err := parseK8sService(c.K8sService); err != nil {
+		errs = append(errs, fmt.Errorf("--k8s-service: %w", err))
 	}
 	if c.ResolveInterval <= 0 {
 		errs = append(errs, errors.New("--resolve-interval must be positive"))
@@ -147,6 +158,20 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	genSrc, err := discovery.Parse(cfg.GenServers, resolver)
 	if err != nil {
 		return err
+	}
+	if cfg.K8sService != "" {
+		k8s, err := k8sSources(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		for role, src := range k8s {
+			defer src.Shutdown()
+			if role == "ctx" {
+				ctxSrc = src
+			} else {
+				genSrc = src
+			}
+		}
 	}
 	rt, err := router.New(router.Config{
 		CtxServers: ctxSrc, GenServers: genSrc, ResolveInterval: cfg.ResolveInterval,
@@ -230,4 +255,60 @@ func readAPIKeys(path string) (map[string]bool, error) {
 		return nil, errors.New("no keys in the file")
 	}
 	return keys, nil
+}
+
+// parseK8sService reads --k8s-service: ctx=NAME,gen=NAME (either or both).
+func parseK8sService(v string) (map[string]string, error) {
+	out := map[string]string{}
+	if v == "" {
+		return out, nil
+	}
+	for _, kv := range strings.Split(v, ",") {
+		role, name, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok || (role != "ctx" && role != "gen") || name == "" {
+			return nil, fmt.Errorf("%q: want ctx=SERVICE,gen=SERVICE", kv)
+		}
+		out[role] = name
+	}
+	return out, nil
+}
+
+// k8sSyncTimeout bounds the first EndpointSlice sync at start.
+const k8sSyncTimeout = 30 * time.Second
+
+// k8sSources starts one EndpointSlice informer per role named.
+func k8sSources(ctx context.Context, cfg Config) (map[string]*discovery.EndpointSlices, error) {
+	services, err := parseK8sService(cfg.K8sService)
+	if err != nil {
+		return nil, err
+	}
+	rc, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: %w", err)
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: %w", err)
+	}
+	ns := cfg.K8sNamespace
+	if ns == "" {
+		ns = "default"
+		if b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace"); err == nil {
+			ns = strings.TrimSpace(string(b))
+		}
+	}
+	out := map[string]*discovery.EndpointSlices{}
+	for role, svc := range services {
+		// The informer lives as long as the process: its stop is ctx, the
+		// run's context, and Shutdown waits for it.
+		src, err := discovery.NewEndpointSlices(ctx, client, ns, svc, cfg.K8sPortName, k8sSyncTimeout)
+		if err != nil {
+			for _, s := range out {
+				s.Shutdown()
+			}
+			return nil, err
+		}
+		out[role] = src
+	}
+	return out, nil
 }
