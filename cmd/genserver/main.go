@@ -59,7 +59,11 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	}
 	recv := kvtransfer.Serve(p.DataLn, p.Spec.BlockBytes(), lg)
 	defer func() { _ = recv.Close() }()
-	conns := serving.NewConnCache()
+	creds, err := cfg.TLS.DialOption()
+	if err != nil {
+		return err
+	}
+	conns := serving.NewConnCache(creds)
 	defer conns.Close()
 	var checker *health.Checker
 	srv := genserver.New(genserver.Config{

@@ -51,6 +51,7 @@ type Config struct {
 	K8sService       string
 	K8sNamespace     string
 	K8sPortName      string
+	TLS              serving.TLSFiles
 }
 
 func (c *Config) register(fs *flag.FlagSet) {
@@ -64,6 +65,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.K8sService, "k8s-service", "", "discover servers from Kubernetes EndpointSlices: ctx=SERVICE,gen=SERVICE (overrides --ctx-servers / --gen-servers for the roles named; in-cluster credentials)")
 	fs.StringVar(&c.K8sNamespace, "k8s-namespace", "", "namespace of the --k8s-service Services (default: the pod's own)")
 	fs.StringVar(&c.K8sPortName, "k8s-port-name", "grpc", "EndpointSlice port name of the servers' gRPC port")
+	servercmd.RegisterTLS(fs, &c.TLS)
 	fs.StringVar(&c.Model, "model", "tiny", "model preset the servers run: "+fmt.Sprint(executor.PresetNames()))
 	fs.StringVar(&c.ServedModelName, "served-model-name", "", "model name clients use (default: --model)")
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 4<<20, "largest request body accepted (413 above)")
@@ -94,6 +96,9 @@ func (c *Config) Validate() error {
 		if _, err := discovery.Parse(spec, nil); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
+	}
+	if err := c.TLS.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if _, err := parseK8sService(c.K8sService); err != nil {
 		errs = append(errs, fmt.Errorf("--k8s-service: %w", err))
@@ -148,7 +153,11 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		}
 	}
 	reg := metrics.NewRegistry()
-	conns := serving.NewConnCache()
+	creds, err := cfg.TLS.DialOption()
+	if err != nil {
+		return err
+	}
+	conns := serving.NewConnCache(creds)
 	defer conns.Close()
 	resolver := discovery.Resolver(cfg.DNSServer)
 	ctxSrc, err := discovery.Parse(cfg.CtxServers, resolver)
@@ -188,7 +197,17 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		lg.Warn("initial discovery failed; retrying every --resolve-interval", zap.Error(err))
 	}
 	checker := health.New(reg, health.Config{}, health.Sources{Ready: rt.ReadyCheck})
-	gs := serving.NewGRPCServer(lg)
+	// The public ports present the certificate but ask clients for none:
+	// OpenAI and RouterService clients authenticate with API keys.
+	grpcCreds, err := cfg.TLS.ServerOption(false)
+	if err != nil {
+		return err
+	}
+	httpTLS, err := cfg.TLS.ServerConfig(false)
+	if err != nil {
+		return err
+	}
+	gs := serving.NewGRPCServer(lg, grpcCreds...)
 	checker.Register(gs)
 	kvferryv1.RegisterRouterServiceServer(gs, rt)
 
@@ -219,7 +238,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 
 	g, gctx := serving.NewGroup(ctx)
 	g.Go("openai", func(ctx context.Context) error {
-		return serving.ServeHTTP(ctx, rt.Handler(), httpLn, cfg.ShutdownGrace)
+		return serving.ServeHTTP(ctx, rt.Handler(), httpLn, cfg.ShutdownGrace, httpTLS)
 	})
 	g.Go("grpc", func(ctx context.Context) error {
 		return serving.ServeGRPC(ctx, gs, grpcLn, cfg.ShutdownGrace, checker.SetDraining)

@@ -5,6 +5,7 @@ package serving
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -53,15 +54,15 @@ func NewLogger(level string) (*zap.Logger, error) {
 // NewGRPCServer returns a server with explicit message limits, a keepalive
 // policy matching NewClientConn's, and the interceptor chain recovery →
 // request id → logging.
-func NewGRPCServer(lg *zap.Logger) *grpc.Server {
-	return grpc.NewServer(
+func NewGRPCServer(lg *zap.Logger, extra ...grpc.ServerOption) *grpc.Server {
+	return grpc.NewServer(append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxSendMsgSize(MaxMessageBytes),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveTime / 2, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * keepaliveTime, Timeout: 10 * time.Second}),
 		grpc.ChainUnaryInterceptor(unaryRecovery(lg), unaryLogging(lg)),
 		grpc.ChainStreamInterceptor(streamRecovery(lg), streamLogging(lg)),
-	)
+	}, extra...)...)
 }
 
 // RequestID returns the request id carried in ctx's incoming metadata.
@@ -166,8 +167,13 @@ func ServeGRPC(ctx context.Context, s *grpc.Server, ln net.Listener, grace time.
 }
 
 // ServeHTTP serves h on ln until ctx is done, then shuts down within grace.
-func ServeHTTP(ctx context.Context, h http.Handler, ln net.Listener, grace time.Duration) error {
+// A non-nil tlsCfg serves HTTPS.
+func ServeHTTP(ctx context.Context, h http.Handler, ln net.Listener, grace time.Duration, tlsCfg ...*tls.Config) error {
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	if len(tlsCfg) > 0 && tlsCfg[0] != nil {
+		srv.TLSConfig = tlsCfg[0]
+		ln = tls.NewListener(ln, tlsCfg[0])
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {
@@ -214,13 +220,22 @@ func (g *Group) Wait() error { return g.g.Wait() }
 
 // ConnCache holds one client connection per address, created on first use.
 type ConnCache struct {
+	creds grpc.DialOption
+
 	mu     sync.Mutex
 	conns  map[string]*grpc.ClientConn
 	closed bool
 }
 
-// NewConnCache returns an empty cache.
-func NewConnCache() *ConnCache { return &ConnCache{conns: map[string]*grpc.ClientConn{}} }
+// NewConnCache returns an empty cache dialling in plaintext, or with creds
+// when given (TLSFiles.DialOption).
+func NewConnCache(creds ...grpc.DialOption) *ConnCache {
+	c := &ConnCache{conns: map[string]*grpc.ClientConn{}, creds: grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if len(creds) > 0 {
+		c.creds = creds[0]
+	}
+	return c
+}
 
 // Get returns the connection to addr. grpc.NewClient does not dial, so this
 // never blocks.
@@ -234,7 +249,7 @@ func (c *ConnCache) Get(addr string) (*grpc.ClientConn, error) {
 		return cc, nil
 	}
 	cc, err := grpc.NewClient(addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		c.creds,
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes)),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: keepaliveTime, Timeout: 10 * time.Second, PermitWithoutStream: true}),
 	)

@@ -54,6 +54,7 @@ type Config struct {
 	PoisonBudget            int
 	HealthInterval          time.Duration
 	ExhaustionGrace         time.Duration
+	TLS                     serving.TLSFiles
 }
 
 // Ports are a server's default listeners (DESIGN §7).
@@ -77,6 +78,7 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	fs.IntVar(&c.PoisonBudget, "poison-budget", 16, "liveness fails when more blocks than this are poisoned")
 	fs.DurationVar(&c.HealthInterval, "health-interval", time.Second, "how often health is evaluated")
 	fs.DurationVar(&c.ExhaustionGrace, "exhaustion-grace", 5*time.Second, "readiness fails when no block could be allocated for longer than this")
+	RegisterTLS(fs, &c.TLS)
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
 }
 
@@ -93,6 +95,9 @@ func (c *Config) Validate() error {
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			errs = append(errs, fmt.Errorf("%s %q: %w", name, addr, err))
 		}
+	}
+	if err := c.TLS.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.PoisonBudget < 0 {
 		errs = append(errs, fmt.Errorf("--poison-budget must not be negative, got %d", c.PoisonBudget))
@@ -165,9 +170,13 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		Progress: health.NewProgress(time.Now()),
 		GPU:      gpu.New(nvml.New(), reg, lg),
 		Sessions: health.NewSessions(),
-		GRPC:     serving.NewGRPCServer(lg),
 		Logger:   lg,
 	}
+	creds, err := cfg.TLS.ServerOption(true)
+	if err != nil {
+		return nil, err
+	}
+	p.GRPC = serving.NewGRPCServer(lg, creds...)
 	for _, l := range []struct {
 		addr string
 		ln   *net.Listener
@@ -281,6 +290,13 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 	c := p.Pool.Counts()
 	p.Logger.Info("stopped", zap.Int("free", c.Free), zap.Int("owned", c.Owned), zap.Int("in_flight", c.InFlight), zap.Int("quarantined", c.Quarantined), zap.Int("poisoned", c.Poisoned))
 	return err
+}
+
+// RegisterTLS adds --tls-cert, --tls-key and --tls-ca.
+func RegisterTLS(fs *flag.FlagSet, t *serving.TLSFiles) {
+	fs.StringVar(&t.Cert, "tls-cert", "", "PEM certificate: serve gRPC (and the router's OpenAI port) over TLS and present it to peers")
+	fs.StringVar(&t.Key, "tls-key", "", "PEM private key of --tls-cert")
+	fs.StringVar(&t.CA, "tls-ca", "", "PEM CA bundle: verify peers with it; servers then require client certificates (mTLS)")
 }
 
 // OneLine joins errors into one line for the user.

@@ -1,0 +1,97 @@
+package serving
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// TLSFiles are the --tls-cert, --tls-key and --tls-ca flags. With a cert
+// and key, a process serves TLS (gRPC, and the router's OpenAI port) and
+// presents the cert as a client; with a CA it verifies its peers: servers
+// then require client certificates (mTLS between router and servers, and
+// between generation and context servers). Admin ports (probes, metrics)
+// and the bulk data path stay plain.
+type TLSFiles struct{ Cert, Key, CA string }
+
+// Enabled reports whether any TLS flag is set.
+func (f TLSFiles) Enabled() bool { return f.Cert != "" || f.Key != "" || f.CA != "" }
+
+// Validate checks that cert and key come together and the files load.
+func (f TLSFiles) Validate() error {
+	if !f.Enabled() {
+		return nil
+	}
+	if (f.Cert == "") != (f.Key == "") {
+		return errors.New("--tls-cert and --tls-key go together")
+	}
+	_, err := f.config(false, false)
+	return err
+}
+
+func (f TLSFiles) config(server, requireClient bool) (*tls.Config, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if f.Cert != "" {
+		kp, err := tls.LoadX509KeyPair(f.Cert, f.Key)
+		if err != nil {
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{kp}
+	}
+	if f.CA != "" {
+		pem, err := os.ReadFile(f.CA)
+		if err != nil {
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("tls: no certificate in %s", f.CA)
+		}
+		if server {
+			cfg.ClientCAs = pool
+			if requireClient {
+				cfg.ClientAuth = tls.RequireAndVerifyClientCert
+			}
+		} else {
+			cfg.RootCAs = pool
+		}
+	}
+	return cfg, nil
+}
+
+// ServerConfig is the TLS config of a listener; nil when TLS is off.
+// requireClient asks for and verifies client certificates (needs a CA).
+func (f TLSFiles) ServerConfig(requireClient bool) (*tls.Config, error) {
+	if f.Cert == "" {
+		return nil, nil
+	}
+	return f.config(true, requireClient && f.CA != "")
+}
+
+// ServerOption is the gRPC server credentials option (none when TLS is off).
+func (f TLSFiles) ServerOption(requireClient bool) ([]grpc.ServerOption, error) {
+	cfg, err := f.ServerConfig(requireClient)
+	if err != nil || cfg == nil {
+		return nil, err
+	}
+	return []grpc.ServerOption{grpc.Creds(credentials.NewTLS(cfg))}, nil
+}
+
+// DialOption is the gRPC client credentials: TLS verifying peers against
+// the CA (and presenting the cert) when a CA is set, else plaintext.
+func (f TLSFiles) DialOption() (grpc.DialOption, error) {
+	if f.CA == "" {
+		return grpc.WithTransportCredentials(insecure.NewCredentials()), nil
+	}
+	cfg, err := f.config(false, false)
+	if err != nil {
+		return nil, err
+	}
+	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
+}
