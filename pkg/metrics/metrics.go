@@ -174,6 +174,7 @@ type Router struct {
 	duration        *prometheus.HistogramVec
 	retries         prometheus.Counter
 	backendInflight *prometheus.GaugeVec
+	cancelOutcomes  *prometheus.CounterVec
 }
 
 // NewRouter registers the router metrics.
@@ -200,6 +201,10 @@ func NewRouter(reg prometheus.Registerer) *Router {
 			Namespace: namespace, Subsystem: "router", Name: "retries_total",
 			Help: "Attempts after the first, made after a server failure before any token reached the client.",
 		}),
+		cancelOutcomes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "router", Name: "cancel_outcomes_total",
+			Help: "Cancels the router fanned out, by server role and the server's answer (error when it could not be asked).",
+		}, []string{"role", "outcome"}),
 		backendInflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: namespace, Subsystem: "router", Name: "backend_inflight_requests",
 			Help: "Requests in flight on each server, as the router counts them.",
@@ -209,7 +214,12 @@ func NewRouter(reg prometheus.Registerer) *Router {
 		r.requests.WithLabelValues(o)
 		r.duration.WithLabelValues(o)
 	}
-	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration, r.retries, r.backendInflight)
+	for _, role := range []string{"context", "generation"} {
+		for _, o := range append(append([]string{}, CancelOutcomes...), "error") {
+			r.cancelOutcomes.WithLabelValues(role, o)
+		}
+	}
+	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration, r.retries, r.backendInflight, r.cancelOutcomes)
 	return r
 }
 
@@ -218,6 +228,12 @@ func (r *Router) RecordAttempt(retry bool) {
 	if retry {
 		r.retries.Inc()
 	}
+}
+
+// RecordCancelOutcome counts one server's answer to a fanned-out cancel:
+// outcome is the proto enum name or "error".
+func (r *Router) RecordCancelOutcome(role, outcome string) {
+	r.cancelOutcomes.WithLabelValues(role, strings.ToLower(strings.TrimPrefix(outcome, "CANCEL_OUTCOME_"))).Inc()
 }
 
 // BackendInflight returns the gauge of one server's requests in flight.

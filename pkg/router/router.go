@@ -497,6 +497,11 @@ func (r *Router) cancelBoth(ctx context.Context, a *active) []*kvferryv1.ServerC
 	})
 	wg.Wait()
 	for _, o := range out {
+		outcome := o.GetOutcome().String()
+		if o.GetError() != "" {
+			outcome = "error"
+		}
+		r.cfg.Metrics.RecordCancelOutcome(o.GetRole(), outcome)
 		r.lg.Info("cancel outcome", zap.String("request_id", a.ticket.GetRequestId()), zap.Uint32("attempt", a.ticket.GetAttempt()),
 			zap.String("peer", o.GetServer()), zap.String("role", o.GetRole()), zap.String("outcome", o.GetOutcome().String()), zap.String("error", o.GetError()))
 	}

@@ -17,9 +17,14 @@ import (
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/router"
+	"github.com/kvferry/kvferry/pkg/ticket"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 	"github.com/kvferry/kvferry/test/stack"
 )
 
@@ -274,5 +279,43 @@ func TestRandomAborts(t *testing.T) {
 		}
 	}
 	t.Logf("%v of %d aborted requests reached the router", sum, total)
+	s.StopAll(t)
+}
+
+// TestStaleAttemptRejected: a context server that has seen attempt 2 of a
+// request rejects attempt 1 (FAILED_PRECONDITION), and the router counts
+// the cancels it fans out.
+func TestStaleAttemptRejected(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{})
+	cc := kvferryv1.NewContextServiceClient(grpcConn(t, s.CtxGRPC))
+	id := ticket.NewID()
+	toks := executor.Tokenize("the river")
+	if _, err := cc.Prefill(testCtx(t), &kvferryv1.PrefillRequest{Ticket: &kvferryv1.Ticket{RequestId: id, Attempt: 2}, PromptTokens: toks}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := cc.Prefill(testCtx(t), &kvferryv1.PrefillRequest{Ticket: &kvferryv1.Ticket{RequestId: id, Attempt: 1}, PromptTokens: toks})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("stale attempt: %v, want FailedPrecondition", err)
+	}
+	if _, err := cc.Release(testCtx(t), &kvferryv1.ReleaseRequest{Ticket: &kvferryv1.Ticket{RequestId: id, Attempt: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	// An aborted stream makes the router fan a cancel out to both servers.
+	ctx, cancel := context.WithCancel(testCtx(t))
+	c := client(s)
+	st := c.Completions.NewStreaming(ctx, openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(1000)})
+	st.Next()
+	cancel()
+	_ = st.Close()
+	stack.Eventually(t, "router counted the fanned-out cancels", func() bool {
+		sum := 0.0
+		for _, role := range []string{"context", "generation"} {
+			for _, o := range append(metrics.CancelOutcomes, "error") {
+				sum += stack.Metric(t, s.RouterAdmin, fmt.Sprintf(`kvferry_router_cancel_outcomes_total{outcome=%q,role=%q}`, o, role))
+			}
+		}
+		return sum >= 2
+	})
+	checkIdle(t, s)
 	s.StopAll(t)
 }
