@@ -264,6 +264,14 @@ func TestMetricsPassPromlint(t *testing.T) {
 			}
 		}
 	}
+	for _, base := range []string{s.CtxHTTP, s.GenHTTP, s.RouterAdmin} {
+		if code := probe(base + "/debug/pprof/"); code != http.StatusOK {
+			t.Errorf("%s/debug/pprof/: %d", base, code)
+		}
+	}
+	if code := probe(s.OpenAIURL[:len(s.OpenAIURL)-len("/v1")] + "/debug/pprof/"); code == http.StatusOK {
+		t.Error("profiles served on the public port")
+	}
 	if got := stack.Metric(t, s.CtxHTTP, `kvferry_transfer_sessions_total{outcome="completed",side="sender"}`); got != 1 {
 		t.Errorf("sender completed sessions %v, want 1", got)
 	}
