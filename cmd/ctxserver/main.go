@@ -42,7 +42,7 @@ func main() {
 	cfg.Register(fs, servercmd.Ports{GRPC: 9100, HTTP: 9101, Data: 9102})
 	fs.DurationVar(&cfg.HandoffLease, "handoff-lease", 30*time.Second, "release prefilled blocks no generation server took within this long (a backstop: the router releases at once)")
 	fs.BoolVar(&cfg.PrefixReuse, "prefix-reuse", true, "serve full KV blocks of a known prompt prefix from the reuse cache (evicted least recently used when the pool needs room)")
-	fs.StringVar(&cfg.TransportFault, "transport-fault", "", "inject a transport fault, for tests and drills: stall|delay[:after=N,for=DURATION,rate=F,d=DURATION]")
+	fs.StringVar(&cfg.TransportFault, "transport-fault", "", "inject a transport fault, for tests and drills: stall|delay|error|partial|corrupt|lose-notify|lose-abort-ack[:after=N,for=DURATION,rate=F,delay=DURATION]")
 	os.Exit(servercmd.Main(fs, "ctxserver: the kvferry context (prefill) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }

@@ -525,6 +525,11 @@ func (s *Server) AbortTransfer(ctx context.Context, req *kvferryv1.AbortTransfer
 			return nil, status.FromContextError(ctx.Err()).Err()
 		}
 	}
+	if s.cfg.Sender.Fault.LosesAbortAck() {
+		// Drill: the abort took effect, the acknowledgement is lost.
+		<-ctx.Done()
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
 	return &kvferryv1.AbortTransferResponse{NoMoreWrites: true, Found: true}, nil
 }
 

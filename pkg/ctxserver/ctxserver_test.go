@@ -519,3 +519,42 @@ func TestCancelOutcomeOrder(t *testing.T) {
 		t.Fatalf("prefill: %v", err)
 	}
 }
+
+// TestLoseAbortAckDrill: with the lose-abort-ack fault the push still stops
+// (its blocks leave IN_FLIGHT) but AbortTransfer never answers.
+func TestLoseAbortAckDrill(t *testing.T) {
+	const tokens = 24 * 16
+	f := newFixtureModel(t, "llama3-8b", 32, false)
+	var err error
+	if f.srv.cfg.Sender.Fault, err = kvtransfer.ParseFault("lose-abort-ack", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	tk := ticket.New(ticket.NewID())
+	if _, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: bigPrompt(tokens), Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}}); err != nil {
+		t.Fatal(err)
+	}
+	n := f.spec.BlocksFor(tokens)
+	dests := make([]*kvferryv1.BlockDescriptor, n)
+	for i := range dests {
+		dests[i] = &kvferryv1.BlockDescriptor{Index: uint32(i), Length: uint64(f.spec.BlockBytes())}
+	}
+	st, err := f.client.Transfer(context.Background(), &kvferryv1.TransferRequest{Ticket: tk, SessionId: 3, ProtocolVersion: kvtransfer.ProtocolVersion,
+		Layout: f.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: stallingReceiver(t), Destinations: dests})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "push under way", func() bool { return f.counts().InFlight == n })
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := f.client.AbortTransfer(ctx, &kvferryv1.AbortTransferRequest{Ticket: tk, SessionId: 3}); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("abort answered: %v", err)
+	}
+	eventually(t, "push stopped", func() bool { return f.counts().InFlight == 0 })
+	if _, err := f.srv.Release(context.Background(), &kvferryv1.ReleaseRequest{Ticket: tk}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "blocks freed", func() bool { return f.counts().Free == 32 })
+}

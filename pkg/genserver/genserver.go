@@ -225,16 +225,9 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 	for i, b := range blocks {
 		mem[i] = s.cfg.Pool.Bytes(b)
 	}
-	if err := s.receive(ctx, req, r, blocks, mem); err != nil {
+	seq, err := s.receive(ctx, req, r, blocks, mem)
+	if err != nil {
 		return err
-	}
-
-	sampling := executor.ToSampling(req.GetSampling())
-	seq, sums := s.cfg.Engine.StartDecode(mem, len(req.GetPromptTokens()), req.GetFirstToken(), sampling)
-	for i, want := range req.GetAdvertisement().GetBlockChecksums() {
-		if sums[i] != want {
-			return status.Errorf(codes.DataLoss, "block %d checksum %#x, advertised %#x", i, sums[i], want)
-		}
 	}
 	s.mu.Lock()
 	r.phase = phaseDecoding
@@ -318,13 +311,13 @@ func (s *Server) step(tr *transfer, event func(*kvtransfer.Session, time.Time) k
 // deadline — the session decides which, and when the blocks may leave
 // IN_FLIGHT. On every exit the receiver session is finished: its reader
 // proves the blocks quiet, which returns quarantined ones.
-func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r *request, blocks []blockpool.ID, mem [][]byte) error {
+func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r *request, blocks []blockpool.ID, mem [][]byte) (*executor.Sequence, error) {
 	adv := req.GetAdvertisement()
 	id := req.GetTicket().GetRequestId()
 	fields := []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", req.GetTicket().GetAttempt()), zap.String("peer", adv.GetTransferEndpoint())}
 	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), hold: kvtransfer.Hold{Blocks: blocks}, r: r, requestID: id}
 	if err := tr.hold.Pin(s.cfg.Pool); err != nil {
-		return status.Error(codes.Internal, err.Error())
+		return nil, status.Error(codes.Internal, err.Error())
 	}
 	s.mu.Lock()
 	r.holds++
@@ -339,7 +332,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 	})
 	if err != nil {
 		s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Cancel(now) })
-		return status.Errorf(codes.Internal, "register session: %v", err)
+		return nil, status.Errorf(codes.Internal, "register session: %v", err)
 	}
 	start := time.Now()
 	// end finishes the receiver session (its reader proves quiescence,
@@ -366,7 +359,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 	cc, err := s.cfg.Conns.Get(adv.GetTransferEndpoint())
 	if err != nil {
 		s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Fail(now, 0) })
-		return status.Error(codes.Unavailable, err.Error())
+		return nil, status.Error(codes.Unavailable, err.Error())
 	}
 	client := kvferryv1.NewTransferServiceClient(cc)
 	tctx, tcancel := context.WithCancel(serving.WithRequestID(ctx, id))
@@ -375,11 +368,11 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 	defer tcancel()
 	// fail ends the session with an event, asks the sender to stop and
 	// returns cause.
-	fail := func(event func(*kvtransfer.Session, time.Time) kvtransfer.Actions, cause error) error {
+	fail := func(event func(*kvtransfer.Session, time.Time) kvtransfer.Actions, cause error) (*executor.Sequence, error) {
 		if as := s.step(tr, event); as.Has(kvtransfer.ActAbort) {
 			s.abort(ctx, client, req.GetTicket(), session)
 		}
-		return cause
+		return nil, cause
 	}
 	failNow := func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Fail(now, 0) }
 	cancelNow := func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Cancel(now) }
@@ -434,9 +427,20 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 				}
 				return fail(failNow, status.Errorf(code, "transfer: %v", err))
 			}
+			// Verify on receipt: every block's checksum, read in the same
+			// pass that builds the decode state.
+			seq, sums := s.cfg.Engine.StartDecode(mem, len(req.GetPromptTokens()), req.GetFirstToken(), executor.ToSampling(req.GetSampling()))
+			for i, want := range adv.GetBlockChecksums() {
+				if sums[i] != want {
+					quiet := func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
+						return ss.Fail(now, kvtransfer.ProofTransportTerminal) // the reader is done with it
+					}
+					return fail(quiet, status.Errorf(codes.DataLoss, "block %d checksum %#x, advertised %#x", i, sums[i], want))
+				}
+			}
 			s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Complete(now) })
 			s.cfg.Progress.Touch(time.Now())
-			return nil
+			return seq, nil
 		case err := <-events:
 			if err != nil {
 				if ctx.Err() != nil {
@@ -458,7 +462,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 			})
 			if as.Has(kvtransfer.ActNotify) {
 				s.abort(ctx, client, req.GetTicket(), session)
-				return status.Errorf(codes.DeadlineExceeded, "transfer timed out: no progress for %s or past the %s deadline", s.cfg.Timeouts.Progress, s.cfg.Timeouts.Deadline)
+				return nil, status.Errorf(codes.DeadlineExceeded, "transfer timed out: no progress for %s or past the %s deadline", s.cfg.Timeouts.Progress, s.cfg.Timeouts.Deadline)
 			}
 		}
 	}

@@ -2,20 +2,32 @@ package kvtransfer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
 	"time"
 )
 
-// Fault injects a transport fault into a Sender, for tests and chaos
-// drills: --transport-fault=KIND[:key=value,...]. Kinds here: stall (after
-// `after` blocks of a session, write nothing until the fault window ends)
-// and delay (wait `d` before each block). Keys: after=N blocks moved before
-// the fault starts in a session (0); for=DURATION the window, from the
-// fault's creation, in which it acts (default: until restart); rate=F the
-// fraction of sessions it hits (1); d=DURATION the delay per block (100ms).
-// A stalled or delayed write still honours the push's cancellation.
+// Fault injects a transport fault into a Sender (and, for lose-abort-ack,
+// the context server's abort handling), for tests and chaos drills:
+// --transport-fault=KIND[:key=value,...]. Kinds:
+//
+//   - stall: after `after` blocks of a session, write nothing until the
+//     fault window ends (a hung NIC or a stopped peer);
+//   - delay: every block waits `delay` first, then arrives;
+//   - error: the push fails at once, nothing written;
+//   - partial: `after` blocks arrive, then the push fails;
+//   - corrupt: blocks from `after` on are written with a byte flipped while
+//     the push reports success (only checksums catch it);
+//   - lose-notify: every block arrives but the DONE notification never does;
+//   - lose-abort-ack: aborts take effect but are never acknowledged.
+//
+// Keys: after=N blocks moved before the fault starts in a session (0);
+// for=DURATION the window, from the fault's creation, in which it acts
+// (default: until restart); rate=F the fraction of sessions it hits (1);
+// delay=DURATION the wait per block for delay (100ms). A stalled or delayed
+// write still honours the push's cancellation.
 type Fault struct {
 	Kind  string
 	After int
@@ -25,11 +37,19 @@ type Fault struct {
 	start time.Time
 }
 
-// Fault kinds implemented here.
+// Fault kinds.
 const (
-	FaultStall = "stall"
-	FaultDelay = "delay"
+	FaultStall        = "stall"
+	FaultDelay        = "delay"
+	FaultError        = "error"
+	FaultPartial      = "partial"
+	FaultCorrupt      = "corrupt"
+	FaultLoseNotify   = "lose-notify"
+	FaultLoseAbortAck = "lose-abort-ack"
 )
+
+// ErrInjected is the failure an error or partial fault causes.
+var ErrInjected = errors.New("kvtransfer: injected transport fault")
 
 // ParseFault parses a --transport-fault value; "" means no fault (nil).
 func ParseFault(spec string, now time.Time) (*Fault, error) {
@@ -39,9 +59,9 @@ func ParseFault(spec string, now time.Time) (*Fault, error) {
 	kind, args, _ := strings.Cut(spec, ":")
 	f := &Fault{Kind: kind, Rate: 1, Delay: 100 * time.Millisecond, start: now}
 	switch kind {
-	case FaultStall, FaultDelay:
+	case FaultStall, FaultDelay, FaultError, FaultPartial, FaultCorrupt, FaultLoseNotify, FaultLoseAbortAck:
 	default:
-		return nil, fmt.Errorf("transport fault %q: kind must be %s or %s", spec, FaultStall, FaultDelay)
+		return nil, fmt.Errorf("transport fault %q: kind must be one of stall, delay, error, partial, corrupt, lose-notify, lose-abort-ack", spec)
 	}
 	if args == "" {
 		return f, nil
@@ -65,7 +85,7 @@ func ParseFault(spec string, now time.Time) (*Fault, error) {
 			if err == nil && (f.Rate < 0 || f.Rate > 1) {
 				err = fmt.Errorf("outside [0, 1]")
 			}
-		case "d":
+		case "delay":
 			f.Delay, err = time.ParseDuration(v)
 		default:
 			err = fmt.Errorf("unknown key")
@@ -89,34 +109,40 @@ func mixID(x uint64) uint64 {
 	return x
 }
 
-// before runs ahead of writing block i of session.
-func (f *Fault) before(ctx context.Context, session uint64, i int) error {
+// active reports whether the fault acts on block i of session now.
+func (f *Fault) active(session uint64, i int) bool {
 	if f == nil || i < f.After || !f.hits(session) {
-		return nil
+		return false
 	}
-	var end time.Time // zero: until restart
-	if f.For > 0 {
-		end = f.start.Add(f.For)
-		if !time.Now().Before(end) {
-			return nil // the window is over: healed
-		}
+	return f.For <= 0 || time.Now().Before(f.start.Add(f.For))
+}
+
+// before runs ahead of writing block i of session: it waits (stall,
+// delay) or fails (error at the first block, partial at block `after`).
+func (f *Fault) before(ctx context.Context, session uint64, i int) error {
+	if !f.active(session, i) {
+		return nil
 	}
 	var wait <-chan time.Time
 	switch f.Kind {
+	case FaultError, FaultPartial:
+		return ErrInjected
 	case FaultDelay:
 		d := f.Delay
-		if !end.IsZero() {
-			d = min(d, time.Until(end))
+		if f.For > 0 {
+			d = min(d, time.Until(f.start.Add(f.For)))
 		}
 		t := time.NewTimer(d)
 		defer t.Stop()
 		wait = t.C
 	case FaultStall:
-		if !end.IsZero() {
-			t := time.NewTimer(time.Until(end))
+		if f.For > 0 {
+			t := time.NewTimer(time.Until(f.start.Add(f.For)))
 			defer t.Stop()
 			wait = t.C
 		}
+	default:
+		return nil
 	}
 	select {
 	case <-ctx.Done():
@@ -124,4 +150,27 @@ func (f *Fault) before(ctx context.Context, session uint64, i int) error {
 	case <-wait:
 		return nil
 	}
+}
+
+// payload returns what to write for block i: the block itself, or for a
+// corrupt fault a copy with one byte flipped (the pool memory is never
+// touched).
+func (f *Fault) payload(session uint64, i int, b []byte) []byte {
+	if f == nil || f.Kind != FaultCorrupt || len(b) == 0 || !f.active(session, i) {
+		return b
+	}
+	c := make([]byte, len(b))
+	copy(c, b)
+	c[len(c)/2] ^= 0x5a
+	return c
+}
+
+// losesNotify reports whether the DONE notification of session is dropped.
+func (f *Fault) losesNotify(session uint64) bool {
+	return f != nil && f.Kind == FaultLoseNotify && f.active(session, f.After)
+}
+
+// LosesAbortAck reports whether aborts go unacknowledged now.
+func (f *Fault) LosesAbortAck() bool {
+	return f != nil && f.Kind == FaultLoseAbortAck && (f.For <= 0 || time.Now().Before(f.start.Add(f.For)))
 }

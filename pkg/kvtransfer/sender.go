@@ -102,7 +102,7 @@ func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte,
 			return sent, err
 		}
 		Header{Kind: FrameData, Session: session, Index: uint32(i), Length: uint32(len(b))}.Encode(hdr[:])
-		bufs := net.Buffers{hdr[:], b}
+		bufs := net.Buffers{hdr[:], fault.payload(session, i, b)}
 		if _, err := bufs.WriteTo(c); err != nil {
 			return sent, fmt.Errorf("kvtransfer: write block %d: %w", i, err)
 		}
@@ -110,6 +110,12 @@ func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte,
 		if onBlock != nil {
 			onBlock(time.Now())
 		}
+	}
+	if fault.losesNotify(session) {
+		return sent, nil // the notification is lost; the sender believes it sent it
+	}
+	if err := fault.before(ctx, session, len(src)); err != nil {
+		return sent, err // a partial fault after every block: the DONE never goes
 	}
 	Header{Kind: FrameDone, Session: session, Index: uint32(len(src))}.Encode(hdr[:])
 	if _, err := c.Write(hdr[:]); err != nil {

@@ -347,8 +347,9 @@ func TestParseFault(t *testing.T) {
 		{"", nil, true},
 		{"stall", &Fault{Kind: FaultStall, Rate: 1, Delay: 100 * time.Millisecond, start: now}, true},
 		{"stall:after=2,for=5s", &Fault{Kind: FaultStall, After: 2, For: 5 * time.Second, Rate: 1, Delay: 100 * time.Millisecond, start: now}, true},
-		{"delay:d=300ms,rate=0.5", &Fault{Kind: FaultDelay, Rate: 0.5, Delay: 300 * time.Millisecond, start: now}, true},
-		{"corrupt", nil, false},
+		{"delay:delay=300ms,rate=0.5", &Fault{Kind: FaultDelay, Rate: 0.5, Delay: 300 * time.Millisecond, start: now}, true},
+		{"corrupt:after=1", &Fault{Kind: FaultCorrupt, After: 1, Rate: 1, Delay: 100 * time.Millisecond, start: now}, true},
+		{"melt", nil, false},
 		{"stall:after=-1", nil, false},
 		{"stall:rate=2", nil, false},
 		{"stall:for", nil, false},
@@ -393,4 +394,68 @@ func TestStallFaultHealsAfterWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Finish(s, func() {})
+}
+
+// TestFaultKinds: each injected fault does what drills rely on, against a
+// real receiver.
+func TestFaultKinds(t *testing.T) {
+	const size = 4096
+	for _, tc := range []struct {
+		spec       string
+		pushErr    bool
+		landed     int64 // bytes landed
+		done       bool  // the receive session ends (DONE arrived)
+		contentsOK bool
+	}{
+		{"error", true, 0, false, false},
+		{"partial:after=1", true, size, false, false},
+		{"corrupt:after=1", false, 3 * size, true, false},
+		{"lose-notify", false, 3 * size, false, true},
+		{"stall:for=1ms", false, 3 * size, true, true},
+	} {
+		t.Run(tc.spec, func(t *testing.T) {
+			r := newReceiver(t, size)
+			snd := NewSender(0)
+			defer snd.Close()
+			var err error
+			if snd.Fault, err = ParseFault(tc.spec, time.Now()); err != nil {
+				t.Fatal(err)
+			}
+			src := randomBlocks(3, size, 9)
+			orig := randomBlocks(3, size, 9)
+			dst := [][]byte{make([]byte, size), make([]byte, size), make([]byte, size)}
+			s, _ := r.Register(42, dst, nil)
+			_, err = snd.Push(context.Background(), r.Addr().String(), 42, src)
+			if (err != nil) != tc.pushErr {
+				t.Fatalf("push error %v, want error %v", err, tc.pushErr)
+			}
+			eventually(t, "bytes landed", func() bool { n, _ := r.Progress(s); return n == tc.landed })
+			select {
+			case <-s.Done():
+				if !tc.done {
+					t.Fatal("session ended although the DONE should be missing")
+				}
+			case <-time.After(50 * time.Millisecond):
+				if tc.done {
+					t.Fatal("session did not end")
+				}
+			}
+			ok := true
+			for i := range src {
+				ok = ok && bytes.Equal(src[i], dst[i])
+			}
+			if ok != tc.contentsOK {
+				t.Fatalf("contents intact %v, want %v", ok, tc.contentsOK)
+			}
+			if tc.spec == "corrupt:after=1" && !bytes.Equal(src[0], dst[0]) {
+				t.Fatal("block before `after` corrupted")
+			}
+			for i := range src {
+				if !bytes.Equal(src[i], orig[i]) {
+					t.Fatalf("the fault touched source block %d", i)
+				}
+			}
+			r.Finish(s, func() {})
+		})
+	}
 }

@@ -99,7 +99,7 @@ func TestHealthStalledTransport(t *testing.T) {
 // that keeps moving never fails liveness.
 func TestHealthSlowButMoving(t *testing.T) {
 	s := stack.Up(t, binDir, stack.Options{
-		CtxArgs: []string{"--transport-fault=delay:d=400ms"},
+		CtxArgs: []string{"--transport-fault=delay:delay=400ms"},
 		GenArgs: healthFlags,
 	})
 	prompt := longPrompt(120) // 8 blocks at 400 ms each: 3.2 s against a 1 s deadline

@@ -319,3 +319,23 @@ func TestStaleAttemptRejected(t *testing.T) {
 	checkIdle(t, s)
 	s.StopAll(t)
 }
+
+// TestCorruptionDrill: a context server that flips bytes in flight while
+// reporting success never produces text: checksums catch it, the request
+// fails, and no block is lost on either server.
+func TestCorruptionDrill(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{CtxArgs: []string{"--transport-fault=corrupt"}})
+	c := client(s)
+	_, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{Model: "tiny",
+		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(longPrompt(40))}, MaxTokens: openai.Int(4)})
+	var apiErr *openai.Error
+	if !errors.As(err, &apiErr) || apiErr.StatusCode < 500 {
+		t.Fatalf("corrupted transfer answered %v", err)
+	}
+	// One pair: the retry has no other generation server to go to.
+	if got := stack.Metric(t, s.GenHTTP, `kvferry_transfer_sessions_total{outcome="failed",side="receiver"}`); got != 1 {
+		t.Fatalf("receiver failed sessions %v, want 1", got)
+	}
+	checkIdle(t, s)
+	s.StopAll(t)
+}
