@@ -45,6 +45,14 @@ func (b *backend) admit(now time.Time) bool {
 	}
 }
 
+// abandon gives back a half-open probe slot taken by a pick that was never
+// used, without judging the server.
+func (b *backend) abandon() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.probing = false
+}
+
 // result records a request's outcome on this server.
 func (b *backend) result(ok bool, now time.Time) {
 	b.mu.Lock()

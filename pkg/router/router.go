@@ -293,7 +293,7 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	req.prefixHash = 0 // affinity is for the reuse cache, which lives on context servers
 	g := r.policy.pick(req, gens)
 	if g == nil {
-		c.result(true, time.Now()) // release a half-open probe slot unused
+		c.abandon() // its half-open probe slot, if it took one, goes unused
 		return usage, false, nil, fail(codes.Unavailable, "no generation server available")
 	}
 	defer g.add(-1)
