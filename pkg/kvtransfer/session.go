@@ -19,7 +19,10 @@ const (
 )
 
 func (o Outcome) String() string {
-	return [...]string{"none", "completed", "failed", "cancelled", "timed_out"}[o]
+	if names := [...]string{"none", "completed", "failed", "cancelled", "timed_out"}; int(o) < len(names) {
+		return names[o]
+	}
+	return fmt.Sprintf("outcome(%d)", uint8(o))
 }
 
 // Disposition is a session's physical disposition: whether a transport or
@@ -40,7 +43,10 @@ const (
 )
 
 func (d Disposition) String() string {
-	return [...]string{"active", "quiesced", "in_doubt", "poisoned"}[d]
+	if names := [...]string{"active", "quiesced", "in_doubt", "poisoned"}; int(d) < len(names) {
+		return names[d]
+	}
+	return fmt.Sprintf("disposition(%d)", uint8(d))
 }
 
 // Proof is what proves a session's memory quiet. A timer, a lease or a
