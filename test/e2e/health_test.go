@@ -99,10 +99,10 @@ func TestHealthStalledTransport(t *testing.T) {
 // that keeps moving never fails liveness.
 func TestHealthSlowButMoving(t *testing.T) {
 	s := stack.Up(t, binDir, stack.Options{
-		CtxArgs: []string{"--transport-fault=delay:delay=400ms"},
-		GenArgs: healthFlags,
+		CtxArgs: []string{"--transport-fault=delay:delay=300ms"},
+		GenArgs: []string{"--progress-deadline=1500ms", "--health-interval=100ms", "--transfer-progress-timeout=30s"},
 	})
-	prompt := longPrompt(120) // 8 blocks at 400 ms each: 3.2 s against a 1 s deadline
+	prompt := longPrompt(120) // 8 blocks at 300 ms each: 2.4 s against a 1.5 s deadline
 	c := client(s)
 	done := make(chan error, 1)
 	go func() {
