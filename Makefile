@@ -24,7 +24,7 @@ RUN_DECODE_STEP_TIME ?= 20ms
 
 SEEDS ?= 100000
 
-.PHONY: all build run test test-unit test-e2e sim bench-router verify proto proto-check lint vet fmt-check tools deps clean
+.PHONY: all build run test test-unit test-e2e sim bench-router verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
@@ -53,6 +53,10 @@ test-e2e:
 # (make test runs 2,000). A failure prints the seed and the replay command.
 sim:
 	$(GO) test -count=1 -timeout 60m -run TestSimulation -v ./pkg/kvtransfer/ -seeds $(SEEDS)
+
+# chaos: every chaos scenario at full size (make test runs the short gate).
+chaos:
+	$(GO) test -count=1 -timeout 20m -v -run TestChaos ./test/chaos/ -chaos.full
 
 # verify: spin, exhaustively, on the transfer-lifecycle model (verify/).
 verify:

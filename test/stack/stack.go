@@ -74,6 +74,9 @@ func FreePort(t testing.TB) int {
 // Proc is one running server process.
 type Proc struct {
 	Name string
+	bin  string
+	args []string
+	dir  string
 	cmd  *exec.Cmd
 	log  *os.File
 	done chan struct{}
@@ -93,7 +96,7 @@ func Start(t testing.TB, dir, bin string, args ...string) *Proc {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &Proc{Name: name, cmd: cmd, log: lf, done: make(chan struct{})}
+	p := &Proc{Name: name, bin: bin, args: args, dir: dir, cmd: cmd, log: lf, done: make(chan struct{})}
 	go func() { p.err = cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() { p.kill() })
 	return p
@@ -115,6 +118,15 @@ func (p *Proc) Stop() error {
 		p.kill()
 		return fmt.Errorf("%s did not stop within %s", p.Name, ShouldHappen)
 	}
+}
+
+// Restart starts the same command again (after the process exited), as a
+// supervisor restarting a killed pod would; it waits for nothing.
+func (p *Proc) Restart(t testing.TB) *Proc {
+	t.Helper()
+	np := Start(t, p.dir, p.bin, p.args...)
+	np.Name = p.Name
+	return np
 }
 
 // Signal sends sig to the process.

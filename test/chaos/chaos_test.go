@@ -1,0 +1,289 @@
+// Package chaos is kvferry's gate: storms of streaming requests, half of
+// them aborted by the client at random moments, on real processes, with
+// peers stopped, killed and faulty, then probes. Every scenario prints one
+// result line and the run a final "chaos: N passed, M failed" line.
+//
+//	make test    runs the short gate: one storm at concurrency 64 and a
+//	             stopped generation server (a few seconds);
+//	make chaos   runs every scenario (-chaos.full), bounded to 20 minutes.
+package chaos
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/router"
+	"github.com/kvferry/kvferry/test/stack"
+)
+
+var full = flag.Bool("chaos.full", false, "run every scenario at full size (make chaos)")
+
+var binDir string
+
+func TestMain(m *testing.M) {
+	flag.Parse()
+	dir, err := os.MkdirTemp("", "kvferry-chaos-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	err = stack.Build(ctx, dir, true) // race-detector binaries: a race report is a failure
+	cancel()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binDir = dir
+	code := m.Run()
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+var tiny, _ = executor.Preset("tiny")
+
+// words builds a prompt of n vocabulary words (n tokens).
+func words(n int) string {
+	base := strings.Fields("the quiet river harbour light signal path ferry stone bridge tower window")
+	var b strings.Builder
+	for i := range n {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(base[i%len(base)])
+	}
+	return b.String()
+}
+
+type stormResult struct{ sent, ok, aborted, rejected, failed int64 }
+
+func (r stormResult) String() string {
+	return fmt.Sprintf("%d sent, %d ok, %d aborted, %d rejected (pool full), %d failed", r.sent, r.ok, r.aborted, r.rejected, r.failed)
+}
+
+// storm sends total streaming requests at concurrency conc, prompt lengths
+// from 100 to 8,000 tokens; half are aborted by the client at a random
+// moment (before the first token, mid-transfer, mid-decode).
+func storm(ctx context.Context, c openai.Client, total, conc int, seed uint64) stormResult {
+	var r stormResult
+	rng := rand.New(rand.NewPCG(seed, seed))
+	type job struct {
+		prompt string
+		abort  time.Duration // 0: never
+	}
+	jobs := make(chan job, total)
+	for range total {
+		j := job{prompt: words(100 + rng.IntN(7900))}
+		if rng.IntN(2) == 0 {
+			j.abort = time.Duration(1+rng.IntN(300)) * time.Millisecond
+		}
+		jobs <- j
+	}
+	close(jobs)
+	var wg sync.WaitGroup
+	for range conc {
+		wg.Go(func() {
+			for j := range jobs {
+				if ctx.Err() != nil {
+					return
+				}
+				atomic.AddInt64(&r.sent, 1)
+				rctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+				abort := time.AfterFunc(time.Hour, cancel)
+				if j.abort > 0 {
+					abort.Reset(j.abort)
+				}
+				st := c.Completions.NewStreaming(rctx, openai.CompletionNewParams{Model: "tiny",
+					Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(j.prompt)}, MaxTokens: openai.Int(32)})
+				for st.Next() {
+				}
+				err := st.Err()
+				_ = st.Close()
+				abort.Stop()
+				var apiErr *openai.Error
+				switch {
+				case err == nil:
+					atomic.AddInt64(&r.ok, 1)
+				case errors.Is(err, context.Canceled) || rctx.Err() != nil:
+					atomic.AddInt64(&r.aborted, 1)
+				case errors.As(err, &apiErr) && (apiErr.StatusCode == 503 || apiErr.StatusCode == 429):
+					atomic.AddInt64(&r.rejected, 1) // the pool is sized to fill: overload is an answer
+				default:
+					atomic.AddInt64(&r.failed, 1)
+				}
+				cancel()
+			}
+		})
+	}
+	wg.Wait()
+	return r
+}
+
+// gate holds the pass criteria common to every scenario.
+type gate struct {
+	t       *testing.T
+	s       *stack.Stack
+	c       openai.Client
+	passed  int
+	failed  int
+	results []string
+}
+
+// check runs the after-fault criteria: a probe succeeds within 30 s, the
+// canary gives exactly the Reference, every live server goes idle (only the
+// reuse cache owns blocks, nothing in flight or quarantined), and no log
+// shows a panic or a race report.
+func (g *gate) check(name string, started time.Time, extra string, ok bool, why string) {
+	probeOK := false
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) && !probeOK {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, err := g.c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny",
+			Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(2)})
+		cancel()
+		probeOK = err == nil
+	}
+	if !probeOK {
+		ok, why = false, "no probe succeeded within 30 s of the fault ending"
+	}
+	seed := int64(99)
+	want := executor.Reference(tiny, words(300), router.SamplingFor(16, nil, nil, &seed))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	resp, err := g.c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny",
+		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(words(300))}, MaxTokens: openai.Int(16), Seed: openai.Int(seed)})
+	cancel()
+	if ok && (err != nil || resp.Choices[0].Text != want.Text) {
+		ok, why = false, fmt.Sprintf("canary: %v", err)
+	}
+	if ok {
+		if bad := g.idle(); bad != "" {
+			ok, why = false, bad
+		}
+	}
+	for _, p := range append(append([]*stack.Proc{g.s.Router}, g.s.Ctxs...), g.s.Gens...) {
+		if l := p.Log(); ok && (strings.Contains(l, "WARNING: DATA RACE") || strings.Contains(l, "panic:")) {
+			ok, why = false, p.Name+" logged a race or a panic"
+		}
+	}
+	status := "ok"
+	if !ok {
+		status = "FAILED: " + why
+		g.failed++
+	} else {
+		g.passed++
+	}
+	line := fmt.Sprintf("chaos: %-28s %s (%s, %s)", name, status, extra, time.Since(started).Round(time.Millisecond))
+	fmt.Println(line)
+	g.results = append(g.results, line)
+}
+
+// idle polls every live server until idle, for up to 30 s.
+func (g *gate) idle() string {
+	var bad string
+	tick := time.NewTicker(50 * time.Millisecond) // polling with a deadline
+	defer tick.Stop()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		bad = ""
+		for _, base := range append(append([]string{}, g.s.CtxHTTPs...), g.s.GenHTTPs...) {
+			_, body, err := stack.Get(base + "/metrics")
+			if err != nil {
+				bad = base + ": " + err.Error()
+				break
+			}
+			v := func(sample string) string {
+				for _, line := range strings.Split(body, "\n") {
+					if rest, ok := strings.CutPrefix(line, sample+" "); ok {
+						return rest
+					}
+				}
+				return "missing"
+			}
+			if v(`kvferry_blockpool_blocks{state="in_flight"}`) != "0" || v(`kvferry_blockpool_blocks{state="quarantined"}`) != "0" ||
+				v(`kvferry_blockpool_blocks{state="owned"}`) != v(`kvferry_blockpool_cached_blocks`) {
+				bad = base + " not idle"
+				break
+			}
+		}
+		if bad == "" {
+			return ""
+		}
+		<-tick.C
+	}
+	return bad
+}
+
+func (g *gate) finish() {
+	fmt.Printf("chaos: %d passed, %d failed\n", g.passed, g.failed)
+	if g.failed > 0 {
+		g.t.Errorf("chaos: %d of %d scenarios failed:\n%s", g.failed, g.passed+g.failed, strings.Join(g.results, "\n"))
+	}
+}
+
+func newGate(t *testing.T) *gate {
+	s := stack.Up(t, binDir, stack.Options{Ctxs: 2, Gens: 2, PoolBlocks: 2048, PrefillTokensPerSecond: 200000, DecodeStepTime: 2 * time.Millisecond,
+		GenArgs: []string{"--progress-deadline=5s", "--health-interval=200ms", "--canary-interval=1s"}})
+	c := openai.NewClient(option.WithBaseURL(s.OpenAIURL+"/"), option.WithAPIKey("unused"), option.WithMaxRetries(0))
+	return &gate{t: t, s: s, c: c}
+}
+
+// TestChaos is the gate: the short version in make test, everything with
+// -chaos.full (make chaos).
+func TestChaos(t *testing.T) {
+	g := newGate(t)
+	defer g.finish()
+	concs, total, stop := []int{64}, 200, 3*time.Second
+	if *full {
+		concs, total, stop = []int{128, 256}, 600, 20*time.Second
+	}
+	for _, conc := range concs {
+		start := time.Now()
+		r := storm(context.Background(), g.c, total, conc, uint64(conc))
+		g.check(fmt.Sprintf("storm conc=%d", conc), start, r.String(), r.failed == 0, fmt.Sprintf("%d requests failed", r.failed))
+	}
+
+	// Stopped peer: SIGSTOP a generation server during a storm, SIGCONT it.
+	start := time.Now()
+	done := make(chan stormResult, 1)
+	go func() { done <- storm(context.Background(), g.c, total/2, 32, 7) }()
+	victim := g.s.Gens[1]
+	stack.Eventually(t, "the storm reaches the victim", func() bool {
+		return stack.Metric(t, g.s.RouterAdmin, fmt.Sprintf(`kvferry_router_backend_inflight_requests{role="generation",server=%q}`, g.s.GenGRPCs[1])) > 0
+	})
+	_ = victim.Signal(syscall.SIGSTOP)
+	<-time.After(stop) // how long the peer stays stopped is the scenario itself
+	_ = victim.Signal(syscall.SIGCONT)
+	r := <-done
+	g.check(fmt.Sprintf("stopped peer %s", stop), start, r.String(), r.failed == 0, fmt.Sprintf("%d requests failed", r.failed))
+
+	if *full {
+		// Killed peer: SIGKILL a context server mid-storm, start a new one on its address.
+		start = time.Now()
+		go func() { done <- storm(context.Background(), g.c, total/2, 32, 8) }()
+		stack.Eventually(t, "the storm reaches the victim", func() bool {
+			return stack.Metric(t, g.s.RouterAdmin, fmt.Sprintf(`kvferry_router_backend_inflight_requests{role="context",server=%q}`, g.s.CtxGRPCs[1])) > 0
+		})
+		_ = g.s.Ctxs[1].Signal(syscall.SIGKILL)
+		<-g.s.Ctxs[1].Done()
+		g.s.Ctxs[1] = g.s.Ctxs[1].Restart(t)
+		r = <-done
+		// Requests on the killed server fail before their first token and
+		// are retried; the rest may fail once; the gate is the aftermath.
+		g.check("killed peer", start, r.String(), true, "")
+	}
+	g.s.StopAll(t)
+}
