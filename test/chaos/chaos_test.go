@@ -295,5 +295,23 @@ func TestChaos(t *testing.T) {
 		// are retried; the rest may fail once; the gate is the aftermath.
 		g.check("killed peer", start, r.String(), true, "")
 	}
+	if *full {
+		// Sick transport: one context server restarted with a fault for a
+		// window of 5 s, a storm through it, then the gate after the window.
+		for _, fault := range []string{"stall", "partial:after=2", "corrupt", "lose-notify", "lose-abort-ack"} {
+			start = time.Now()
+			if err := g.s.Ctxs[1].Stop(); err != nil {
+				t.Logf("stopping %s: %v", g.s.Ctxs[1].Name, err)
+			}
+			spec := fault + ":for=5s,rate=0.5"
+			if strings.Contains(fault, ":") {
+				spec = fault + ",for=5s,rate=0.5"
+			}
+			g.s.Ctxs[1] = g.s.Ctxs[1].RestartWith(t, "--transport-fault="+spec)
+			r = storm(context.Background(), g.c, 100, 32, 9)
+			<-time.After(time.Until(start.Add(6 * time.Second))) // the fault window must be over before the gate
+			g.check("sick transport "+fault, start, r.String(), true, "")
+		}
+	}
 	g.s.StopAll(t)
 }

@@ -129,6 +129,15 @@ func (p *Proc) Restart(t testing.TB) *Proc {
 	return np
 }
 
+// RestartWith starts the same command again with extra flags appended
+// (later flags win).
+func (p *Proc) RestartWith(t testing.TB, extra ...string) *Proc {
+	t.Helper()
+	np := Start(t, p.dir, p.bin, append(append([]string{}, p.args...), extra...)...)
+	np.Name = p.Name
+	return np
+}
+
 // Signal sends sig to the process.
 func (p *Proc) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
 
