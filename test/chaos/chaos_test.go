@@ -157,7 +157,8 @@ type gate struct {
 // shows a panic or a race report.
 func (g *gate) check(name string, started time.Time, extra string, ok bool, why string) {
 	probeOK := false
-	deadline := time.Now().Add(30 * time.Second)
+	probeStart := time.Now()
+	deadline := probeStart.Add(30 * time.Second)
 	for time.Now().Before(deadline) && !probeOK {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		_, err := g.c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny",
@@ -165,6 +166,7 @@ func (g *gate) check(name string, started time.Time, extra string, ok bool, why 
 		cancel()
 		probeOK = err == nil
 	}
+	recovery := time.Since(probeStart)
 	if !probeOK {
 		ok, why = false, "no probe succeeded within 30 s of the fault ending"
 	}
@@ -194,7 +196,8 @@ func (g *gate) check(name string, started time.Time, extra string, ok bool, why 
 	} else {
 		g.passed++
 	}
-	line := fmt.Sprintf("chaos: %-28s %s (%s, %s)", name, status, extra, time.Since(started).Round(time.Millisecond))
+	line := fmt.Sprintf("chaos: %-28s %s (%s; probe recovered in %s; blocks at end %s; %s)", name, status, extra,
+		recovery.Round(time.Millisecond), g.blocks(), time.Since(started).Round(time.Millisecond))
 	fmt.Println(line)
 	g.results = append(g.results, line)
 }
@@ -233,6 +236,21 @@ func (g *gate) idle() string {
 		<-tick.C
 	}
 	return bad
+}
+
+// blocks sums the pools of every live server: free, owned (of which in
+// the reuse cache), in flight, quarantined, poisoned.
+func (g *gate) blocks() string {
+	var free, owned, cached, inFlight, quarantined, poisoned float64
+	for _, base := range append(append([]string{}, g.s.CtxHTTPs...), g.s.GenHTTPs...) {
+		free += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="free"}`)
+		owned += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="owned"}`)
+		cached += stack.Metric(g.t, base, `kvferry_blockpool_cached_blocks`)
+		inFlight += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="in_flight"}`)
+		quarantined += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="quarantined"}`)
+		poisoned += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="poisoned"}`)
+	}
+	return fmt.Sprintf("free %.0f owned %.0f (cached %.0f) in_flight %.0f quarantined %.0f poisoned %.0f", free, owned, cached, inFlight, quarantined, poisoned)
 }
 
 func (g *gate) finish() {
