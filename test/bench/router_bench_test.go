@@ -30,22 +30,7 @@ func TestMain(m *testing.M) {
 	if f := flag.Lookup("test.bench"); f == nil || f.Value.String() == "" {
 		os.Exit(m.Run()) // no benchmark asked for (make test): build nothing
 	}
-	dir, err := os.MkdirTemp("", "kvferry-bench-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	err = stack.Build(ctx, dir, false) // no race detector: we measure
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binDir = dir
-	code := m.Run()
-	_ = os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(stack.RunWithBinaries(m, false, &binDir)) // no race detector: we measure
 }
 
 const prompt = "the quiet river carries light"

@@ -36,22 +36,8 @@ var binDir string
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	dir, err := os.MkdirTemp("", "kvferry-chaos-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	err = stack.Build(ctx, dir, true) // race-detector binaries: a race report is a failure
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binDir = dir
-	code := m.Run()
-	_ = os.RemoveAll(dir)
-	os.Exit(code)
+	// Race-detector binaries: a race report in any log fails the gate.
+	os.Exit(stack.RunWithBinaries(m, true, &binDir))
 }
 
 var tiny, _ = executor.Preset("tiny")

@@ -318,3 +318,25 @@ func Eventually(t testing.TB, what string, cond func() bool) {
 		}
 	}
 }
+
+// RunWithBinaries is the body of a TestMain that needs the binaries: it
+// builds them (with the race detector when race is set) into a temporary
+// directory, stores its path in *bin, runs the tests and removes the
+// directory. It returns the exit code for os.Exit.
+func RunWithBinaries(m *testing.M, race bool, bin *string) int {
+	dir, err := os.MkdirTemp("", "kvferry-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	err = Build(ctx, dir, race)
+	cancel()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	*bin = dir
+	return m.Run()
+}
