@@ -368,18 +368,7 @@ func TestCancelDuringTransferWithReuseTerminatesOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	n := f.spec.BlocksFor(tokens)
-	dests := make([]*kvferryv1.BlockDescriptor, n)
-	for i := range dests {
-		dests[i] = &kvferryv1.BlockDescriptor{Index: uint32(i), Length: uint64(f.spec.BlockBytes())}
-	}
-	st, err := f.client.Transfer(context.Background(), &kvferryv1.TransferRequest{Ticket: tk, SessionId: 9, ProtocolVersion: kvtransfer.ProtocolVersion,
-		Layout: f.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: stallingReceiver(t), Destinations: dests})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m, err := st.Recv(); err != nil || m.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_READY {
-		t.Fatalf("first event %v %v", m, err)
-	}
+	st := f.pushToStalledPeer(t, tk, 9, n)
 	eventually(t, "push under way", func() bool { return f.counts().InFlight == n })
 	resp, _ := f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: tk})
 	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT || resp.GetResourcesFreeNow() {
@@ -534,18 +523,7 @@ func TestLoseAbortAckDrill(t *testing.T) {
 		t.Fatal(err)
 	}
 	n := f.spec.BlocksFor(tokens)
-	dests := make([]*kvferryv1.BlockDescriptor, n)
-	for i := range dests {
-		dests[i] = &kvferryv1.BlockDescriptor{Index: uint32(i), Length: uint64(f.spec.BlockBytes())}
-	}
-	st, err := f.client.Transfer(context.Background(), &kvferryv1.TransferRequest{Ticket: tk, SessionId: 3, ProtocolVersion: kvtransfer.ProtocolVersion,
-		Layout: f.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: stallingReceiver(t), Destinations: dests})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := st.Recv(); err != nil {
-		t.Fatal(err)
-	}
+	f.pushToStalledPeer(t, tk, 3, n)
 	eventually(t, "push under way", func() bool { return f.counts().InFlight == n })
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
@@ -557,4 +535,23 @@ func TestLoseAbortAckDrill(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "blocks freed", func() bool { return f.counts().Free == 32 })
+}
+
+// pushToStalledPeer starts the transfer of tk's n blocks to a peer that
+// never reads, and returns the stream once it has answered READY.
+func (f *fixture) pushToStalledPeer(t *testing.T, tk *kvferryv1.Ticket, session uint64, n int) kvferryv1.TransferService_TransferClient {
+	t.Helper()
+	dests := make([]*kvferryv1.BlockDescriptor, n)
+	for i := range dests {
+		dests[i] = &kvferryv1.BlockDescriptor{Index: uint32(i), Length: uint64(f.spec.BlockBytes())}
+	}
+	st, err := f.client.Transfer(context.Background(), &kvferryv1.TransferRequest{Ticket: tk, SessionId: session, ProtocolVersion: kvtransfer.ProtocolVersion,
+		Layout: f.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: stallingReceiver(t), Destinations: dests})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := st.Recv(); err != nil || m.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_READY {
+		t.Fatalf("first event %v %v", m, err)
+	}
+	return st
 }

@@ -197,21 +197,12 @@ func (g *gate) idle() string {
 	for time.Now().Before(deadline) {
 		bad = ""
 		for _, base := range append(append([]string{}, g.s.CtxHTTPs...), g.s.GenHTTPs...) {
-			_, body, err := stack.Get(base + "/metrics")
+			p, err := stack.ScrapePool(base)
 			if err != nil {
 				bad = base + ": " + err.Error()
 				break
 			}
-			v := func(sample string) string {
-				for _, line := range strings.Split(body, "\n") {
-					if rest, ok := strings.CutPrefix(line, sample+" "); ok {
-						return rest
-					}
-				}
-				return "missing"
-			}
-			if v(`kvferry_blockpool_blocks{state="in_flight"}`) != "0" || v(`kvferry_blockpool_blocks{state="quarantined"}`) != "0" ||
-				v(`kvferry_blockpool_blocks{state="owned"}`) != v(`kvferry_blockpool_cached_blocks`) {
+			if !p.Idle() {
 				bad = base + " not idle"
 				break
 			}
@@ -227,16 +218,20 @@ func (g *gate) idle() string {
 // blocks sums the pools of every live server: free, owned (of which in
 // the reuse cache), in flight, quarantined, poisoned.
 func (g *gate) blocks() string {
-	var free, owned, cached, inFlight, quarantined, poisoned float64
+	var sum stack.Pool
 	for _, base := range append(append([]string{}, g.s.CtxHTTPs...), g.s.GenHTTPs...) {
-		free += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="free"}`)
-		owned += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="owned"}`)
-		cached += stack.Metric(g.t, base, `kvferry_blockpool_cached_blocks`)
-		inFlight += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="in_flight"}`)
-		quarantined += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="quarantined"}`)
-		poisoned += stack.Metric(g.t, base, `kvferry_blockpool_blocks{state="poisoned"}`)
+		p, err := stack.ScrapePool(base)
+		if err != nil {
+			return err.Error()
+		}
+		sum.Free += p.Free
+		sum.Owned += p.Owned
+		sum.Cached += p.Cached
+		sum.InFlight += p.InFlight
+		sum.Quarantined += p.Quarantined
+		sum.Poisoned += p.Poisoned
 	}
-	return fmt.Sprintf("free %.0f owned %.0f (cached %.0f) in_flight %.0f quarantined %.0f poisoned %.0f", free, owned, cached, inFlight, quarantined, poisoned)
+	return fmt.Sprintf("free %.0f owned %.0f (cached %.0f) in_flight %.0f quarantined %.0f poisoned %.0f", sum.Free, sum.Owned, sum.Cached, sum.InFlight, sum.Quarantined, sum.Poisoned)
 }
 
 func (g *gate) finish() {

@@ -49,12 +49,8 @@ func checkIdle(t *testing.T, s *stack.Stack) {
 	t.Helper()
 	for _, base := range []string{s.CtxHTTP, s.GenHTTP} {
 		stack.Eventually(t, base+" idle", func() bool {
-			owned := stack.Metric(t, base, `kvferry_blockpool_blocks{state="owned"}`)
-			cached := stack.Metric(t, base, `kvferry_blockpool_cached_blocks`)
-			return stack.Metric(t, base, `kvferry_blockpool_blocks{state="in_flight"}`) == 0 &&
-				stack.Metric(t, base, `kvferry_blockpool_blocks{state="quarantined"}`) == 0 &&
-				owned == cached &&
-				stack.Metric(t, base, `kvferry_blockpool_blocks{state="free"}`)+owned == stack.Metric(t, base, `kvferry_blockpool_capacity_blocks`)
+			p, err := stack.ScrapePool(base)
+			return err == nil && p.Idle() && p.Free+p.Owned == p.Capacity
 		})
 	}
 }

@@ -205,8 +205,8 @@ func TestGenerationServerDiesBetweenPrefillAndDecode(t *testing.T) {
 	// Every context server is back to idle (only the reuse cache holds blocks).
 	for _, base := range s.CtxHTTPs {
 		stack.Eventually(t, base+" idle", func() bool {
-			return stack.Metric(t, base, `kvferry_blockpool_blocks{state="in_flight"}`) == 0 &&
-				stack.Metric(t, base, `kvferry_blockpool_blocks{state="owned"}`) == stack.Metric(t, base, `kvferry_blockpool_cached_blocks`)
+			p, err := stack.ScrapePool(base)
+			return err == nil && p.InFlight == 0 && p.Owned == p.Cached
 		})
 	}
 	for i, p := range append(append([]*stack.Proc{s.Router}, s.Ctxs...), s.Gens...) {
@@ -257,20 +257,8 @@ func TestRandomAborts(t *testing.T) {
 	// servers, not the polling.
 	bases := append(append([]string{}, s.CtxHTTPs...), s.GenHTTPs...)
 	idle := func(base string) bool {
-		_, body, err := stack.Get(base + "/metrics")
-		if err != nil {
-			return false
-		}
-		v := func(sample string) string {
-			for _, line := range strings.Split(body, "\n") {
-				if rest, ok := strings.CutPrefix(line, sample+" "); ok {
-					return rest
-				}
-			}
-			return "missing"
-		}
-		return v(`kvferry_blockpool_blocks{state="in_flight"}`) == "0" && v(`kvferry_blockpool_blocks{state="quarantined"}`) == "0" &&
-			v(`kvferry_blockpool_blocks{state="owned"}`) == v(`kvferry_blockpool_cached_blocks`)
+		p, err := stack.ScrapePool(base)
+		return err == nil && p.Idle()
 	}
 	start := time.Now()
 	stack.Eventually(t, "every server idle", func() bool {

@@ -284,25 +284,65 @@ func Get(url string) (int, string, error) {
 // page.
 func Metric(t testing.TB, base, sample string) float64 {
 	t.Helper()
+	samples, err := scrape(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, ok := samples[sample]
+	if !ok {
+		t.Fatalf("sample %s not found on %s/metrics", sample, base)
+	}
+	return f
+}
+
+// scrape fetches base/metrics once and returns every sample by its name
+// with labels as exposed.
+func scrape(base string) (map[string]float64, error) {
 	code, body, err := Get(base + "/metrics")
 	if err != nil || code != http.StatusOK {
-		t.Fatalf("scrape %s: %d %v", base, code, err)
+		return nil, fmt.Errorf("scrape %s: %d %v", base, code, err)
 	}
+	out := map[string]float64{}
 	sc := bufio.NewScanner(strings.NewReader(body))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if v, ok := strings.CutPrefix(line, sample+" "); ok {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			if err != nil {
-				t.Fatalf("sample %s: %v", sample, err)
-			}
-			return f
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if i < 0 {
+			continue
+		}
+		if f, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
+			out[line[:i]] = f
 		}
 	}
-	t.Fatalf("sample %s not found on %s/metrics", sample, base)
-	return 0
+	return out, nil
 }
+
+// Pool is one server's block pool as its /metrics shows it.
+type Pool struct {
+	Capacity, Free, Owned, Cached, InFlight, Quarantined, Poisoned float64
+}
+
+// ScrapePool reads a server's pool gauges in one scrape.
+func ScrapePool(base string) (Pool, error) {
+	m, err := scrape(base)
+	if err != nil {
+		return Pool{}, err
+	}
+	state := func(s string) float64 { return m[`kvferry_blockpool_blocks{state="`+s+`"}`] }
+	return Pool{
+		Capacity: m["kvferry_blockpool_capacity_blocks"], Free: state("free"), Owned: state("owned"),
+		Cached: m["kvferry_blockpool_cached_blocks"], InFlight: state("in_flight"),
+		Quarantined: state("quarantined"), Poisoned: state("poisoned"),
+	}, nil
+}
+
+// Idle: nothing in flight or quarantined, and the only owned blocks are
+// the prefix-reuse cache's.
+func (p Pool) Idle() bool { return p.InFlight == 0 && p.Quarantined == 0 && p.Owned == p.Cached }
 
 // Eventually polls cond every 10 ms until it holds or ShouldHappen passes.
 func Eventually(t testing.TB, what string, cond func() bool) {
