@@ -157,17 +157,38 @@ type Pool struct {
 	lruLen           int
 }
 
-// New returns a pool of capacity blocks of blockSize bytes each.
+// New returns a pool of capacity blocks of blockSize bytes each, in memory
+// of its own.
 func New(capacity, blockSize int) (*Pool, error) {
+	if err := checkSize(capacity, blockSize); err != nil {
+		return nil, err
+	}
+	return NewWithMemory(capacity, blockSize, make([]byte, capacity*blockSize))
+}
+
+func checkSize(capacity, blockSize int) error {
 	if capacity <= 0 || blockSize <= 0 {
-		return nil, fmt.Errorf("blockpool: capacity %d and block size %d must be positive", capacity, blockSize)
+		return fmt.Errorf("blockpool: capacity %d and block size %d must be positive", capacity, blockSize)
 	}
 	if uint64(capacity) > 1<<31 {
-		return nil, fmt.Errorf("blockpool: capacity %d too large", capacity)
+		return fmt.Errorf("blockpool: capacity %d too large", capacity)
+	}
+	return nil
+}
+
+// NewWithMemory returns a pool over slab, which the caller allocated (a
+// shared mapping a transport registered) and keeps alive as long as the
+// pool; it must be exactly capacity × blockSize bytes.
+func NewWithMemory(capacity, blockSize int, slab []byte) (*Pool, error) {
+	if err := checkSize(capacity, blockSize); err != nil {
+		return nil, err
+	}
+	if len(slab) != capacity*blockSize {
+		return nil, fmt.Errorf("blockpool: %d bytes of memory for %d blocks of %d", len(slab), capacity, blockSize)
 	}
 	p := &Pool{
 		blockSize: blockSize,
-		slab:      make([]byte, capacity*blockSize),
+		slab:      slab,
 		blocks:    make([]block, capacity),
 		free:      make([]ID, capacity),
 		cache:     map[uint64]ID{},

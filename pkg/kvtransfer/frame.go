@@ -13,6 +13,15 @@
 // notification of a posted write, in NIXL terms) follows a session's last
 // block; its index is the number of blocks sent and length is zero. Integers
 // are little endian.
+//
+// The shm transport uses the same header on a unix socket beside the shared
+// mapping, with no payloads: HELLO (target → writer, carries the pool's
+// memfd and its size in the session field), BIND (writer asks to write a
+// session of index blocks), BIND_OK / BIND_REFUSED, LANDED (block index of
+// length bytes was copied into the mapping), DONE (the writer will write
+// nothing more for the session; index is the blocks landed), ABORT (target
+// → writer: stop) and ABORT_ACK (writer: nothing of that session is being
+// written, nor will be).
 package kvtransfer
 
 import (
@@ -25,8 +34,11 @@ import (
 // before any byte moves.
 const ProtocolVersion = 1
 
-// TransportTCP is the name of the tcp data transport.
-const TransportTCP = "tcp"
+// Transport names, as --transport and TransferRequest.transport spell them.
+const (
+	TransportTCP = "tcp"
+	TransportShm = "shm"
+)
 
 // HeaderSize is the size of a frame header in bytes.
 const HeaderSize = 24
@@ -40,6 +52,14 @@ type FrameKind uint8
 const (
 	FrameData FrameKind = 1
 	FrameDone FrameKind = 2
+	// shm link frames; none carries a payload.
+	FrameHello       FrameKind = 3
+	FrameBind        FrameKind = 4
+	FrameBindOK      FrameKind = 5
+	FrameBindRefused FrameKind = 6
+	FrameLanded      FrameKind = 7
+	FrameAbort       FrameKind = 8
+	FrameAbortAck    FrameKind = 9
 )
 
 // Header is a decoded frame header.
@@ -80,13 +100,13 @@ func DecodeHeader(b []byte, maxLength uint32) (Header, error) {
 		Length:  binary.LittleEndian.Uint32(b[20:]),
 	}
 	switch h.Kind {
-	case FrameData:
+	case FrameData, FrameLanded:
 		if h.Length == 0 || h.Length > maxLength {
 			return Header{}, fmt.Errorf("%w: data length %d (max %d)", ErrBadFrame, h.Length, maxLength)
 		}
-	case FrameDone:
+	case FrameDone, FrameHello, FrameBind, FrameBindOK, FrameBindRefused, FrameAbort, FrameAbortAck:
 		if h.Length != 0 {
-			return Header{}, fmt.Errorf("%w: done frame with length %d", ErrBadFrame, h.Length)
+			return Header{}, fmt.Errorf("%w: kind %d frame with length %d", ErrBadFrame, h.Kind, h.Length)
 		}
 	default:
 		return Header{}, fmt.Errorf("%w: kind %d", ErrBadFrame, h.Kind)

@@ -19,19 +19,25 @@ var (
 	ErrAborted       = errors.New("kvtransfer: session aborted")
 )
 
-// Receiver accepts data connections and lands DATA frames straight in the
-// destination blocks of registered sessions. It is the only writer of those
-// blocks, which gives the tcp transport a local proof of quiescence: once a
-// session is aborted and no frame for it is being read, no byte can touch its
-// memory again (later frames for it are discarded).
+// Receiver is the target side of a transport (NIXL: the agent whose memory
+// is registered and written). For tcp it accepts data connections and lands
+// DATA frames straight in the destination blocks of registered sessions. It
+// is the only writer of those blocks, which gives the tcp transport a local
+// proof of quiescence: once a session is aborted and no frame for it is
+// being read, no byte can touch its memory again (later frames for it are
+// discarded). For shm (ServeShm) the writer is the peer process, which
+// copies into the shared pool itself after the receiver granted it the
+// session; the proof is then the writer's word (DONE, ABORT_ACK) or its
+// end (the link's close, which the kernel does when it dies).
 type Receiver struct {
-	ln       net.Listener
+	ln       net.Listener // nil when the receiver serves shm only
 	maxBlock uint32
 	lg       *zap.Logger
 
 	mu       sync.Mutex
 	sessions map[uint64]*RecvSession
 	conns    map[net.Conn]struct{}
+	awaiting map[*RecvSession]struct{} // shm: finished, waiting for the writer's word
 	closed   bool
 
 	wg sync.WaitGroup
@@ -53,6 +59,8 @@ type RecvSession struct {
 	aborted      bool
 	writing      int
 	readers      map[net.Conn]int // connections reading a block of this session now
+	link         *shmLink         // shm: the writer granted this session; nil for tcp
+	writerDone   bool             // shm: the writer said, or proved by closing, it writes no more
 	onQuiesced   func()
 	onBlock      func(time.Time)
 }
@@ -74,15 +82,32 @@ func Listen(addr string, maxBlock int, lg *zap.Logger) (*Receiver, error) {
 	return Serve(ln, maxBlock, lg), nil
 }
 
-// Serve starts a receiver on an open listener, which it owns from now on.
+// Serve starts a tcp receiver on an open listener, which it owns from now on.
 func Serve(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
-	r := &Receiver{ln: ln, maxBlock: uint32(maxBlock), lg: lg, sessions: map[uint64]*RecvSession{}, conns: map[net.Conn]struct{}{}}
+	r := makeReceiver(ln, maxBlock, lg)
 	r.wg.Add(1)
-	go r.acceptLoop()
+	go r.acceptLoop(r.readLoop)
 	return r
 }
 
-// Addr returns the listening address.
+func makeReceiver(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
+	return &Receiver{ln: ln, maxBlock: uint32(maxBlock), lg: lg, sessions: map[uint64]*RecvSession{}, conns: map[net.Conn]struct{}{}, awaiting: map[*RecvSession]struct{}{}}
+}
+
+// Reask sends ABORT again to the writer of every finished session that
+// still waits for the writer's word, so that a writer that was stopped, or
+// lost the first ABORT or its answer, proves the session quiet once it can.
+// It never blocks (the owner's reaper calls it).
+func (r *Receiver) Reask() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for s := range r.awaiting {
+		s.link.send(Header{Kind: FrameAbort, Session: s.id})
+	}
+}
+
+// Addr returns the listening address: host:port for tcp, the socket path
+// for shm.
 func (r *Receiver) Addr() net.Addr { return r.ln.Addr() }
 
 // Register makes a session able to receive into dests. The id must be unique
@@ -133,6 +158,15 @@ func (r *Receiver) Finish(s *RecvSession, onQuiesced func()) {
 	s.aborted = true
 	delete(r.sessions, s.id)
 	r.endLocked(s, ErrAborted)
+	if s.link != nil && !s.writerDone {
+		// A remote writer may still be copying: ask it to stop and wait for
+		// its word (DONE or ABORT_ACK) or its link's close.
+		s.onQuiesced = onQuiesced
+		r.awaiting[s] = struct{}{}
+		s.link.send(Header{Kind: FrameAbort, Session: s.id})
+		r.mu.Unlock()
+		return
+	}
 	if s.writing > 0 {
 		s.onQuiesced = onQuiesced
 		conns := make([]net.Conn, 0, len(s.readers))
@@ -177,7 +211,7 @@ func (r *Receiver) Close() error {
 	return err
 }
 
-func (r *Receiver) acceptLoop() {
+func (r *Receiver) acceptLoop(serve func(net.Conn)) {
 	defer r.wg.Done()
 	for {
 		c, err := r.ln.Accept()
@@ -193,7 +227,7 @@ func (r *Receiver) acceptLoop() {
 		r.conns[c] = struct{}{}
 		r.wg.Add(1)
 		r.mu.Unlock()
-		go r.readLoop(c)
+		go serve(c)
 	}
 }
 
@@ -217,9 +251,14 @@ func (r *Receiver) readLoop(c net.Conn) {
 			r.lg.Warn("bad data frame", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
 			return
 		}
-		if h.Kind == FrameDone {
+		switch h.Kind {
+		case FrameDone:
 			r.done(h)
 			continue
+		case FrameData:
+		default:
+			r.lg.Warn("bad data frame", zap.String("peer", c.RemoteAddr().String()), zap.Uint8("kind", uint8(h.Kind)))
+			return
 		}
 		if err := r.data(c, h); err != nil {
 			return

@@ -18,13 +18,9 @@ const maxIdleConnsPerPeer = 2
 // Sender pushes blocks to receivers over pooled data connections. It is safe
 // for concurrent use; each push holds one connection exclusively.
 type Sender struct {
+	Hooks
 	dialer   net.Dialer
 	progress time.Duration // a block write that moves nothing for this long fails
-	// Fault, when set, is injected before each block write (tests, drills).
-	Fault *Fault
-	// OnBlock, when set, is called after each block is written (health's
-	// progress clock); it must not block.
-	OnBlock func(now time.Time)
 
 	mu     sync.Mutex
 	idle   map[string][]net.Conn
@@ -37,6 +33,19 @@ type Sender struct {
 // means no bound (the caller's ctx still applies).
 func NewSender(progress time.Duration) *Sender {
 	return &Sender{idle: map[string][]net.Conn{}, progress: progress}
+}
+
+// Name returns "tcp".
+func (s *Sender) Name() string { return TransportTCP }
+
+// Write pushes src to the receiver at endpoint. The tcp receiver places
+// block i by its position in the session's descriptor list, which it holds
+// itself, so dst only has to match src in count.
+func (s *Sender) Write(ctx context.Context, endpoint string, session uint64, src [][]byte, dst []Desc) (int64, error) {
+	if len(src) != len(dst) {
+		return 0, fmt.Errorf("%w: %d sources for %d destinations", ErrBadDescriptor, len(src), len(dst))
+	}
+	return s.Push(ctx, endpoint, session, src)
 }
 
 // ErrNoProgress: a block write moved nothing for the progress timeout.

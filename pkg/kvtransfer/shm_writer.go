@@ -1,0 +1,370 @@
+package kvtransfer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ShmWriter is the initiator side of the shm transport: it maps each peer's
+// pool once (per link) and copies blocks straight into their destinations.
+// It is safe for concurrent use; sessions to one peer share its link.
+type ShmWriter struct {
+	Hooks
+	progress time.Duration
+
+	mu     sync.Mutex
+	peers  map[string]*shmPeer
+	closed bool
+	wg     sync.WaitGroup // link readers
+}
+
+// NewShmWriter returns a writer with no links. progress bounds each wait on
+// the peer (the bind answer, a notification write); zero means none.
+func NewShmWriter(progress time.Duration, hooks Hooks) *ShmWriter {
+	return &ShmWriter{Hooks: hooks, progress: progress, peers: map[string]*shmPeer{}}
+}
+
+// Name returns "shm".
+func (w *ShmWriter) Name() string { return TransportShm }
+
+// shmPeer is one link: the unix socket and the mapped pool of one receiver.
+// The mapping is unmapped and the socket closed only when the link is dead
+// and no session copies through it (users == 0): closing tells the receiver
+// that nothing will be written any more, so it must be true.
+type shmPeer struct {
+	c     *net.UnixConn
+	mem   []byte
+	fault *Fault
+	wmu   sync.Mutex // frame writes
+
+	mu       sync.Mutex
+	sessions map[uint64]*shmSession
+	users    int
+	dead     error
+	released bool
+}
+
+type shmSession struct {
+	bind    chan FrameKind // the receiver's answer, buffered
+	aborted atomic.Bool    // the receiver asked the writer to stop
+}
+
+// ErrPeerClosed: the link to the receiver closed mid-session.
+var ErrPeerClosed = errors.New("kvtransfer: shm link closed")
+
+// Write copies src[i] into the peer's destination dst[i] and notifies it,
+// returning when the session is terminal; afterwards nothing more is copied
+// for it. A done ctx, an ABORT from the receiver or a dead link stops it
+// between blocks.
+func (w *ShmWriter) Write(ctx context.Context, endpoint string, session uint64, src [][]byte, dst []Desc) (int64, error) {
+	if len(src) != len(dst) {
+		return 0, fmt.Errorf("%w: %d sources for %d destinations", ErrBadDescriptor, len(src), len(dst))
+	}
+	p, err := w.peer(endpoint)
+	if err != nil {
+		return 0, err
+	}
+	for i, d := range dst {
+		if d.Length != uint64(len(src[i])) || d.Offset > uint64(len(p.mem)) || d.Length > uint64(len(p.mem))-d.Offset {
+			p.leave(0)
+			return 0, fmt.Errorf("%w: destination %d [%d, +%d) in %d bytes for a %d-byte block", ErrBadDescriptor, i, d.Offset, d.Length, len(p.mem), len(src[i]))
+		}
+	}
+	ss := &shmSession{bind: make(chan FrameKind, 1)}
+	p.mu.Lock()
+	if _, dup := p.sessions[session]; dup {
+		p.mu.Unlock()
+		p.leave(0)
+		return 0, fmt.Errorf("kvtransfer: session %d already writing", session)
+	}
+	p.sessions[session] = ss
+	p.mu.Unlock()
+
+	landed, sent, err := w.copySession(ctx, p, ss, session, src, dst)
+	// Nothing more is copied for the session: say so, unless a drill loses
+	// the word (then only the link's close will prove it).
+	var notify error
+	switch {
+	case err == nil && w.Fault.losesNotify(session):
+	case err != nil && w.Fault.LosesAbortAck() && (ss.aborted.Load() || ctx.Err() != nil):
+	case err == errNotBound:
+	default:
+		notify = p.write(Header{Kind: FrameDone, Session: session, Index: uint32(landed)}, w.progress)
+	}
+	if err == errNotBound {
+		err = fmt.Errorf("kvtransfer: receiver refused session %d (finished or unknown)", session)
+	}
+	p.leave(session)
+	if err == nil && notify != nil {
+		err = fmt.Errorf("kvtransfer: done notification: %w", notify)
+	}
+	return sent, err
+}
+
+var errNotBound = errors.New("not bound")
+
+// copySession binds the session and copies its blocks; it returns the
+// blocks landed and the bytes copied.
+func (w *ShmWriter) copySession(ctx context.Context, p *shmPeer, ss *shmSession, session uint64, src [][]byte, dst []Desc) (int, int64, error) {
+	if err := p.write(Header{Kind: FrameBind, Session: session, Index: uint32(len(src))}, w.progress); err != nil {
+		return 0, 0, fmt.Errorf("kvtransfer: bind: %w", err)
+	}
+	var timeout <-chan time.Time
+	if w.progress > 0 {
+		t := time.NewTimer(w.progress)
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case k := <-ss.bind:
+		if k != FrameBindOK {
+			return 0, 0, errNotBound
+		}
+	case <-ctx.Done():
+		// The answer may still be BIND_OK: DONE below releases the grant.
+		return 0, 0, ctx.Err()
+	case <-timeout:
+		return 0, 0, fmt.Errorf("%w: no answer to bind", ErrNoProgress)
+	}
+	var sent int64
+	for i, b := range src {
+		if err := w.Fault.before(ctx, session, i); err != nil {
+			return i, sent, err
+		}
+		if err := p.stopped(ctx, ss); err != nil {
+			return i, sent, err
+		}
+		d := dst[i]
+		copy(p.mem[d.Offset:d.Offset+d.Length], w.Fault.payload(session, i, b))
+		if err := p.write(Header{Kind: FrameLanded, Session: session, Index: uint32(i), Length: uint32(len(b))}, w.progress); err != nil {
+			return i + 1, sent, err
+		}
+		sent += int64(len(b))
+		if w.OnBlock != nil {
+			w.OnBlock(time.Now())
+		}
+	}
+	if err := w.Fault.before(ctx, session, len(src)); err != nil {
+		return len(src), sent, err // a partial fault after every block
+	}
+	return len(src), sent, nil
+}
+
+// stopped reports why a session must stop before its next block.
+func (p *shmPeer) stopped(ctx context.Context, ss *shmSession) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if ss.aborted.Load() {
+		return ErrAborted
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.dead
+}
+
+// write sends one frame, bounded by progress. A failed write kills the
+// link (its framing is lost).
+func (p *shmPeer) write(h Header, progress time.Duration) error {
+	var b [HeaderSize]byte
+	h.Encode(b[:])
+	p.wmu.Lock()
+	if progress > 0 {
+		_ = p.c.SetWriteDeadline(time.Now().Add(progress))
+	}
+	_, err := p.c.Write(b[:])
+	p.wmu.Unlock()
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("%w: %w", ErrNoProgress, err)
+		}
+		p.kill(err)
+	}
+	return err
+}
+
+// peer returns the live link to endpoint, dialling and mapping it when
+// there is none, with one more user counted.
+func (w *ShmWriter) peer(endpoint string) (*shmPeer, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return nil, errors.New("kvtransfer: writer closed")
+	}
+	if p := w.peers[endpoint]; p != nil {
+		p.mu.Lock()
+		if p.dead == nil {
+			p.users++
+			p.mu.Unlock()
+			return p, nil
+		}
+		p.mu.Unlock()
+	}
+	p, err := dialShm(endpoint, w.progress)
+	if err != nil {
+		return nil, err
+	}
+	p.users, p.fault = 1, w.Fault
+	w.peers[endpoint] = p
+	w.wg.Go(func() { p.readLoop() })
+	return p, nil
+}
+
+// dialShm connects to a receiver and maps the memory its HELLO hands over.
+func dialShm(endpoint string, timeout time.Duration) (*shmPeer, error) {
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: endpoint, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("kvtransfer: dial shm %s: %w", endpoint, err)
+	}
+	if timeout > 0 {
+		_ = c.SetReadDeadline(time.Now().Add(timeout))
+	}
+	var hb [HeaderSize]byte
+	oob := make([]byte, unix.CmsgSpace(4))
+	n, oobn, _, _, err := c.ReadMsgUnix(hb[:], oob)
+	_ = c.SetReadDeadline(time.Time{})
+	fd := -1
+	if err == nil {
+		fd, err = parseRights(oob[:oobn])
+	}
+	if err == nil && n != HeaderSize {
+		err = fmt.Errorf("%w: %d-byte hello", ErrBadFrame, n)
+	}
+	var h Header
+	if err == nil {
+		h, err = DecodeHeader(hb[:], 0)
+	}
+	if err == nil && (h.Kind != FrameHello || h.Session == 0 || h.Session > 1<<40) {
+		err = fmt.Errorf("%w: hello kind %d size %d", ErrBadFrame, h.Kind, h.Session)
+	}
+	var mem []byte
+	if err == nil {
+		mem, err = unix.Mmap(fd, 0, int(h.Session), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	}
+	if fd >= 0 {
+		_ = unix.Close(fd) // the mapping keeps the memory
+	}
+	if err != nil {
+		_ = c.Close()
+		return nil, fmt.Errorf("kvtransfer: shm hello from %s: %w", endpoint, err)
+	}
+	return &shmPeer{c: c, mem: mem, sessions: map[uint64]*shmSession{}}, nil
+}
+
+func parseRights(oob []byte) (int, error) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil || len(msgs) != 1 {
+		return -1, fmt.Errorf("%w: hello without a memfd", ErrBadFrame)
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		for _, fd := range fds {
+			_ = unix.Close(fd)
+		}
+		return -1, fmt.Errorf("%w: hello without exactly one memfd", ErrBadFrame)
+	}
+	return fds[0], nil
+}
+
+// readLoop takes the receiver's answers and aborts until the link fails.
+func (p *shmPeer) readLoop() {
+	var hb [HeaderSize]byte
+	for {
+		if _, err := io.ReadFull(p.c, hb[:]); err != nil {
+			p.kill(fmt.Errorf("%w: %w", ErrPeerClosed, err))
+			return
+		}
+		h, err := DecodeHeader(hb[:], 0)
+		if err != nil {
+			p.kill(err)
+			return
+		}
+		p.mu.Lock()
+		ss, ok := p.sessions[h.Session]
+		p.mu.Unlock()
+		switch h.Kind {
+		case FrameBindOK, FrameBindRefused:
+			if ok {
+				select {
+				case ss.bind <- h.Kind:
+				default:
+				}
+			}
+		case FrameAbort:
+			switch {
+			case ok:
+				ss.aborted.Store(true) // the session's DONE will answer
+			case p.fault.LosesAbortAck():
+			default:
+				if err := p.write(Header{Kind: FrameAbortAck, Session: h.Session}, 0); err != nil {
+					return
+				}
+			}
+		default:
+			p.kill(fmt.Errorf("%w: kind %d from receiver", ErrBadFrame, h.Kind))
+			return
+		}
+	}
+}
+
+// kill marks the link dead (sessions stop before their next block) and
+// releases it when no session uses it.
+func (p *shmPeer) kill(err error) {
+	p.mu.Lock()
+	if p.dead == nil {
+		p.dead = err
+	}
+	release := p.users == 0 && !p.released
+	p.released = p.released || release
+	p.mu.Unlock()
+	if release {
+		p.release()
+	}
+}
+
+// leave ends one use of the link, forgetting session (0: none registered);
+// the last user of a dead link releases it.
+func (p *shmPeer) leave(session uint64) {
+	p.mu.Lock()
+	if session != 0 {
+		delete(p.sessions, session)
+	}
+	p.users--
+	release := p.users == 0 && p.dead != nil && !p.released
+	p.released = p.released || release
+	p.mu.Unlock()
+	if release {
+		p.release()
+	}
+}
+
+// release closes the socket (the receiver takes it as proof that nothing
+// more is written) and unmaps the memory; no session copies now.
+func (p *shmPeer) release() {
+	_ = p.c.Close()
+	_ = unix.Munmap(p.mem)
+}
+
+// Close kills every link; sessions in progress stop before their next
+// block and the last one out releases its link. It waits for the links'
+// readers. Safe to call twice.
+func (w *ShmWriter) Close() {
+	w.mu.Lock()
+	w.closed = true
+	peers := w.peers
+	w.peers = map[string]*shmPeer{}
+	w.mu.Unlock()
+	for _, p := range peers {
+		p.kill(errors.New("kvtransfer: writer closed"))
+	}
+	w.wg.Wait()
+}
