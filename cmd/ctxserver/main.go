@@ -59,20 +59,25 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	sender := kvtransfer.NewSender(cfg.TransferProgressTimeout)
-	if sender.Fault, err = kvtransfer.ParseFault(cfg.TransportFault, time.Now()); err != nil {
+	defer p.Close()
+	fault, err := kvtransfer.ParseFault(cfg.TransportFault, time.Now())
+	if err != nil {
 		return err
 	}
-	sender.OnBlock = p.Progress.Touch
-	if sender.Fault != nil {
+	if fault != nil {
 		lg.Warn("transport fault injected", zap.String("fault", cfg.TransportFault))
 	}
-	defer sender.Close()
+	writer, err := kvtransfer.NewWriter(cfg.Transport, cfg.TransferProgressTimeout, kvtransfer.Hooks{Fault: fault, OnBlock: p.Progress.Touch})
+	if err != nil {
+		return err
+	}
+	defer writer.Close()
 	var checker *health.Checker
 	srv := ctxserver.New(ctxserver.Config{
 		Engine:           p.Engine,
 		Pool:             p.Pool,
-		Sender:           sender,
+		Writer:           writer,
+		Fault:            fault,
 		TransferEndpoint: servercmd.Advertised(cfg.AdvertiseHost, p.GRPCLn),
 		HandoffLease:     cfg.HandoffLease,
 		TransferDeadline: cfg.TransferDeadline,

@@ -57,8 +57,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	recv := kvtransfer.Serve(p.DataLn, p.Spec.BlockBytes(), lg)
-	defer func() { _ = recv.Close() }()
+	defer p.Close()
 	creds, err := cfg.TLS.DialOption()
 	if err != nil {
 		return err
@@ -69,8 +68,9 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	srv := genserver.New(genserver.Config{
 		Engine:       p.Engine,
 		Pool:         p.Pool,
-		Receiver:     recv,
-		DataEndpoint: servercmd.Advertised(cfg.AdvertiseHost, p.DataLn),
+		Receiver:     p.Receiver,
+		Transport:    cfg.Transport,
+		DataEndpoint: p.DataEndpoint,
 		Conns:        conns,
 		Timeouts: kvtransfer.Timeouts{
 			Progress: cfg.TransferProgressTimeout, Deadline: cfg.TransferDeadline, Quarantine: cfg.QuarantineDeadline,

@@ -35,7 +35,12 @@ import (
 type Config struct {
 	Engine executor.Engine
 	Pool   *blockpool.Pool
-	Sender *kvtransfer.Sender
+	// Writer writes transfers into generation servers' pools; its Name is
+	// the transport this server offers.
+	Writer kvtransfer.Writer
+	// Fault is the writer's injected fault (nil: none); lose-abort-ack
+	// also mutes AbortTransfer.
+	Fault *kvtransfer.Fault
 	// TransferEndpoint is the host:port generation servers dial for
 	// TransferService (this server's gRPC address as they see it).
 	TransferEndpoint string
@@ -354,8 +359,8 @@ func (s *Server) negotiate(req *kvferryv1.TransferRequest, r *request) string {
 	switch {
 	case req.GetProtocolVersion() != kvtransfer.ProtocolVersion:
 		return fmt.Sprintf("protocol version %d, want %d", req.GetProtocolVersion(), kvtransfer.ProtocolVersion)
-	case req.GetTransport() != kvtransfer.TransportTCP:
-		return fmt.Sprintf("transport %q not offered (have %q)", req.GetTransport(), kvtransfer.TransportTCP)
+	case req.GetTransport() != s.cfg.Writer.Name():
+		return fmt.Sprintf("transport %q not offered (have %q)", req.GetTransport(), s.cfg.Writer.Name())
 	case !proto.Equal(req.GetLayout(), s.spec.Layout()):
 		return fmt.Sprintf("kv layout mismatch: have %v", s.spec.Layout())
 	case len(req.GetDestinations()) != len(r.blocks):
@@ -418,9 +423,11 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	defer cancel()
 	r.phase, r.session = phaseTransferring, req.GetSessionId()
 	r.transferCancel, r.transferDone = cancel, make(chan struct{})
-	src := make([][]byte, len(r.blocks))
+	src, dst := make([][]byte, len(r.blocks)), make([]kvtransfer.Desc, len(r.blocks))
 	for i, b := range r.blocks {
 		src[i] = s.cfg.Pool.Bytes(b)
+		d := req.GetDestinations()[i]
+		dst[i] = kvtransfer.Desc{Offset: d.GetOffset(), Length: d.GetLength()}
 	}
 	s.mu.Unlock()
 
@@ -428,9 +435,9 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	err := stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_READY})
 	var sent int64
 	if err == nil {
-		sent, err = s.cfg.Sender.Push(tctx, req.GetDataEndpoint(), req.GetSessionId(), src)
+		sent, err = s.cfg.Writer.Write(tctx, req.GetDataEndpoint(), req.GetSessionId(), src, dst)
 	}
-	// Push has returned: it reads the blocks no more, which is the proof.
+	// Write has returned: it reads the blocks no more, which is the proof.
 	if sent > 0 {
 		s.cfg.Progress.Touch(time.Now())
 	}
@@ -525,7 +532,7 @@ func (s *Server) AbortTransfer(ctx context.Context, req *kvferryv1.AbortTransfer
 			return nil, status.FromContextError(ctx.Err()).Err()
 		}
 	}
-	if s.cfg.Sender.Fault.LosesAbortAck() {
+	if s.cfg.Fault.LosesAbortAck() {
 		// Drill: the abort took effect, the acknowledgement is lost.
 		<-ctx.Done()
 		return nil, status.FromContextError(ctx.Err()).Err()

@@ -50,7 +50,7 @@ func newFixtureModel(t *testing.T, model string, blocks int, reuse bool) *fixtur
 	t.Cleanup(sender.Close)
 	reg := prometheus.NewRegistry()
 	srv := New(Config{
-		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: pool, Sender: sender,
+		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: pool, Writer: sender,
 		TransferEndpoint: "unused", HandoffLease: 30 * time.Second, TransferDeadline: 10 * time.Second, PrefixReuse: reuse,
 		Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg), Logger: zap.NewNop(),
 	})
@@ -515,7 +515,7 @@ func TestLoseAbortAckDrill(t *testing.T) {
 	const tokens = 24 * 16
 	f := newFixtureModel(t, "llama3-8b", 32, false)
 	var err error
-	if f.srv.cfg.Sender.Fault, err = kvtransfer.ParseFault("lose-abort-ack", time.Now()); err != nil {
+	if f.srv.cfg.Fault, err = kvtransfer.ParseFault("lose-abort-ack", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	tk := ticket.New(ticket.NewID())

@@ -38,7 +38,9 @@ type Config struct {
 	Engine   executor.Engine
 	Pool     *blockpool.Pool
 	Receiver *kvtransfer.Receiver
-	// DataEndpoint is the host:port context servers dial to push blocks.
+	// Transport is the receiver's transport (tcp, shm) and DataEndpoint
+	// what writers dial: host:port for tcp, a unix socket path for shm.
+	Transport    string
 	DataEndpoint string
 	Conns        *serving.ConnCache
 	// Timeouts are the receive sessions' progress timeout, deadline from
@@ -383,7 +385,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 	}
 	tstream, err := client.Transfer(tctx, &kvferryv1.TransferRequest{
 		Ticket: req.GetTicket(), SessionId: session, ProtocolVersion: kvtransfer.ProtocolVersion,
-		Layout: s.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: s.cfg.DataEndpoint, Destinations: dests,
+		Layout: s.spec.Layout(), Transport: s.cfg.Transport, DataEndpoint: s.cfg.DataEndpoint, Destinations: dests,
 	})
 	if err != nil {
 		return fail(failNow, status.Errorf(codes.Unavailable, "transfer: %v", err))
@@ -543,6 +545,9 @@ func (s *Server) Run(ctx context.Context, interval time.Duration) {
 }
 
 func (s *Server) sweep(now time.Time) {
+	// Ask silent writers again (shm): a proof that comes returns blocks
+	// before the reaper would poison them.
+	s.cfg.Receiver.Reask()
 	s.Reap(now)
 	s.mu.Lock()
 	defer s.mu.Unlock()

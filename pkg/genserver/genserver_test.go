@@ -99,7 +99,7 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 	reg := prometheus.NewRegistry()
 	ctxLn := listen(t)
 	ctxSrv := ctxserver.New(ctxserver.Config{
-		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: ctxPool, Sender: sender, TransferEndpoint: ctxLn.Addr().String(),
+		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: ctxPool, Writer: sender, TransferEndpoint: ctxLn.Addr().String(),
 		HandoffLease: time.Minute, TransferDeadline: shouldHappen,
 		Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg), Logger: zap.NewNop(),
 	})
@@ -120,7 +120,7 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 	quarantines := metrics.NewQuarantine(greg)
 	genSrv := New(Config{
 		Engine: executor.NewSynthetic(genSpec, genTiming), Pool: genPool, Receiver: recv,
-		DataEndpoint: recv.Addr().String(), Conns: conns,
+		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Addr().String(), Conns: conns,
 		Timeouts:     to,
 		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(greg), Cancels: metrics.NewCancel(greg),
 		Quarantines: quarantines, Canaries: metrics.NewCanary(greg), CanaryInterval: time.Hour, Logger: zap.NewNop(),

@@ -229,15 +229,22 @@ func (r *Router) Run(ctx context.Context, job Job, emit func(Chunk) error) (Usag
 	ctx = serving.WithRequestID(ctx, job.ID)
 	exclude := map[*backend]bool{}
 	var usage Usage
-	var err error
+	var err, prev error
 	for attempt := uint32(1); ; attempt++ {
 		r.cfg.Metrics.RecordAttempt(attempt > 1)
 		var emitted bool
 		var failed *backend
 		usage, emitted, failed, err = r.attempt(ctx, job, attempt, a, exclude, start, emit)
+		if prev != nil && failed == nil && CodeOf(err) == codes.Unavailable && ctx.Err() == nil {
+			// The retry found no other server: the first failure is the
+			// one worth telling the client.
+			err = prev
+			break
+		}
 		if err == nil || emitted || int(attempt) > r.cfg.MaxRetries || !retryable(err) || ctx.Err() != nil {
 			break
 		}
+		prev = err
 		if failed != nil {
 			exclude[failed] = true
 		}

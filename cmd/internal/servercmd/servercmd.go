@@ -11,11 +11,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -32,6 +34,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/flagenv"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/health/gpu"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
 )
@@ -43,6 +46,8 @@ type Config struct {
 	GRPCAddr                string
 	HTTPAddr                string
 	DataAddr                string
+	Transport               string
+	ShmDir                  string
 	AdvertiseHost           string
 	LogLevel                string
 	PrefillTokensPerSecond  float64
@@ -68,6 +73,8 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	fs.StringVar(&c.GRPCAddr, "grpc-addr", fmt.Sprintf(":%d", p.GRPC), "gRPC listen address")
 	fs.StringVar(&c.HTTPAddr, "http-addr", fmt.Sprintf(":%d", p.HTTP), "HTTP listen address for /livez, /readyz, /metrics")
 	fs.StringVar(&c.DataAddr, "data-addr", fmt.Sprintf(":%d", p.Data), "transfer data listen address")
+	fs.StringVar(&c.Transport, "transport", kvtransfer.TransportTCP, "KV data transport, the same on both servers of a pair (a mismatch answers NOT_READY): tcp (any network) or shm (same host: the generation server's pool is shared memory the context server copies into)")
+	fs.StringVar(&c.ShmDir, "shm-dir", os.TempDir(), "directory of the shm transport's unix socket; context and generation servers must both see it (a shared volume in one pod)")
 	fs.StringVar(&c.AdvertiseHost, "advertise-host", "", "host peers use to reach this server (default: the listen host, or 127.0.0.1 for a wildcard listen)")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.Float64Var(&c.PrefillTokensPerSecond, "prefill-tokens-per-second", 0, "synthetic engine prefill speed (0 = instant)")
@@ -88,6 +95,9 @@ func (c *Config) Validate() error {
 	var errs []error
 	if _, err := executor.Preset(c.Model); err != nil {
 		errs = append(errs, fmt.Errorf("--model: %w", err))
+	}
+	if c.Transport != kvtransfer.TransportTCP && c.Transport != kvtransfer.TransportShm {
+		errs = append(errs, fmt.Errorf("--transport must be %s or %s, got %q", kvtransfer.TransportTCP, kvtransfer.TransportShm, c.Transport))
 	}
 	if c.PoolBlocks <= 0 {
 		errs = append(errs, fmt.Errorf("--pool-blocks must be positive, got %d", c.PoolBlocks))
@@ -146,6 +156,11 @@ type Parts struct {
 	HTTPLn   net.Listener
 	DataLn   net.Listener
 	Logger   *zap.Logger
+	// Receiver and DataEndpoint (host:port for tcp, a socket path for shm)
+	// exist on the receiving side only (withData).
+	Receiver     *kvtransfer.Receiver
+	DataEndpoint string
+	shm          *kvtransfer.ShmMemory
 }
 
 // Build creates the engine, pool, registry, health, gRPC server and the
@@ -157,8 +172,22 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 	if err != nil {
 		return nil, err
 	}
-	pool, err := blockpool.New(cfg.PoolBlocks, spec.BlockBytes())
+	shm := withData && cfg.Transport == kvtransfer.TransportShm
+	var mem *kvtransfer.ShmMemory
+	var pool *blockpool.Pool
+	if shm {
+		// The shm transport's pool is shared memory the writers map.
+		if mem, err = kvtransfer.NewShmMemory(cfg.PoolBlocks * spec.BlockBytes()); err != nil {
+			return nil, err
+		}
+		pool, err = blockpool.NewWithMemory(cfg.PoolBlocks, spec.BlockBytes(), mem.Bytes())
+	} else {
+		pool, err = blockpool.New(cfg.PoolBlocks, spec.BlockBytes())
+	}
 	if err != nil {
+		if mem != nil {
+			_ = mem.Close()
+		}
 		return nil, err
 	}
 	reg := metrics.NewRegistry()
@@ -172,9 +201,11 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		GPU:      gpu.New(nvml.New(), reg, lg),
 		Sessions: health.NewSessions(),
 		Logger:   lg,
+		shm:      mem,
 	}
 	creds, err := cfg.TLS.ServerOption(true)
 	if err != nil {
+		p.Close()
 		return nil, err
 	}
 	p.GRPC = serving.NewGRPCServer(lg, creds...)
@@ -182,24 +213,45 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		addr string
 		ln   *net.Listener
 	}{{cfg.GRPCAddr, &p.GRPCLn}, {cfg.HTTPAddr, &p.HTTPLn}, {cfg.DataAddr, &p.DataLn}} {
-		if l.ln == &p.DataLn && !withData {
+		if l.ln == &p.DataLn && (!withData || shm) {
 			continue
 		}
 		ln, err := net.Listen("tcp", l.addr)
 		if err != nil {
-			p.closeListeners()
+			p.Close()
 			return nil, fmt.Errorf("listen %s: %w", l.addr, err)
 		}
 		*l.ln = ln
 	}
+	switch {
+	case shm:
+		path := filepath.Join(cfg.ShmDir, fmt.Sprintf("kvferry-%d-%x.sock", os.Getpid(), rand.Uint32()))
+		if p.Receiver, err = kvtransfer.ListenShm(path, mem, spec.BlockBytes(), lg); err != nil {
+			p.Close()
+			return nil, err
+		}
+		p.DataEndpoint = path
+	case withData:
+		p.Receiver = kvtransfer.Serve(p.DataLn, spec.BlockBytes(), lg)
+		p.DataEndpoint = Advertised(cfg.AdvertiseHost, p.DataLn)
+	}
 	return p, nil
 }
 
-func (p *Parts) closeListeners() {
+// Close closes what Build opened that Serve does not: the listeners, the
+// receiver and the shared pool memory. Call it after Serve returned; the
+// pool must not be used after.
+func (p *Parts) Close() {
+	if p.Receiver != nil {
+		_ = p.Receiver.Close()
+	}
 	for _, ln := range []net.Listener{p.GRPCLn, p.HTTPLn, p.DataLn} {
 		if ln != nil {
 			_ = ln.Close()
 		}
+	}
+	if p.shm != nil {
+		_ = p.shm.Close()
 	}
 }
 
@@ -272,12 +324,12 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 		g.Go(name, fn)
 	}
 	data := "none"
-	if p.DataLn != nil {
-		data = p.DataLn.Addr().String()
+	if p.DataEndpoint != "" {
+		data = p.DataEndpoint
 	}
 	p.Logger.Info("serving",
 		zap.String("grpc", p.GRPCLn.Addr().String()), zap.String("http", p.HTTPLn.Addr().String()),
-		zap.String("data", data), zap.String("model", p.Spec.Name),
+		zap.String("data", data), zap.String("transport", cfg.Transport), zap.String("model", p.Spec.Name),
 		zap.Int("pool_blocks", p.Pool.Capacity()), zap.String("block_bytes", strconv.Itoa(p.Spec.BlockBytes())))
 	<-gctx.Done()
 	err := g.Wait()

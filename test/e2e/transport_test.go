@@ -1,0 +1,62 @@
+package e2e
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/openai/openai-go/v3"
+
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/router"
+	"github.com/kvferry/kvferry/test/stack"
+)
+
+// TestShmTransport runs the stack with --transport=shm on both servers:
+// the generation server's pool is shared memory the context server copies
+// into. Texts equal the Reference (every KV byte crossed intact), and both
+// pools return to idle, after aborts too.
+func TestShmTransport(t *testing.T) {
+	shm := []string{"--transport=shm", "--shm-dir=" + t.TempDir()}
+	s := stack.Up(t, binDir, stack.Options{CtxArgs: shm, GenArgs: shm})
+	c := client(s)
+	ctx := testCtx(t)
+	seed := int64(7)
+	for _, prompt := range []string{"the quiet river", longPrompt(300), longPrompt(1200)} {
+		want := executor.Reference(tiny, prompt, router.SamplingFor(16, nil, nil, &seed))
+		resp, err := c.Completions.New(ctx, openai.CompletionNewParams{
+			Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
+			MaxTokens: openai.Int(16), Seed: openai.Int(seed),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := resp.Choices[0].Text; got != want.Text {
+			t.Fatalf("%d-byte prompt: text %q, reference %q", len(prompt), got, want.Text)
+		}
+	}
+	if moved := stack.Metric(t, s.GenHTTP, `kvferry_transfer_bytes_total{side="receiver"}`); moved == 0 {
+		t.Fatal("no transfer bytes counted on the generation server")
+	}
+	checkIdle(t, s)
+	s.StopAll(t)
+}
+
+// TestTransportMismatch: a context server on tcp and a generation server
+// on shm never move a byte; the transfer answers NOT_READY naming the
+// transports, the client gets an error instead of a hang, and no block is
+// held anywhere.
+func TestTransportMismatch(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{GenArgs: []string{"--transport=shm", "--shm-dir=" + t.TempDir()}})
+	c := client(s)
+	_, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
+		Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the quiet river")},
+		MaxTokens: openai.Int(4),
+	})
+	var apiErr *openai.Error
+	if !errors.As(err, &apiErr) || !strings.Contains(apiErr.Message, `transport "shm" not offered (have "tcp")`) {
+		t.Fatalf("err %v, want an OpenAI error naming the transport mismatch", err)
+	}
+	checkIdle(t, s)
+	s.StopAll(t)
+}
