@@ -24,7 +24,7 @@ RUN_DECODE_STEP_TIME ?= 20ms
 
 SEEDS ?= 100000
 
-.PHONY: all build run test test-unit test-e2e sim bench-router verify chaos proto proto-check lint vet fmt-check tools deps clean
+.PHONY: all build run test test-unit test-e2e sim bench-router bench-transfer verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
@@ -54,7 +54,8 @@ test-e2e:
 sim:
 	$(GO) test -count=1 -timeout 60m -run TestSimulation -v ./pkg/kvtransfer/ -seeds $(SEEDS)
 
-# chaos: every chaos scenario at full size (make test runs the short gate).
+# chaos: every chaos scenario at full size, on tcp then shm (make test runs
+# the short gate on both).
 chaos:
 	$(GO) test -count=1 -timeout 20m -v -run TestChaos ./test/chaos/ -chaos.full
 
@@ -66,6 +67,12 @@ verify:
 # run, concurrency 1 and 64 (p50 / p99 latency, requests/s).
 bench-router:
 	$(GO) test -run xxx -bench RouterOverhead -benchtime 2000x -count 3 ./test/bench/
+
+# bench-transfer: a 512 MiB KV (llama3-8b, 4,096 tokens) between two
+# processes on each transport, beside its same-run baseline.
+bench-transfer:
+	$(GO) build -o .bin/bench-transfer ./test/bench/transfer
+	.bin/bench-transfer -runs 5
 
 vet:
 	$(GO) vet ./...

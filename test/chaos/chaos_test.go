@@ -14,6 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"os"
 	"strings"
 	"sync"
@@ -30,7 +31,10 @@ import (
 	"github.com/kvferry/kvferry/test/stack"
 )
 
-var full = flag.Bool("chaos.full", false, "run every scenario at full size (make chaos)")
+var (
+	full       = flag.Bool("chaos.full", false, "run every scenario at full size (make chaos)")
+	transports = flag.String("chaos.transports", "tcp,shm", "comma-separated transports: the whole gate runs once on each")
+)
 
 var binDir string
 
@@ -241,17 +245,26 @@ func (g *gate) finish() {
 	}
 }
 
-func newGate(t *testing.T) *gate {
+func newGate(t *testing.T, transport string) *gate {
+	both := []string{"--transport=" + transport, "--shm-dir=" + t.TempDir()}
 	s := stack.Up(t, binDir, stack.Options{Ctxs: 2, Gens: 2, PoolBlocks: 2048, PrefillTokensPerSecond: 200000, DecodeStepTime: 2 * time.Millisecond,
-		GenArgs: []string{"--progress-deadline=5s", "--health-interval=200ms", "--canary-interval=1s"}})
+		CtxArgs: both,
+		GenArgs: append([]string{"--progress-deadline=5s", "--health-interval=200ms", "--canary-interval=1s"}, both...)})
 	c := openai.NewClient(option.WithBaseURL(s.OpenAIURL+"/"), option.WithAPIKey("unused"), option.WithMaxRetries(0))
 	return &gate{t: t, s: s, c: c}
 }
 
 // TestChaos is the gate: the short version in make test, everything with
-// -chaos.full (make chaos).
+// -chaos.full (make chaos), once per transport.
 func TestChaos(t *testing.T) {
-	g := newGate(t)
+	for _, tr := range strings.Split(*transports, ",") {
+		t.Run(tr, func(t *testing.T) { chaos(t, tr) })
+	}
+}
+
+func chaos(t *testing.T, transport string) {
+	fmt.Printf("chaos: transport %s\n", transport)
+	g := newGate(t, transport)
 	defer g.finish()
 	concs, total, stop := []int{64}, 200, 3*time.Second
 	if *full {
@@ -307,8 +320,15 @@ func TestChaos(t *testing.T) {
 				spec = fault + ",for=5s,rate=0.5"
 			}
 			g.s.Ctxs[1] = g.s.Ctxs[1].RestartWith(t, "--transport-fault="+spec)
+			// The window opens when the new process parses its flags, before
+			// it answers ready: it is over 5 s after the first ready answer.
+			stack.Eventually(t, "restarted context server ready", func() bool {
+				code, _, err := stack.Get(g.s.CtxHTTPs[1] + "/readyz")
+				return err == nil && code == http.StatusOK
+			})
+			windowOver := time.Now().Add(5 * time.Second)
 			r = storm(context.Background(), g.c, 100, 32, 9)
-			<-time.After(time.Until(start.Add(6 * time.Second))) // the fault window must be over before the gate
+			<-time.After(time.Until(windowOver)) // the fault window must be over before the gate
 			g.check("sick transport "+fault, start, r.String(), true, "")
 		}
 	}

@@ -1,0 +1,318 @@
+// Command transfer measures the KV data path between two processes (make
+// bench-transfer): a 4,096-token KV of a model preset (llama3-8b: 512 MiB)
+// written from this process into a target process, each backend beside its
+// same-run baseline:
+//
+//	tcp: a raw TCP copy between the same two processes, same write size;
+//	shm: copy() of the same bytes inside one process (the memcpy bound).
+//
+// It prints one line per backend with the medians of -runs runs (after one
+// warm-up run that faults the pages in):
+//
+//	transfer backend=tcp gbps=2.85 baseline=raw_tcp baseline_gbps=3.05 ratio=0.93 allocs_per_mib=0.1
+//
+// The target is this binary re-executed with -role; parent and child speak
+// one line at a time over the child's stdin and stdout.
+package main
+
+import (
+	"bufio"
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+)
+
+func main() {
+	role := flag.String("role", "", "internal: run as the target (tcp, shm, raw_tcp)")
+	backends := flag.String("backends", "tcp,shm", "backends to measure, in turn")
+	model := flag.String("model", "llama3-8b", "model preset whose KV geometry is moved")
+	tokens := flag.Int("tokens", 4096, "prompt tokens whose KV is moved")
+	runs := flag.Int("runs", 5, "measured runs per backend and baseline (the median is printed)")
+	flag.Parse()
+	spec, err := executor.Preset(*model)
+	if err != nil {
+		fatal(err)
+	}
+	n, size := spec.BlocksFor(*tokens), spec.BlockBytes()
+	if *role != "" {
+		if err := target(*role, n, size); err != nil {
+			fatal(err)
+		}
+		return
+	}
+	src := make([][]byte, n)
+	slab := make([]byte, n*size)
+	for i := range slab {
+		slab[i] = byte(i*7 + i>>12)
+	}
+	for i := range src {
+		src[i] = slab[i*size : (i+1)*size]
+	}
+	fmt.Printf("# %s, %d tokens: %d blocks of %d KiB = %d MiB; GOMAXPROCS=%d; %d runs, medians\n",
+		spec.Name, *tokens, n, size>>10, n*size>>20, runtime.GOMAXPROCS(0), *runs)
+	for _, b := range strings.Split(*backends, ",") {
+		gbps, allocs, err := measureBackend(b, src, n, size, *runs)
+		if err != nil {
+			fatal(fmt.Errorf("%s: %w", b, err))
+		}
+		base, baseName, err := baseline(b, src, n, size, *runs)
+		if err != nil {
+			fatal(fmt.Errorf("%s baseline: %w", b, err))
+		}
+		fmt.Printf("transfer backend=%s gbps=%.2f baseline=%s baseline_gbps=%.2f ratio=%.2f allocs_per_mib=%.2f\n",
+			b, gbps, baseName, base, gbps/base, allocs)
+	}
+}
+
+func fatal(err error) {
+	fmt.Fprintln(os.Stderr, "bench-transfer:", err)
+	os.Exit(1)
+}
+
+// child is a running target process.
+type child struct {
+	cmd *exec.Cmd
+	in  io.WriteCloser
+	out *bufio.Scanner
+}
+
+func startChild(role string) (*child, string, error) {
+	cmd := exec.Command(os.Args[0], append([]string{"-role=" + role}, os.Args[1:]...)...)
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, "", err
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, "", err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, "", err
+	}
+	c := &child{cmd: cmd, in: in, out: bufio.NewScanner(out)}
+	ep, err := c.ask("")
+	return c, ep, err
+}
+
+// ask sends one line (none when empty) and returns the child's answer.
+func (c *child) ask(line string) (string, error) {
+	if line != "" {
+		if _, err := fmt.Fprintln(c.in, line); err != nil {
+			return "", err
+		}
+	}
+	if !c.out.Scan() {
+		return "", fmt.Errorf("target exited: %v", c.out.Err())
+	}
+	ans := c.out.Text()
+	if strings.HasPrefix(ans, "error") {
+		return "", fmt.Errorf("target: %s", ans)
+	}
+	return ans, nil
+}
+
+func (c *child) stop() {
+	_ = c.in.Close()
+	_ = c.cmd.Wait()
+}
+
+func gbps(bytes int, d time.Duration) float64 { return float64(bytes) / d.Seconds() / 1e9 }
+
+func median(xs []float64) float64 {
+	slices.Sort(xs)
+	return xs[len(xs)/2]
+}
+
+// measureBackend times Write plus the target's completion (its DONE seen),
+// and counts this process's allocations per MiB moved.
+func measureBackend(name string, src [][]byte, n, size, runs int) (float64, float64, error) {
+	c, ep, err := startChild(name)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer c.stop()
+	w, err := kvtransfer.NewWriter(name, 30*time.Second, kvtransfer.Hooks{})
+	if err != nil {
+		return 0, 0, err
+	}
+	defer w.Close()
+	dst := make([]kvtransfer.Desc, n)
+	for i := range dst {
+		dst[i] = kvtransfer.Desc{Offset: uint64(i * size), Length: uint64(size)}
+	}
+	var results []float64
+	var allocs uint64
+	for run := range runs + 1 {
+		session := uint64(run + 1)
+		if _, err := c.ask(fmt.Sprintf("session %d", session)); err != nil {
+			return 0, 0, err
+		}
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		start := time.Now()
+		if _, err := w.Write(context.Background(), ep, session, src, dst); err != nil {
+			return 0, 0, err
+		}
+		if _, err := c.ask(""); err != nil { // "done": every block landed and was announced
+			return 0, 0, err
+		}
+		d := time.Since(start)
+		runtime.ReadMemStats(&after)
+		if run > 0 {
+			results = append(results, gbps(n*size, d))
+			allocs += after.Mallocs - before.Mallocs
+		}
+	}
+	return median(results), float64(allocs) / float64(runs) / float64(n*size>>20), nil
+}
+
+// baseline measures what the backend is compared with, in the same run.
+func baseline(name string, src [][]byte, n, size, runs int) (float64, string, error) {
+	var results []float64
+	switch name {
+	case kvtransfer.TransportTCP:
+		c, ep, err := startChild("raw_tcp")
+		if err != nil {
+			return 0, "", err
+		}
+		defer c.stop()
+		conn, err := net.Dial("tcp", ep)
+		if err != nil {
+			return 0, "", err
+		}
+		defer conn.Close()
+		for run := range runs + 1 {
+			start := time.Now()
+			for _, b := range src {
+				if _, err := conn.Write(b); err != nil {
+					return 0, "", err
+				}
+			}
+			if _, err := c.ask(""); err != nil {
+				return 0, "", err
+			}
+			if run > 0 {
+				results = append(results, gbps(n*size, time.Since(start)))
+			}
+		}
+		return median(results), "raw_tcp", nil
+	case kvtransfer.TransportShm:
+		dst := make([]byte, n*size)
+		for run := range runs + 1 {
+			start := time.Now()
+			for i, b := range src {
+				copy(dst[i*size:], b)
+			}
+			if run > 0 {
+				results = append(results, gbps(n*size, time.Since(start)))
+			}
+		}
+		return median(results), "memcpy", nil
+	}
+	return 0, "", fmt.Errorf("no baseline for %s", name)
+}
+
+// target serves one backend: it prints its endpoint, then for each
+// "session ID" line registers the whole memory as the session's blocks,
+// answers "registered", and answers "done" when the session completed.
+func target(role string, n, size int) error {
+	in := bufio.NewScanner(os.Stdin)
+	var mem []byte
+	var r *kvtransfer.Receiver
+	var err error
+	switch role {
+	case kvtransfer.TransportTCP:
+		mem = make([]byte, n*size)
+		r, err = kvtransfer.Listen("127.0.0.1:0", size, zap.NewNop())
+	case kvtransfer.TransportShm:
+		var m *kvtransfer.ShmMemory
+		if m, err = kvtransfer.NewShmMemory(n * size); err != nil {
+			return err
+		}
+		defer m.Close()
+		mem = m.Bytes()
+		dir, derr := os.MkdirTemp("", "kvferry-bench")
+		if derr != nil {
+			return derr
+		}
+		defer os.RemoveAll(dir)
+		r, err = kvtransfer.ListenShm(filepath.Join(dir, "kv.sock"), m, size, zap.NewNop())
+	case "raw_tcp":
+		return rawTarget(in, n*size)
+	default:
+		return fmt.Errorf("unknown role %q", role)
+	}
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	for i := 0; i < len(mem); i += 4096 {
+		mem[i] = 0 // fault the pages in before the first run
+	}
+	fmt.Println(r.Addr().String())
+	dests := make([][]byte, n)
+	for i := range dests {
+		dests[i] = mem[i*size : (i+1)*size : (i+1)*size]
+	}
+	for in.Scan() {
+		var id uint64
+		if _, err := fmt.Sscanf(in.Text(), "session %d", &id); err != nil {
+			fmt.Println("error", err)
+			continue
+		}
+		s, err := r.Register(id, dests, nil)
+		if err != nil {
+			fmt.Println("error", err)
+			continue
+		}
+		fmt.Println("registered")
+		<-s.Done()
+		if err := r.Err(s); err != nil {
+			fmt.Println("error", err)
+		} else {
+			fmt.Println("done")
+		}
+		quiet := make(chan struct{})
+		r.Finish(s, func() { close(quiet) })
+		<-quiet
+	}
+	return nil
+}
+
+// rawTarget accepts one connection and reads total bytes per run into one
+// buffer, answering "done" after each.
+func rawTarget(in *bufio.Scanner, total int) error {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	fmt.Println(ln.Addr().String())
+	c, err := ln.Accept()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	buf := make([]byte, total)
+	for {
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return nil // the parent closed: done
+		}
+		fmt.Println("done")
+	}
+}
