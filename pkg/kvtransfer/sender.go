@@ -96,7 +96,11 @@ func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session 
 }
 
 func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte, progress time.Duration, fault *Fault, onBlock func(time.Time)) (int64, error) {
-	var hdr [HeaderSize]byte
+	// One header and one vector for the whole session: a vectored write
+	// makes them escape, and per block that would be an allocation each.
+	hdr := make([]byte, HeaderSize)
+	vec := make(net.Buffers, 0, 2)
+	var bufs net.Buffers
 	var sent int64
 	for i, b := range src {
 		if err := fault.before(ctx, session, i); err != nil {
@@ -110,8 +114,8 @@ func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte,
 		if err := ctx.Err(); err != nil {
 			return sent, err
 		}
-		Header{Kind: FrameData, Session: session, Index: uint32(i), Length: uint32(len(b))}.Encode(hdr[:])
-		bufs := net.Buffers{hdr[:], fault.payload(session, i, b)}
+		Header{Kind: FrameData, Session: session, Index: uint32(i), Length: uint32(len(b))}.Encode(hdr)
+		bufs = append(vec[:0], hdr, fault.payload(session, i, b))
 		if _, err := bufs.WriteTo(c); err != nil {
 			return sent, fmt.Errorf("kvtransfer: write block %d: %w", i, err)
 		}
@@ -126,8 +130,8 @@ func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte,
 	if err := fault.before(ctx, session, len(src)); err != nil {
 		return sent, err // a partial fault after every block: the DONE never goes
 	}
-	Header{Kind: FrameDone, Session: session, Index: uint32(len(src))}.Encode(hdr[:])
-	if _, err := c.Write(hdr[:]); err != nil {
+	Header{Kind: FrameDone, Session: session, Index: uint32(len(src))}.Encode(hdr)
+	if _, err := c.Write(hdr); err != nil {
 		return sent, fmt.Errorf("kvtransfer: write done: %w", err)
 	}
 	return sent, nil

@@ -250,6 +250,9 @@ func dialShm(endpoint string, timeout time.Duration) (*shmPeer, error) {
 	if err == nil {
 		mem, err = unix.Mmap(fd, 0, int(h.Session), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	}
+	if err == nil {
+		adviseHuge(mem)
+	}
 	if fd >= 0 {
 		_ = unix.Close(fd) // the mapping keeps the memory
 	}

@@ -65,17 +65,51 @@ func main() {
 	fmt.Printf("# %s, %d tokens: %d blocks of %d KiB = %d MiB; GOMAXPROCS=%d; %d runs, medians\n",
 		spec.Name, *tokens, n, size>>10, n*size>>20, runtime.GOMAXPROCS(0), *runs)
 	for _, b := range strings.Split(*backends, ",") {
-		gbps, allocs, err := measureBackend(b, src, n, size, *runs)
-		if err != nil {
+		if err := measure(b, src, n, size, *runs); err != nil {
 			fatal(fmt.Errorf("%s: %w", b, err))
 		}
-		base, baseName, err := baseline(b, src, n, size, *runs)
-		if err != nil {
-			fatal(fmt.Errorf("%s baseline: %w", b, err))
-		}
-		fmt.Printf("transfer backend=%s gbps=%.2f baseline=%s baseline_gbps=%.2f ratio=%.2f allocs_per_mib=%.2f\n",
-			b, gbps, baseName, base, gbps/base, allocs)
 	}
+}
+
+// run is one timed transfer of the whole KV; it returns its duration and
+// this process's allocations.
+type run func() (time.Duration, uint64, error)
+
+// measure alternates the backend and its baseline run by run, so both see
+// the same machine (shared 2-core VMs drift by 2x over seconds), and prints
+// the medians and the median of the per-pair ratios.
+func measure(name string, src [][]byte, n, size, runs int) error {
+	backend, stopBackend, err := backendRun(name, src, n, size)
+	if err != nil {
+		return err
+	}
+	defer stopBackend()
+	base, baseName, stopBase, err := baselineRun(name, src, n, size)
+	if err != nil {
+		return fmt.Errorf("baseline: %w", err)
+	}
+	defer stopBase()
+	var got, want, ratios []float64
+	var allocs uint64
+	for i := range runs + 1 { // run 0 warms up: pages faulted in, connections made
+		d, a, err := backend()
+		if err != nil {
+			return err
+		}
+		bd, _, err := base()
+		if err != nil {
+			return fmt.Errorf("baseline: %w", err)
+		}
+		if i == 0 {
+			continue
+		}
+		got, want = append(got, gbps(n*size, d)), append(want, gbps(n*size, bd))
+		ratios = append(ratios, bd.Seconds()/d.Seconds())
+		allocs += a
+	}
+	fmt.Printf("transfer backend=%s gbps=%.2f baseline=%s baseline_gbps=%.2f ratio=%.2f allocs_per_mib=%.2f\n",
+		name, median(got), baseName, median(want), median(ratios), float64(allocs)/float64(runs)/float64(n*size>>20))
+	return nil
 }
 
 func fatal(err error) {
@@ -138,93 +172,84 @@ func median(xs []float64) float64 {
 	return xs[len(xs)/2]
 }
 
-// measureBackend times Write plus the target's completion (its DONE seen),
-// and counts this process's allocations per MiB moved.
-func measureBackend(name string, src [][]byte, n, size, runs int) (float64, float64, error) {
+// backendRun returns a run that times Write plus the target's completion
+// (its DONE seen) into a target process.
+func backendRun(name string, src [][]byte, n, size int) (run, func(), error) {
 	c, ep, err := startChild(name)
 	if err != nil {
-		return 0, 0, err
+		return nil, nil, err
 	}
-	defer c.stop()
 	w, err := kvtransfer.NewWriter(name, 30*time.Second, kvtransfer.Hooks{})
 	if err != nil {
-		return 0, 0, err
+		c.stop()
+		return nil, nil, err
 	}
-	defer w.Close()
 	dst := make([]kvtransfer.Desc, n)
 	for i := range dst {
 		dst[i] = kvtransfer.Desc{Offset: uint64(i * size), Length: uint64(size)}
 	}
-	var results []float64
-	var allocs uint64
-	for run := range runs + 1 {
-		session := uint64(run + 1)
-		if _, err := c.ask(fmt.Sprintf("session %d", session)); err != nil {
-			return 0, 0, err
-		}
-		var before, after runtime.MemStats
-		runtime.ReadMemStats(&before)
-		start := time.Now()
-		if _, err := w.Write(context.Background(), ep, session, src, dst); err != nil {
-			return 0, 0, err
-		}
-		if _, err := c.ask(""); err != nil { // "done": every block landed and was announced
-			return 0, 0, err
-		}
-		d := time.Since(start)
-		runtime.ReadMemStats(&after)
-		if run > 0 {
-			results = append(results, gbps(n*size, d))
-			allocs += after.Mallocs - before.Mallocs
-		}
-	}
-	return median(results), float64(allocs) / float64(runs) / float64(n*size>>20), nil
+	session := uint64(0)
+	return func() (time.Duration, uint64, error) {
+			session++
+			if _, err := c.ask(fmt.Sprintf("session %d", session)); err != nil {
+				return 0, 0, err
+			}
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			start := time.Now()
+			if _, err := w.Write(context.Background(), ep, session, src, dst); err != nil {
+				return 0, 0, err
+			}
+			if _, err := c.ask(""); err != nil { // "done": every block landed and was announced
+				return 0, 0, err
+			}
+			d := time.Since(start)
+			runtime.ReadMemStats(&after)
+			return d, after.Mallocs - before.Mallocs, nil
+		}, func() {
+			w.Close()
+			c.stop()
+		}, nil
 }
 
-// baseline measures what the backend is compared with, in the same run.
-func baseline(name string, src [][]byte, n, size, runs int) (float64, string, error) {
-	var results []float64
+// baselineRun returns what the backend is compared with: a raw TCP copy
+// into another process for tcp, copy() in this process for shm.
+func baselineRun(name string, src [][]byte, n, size int) (run, string, func(), error) {
 	switch name {
 	case kvtransfer.TransportTCP:
 		c, ep, err := startChild("raw_tcp")
 		if err != nil {
-			return 0, "", err
+			return nil, "", nil, err
 		}
-		defer c.stop()
 		conn, err := net.Dial("tcp", ep)
 		if err != nil {
-			return 0, "", err
+			c.stop()
+			return nil, "", nil, err
 		}
-		defer conn.Close()
-		for run := range runs + 1 {
-			start := time.Now()
-			for _, b := range src {
-				if _, err := conn.Write(b); err != nil {
-					return 0, "", err
+		return func() (time.Duration, uint64, error) {
+				start := time.Now()
+				for _, b := range src {
+					if _, err := conn.Write(b); err != nil {
+						return 0, 0, err
+					}
 				}
-			}
-			if _, err := c.ask(""); err != nil {
-				return 0, "", err
-			}
-			if run > 0 {
-				results = append(results, gbps(n*size, time.Since(start)))
-			}
-		}
-		return median(results), "raw_tcp", nil
+				_, err := c.ask("")
+				return time.Since(start), 0, err
+			}, "raw_tcp", func() {
+				_ = conn.Close()
+				c.stop()
+			}, nil
 	case kvtransfer.TransportShm:
 		dst := make([]byte, n*size)
-		for run := range runs + 1 {
+		return func() (time.Duration, uint64, error) {
 			start := time.Now()
 			for i, b := range src {
 				copy(dst[i*size:], b)
 			}
-			if run > 0 {
-				results = append(results, gbps(n*size, time.Since(start)))
-			}
-		}
-		return median(results), "memcpy", nil
+			return time.Since(start), 0, nil
+		}, "memcpy", func() {}, nil
 	}
-	return 0, "", fmt.Errorf("no baseline for %s", name)
+	return nil, "", nil, fmt.Errorf("no baseline for %s", name)
 }
 
 // target serves one backend: it prints its endpoint, then for each
