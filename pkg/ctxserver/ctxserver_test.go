@@ -433,7 +433,7 @@ func TestDuplicateTransferIsANoOp(t *testing.T) {
 	dst := [][]byte{make([]byte, f.spec.BlockBytes()), make([]byte, f.spec.BlockBytes())}
 	rs, _ := recv.Register(77, dst, nil)
 	req := &kvferryv1.TransferRequest{Ticket: tk, SessionId: 77, ProtocolVersion: kvtransfer.ProtocolVersion, Layout: f.spec.Layout(),
-		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Addr().String(),
+		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Endpoint(),
 		Destinations: []*kvferryv1.BlockDescriptor{{Length: uint64(f.spec.BlockBytes())}, {Index: 1, Length: uint64(f.spec.BlockBytes())}}}
 	for i := range 2 {
 		st, err := f.client.Transfer(context.Background(), req)

@@ -120,7 +120,7 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 	quarantines := metrics.NewQuarantine(greg)
 	genSrv := New(Config{
 		Engine: executor.NewSynthetic(genSpec, genTiming), Pool: genPool, Receiver: recv,
-		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Addr().String(), Conns: conns,
+		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Endpoint(), Conns: conns,
 		Timeouts:     to,
 		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(greg), Cancels: metrics.NewCancel(greg),
 		Quarantines: quarantines, Canaries: metrics.NewCanary(greg), CanaryInterval: time.Hour, Logger: zap.NewNop(),

@@ -38,6 +38,7 @@ const ProtocolVersion = 1
 const (
 	TransportTCP = "tcp"
 	TransportShm = "shm"
+	TransportUCX = "ucx"
 )
 
 // HeaderSize is the size of a frame header in bytes.

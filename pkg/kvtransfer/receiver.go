@@ -30,7 +30,9 @@ var (
 // session; the proof is then the writer's word (DONE, ABORT_ACK) or its
 // end (the link's close, which the kernel does when it dies).
 type Receiver struct {
-	ln       net.Listener // nil when the receiver serves shm only
+	ln       net.Listener // nil for ucx
+	endpoint string       // what writers dial
+	closer   func()       // ucx: stops the worker after the links are gone
 	maxBlock uint32
 	lg       *zap.Logger
 
@@ -59,7 +61,7 @@ type RecvSession struct {
 	aborted      bool
 	writing      int
 	readers      map[net.Conn]int // connections reading a block of this session now
-	link         *shmLink         // shm: the writer granted this session; nil for tcp
+	link         *link            // shm, ucx: the writer granted this session; nil for tcp
 	writerDone   bool             // shm: the writer said, or proved by closing, it writes no more
 	onQuiesced   func()
 	onBlock      func(time.Time)
@@ -91,7 +93,11 @@ func Serve(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
 }
 
 func makeReceiver(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
-	return &Receiver{ln: ln, maxBlock: uint32(maxBlock), lg: lg, sessions: map[uint64]*RecvSession{}, conns: map[net.Conn]struct{}{}, awaiting: map[*RecvSession]struct{}{}}
+	r := &Receiver{ln: ln, maxBlock: uint32(maxBlock), lg: lg, sessions: map[uint64]*RecvSession{}, conns: map[net.Conn]struct{}{}, awaiting: map[*RecvSession]struct{}{}}
+	if ln != nil {
+		r.endpoint = ln.Addr().String()
+	}
+	return r
 }
 
 // Reask sends ABORT again to the writer of every finished session that
@@ -106,9 +112,9 @@ func (r *Receiver) Reask() {
 	}
 }
 
-// Addr returns the listening address: host:port for tcp, the socket path
-// for shm.
-func (r *Receiver) Addr() net.Addr { return r.ln.Addr() }
+// Endpoint is what writers are given to reach this receiver: host:port for
+// tcp, the socket path for shm, the worker address and remote key for ucx.
+func (r *Receiver) Endpoint() string { return r.endpoint }
 
 // Register makes a session able to receive into dests. The id must be unique
 // among live sessions. onBlock, when not nil, is called from the reader
@@ -202,12 +208,18 @@ func (r *Receiver) Close() error {
 		return nil
 	}
 	r.closed = true
-	err := r.ln.Close()
+	var err error
+	if r.ln != nil {
+		err = r.ln.Close()
+	}
 	for c := range r.conns {
 		_ = c.Close()
 	}
 	r.mu.Unlock()
 	r.wg.Wait()
+	if r.closer != nil {
+		r.closer()
+	}
 	return err
 }
 

@@ -90,48 +90,72 @@ func ListenShm(path string, mem *ShmMemory, maxBlock int, lg *zap.Logger) (*Rece
 	return ServeShm(ln, mem, maxBlock, lg), nil
 }
 
-// shmLink is the receiver's end of one writer's unix socket. Frames to the
-// writer go through a queue drained by the link's own goroutine, so that a
-// stopped writer (a full socket) can never block the receiver.
-type shmLink struct {
-	c     *net.UnixConn
-	mu    sync.Mutex
-	queue []Header
-	wake  chan struct{} // one pending signal for the sender goroutine
-	bound map[uint64]*RecvSession
+// link is the receiver's end of one remote writer (shm: its unix socket;
+// ucx: its endpoint). Frames to the writer are queued and sent by the
+// link's owner, so that a stopped writer can never block the receiver.
+type link struct {
+	mu     sync.Mutex
+	queue  []Header
+	notify func() // tells the owner the queue has frames; never blocks
+	bound  map[uint64]*RecvSession
+}
+
+func newLink(notify func()) *link {
+	return &link{notify: notify, bound: map[uint64]*RecvSession{}}
 }
 
 // send queues h for the writer; it never blocks.
-func (l *shmLink) send(h Header) {
+func (l *link) send(h Header) {
 	l.mu.Lock()
 	l.queue = append(l.queue, h)
 	l.mu.Unlock()
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
+	l.notify()
 }
 
-// sendLoop writes queued frames until stop is closed or a write fails.
-func (l *shmLink) sendLoop(stop <-chan struct{}) {
+// take returns the queued frames, emptying the queue.
+func (l *link) take() []Header {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	q := l.queue
+	l.queue = nil
+	return q
+}
+
+// sendLoop writes a socket link's queued frames until stop is closed or a
+// write fails.
+func (l *link) sendLoop(c net.Conn, wake <-chan struct{}, stop <-chan struct{}) {
 	var b [HeaderSize]byte
 	for {
 		select {
 		case <-stop:
 			return
-		case <-l.wake:
+		case <-wake:
 		}
-		l.mu.Lock()
-		q := l.queue
-		l.queue = nil
-		l.mu.Unlock()
-		for _, h := range q {
+		for _, h := range l.take() {
 			h.Encode(b[:])
-			if _, err := l.c.Write(b[:]); err != nil {
+			if _, err := c.Write(b[:]); err != nil {
 				return
 			}
 		}
 	}
+}
+
+// frame handles one frame from a remote writer. A frame no writer may
+// send answers false: the link is then broken.
+func (r *Receiver) frame(l *link, h Header) (quiesced func(), ok bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch h.Kind {
+	case FrameBind:
+		l.send(Header{Kind: r.bindLocked(l, h), Session: h.Session})
+	case FrameLanded:
+		return r.landedLocked(l, h), true
+	case FrameDone, FrameAbortAck:
+		return r.writerDoneLocked(l, h), true
+	default:
+		return nil, false
+	}
+	return nil, true
 }
 
 // shmLoop serves one writer: HELLO with the memfd, then its frames until
@@ -139,7 +163,13 @@ func (l *shmLink) sendLoop(stop <-chan struct{}) {
 // quiet.
 func (r *Receiver) shmLoop(c *net.UnixConn, mem *ShmMemory) {
 	defer r.wg.Done()
-	l := &shmLink{c: c, wake: make(chan struct{}, 1), bound: map[uint64]*RecvSession{}}
+	wake := make(chan struct{}, 1)
+	l := newLink(func() {
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+	})
 	stop := make(chan struct{})
 	var senders sync.WaitGroup
 	defer func() {
@@ -159,7 +189,7 @@ func (r *Receiver) shmLoop(c *net.UnixConn, mem *ShmMemory) {
 	if _, _, err := c.WriteMsgUnix(hb[:], unix.UnixRights(mem.fd), nil); err != nil {
 		return
 	}
-	senders.Go(func() { l.sendLoop(stop) })
+	senders.Go(func() { l.sendLoop(c, wake, stop) })
 	for {
 		if _, err := io.ReadFull(c, hb[:]); err != nil {
 			return
@@ -169,21 +199,11 @@ func (r *Receiver) shmLoop(c *net.UnixConn, mem *ShmMemory) {
 			r.lg.Warn("bad shm frame", zap.Error(err))
 			return
 		}
-		var quiesced func()
-		r.mu.Lock()
-		switch h.Kind {
-		case FrameBind:
-			l.send(Header{Kind: r.bindLocked(l, h), Session: h.Session})
-		case FrameLanded:
-			quiesced = r.landedLocked(l, h)
-		case FrameDone, FrameAbortAck:
-			quiesced = r.writerDoneLocked(l, h)
-		default:
-			r.mu.Unlock()
+		quiesced, ok := r.frame(l, h)
+		if !ok {
 			r.lg.Warn("bad shm frame", zap.Uint8("kind", uint8(h.Kind)))
 			return
 		}
-		r.mu.Unlock()
 		if quiesced != nil {
 			quiesced()
 		}
@@ -192,7 +212,7 @@ func (r *Receiver) shmLoop(c *net.UnixConn, mem *ShmMemory) {
 
 // bindLocked grants session h.Session to the link's writer when it is
 // registered, unfinished, ungranted and of h.Index blocks.
-func (r *Receiver) bindLocked(l *shmLink, h Header) FrameKind {
+func (r *Receiver) bindLocked(l *link, h Header) FrameKind {
 	s, ok := r.sessions[h.Session]
 	if !ok || s.ended || s.link != nil || int(h.Index) != len(s.dests) {
 		return FrameBindRefused
@@ -205,7 +225,7 @@ func (r *Receiver) bindLocked(l *shmLink, h Header) FrameKind {
 // landedLocked records a block the writer copied. A frame that names a
 // block outside the session ends it (the writer is still bound: its word or
 // its close proves it quiet).
-func (r *Receiver) landedLocked(l *shmLink, h Header) func() {
+func (r *Receiver) landedLocked(l *link, h Header) func() {
 	s, ok := l.bound[h.Session]
 	if !ok || s.ended {
 		return nil
@@ -232,7 +252,7 @@ func (r *Receiver) landedLocked(l *shmLink, h Header) func() {
 // writerDoneLocked handles the writer's word that it writes no more for a
 // session: DONE (which also completes it when every block landed) or
 // ABORT_ACK.
-func (r *Receiver) writerDoneLocked(l *shmLink, h Header) func() {
+func (r *Receiver) writerDoneLocked(l *link, h Header) func() {
 	s, ok := l.bound[h.Session]
 	if !ok {
 		return nil
@@ -247,7 +267,7 @@ func (r *Receiver) writerDoneLocked(l *shmLink, h Header) func() {
 }
 
 // writerGoneLocked proves every session still granted to a closed link.
-func (r *Receiver) writerGoneLocked(l *shmLink) []func() {
+func (r *Receiver) writerGoneLocked(l *link) []func() {
 	var qs []func()
 	for _, s := range l.bound {
 		r.endLocked(s, ErrConnLost)
@@ -260,7 +280,7 @@ func (r *Receiver) writerGoneLocked(l *shmLink) []func() {
 
 // quietLocked marks s as no longer written by its writer and returns its
 // quiescence callback when Finish is waiting for it.
-func (r *Receiver) quietLocked(l *shmLink, s *RecvSession) func() {
+func (r *Receiver) quietLocked(l *link, s *RecvSession) func() {
 	delete(l.bound, s.id)
 	delete(r.awaiting, s)
 	s.writerDone = true

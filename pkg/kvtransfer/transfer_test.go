@@ -66,7 +66,7 @@ func TestPushLandsEveryByte(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		n, err := snd.Push(context.Background(), r.Addr().String(), 100+seed, src)
+		n, err := snd.Push(context.Background(), r.Endpoint(), 100+seed, src)
 		if err != nil || n != 5*size {
 			t.Fatalf("push: %d bytes, %v", n, err)
 		}
@@ -95,7 +95,7 @@ func TestBadDescriptorFailsSession(t *testing.T) {
 	snd := NewSender(0)
 	defer snd.Close()
 	// Two source blocks for a one-block destination: index 1 is outside.
-	if _, err := snd.Push(context.Background(), r.Addr().String(), 7, randomBlocks(2, size, 1)); err != nil {
+	if _, err := snd.Push(context.Background(), r.Endpoint(), 7, randomBlocks(2, size, 1)); err != nil {
 		t.Fatal(err)
 	}
 	waitDone(t, s)
@@ -104,7 +104,7 @@ func TestBadDescriptorFailsSession(t *testing.T) {
 	}
 	// Wrong length is refused too.
 	s2, _ := r.Register(8, dst, nil)
-	if _, err := snd.Push(context.Background(), r.Addr().String(), 8, randomBlocks(1, size/2, 1)); err != nil {
+	if _, err := snd.Push(context.Background(), r.Endpoint(), 8, randomBlocks(1, size/2, 1)); err != nil {
 		t.Fatal(err)
 	}
 	waitDone(t, s2)
@@ -120,7 +120,7 @@ func TestFinishWaitsForWriteInProgress(t *testing.T) {
 	r := newReceiver(t, size)
 	dst := [][]byte{make([]byte, size)}
 	s, _ := r.Register(9, dst, nil)
-	c, err := net.Dial("tcp", r.Addr().String())
+	c, err := net.Dial("tcp", r.Endpoint())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +206,7 @@ func BenchmarkPushLoopback(b *testing.B) {
 	for b.Loop() {
 		id++
 		s, _ := r.Register(id, dst, nil)
-		if _, err := snd.Push(context.Background(), r.Addr().String(), id, src); err != nil {
+		if _, err := snd.Push(context.Background(), r.Endpoint(), id, src); err != nil {
 			b.Fatal(err)
 		}
 		<-s.Done()
@@ -287,7 +287,7 @@ func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
 		s, _ := r.Register(1000+i, dst, nil)
 		ctx, cancel := context.WithCancel(context.Background())
 		go func() { <-s.Done(); cancel() }() // the receiver side ends the stream at once
-		n, err := snd.Push(ctx, r.Addr().String(), 1000+i, randomBlocks(1, size, i))
+		n, err := snd.Push(ctx, r.Endpoint(), 1000+i, randomBlocks(1, size, i))
 		cancel()
 		if err != nil || n != size {
 			t.Fatalf("push %d: %d bytes, %v", i, n, err)
@@ -377,7 +377,7 @@ func TestStallFaultHealsAfterWindow(t *testing.T) {
 	s, _ := r.Register(5, dst, nil)
 	done := make(chan error, 1)
 	go func() {
-		_, err := snd.Push(context.Background(), r.Addr().String(), 5, randomBlocks(2, size, 1))
+		_, err := snd.Push(context.Background(), r.Endpoint(), 5, randomBlocks(2, size, 1))
 		done <- err
 	}()
 	eventually(t, "first block landed", func() bool { n, _ := r.Progress(s); return n == size })
@@ -425,7 +425,7 @@ func TestFaultKinds(t *testing.T) {
 			orig := randomBlocks(3, size, 9)
 			dst := [][]byte{make([]byte, size), make([]byte, size), make([]byte, size)}
 			s, _ := r.Register(42, dst, nil)
-			_, err = snd.Push(context.Background(), r.Addr().String(), 42, src)
+			_, err = snd.Push(context.Background(), r.Endpoint(), 42, src)
 			if (err != nil) != tc.pushErr {
 				t.Fatalf("push error %v, want error %v", err, tc.pushErr)
 			}

@@ -58,6 +58,12 @@ func NewWriter(name string, progress time.Duration, hooks Hooks) (Writer, error)
 		return s, nil
 	case TransportShm:
 		return NewShmWriter(progress, hooks), nil
+	case TransportUCX:
+		w, err := NewUCXWriter(progress, hooks)
+		if err != nil {
+			return nil, err
+		}
+		return w, nil
 	}
-	return nil, fmt.Errorf("kvtransfer: unknown transport %q (want %s or %s)", name, TransportTCP, TransportShm)
+	return nil, fmt.Errorf("kvtransfer: unknown transport %q (want %s, %s or %s)", name, TransportTCP, TransportShm, TransportUCX)
 }

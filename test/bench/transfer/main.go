@@ -289,7 +289,7 @@ func target(role string, n, size int) error {
 	for i := 0; i < len(mem); i += 4096 {
 		mem[i] = 0 // fault the pages in before the first run
 	}
-	fmt.Println(r.Addr().String())
+	fmt.Println(r.Endpoint())
 	dests := make([][]byte, n)
 	for i := range dests {
 		dests[i] = mem[i*size : (i+1)*size : (i+1)*size]

@@ -1,0 +1,858 @@
+//go:build ucx
+
+package kvtransfer
+
+/*
+#cgo LDFLAGS: -lucp -lucs
+#include <stdlib.h>
+#include <string.h>
+#include <ucp/api/ucp.h>
+
+// A frame the worker received, with the endpoint to answer on.
+typedef struct {
+	unsigned char frame[24];
+	ucp_ep_h reply;
+} kvf_msg;
+
+// Everything the C side of one worker owns. It lives in C memory: UCX keeps
+// a pointer to it (the AM handler's argument).
+typedef struct {
+	ucp_context_h ctx;
+	ucp_worker_h worker;
+	kvf_msg *msgs;
+	size_t nmsgs, cap;
+	void **reqs, **bufs; // AM sends in flight and their buffers
+	size_t npend, pcap;
+} kvf_state;
+
+// kvf_am_cb queues each 24-byte frame; Go drains the queue after progress,
+// so no Go code ever runs inside UCX.
+static ucs_status_t kvf_am_cb(void *arg, const void *header, size_t header_length,
+                              void *data, size_t length, const ucp_am_recv_param_t *param) {
+	kvf_state *s = arg;
+	if (length != 24 || (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+		return UCS_OK;
+	}
+	if (s->nmsgs == s->cap) {
+		size_t c = s->cap ? 2 * s->cap : 64;
+		kvf_msg *m = realloc(s->msgs, c * sizeof(kvf_msg));
+		if (m == NULL) {
+			return UCS_OK;
+		}
+		s->msgs = m;
+		s->cap = c;
+	}
+	kvf_msg *m = &s->msgs[s->nmsgs++];
+	memcpy(m->frame, data, 24);
+	m->reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
+	return UCS_OK;
+}
+
+static ucs_status_t kvf_init(kvf_state *s, int *efd) {
+	ucp_config_t *cfg;
+	ucs_status_t st = ucp_config_read(NULL, NULL, &cfg);
+	if (st != UCS_OK) {
+		return st;
+	}
+	ucp_params_t p;
+	memset(&p, 0, sizeof p);
+	p.field_mask = UCP_PARAM_FIELD_FEATURES;
+	p.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+	st = ucp_init(&p, cfg, &s->ctx);
+	ucp_config_release(cfg);
+	if (st != UCS_OK) {
+		return st;
+	}
+	ucp_worker_params_t wp;
+	memset(&wp, 0, sizeof wp);
+	wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+	wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
+	st = ucp_worker_create(s->ctx, &wp, &s->worker);
+	if (st != UCS_OK) {
+		ucp_cleanup(s->ctx);
+		return st;
+	}
+	ucp_am_handler_param_t hp;
+	memset(&hp, 0, sizeof hp);
+	hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+	                UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+	hp.id = 1;
+	hp.cb = kvf_am_cb;
+	hp.arg = s;
+	hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+	st = ucp_worker_set_am_recv_handler(s->worker, &hp);
+	if (st == UCS_OK && ucp_worker_get_efd(s->worker, efd) != UCS_OK) {
+		*efd = -1;
+	}
+	if (st != UCS_OK) {
+		ucp_worker_destroy(s->worker);
+		ucp_cleanup(s->ctx);
+	}
+	return st;
+}
+
+// kvf_reap frees the AM sends that completed.
+static void kvf_reap(kvf_state *s) {
+	size_t j = 0;
+	for (size_t i = 0; i < s->npend; i++) {
+		if (ucp_request_check_status(s->reqs[i]) == UCS_INPROGRESS) {
+			s->reqs[j] = s->reqs[i];
+			s->bufs[j] = s->bufs[i];
+			j++;
+			continue;
+		}
+		ucp_request_free(s->reqs[i]);
+		free(s->bufs[i]);
+	}
+	s->npend = j;
+}
+
+// kvf_am_send sends one frame, asking for a reply endpoint on the far side.
+static ucs_status_t kvf_am_send(kvf_state *s, ucp_ep_h ep, const void *frame) {
+	void *buf = malloc(24);
+	if (buf == NULL) {
+		return UCS_ERR_NO_MEMORY;
+	}
+	memcpy(buf, frame, 24);
+	if (s->npend == s->pcap) {
+		size_t c = s->pcap ? 2 * s->pcap : 64;
+		void **r = realloc(s->reqs, c * sizeof(void *));
+		void **b = r ? realloc(s->bufs, c * sizeof(void *)) : NULL;
+		if (r) s->reqs = r;
+		if (b) s->bufs = b;
+		if (!r || !b) {
+			free(buf);
+			return UCS_ERR_NO_MEMORY;
+		}
+		s->pcap = c;
+	}
+	ucp_request_param_t p;
+	memset(&p, 0, sizeof p);
+	p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+	p.flags = UCP_AM_SEND_FLAG_REPLY;
+	ucs_status_ptr_t r = ucp_am_send_nbx(ep, 1, NULL, 0, buf, 24, &p);
+	if (r == NULL) {
+		free(buf);
+		return UCS_OK;
+	}
+	if (UCS_PTR_IS_ERR(r)) {
+		free(buf);
+		return UCS_PTR_STATUS(r);
+	}
+	s->reqs[s->npend] = r;
+	s->bufs[s->npend] = buf;
+	s->npend++;
+	return UCS_OK;
+}
+
+static void kvf_destroy(kvf_state *s) {
+	while (s->npend > 0) {
+		ucp_worker_progress(s->worker);
+		for (size_t i = 0; i < s->npend; i++) {
+			ucp_request_cancel(s->worker, s->reqs[i]);
+		}
+		kvf_reap(s);
+	}
+	ucp_worker_destroy(s->worker);
+	ucp_cleanup(s->ctx);
+	free(s->msgs);
+	free(s->reqs);
+	free(s->bufs);
+	free(s);
+}
+
+static ucs_status_t kvf_ep_create(ucp_worker_h w, const void *addr, ucp_ep_h *ep) {
+	ucp_ep_params_t p;
+	memset(&p, 0, sizeof p);
+	p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+	p.address = addr;
+	return ucp_ep_create(w, &p, ep);
+}
+
+static ucs_status_ptr_t kvf_ep_close(ucp_ep_h ep) {
+	ucp_request_param_t p;
+	memset(&p, 0, sizeof p);
+	p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+	p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+	return ucp_ep_close_nbx(ep, &p);
+}
+
+static ucs_status_ptr_t kvf_put(ucp_ep_h ep, const void *buf, size_t len, uint64_t raddr, ucp_rkey_h rkey) {
+	ucp_request_param_t p;
+	memset(&p, 0, sizeof p);
+	return ucp_put_nbx(ep, buf, len, raddr, rkey, &p);
+}
+
+static ucs_status_ptr_t kvf_flush(ucp_ep_h ep) {
+	ucp_request_param_t p;
+	memset(&p, 0, sizeof p);
+	return ucp_ep_flush_nbx(ep, &p);
+}
+
+// kvf_ptr_status: UCS_OK when the operation completed at once, an error,
+// or UCS_INPROGRESS when r is a request to poll.
+static ucs_status_t kvf_ptr_status(ucs_status_ptr_t r) {
+	if (r == NULL) {
+		return UCS_OK;
+	}
+	if (UCS_PTR_IS_ERR(r)) {
+		return UCS_PTR_STATUS(r);
+	}
+	return UCS_INPROGRESS;
+}
+
+// kvf_req_check returns a request's status, freeing it once complete.
+static ucs_status_t kvf_req_check(void *r) {
+	ucs_status_t st = ucp_request_check_status(r);
+	if (st != UCS_INPROGRESS) {
+		ucp_request_free(r);
+	}
+	return st;
+}
+
+static ucs_status_t kvf_mem_map(ucp_context_h c, void *addr, size_t len, ucp_mem_h *memh) {
+	ucp_mem_map_params_t p;
+	memset(&p, 0, sizeof p);
+	p.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+	p.address = addr;
+	p.length = len;
+	return ucp_mem_map(c, &p, memh);
+}
+
+static kvf_state *kvf_new(void) { return calloc(1, sizeof(kvf_state)); }
+static kvf_msg *kvf_msg_at(kvf_state *s, size_t i) { return &s->msgs[i]; }
+*/
+import "C"
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// UCXBuilt reports whether this binary has the ucx transport.
+const UCXBuilt = true
+
+// The ucx transport: the target's pool is registered with UCX (ucp_mem_map)
+// and its endpoint string carries the worker address, the packed remote key
+// and the pool's base and size — the metadata NIXL's loadRemoteMD takes.
+// The writer puts blocks with ucp_put_nbx, flushes the endpoint, and speaks
+// the same header-only protocol as shm (BIND, LANDED, DONE, ABORT,
+// ABORT_ACK) as active messages, so the receiver's proofs are the shm
+// transport's: a writer starts only on a granted session, and only its DONE
+// or ABORT_ACK proves the blocks quiet. UCX reports no peer death here (no
+// error-handling endpoints), so a writer that dies mid-session leaves its
+// session in doubt until the quarantine deadline poisons the blocks.
+
+func ucxErr(what string, st C.ucs_status_t) error {
+	return fmt.Errorf("kvtransfer: ucx %s: %s", what, C.GoString(C.ucs_status_string(st)))
+}
+
+// ucxWorker is one UCX context and worker, driven by its own goroutine
+// (the pump): progress, drain received frames, hand them to onMsg. Every
+// other call into the worker takes mu (UCS_THREAD_MODE_SERIALIZED).
+type ucxWorker struct {
+	s   *C.kvf_state
+	efd int
+	mu  sync.Mutex
+
+	onMsg  func(frame []byte, reply C.ucp_ep_h) // on the pump, without mu
+	before func()                               // on the pump, under mu, each round (queued sends)
+
+	tmu     sync.Mutex
+	tick    chan struct{} // closed after each round that had waiters
+	waiters int
+
+	stop chan struct{}
+	done chan struct{}
+}
+
+func newUCXWorker() (*ucxWorker, error) {
+	s := C.kvf_new()
+	if s == nil {
+		return nil, errors.New("kvtransfer: ucx: out of memory")
+	}
+	var efd C.int
+	if st := C.kvf_init(s, &efd); st != C.UCS_OK {
+		C.free(unsafe.Pointer(s))
+		return nil, ucxErr("init", st)
+	}
+	return &ucxWorker{s: s, efd: int(efd), tick: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}, nil
+}
+
+// start runs the pump until close.
+func (w *ucxWorker) start() { go w.run() }
+
+func (w *ucxWorker) run() {
+	defer close(w.done)
+	type msg struct {
+		frame [HeaderSize]byte
+		reply C.ucp_ep_h
+	}
+	var msgs []msg
+	fds := []unix.PollFd{{Fd: int32(w.efd), Events: unix.POLLIN}}
+	for {
+		w.mu.Lock()
+		for C.ucp_worker_progress(w.s.worker) != 0 {
+		}
+		msgs = msgs[:0]
+		for i := range C.size_t(w.s.nmsgs) {
+			m := C.kvf_msg_at(w.s, i)
+			var out msg
+			copy(out.frame[:], C.GoBytes(unsafe.Pointer(&m.frame[0]), HeaderSize))
+			out.reply = m.reply
+			msgs = append(msgs, out)
+		}
+		w.s.nmsgs = 0
+		if w.before != nil {
+			w.before()
+		}
+		C.kvf_reap(w.s)
+		w.mu.Unlock()
+		w.wake()
+		for _, m := range msgs {
+			w.onMsg(m.frame[:], m.reply)
+		}
+		select {
+		case <-w.stop:
+			return
+		default:
+		}
+		if len(msgs) > 0 {
+			continue
+		}
+		w.mu.Lock()
+		st := C.ucp_worker_arm(w.s.worker)
+		w.mu.Unlock()
+		switch {
+		case st == C.UCS_ERR_BUSY:
+		case w.efd >= 0:
+			_, _ = unix.Poll(fds, 1) // woken by traffic or signal; 1 ms bounds a missed wake
+		default:
+			time.Sleep(50 * time.Microsecond) // no event fd on this transport: poll
+		}
+	}
+}
+
+// wake releases everyone waiting for a round.
+func (w *ucxWorker) wake() {
+	w.tmu.Lock()
+	defer w.tmu.Unlock()
+	if w.waiters > 0 {
+		close(w.tick)
+		w.tick = make(chan struct{})
+	}
+}
+
+// round returns a channel closed after the next pump round.
+func (w *ucxWorker) round() (<-chan struct{}, func()) {
+	w.tmu.Lock()
+	defer w.tmu.Unlock()
+	w.waiters++
+	t := w.tick
+	return t, func() {
+		w.tmu.Lock()
+		w.waiters--
+		w.tmu.Unlock()
+	}
+}
+
+// signal wakes the pump (thread safe; never blocks).
+func (w *ucxWorker) signal() { C.ucp_worker_signal(w.s.worker) }
+
+// close stops the pump and destroys the worker; call it once nothing else
+// uses it.
+func (w *ucxWorker) close() {
+	close(w.stop)
+	w.signal()
+	<-w.done
+	C.kvf_destroy(w.s)
+}
+
+// send sends a frame on ep; the caller holds mu.
+func (w *ucxWorker) sendLocked(ep C.ucp_ep_h, h Header) error {
+	var b [HeaderSize]byte
+	h.Encode(b[:])
+	cb := C.CBytes(b[:])
+	defer C.free(cb)
+	if st := C.kvf_am_send(w.s, ep, cb); st != C.UCS_OK {
+		return ucxErr("send", st)
+	}
+	return nil
+}
+
+// wait polls reqs (requests returned by UCX, or nil for "done at once")
+// after each pump round until all completed, ctx is done or timeout passes
+// with no completion. It returns the first failure. On any return but
+// success, requests still running are left to the caller.
+func (w *ucxWorker) wait(ctx context.Context, reqs []unsafe.Pointer, timeout time.Duration) ([]unsafe.Pointer, error) {
+	var timer <-chan time.Time
+	if timeout > 0 {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		timer = t.C
+	}
+	var failed error
+	for {
+		tick, leave := w.round()
+		w.mu.Lock()
+		left := reqs[:0]
+		for _, r := range reqs {
+			st := C.kvf_req_check(r)
+			switch {
+			case st == C.UCS_INPROGRESS:
+				left = append(left, r)
+			case st != C.UCS_OK && failed == nil:
+				failed = ucxErr("operation", st)
+			}
+		}
+		reqs = left
+		w.mu.Unlock()
+		if len(reqs) == 0 {
+			leave()
+			return nil, failed
+		}
+		w.signal()
+		select {
+		case <-tick:
+			leave()
+		case <-ctx.Done():
+			leave()
+			return reqs, ctx.Err()
+		case <-timer:
+			leave()
+			return reqs, fmt.Errorf("%w: ucx operations did not complete", ErrNoProgress)
+		}
+	}
+}
+
+// ListenUCX starts a ucx receiver over mem, which it registers with UCX.
+// Close stops it; mem must outlive it.
+func ListenUCX(mem *ShmMemory, maxBlock int, lg *zap.Logger) (*Receiver, error) {
+	w, err := newUCXWorker()
+	if err != nil {
+		return nil, err
+	}
+	buf := mem.Bytes()
+	var memh C.ucp_mem_h
+	if st := C.kvf_mem_map(w.s.ctx, unsafe.Pointer(&buf[0]), C.size_t(len(buf)), &memh); st != C.UCS_OK {
+		C.kvf_destroy(w.s)
+		return nil, ucxErr("mem_map", st)
+	}
+	var rkey unsafe.Pointer
+	var rkeyLen C.size_t
+	if st := C.ucp_rkey_pack(w.s.ctx, memh, &rkey, &rkeyLen); st != C.UCS_OK {
+		C.ucp_mem_unmap(w.s.ctx, memh)
+		C.kvf_destroy(w.s)
+		return nil, ucxErr("rkey_pack", st)
+	}
+	rk := C.GoBytes(rkey, C.int(rkeyLen))
+	C.ucp_rkey_buffer_release(rkey)
+	var addr *C.ucp_address_t
+	var addrLen C.size_t
+	if st := C.ucp_worker_get_address(w.s.worker, &addr, &addrLen); st != C.UCS_OK {
+		C.ucp_mem_unmap(w.s.ctx, memh)
+		C.kvf_destroy(w.s)
+		return nil, ucxErr("worker_get_address", st)
+	}
+	ad := C.GoBytes(unsafe.Pointer(addr), C.int(addrLen))
+	C.ucp_worker_release_address(w.s.worker, addr)
+
+	r := makeReceiver(nil, maxBlock, lg)
+	r.endpoint = strings.Join([]string{TransportUCX, hex.EncodeToString(ad), hex.EncodeToString(rk),
+		strconv.FormatUint(uint64(uintptr(unsafe.Pointer(&buf[0]))), 16), strconv.FormatUint(uint64(len(buf)), 16)}, ":")
+	links := map[C.ucp_ep_h]*link{} // touched by the pump only
+	w.onMsg = func(frame []byte, reply C.ucp_ep_h) {
+		if reply == nil {
+			return
+		}
+		l := links[reply]
+		if l == nil {
+			l = newLink(w.signal)
+			links[reply] = l
+		}
+		h, err := DecodeHeader(frame, r.maxBlock)
+		if err != nil {
+			lg.Warn("bad ucx frame", zap.Error(err))
+			return
+		}
+		q, ok := r.frame(l, h)
+		if !ok {
+			lg.Warn("bad ucx frame", zap.Uint8("kind", uint8(h.Kind)))
+		}
+		if q != nil {
+			q()
+		}
+	}
+	w.before = func() {
+		for ep, l := range links {
+			for _, h := range l.take() {
+				if err := w.sendLocked(ep, h); err != nil {
+					lg.Debug("ucx answer", zap.Error(err))
+				}
+			}
+		}
+	}
+	r.closer = func() {
+		w.close()
+	}
+	// unmap before the worker goes: the closer runs once, after the
+	// receiver's goroutines.
+	closeWorker := r.closer
+	r.closer = func() {
+		w.mu.Lock()
+		C.ucp_mem_unmap(w.s.ctx, memh)
+		w.mu.Unlock()
+		closeWorker()
+	}
+	w.start()
+	return r, nil
+}
+
+// ucxRemote is a parsed ucx endpoint.
+type ucxRemote struct {
+	addr, rkey []byte
+	base, size uint64
+}
+
+func parseUCXEndpoint(ep string) (ucxRemote, error) {
+	parts := strings.Split(ep, ":")
+	if len(parts) != 5 || parts[0] != TransportUCX {
+		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint %q", ErrBadDescriptor, ep)
+	}
+	var r ucxRemote
+	var errs []error
+	var err error
+	r.addr, err = hex.DecodeString(parts[1])
+	errs = append(errs, err)
+	r.rkey, err = hex.DecodeString(parts[2])
+	errs = append(errs, err)
+	r.base, err = strconv.ParseUint(parts[3], 16, 64)
+	errs = append(errs, err)
+	r.size, err = strconv.ParseUint(parts[4], 16, 64)
+	errs = append(errs, err)
+	if err := errors.Join(errs...); err != nil || len(r.addr) == 0 || len(r.rkey) == 0 {
+		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint: %v", ErrBadDescriptor, err)
+	}
+	return r, nil
+}
+
+// UCXWriter is the initiator side of the ucx transport.
+type UCXWriter struct {
+	Hooks
+	progress time.Duration
+	w        *ucxWorker
+
+	mu       sync.Mutex
+	peers    map[string]*ucxPeer
+	sessions map[uint64]*ucxSession
+	closed   bool
+}
+
+type ucxPeer struct {
+	ep   C.ucp_ep_h
+	rkey C.ucp_rkey_h
+	ucxRemote
+	dead bool // forced closed; a new Write makes a new one
+}
+
+type ucxSession struct {
+	bind    chan FrameKind
+	aborted atomic.Bool
+}
+
+// ucxWindow is how many blocks are put before one flush proves them landed.
+const ucxWindow = 8
+
+// NewUCXWriter returns a writer with its own UCX worker.
+func NewUCXWriter(progress time.Duration, hooks Hooks) (*UCXWriter, error) {
+	w, err := newUCXWorker()
+	if err != nil {
+		return nil, err
+	}
+	x := &UCXWriter{Hooks: hooks, progress: progress, w: w, peers: map[string]*ucxPeer{}, sessions: map[uint64]*ucxSession{}}
+	w.onMsg = x.onMsg
+	w.start()
+	return x, nil
+}
+
+// Name returns "ucx".
+func (x *UCXWriter) Name() string { return TransportUCX }
+
+func (x *UCXWriter) onMsg(frame []byte, reply C.ucp_ep_h) {
+	h, err := DecodeHeader(frame, 0)
+	if err != nil {
+		return
+	}
+	x.mu.Lock()
+	ss, ok := x.sessions[h.Session]
+	x.mu.Unlock()
+	switch h.Kind {
+	case FrameBindOK, FrameBindRefused:
+		if ok {
+			select {
+			case ss.bind <- h.Kind:
+			default:
+			}
+		}
+	case FrameAbort:
+		switch {
+		case ok:
+			ss.aborted.Store(true) // the session's DONE answers
+		case x.Fault.LosesAbortAck() || reply == nil:
+		default:
+			x.w.mu.Lock()
+			_ = x.w.sendLocked(reply, Header{Kind: FrameAbortAck, Session: h.Session})
+			x.w.mu.Unlock()
+		}
+	}
+}
+
+func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.closed {
+		return nil, errors.New("kvtransfer: writer closed")
+	}
+	if p := x.peers[endpoint]; p != nil && !p.dead {
+		return p, nil
+	}
+	rem, err := parseUCXEndpoint(endpoint)
+	if err != nil {
+		return nil, err
+	}
+	p := &ucxPeer{ucxRemote: rem}
+	addr := C.CBytes(rem.addr)
+	defer C.free(addr)
+	rk := C.CBytes(rem.rkey)
+	defer C.free(rk)
+	x.w.mu.Lock()
+	defer x.w.mu.Unlock()
+	if st := C.kvf_ep_create(x.w.s.worker, addr, &p.ep); st != C.UCS_OK {
+		return nil, ucxErr("ep_create", st)
+	}
+	if st := C.ucp_ep_rkey_unpack(p.ep, rk, &p.rkey); st != C.UCS_OK {
+		x.closeEpLocked(p)
+		return nil, ucxErr("rkey_unpack", st)
+	}
+	x.peers[endpoint] = p
+	return p, nil
+}
+
+// closeEpLocked force-closes a peer's endpoint: UCX cancels what is still
+// posted on it. The caller holds x.w.mu.
+func (x *UCXWriter) closeEpLocked(p *ucxPeer) {
+	if p.rkey != nil {
+		C.ucp_rkey_destroy(p.rkey)
+		p.rkey = nil
+	}
+	r := C.kvf_ep_close(p.ep)
+	for C.kvf_ptr_status(r) == C.UCS_INPROGRESS {
+		C.ucp_worker_progress(x.w.s.worker)
+		if st := C.ucp_request_check_status(unsafe.Pointer(r)); st != C.UCS_INPROGRESS {
+			C.ucp_request_free(unsafe.Pointer(r))
+			break
+		}
+	}
+	p.dead = true
+}
+
+// Write puts src[i] at the peer's dst[i], ucxWindow blocks per flush,
+// announcing each block once its flush completed.
+func (x *UCXWriter) Write(ctx context.Context, endpoint string, session uint64, src [][]byte, dst []Desc) (int64, error) {
+	if len(src) != len(dst) {
+		return 0, fmt.Errorf("%w: %d sources for %d destinations", ErrBadDescriptor, len(src), len(dst))
+	}
+	p, err := x.peer(endpoint)
+	if err != nil {
+		return 0, err
+	}
+	for i, d := range dst {
+		if d.Length != uint64(len(src[i])) || d.Offset > p.size || d.Length > p.size-d.Offset || d.Length == 0 {
+			return 0, fmt.Errorf("%w: destination %d [%d, +%d) in %d bytes for a %d-byte block", ErrBadDescriptor, i, d.Offset, d.Length, p.size, len(src[i]))
+		}
+	}
+	ss := &ucxSession{bind: make(chan FrameKind, 1)}
+	x.mu.Lock()
+	if _, dup := x.sessions[session]; dup {
+		x.mu.Unlock()
+		return 0, fmt.Errorf("kvtransfer: session %d already writing", session)
+	}
+	x.sessions[session] = ss
+	x.mu.Unlock()
+	defer func() {
+		x.mu.Lock()
+		delete(x.sessions, session)
+		x.mu.Unlock()
+	}()
+
+	landed, sent, err := x.putSession(ctx, p, ss, session, src, dst)
+	runtime.KeepAlive(src)
+	switch {
+	case errors.Is(err, errUCXInDoubt):
+		// Puts may still land: no word, the receiver keeps the blocks.
+	case err == errNotBound:
+		err = fmt.Errorf("kvtransfer: receiver refused session %d (finished or unknown)", session)
+	case err == nil && x.Fault.losesNotify(session):
+	case err != nil && x.Fault.LosesAbortAck() && (ss.aborted.Load() || ctx.Err() != nil):
+	default:
+		x.w.mu.Lock()
+		nerr := x.w.sendLocked(p.ep, Header{Kind: FrameDone, Session: session, Index: uint32(landed)})
+		x.w.mu.Unlock()
+		x.w.signal()
+		if err == nil && nerr != nil {
+			err = nerr
+		}
+	}
+	return sent, err
+}
+
+var errUCXInDoubt = errors.New("kvtransfer: ucx operations did not complete; endpoint closed")
+
+// putSession binds the session and puts its blocks; it returns the blocks
+// announced and the bytes moved.
+func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *ucxSession, session uint64, src [][]byte, dst []Desc) (int, int64, error) {
+	x.w.mu.Lock()
+	err := x.w.sendLocked(p.ep, Header{Kind: FrameBind, Session: session, Index: uint32(len(src))})
+	x.w.mu.Unlock()
+	if err != nil {
+		return 0, 0, err
+	}
+	x.w.signal()
+	var timeout <-chan time.Time
+	if x.progress > 0 {
+		t := time.NewTimer(x.progress)
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case k := <-ss.bind:
+		if k != FrameBindOK {
+			return 0, 0, errNotBound
+		}
+	case <-ctx.Done():
+		return 0, 0, ctx.Err()
+	case <-timeout:
+		return 0, 0, fmt.Errorf("%w: no answer to bind", ErrNoProgress)
+	}
+	var sent int64
+	for first := 0; first < len(src); first += ucxWindow {
+		last := min(first+ucxWindow, len(src))
+		var reqs []unsafe.Pointer
+		var keep [][]byte // corrupted copies must live until their put completes
+		var stop error
+		x.w.mu.Lock()
+		for i := first; i < last && stop == nil; i++ {
+			x.w.mu.Unlock()
+			if err := x.Fault.before(ctx, session, i); err != nil {
+				stop = err
+			} else if ctx.Err() != nil {
+				stop = ctx.Err()
+			} else if ss.aborted.Load() {
+				stop = ErrAborted
+			}
+			x.w.mu.Lock()
+			if stop != nil {
+				last = i
+				break
+			}
+			b := x.Fault.payload(session, i, src[i])
+			keep = append(keep, b)
+			r := C.kvf_put(p.ep, unsafe.Pointer(&b[0]), C.size_t(len(b)), C.uint64_t(p.base+dst[i].Offset), p.rkey)
+			switch st := C.kvf_ptr_status(r); st {
+			case C.UCS_OK:
+			case C.UCS_INPROGRESS:
+				reqs = append(reqs, unsafe.Pointer(r))
+			default:
+				stop = ucxErr("put", st)
+				last = i
+			}
+		}
+		if first < last {
+			r := C.kvf_flush(p.ep)
+			switch st := C.kvf_ptr_status(r); st {
+			case C.UCS_OK:
+			case C.UCS_INPROGRESS:
+				reqs = append(reqs, unsafe.Pointer(r))
+			default:
+				if stop == nil {
+					stop = ucxErr("flush", st)
+				}
+			}
+		}
+		x.w.mu.Unlock()
+		left, err := x.w.wait(ctx, reqs, x.progress)
+		if len(left) > 0 {
+			// Cancelled or stalled with puts posted: cancel them and wait a
+			// little; what does not end is in doubt, and the endpoint goes.
+			x.w.mu.Lock()
+			for _, r := range left {
+				C.ucp_request_cancel(x.w.s.worker, r)
+			}
+			x.w.mu.Unlock()
+			if left, _ = x.w.wait(context.Background(), left, time.Second); len(left) > 0 {
+				x.w.mu.Lock()
+				x.closeEpLocked(p)
+				x.w.mu.Unlock()
+				return first, sent, errUCXInDoubt
+			}
+		}
+		runtime.KeepAlive(keep)
+		if err != nil {
+			return first, sent, err // the window's blocks are quiet but not announced
+		}
+		x.w.mu.Lock()
+		for i := first; i < last; i++ {
+			if err := x.w.sendLocked(p.ep, Header{Kind: FrameLanded, Session: session, Index: uint32(i), Length: uint32(len(src[i]))}); err != nil && stop == nil {
+				stop = err
+			}
+		}
+		x.w.mu.Unlock()
+		x.w.signal()
+		for i := first; i < last; i++ {
+			sent += int64(len(src[i]))
+			if x.OnBlock != nil {
+				x.OnBlock(time.Now())
+			}
+		}
+		if stop != nil {
+			return last, sent, stop
+		}
+	}
+	if err := x.Fault.before(ctx, session, len(src)); err != nil {
+		return len(src), sent, err
+	}
+	return len(src), sent, nil
+}
+
+// Close closes every endpoint and the worker. Writes must have returned.
+func (x *UCXWriter) Close() {
+	x.mu.Lock()
+	if x.closed {
+		x.mu.Unlock()
+		return
+	}
+	x.closed = true
+	peers := x.peers
+	x.peers = nil
+	x.mu.Unlock()
+	x.w.mu.Lock()
+	for _, p := range peers {
+		if !p.dead {
+			x.closeEpLocked(p)
+		}
+	}
+	x.w.mu.Unlock()
+	x.w.close()
+}
