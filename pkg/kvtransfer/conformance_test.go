@@ -35,6 +35,13 @@ type backend struct {
 	// noDeathProof: the transport cannot tell the receiver that a writer
 	// went away (ucx here), so only the writer's word proves a session.
 	noDeathProof bool
+	// targetGoneAborts: the library under this backend kills the writer's
+	// process when the target disappears (a known UCX 1.13 tcp bug).
+	targetGoneAborts bool
+	// window: blocks posted before any is announced (ucx flushes per
+	// window); a cancel from the announcement of block k takes effect at
+	// the next window. 0 means 1.
+	window int
 }
 
 // backends is every backend of this build; the ucx rows are added under
@@ -55,19 +62,12 @@ func newTarget(t *testing.T, b backend, size, maxBlock int) *target {
 		r := newReceiver(t, maxBlock)
 		return &target{r: r, endpoint: r.Endpoint(), mem: make([]byte, size)}
 	case TransportUCX:
-		m, err := NewShmMemory(size)
+		r, mem, err := ListenUCX(size, maxBlock, zap.NewNop())
 		if err != nil {
 			t.Fatal(err)
 		}
-		r, err := ListenUCX(m, maxBlock, zap.NewNop())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			_ = r.Close()
-			_ = m.Close()
-		})
-		return &target{r: r, endpoint: r.Endpoint(), mem: m.Bytes()}
+		t.Cleanup(func() { _ = r.Close() })
+		return &target{r: r, endpoint: r.Endpoint(), mem: mem}
 	case TransportShm:
 		m, err := NewShmMemory(size)
 		if err != nil {
@@ -222,7 +222,7 @@ func TestConformanceIntegrity(t *testing.T) {
 // block, after each block and after the last, then finishes the session on
 // the receiver: the proof must come, and afterwards no byte may land.
 func TestConformanceCancelAtEveryPoint(t *testing.T) {
-	const n, size = 6, 16 << 10
+	const n, size = 20, 16 << 10
 	forEachBackend(t, func(t *testing.T, b backend) {
 		for at := 0; at <= n; at++ {
 			t.Run(strconv.Itoa(at), func(t *testing.T) {
@@ -244,7 +244,11 @@ func TestConformanceCancelAtEveryPoint(t *testing.T) {
 					t.Fatal(err)
 				}
 				_, err = w.Write(ctx, tg.endpoint, uint64(at)+1, patterned(n, size, 1), dst)
-				if at < n && !errors.Is(err, context.Canceled) {
+				win := max(b.window, 1)
+				if stops := at == 0 || (at+win-1)/win*win < n; stops && !errors.Is(err, context.Canceled) {
+					t.Fatalf("write cancelled at block %d: %v", at, err)
+				}
+				if err != nil && !errors.Is(err, context.Canceled) {
 					t.Fatalf("write cancelled at block %d: %v", at, err)
 				}
 				q := make(quiesced)
@@ -620,6 +624,9 @@ func TestConformancePeerDeath(t *testing.T) {
 func TestConformanceTargetGone(t *testing.T) {
 	const n, size = 200, 4096
 	forEachBackend(t, func(t *testing.T, b backend) {
+		if b.targetGoneAborts {
+			t.Skip("UCX 1.13's tcp transport aborts the writer process (an assertion in ucp_request.c) when the target's worker is destroyed mid-wireup")
+		}
 		tg := newTarget(t, b, n*size, size)
 		closed := make(chan struct{})
 		var once sync.Once

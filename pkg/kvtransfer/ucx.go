@@ -145,15 +145,18 @@ static ucs_status_t kvf_am_send(kvf_state *s, ucp_ep_h ep, const void *frame) {
 	return UCS_OK;
 }
 
+// kvf_destroy lets sends in flight finish for a bounded number of progress
+// calls (a send to a peer that went away never does), then destroys the
+// worker, which takes the requests left with it; their buffers go after.
 static void kvf_destroy(kvf_state *s) {
-	while (s->npend > 0) {
+	for (int i = 0; i < 10000 && s->npend > 0; i++) {
 		ucp_worker_progress(s->worker);
-		for (size_t i = 0; i < s->npend; i++) {
-			ucp_request_cancel(s->worker, s->reqs[i]);
-		}
 		kvf_reap(s);
 	}
 	ucp_worker_destroy(s->worker);
+	for (size_t i = 0; i < s->npend; i++) {
+		free(s->bufs[i]);
+	}
 	ucp_cleanup(s->ctx);
 	free(s->msgs);
 	free(s->reqs);
@@ -161,12 +164,27 @@ static void kvf_destroy(kvf_state *s) {
 	free(s);
 }
 
+// kvf_ep_create connects to a peer's worker. No peer error handling: UCX
+// 1.13's shared-memory transports refuse it, so a peer that goes away shows
+// as operations that do not complete (bounded by the progress timeout).
+static void kvf_ep_err(void *arg, ucp_ep_h ep, ucs_status_t status) {}
+
 static ucs_status_t kvf_ep_create(ucp_worker_h w, const void *addr, ucp_ep_h *ep) {
 	ucp_ep_params_t p;
 	memset(&p, 0, sizeof p);
-	p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+	p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
 	p.address = addr;
-	return ucp_ep_create(w, &p, ep);
+	p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+	p.err_handler.cb = kvf_ep_err;
+	p.err_handler.arg = NULL;
+	ucs_status_t st = ucp_ep_create(w, &p, ep);
+	if (st == UCS_ERR_UNREACHABLE) {
+		memset(&p, 0, sizeof p);
+		p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+		p.address = addr;
+		st = ucp_ep_create(w, &p, ep);
+	}
+	return st;
 }
 
 static ucs_status_ptr_t kvf_ep_close(ucp_ep_h ep) {
@@ -210,13 +228,30 @@ static ucs_status_t kvf_req_check(void *r) {
 	return st;
 }
 
-static ucs_status_t kvf_mem_map(ucp_context_h c, void *addr, size_t len, ucp_mem_h *memh) {
+// kvf_mem_alloc has UCX allocate and register len bytes, in the memory its
+// transports reach fastest (shared memory a same-host peer can attach for
+// posix), and returns where.
+static ucs_status_t kvf_mem_alloc(ucp_context_h c, size_t len, ucp_mem_h *memh, void **addr) {
 	ucp_mem_map_params_t p;
 	memset(&p, 0, sizeof p);
-	p.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
-	p.address = addr;
+	p.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+	p.address = NULL;
 	p.length = len;
-	return ucp_mem_map(c, &p, memh);
+	p.flags = UCP_MEM_MAP_ALLOCATE;
+	ucs_status_t st = ucp_mem_map(c, &p, memh);
+	if (st != UCS_OK) {
+		return st;
+	}
+	ucp_mem_attr_t a;
+	memset(&a, 0, sizeof a);
+	a.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+	st = ucp_mem_query(*memh, &a);
+	if (st != UCS_OK || a.length < len) {
+		ucp_mem_unmap(c, *memh);
+		return st != UCS_OK ? st : UCS_ERR_NO_MEMORY;
+	}
+	*addr = a.address;
+	return UCS_OK;
 }
 
 static kvf_state *kvf_new(void) { return calloc(1, sizeof(kvf_state)); }
@@ -229,6 +264,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"strconv"
 	"strings"
@@ -279,6 +315,12 @@ type ucxWorker struct {
 }
 
 func newUCXWorker() (*ucxWorker, error) {
+	// UCX installs handlers for SIGSEGV and friends by default; in a Go
+	// process they would take the runtime's own (nil checks become panics
+	// through SIGSEGV). Keep Go's unless the operator asked otherwise.
+	if _, set := os.LookupEnv("UCX_ERROR_SIGNALS"); !set {
+		_ = os.Setenv("UCX_ERROR_SIGNALS", "")
+	}
 	s := C.kvf_new()
 	if s == nil {
 		return nil, errors.New("kvtransfer: ucx: out of memory")
@@ -437,25 +479,29 @@ func (w *ucxWorker) wait(ctx context.Context, reqs []unsafe.Pointer, timeout tim
 	}
 }
 
-// ListenUCX starts a ucx receiver over mem, which it registers with UCX.
-// Close stops it; mem must outlive it.
-func ListenUCX(mem *ShmMemory, maxBlock int, lg *zap.Logger) (*Receiver, error) {
+// ListenUCX starts a ucx receiver over size bytes of pool memory that UCX
+// allocates and registers (shared memory a same-host writer attaches and
+// copies into directly; elsewhere what the NIC can reach). It returns the
+// memory, which lives until the receiver is closed: the pool must not be
+// used after Close.
+func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 	w, err := newUCXWorker()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	buf := mem.Bytes()
 	var memh C.ucp_mem_h
-	if st := C.kvf_mem_map(w.s.ctx, unsafe.Pointer(&buf[0]), C.size_t(len(buf)), &memh); st != C.UCS_OK {
+	var base unsafe.Pointer
+	if st := C.kvf_mem_alloc(w.s.ctx, C.size_t(size), &memh, &base); st != C.UCS_OK {
 		C.kvf_destroy(w.s)
-		return nil, ucxErr("mem_map", st)
+		return nil, nil, ucxErr("mem_map", st)
 	}
+	buf := unsafe.Slice((*byte)(base), size)
 	var rkey unsafe.Pointer
 	var rkeyLen C.size_t
 	if st := C.ucp_rkey_pack(w.s.ctx, memh, &rkey, &rkeyLen); st != C.UCS_OK {
 		C.ucp_mem_unmap(w.s.ctx, memh)
 		C.kvf_destroy(w.s)
-		return nil, ucxErr("rkey_pack", st)
+		return nil, nil, ucxErr("rkey_pack", st)
 	}
 	rk := C.GoBytes(rkey, C.int(rkeyLen))
 	C.ucp_rkey_buffer_release(rkey)
@@ -464,7 +510,7 @@ func ListenUCX(mem *ShmMemory, maxBlock int, lg *zap.Logger) (*Receiver, error) 
 	if st := C.ucp_worker_get_address(w.s.worker, &addr, &addrLen); st != C.UCS_OK {
 		C.ucp_mem_unmap(w.s.ctx, memh)
 		C.kvf_destroy(w.s)
-		return nil, ucxErr("worker_get_address", st)
+		return nil, nil, ucxErr("worker_get_address", st)
 	}
 	ad := C.GoBytes(unsafe.Pointer(addr), C.int(addrLen))
 	C.ucp_worker_release_address(w.s.worker, addr)
@@ -517,7 +563,7 @@ func ListenUCX(mem *ShmMemory, maxBlock int, lg *zap.Logger) (*Receiver, error) 
 		closeWorker()
 	}
 	w.start()
-	return r, nil
+	return r, buf, nil
 }
 
 // ucxRemote is a parsed ucx endpoint.
@@ -572,7 +618,8 @@ type ucxSession struct {
 	aborted atomic.Bool
 }
 
-// ucxWindow is how many blocks are put before one flush proves them landed.
+// ucxWindow is how many blocks are put before one flush proves them landed
+// (and a fault or a cancel takes effect at the next block either way).
 const ucxWindow = 8
 
 // NewUCXWriter returns a writer with its own UCX worker.
@@ -645,6 +692,22 @@ func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
 	if st := C.ucp_ep_rkey_unpack(p.ep, rk, &p.rkey); st != C.UCS_OK {
 		x.closeEpLocked(p)
 		return nil, ucxErr("rkey_unpack", st)
+	}
+	// Finish the wireup before anything can close the endpoint: UCX 1.13's
+	// tcp transport aborts the process when an endpoint is torn down with
+	// its wireup reply still pending. A flush completes once it is done.
+	r := C.kvf_flush(p.ep)
+	if st := C.kvf_ptr_status(r); st == C.UCS_INPROGRESS {
+		x.w.mu.Unlock()
+		left, err := x.w.wait(context.Background(), []unsafe.Pointer{unsafe.Pointer(r)}, max(x.progress, time.Second))
+		x.w.mu.Lock()
+		if len(left) > 0 || err != nil {
+			x.closeEpLocked(p)
+			return nil, fmt.Errorf("kvtransfer: ucx connect: %w", err)
+		}
+	} else if st != C.UCS_OK {
+		x.closeEpLocked(p)
+		return nil, ucxErr("connect", st)
 	}
 	x.peers[endpoint] = p
 	return p, nil
@@ -746,94 +809,135 @@ func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *ucxSession, 
 	case <-timeout:
 		return 0, 0, fmt.Errorf("%w: no answer to bind", ErrNoProgress)
 	}
-	var sent int64
-	for first := 0; first < len(src); first += ucxWindow {
-		last := min(first+ucxWindow, len(src))
-		var reqs []unsafe.Pointer
-		var keep [][]byte // corrupted copies must live until their put completes
-		var stop error
-		x.w.mu.Lock()
-		for i := first; i < last && stop == nil; i++ {
-			x.w.mu.Unlock()
-			if err := x.Fault.before(ctx, session, i); err != nil {
-				stop = err
-			} else if ctx.Err() != nil {
-				stop = ctx.Err()
-			} else if ss.aborted.Load() {
-				stop = ErrAborted
-			}
-			x.w.mu.Lock()
-			if stop != nil {
-				last = i
-				break
-			}
-			b := x.Fault.payload(session, i, src[i])
-			keep = append(keep, b)
-			r := C.kvf_put(p.ep, unsafe.Pointer(&b[0]), C.size_t(len(b)), C.uint64_t(p.base+dst[i].Offset), p.rkey)
-			switch st := C.kvf_ptr_status(r); st {
-			case C.UCS_OK:
-			case C.UCS_INPROGRESS:
-				reqs = append(reqs, unsafe.Pointer(r))
-			default:
-				stop = ucxErr("put", st)
-				last = i
+	win := ucxWin{x: x, p: p, session: session, src: src}
+	for i := range src {
+		if x.Fault.active(session, i) {
+			// A fault acts before this block: what is posted lands and is
+			// announced first, as on the other transports.
+			if err := win.flush(ctx); err != nil {
+				return win.landed, win.sent, err
 			}
 		}
-		if first < last {
-			r := C.kvf_flush(p.ep)
-			switch st := C.kvf_ptr_status(r); st {
-			case C.UCS_OK:
-			case C.UCS_INPROGRESS:
-				reqs = append(reqs, unsafe.Pointer(r))
-			default:
-				if stop == nil {
-					stop = ucxErr("flush", st)
-				}
-			}
+		stop := x.Fault.before(ctx, session, i)
+		if stop == nil && ctx.Err() != nil {
+			stop = ctx.Err()
 		}
-		x.w.mu.Unlock()
-		left, err := x.w.wait(ctx, reqs, x.progress)
-		if len(left) > 0 {
-			// Cancelled or stalled with puts posted: cancel them and wait a
-			// little; what does not end is in doubt, and the endpoint goes.
-			x.w.mu.Lock()
-			for _, r := range left {
-				C.ucp_request_cancel(x.w.s.worker, r)
-			}
-			x.w.mu.Unlock()
-			if left, _ = x.w.wait(context.Background(), left, time.Second); len(left) > 0 {
-				x.w.mu.Lock()
-				x.closeEpLocked(p)
-				x.w.mu.Unlock()
-				return first, sent, errUCXInDoubt
-			}
+		if stop == nil && ss.aborted.Load() {
+			stop = ErrAborted
 		}
-		runtime.KeepAlive(keep)
-		if err != nil {
-			return first, sent, err // the window's blocks are quiet but not announced
-		}
-		x.w.mu.Lock()
-		for i := first; i < last; i++ {
-			if err := x.w.sendLocked(p.ep, Header{Kind: FrameLanded, Session: session, Index: uint32(i), Length: uint32(len(src[i]))}); err != nil && stop == nil {
-				stop = err
-			}
-		}
-		x.w.mu.Unlock()
-		x.w.signal()
-		for i := first; i < last; i++ {
-			sent += int64(len(src[i]))
-			if x.OnBlock != nil {
-				x.OnBlock(time.Now())
-			}
+		if stop == nil {
+			stop = win.put(i, x.Fault.payload(session, i, src[i]), p.base+dst[i].Offset)
 		}
 		if stop != nil {
-			return last, sent, stop
+			// Settle what is posted (it may land; the receiver must hear
+			// of it or keep the blocks in doubt), then stop.
+			if err := win.flush(context.Background()); err != nil {
+				return win.landed, win.sent, err
+			}
+			return win.landed, win.sent, stop
+		}
+		if len(win.pending) == ucxWindow {
+			if err := win.flush(ctx); err != nil {
+				return win.landed, win.sent, err
+			}
 		}
 	}
-	if err := x.Fault.before(ctx, session, len(src)); err != nil {
-		return len(src), sent, err
+	if err := win.flush(ctx); err != nil {
+		return win.landed, win.sent, err
 	}
-	return len(src), sent, nil
+	if err := x.Fault.before(ctx, session, len(src)); err != nil {
+		return len(src), win.sent, err
+	}
+	return len(src), win.sent, nil
+}
+
+// ucxWin is a session's puts posted since the last flush.
+type ucxWin struct {
+	x       *UCXWriter
+	p       *ucxPeer
+	session uint64
+	src     [][]byte
+	pending []int
+	reqs    []unsafe.Pointer
+	keep    [][]byte // payloads (corrupted copies) that must live until their put completes
+	landed  int      // blocks announced
+	sent    int64
+}
+
+// put posts block i.
+func (w *ucxWin) put(i int, b []byte, raddr uint64) error {
+	w.x.w.mu.Lock()
+	defer w.x.w.mu.Unlock()
+	r := C.kvf_put(w.p.ep, unsafe.Pointer(&b[0]), C.size_t(len(b)), C.uint64_t(raddr), w.p.rkey)
+	switch st := C.kvf_ptr_status(r); st {
+	case C.UCS_OK:
+	case C.UCS_INPROGRESS:
+		w.reqs = append(w.reqs, unsafe.Pointer(r))
+	default:
+		return ucxErr("put", st)
+	}
+	w.pending = append(w.pending, i)
+	w.keep = append(w.keep, b)
+	return nil
+}
+
+// flush proves the posted puts landed (an endpoint flush) and announces
+// them (LANDED each). Puts that neither complete nor cancel within the
+// progress timeout are in doubt: the endpoint is force-closed and the
+// session gets no word.
+func (w *ucxWin) flush(ctx context.Context) error {
+	if len(w.pending) == 0 {
+		return nil
+	}
+	x := w.x
+	x.w.mu.Lock()
+	r := C.kvf_flush(w.p.ep)
+	var ferr error
+	switch st := C.kvf_ptr_status(r); st {
+	case C.UCS_OK:
+	case C.UCS_INPROGRESS:
+		w.reqs = append(w.reqs, unsafe.Pointer(r))
+	default:
+		ferr = ucxErr("flush", st)
+	}
+	x.w.mu.Unlock()
+	left, err := x.w.wait(ctx, w.reqs, x.progress)
+	if len(left) > 0 {
+		x.w.mu.Lock()
+		for _, r := range left {
+			C.ucp_request_cancel(x.w.s.worker, r)
+		}
+		x.w.mu.Unlock()
+		if left, _ = x.w.wait(context.Background(), left, time.Second); len(left) > 0 {
+			x.w.mu.Lock()
+			x.closeEpLocked(w.p)
+			x.w.mu.Unlock()
+			return errUCXInDoubt
+		}
+	}
+	runtime.KeepAlive(w.keep)
+	w.reqs, w.keep = w.reqs[:0], w.keep[:0]
+	pending := w.pending
+	w.pending = w.pending[:0]
+	if err = errors.Join(err, ferr); err != nil {
+		return err // quiet, not announced: the receiver counts them missing
+	}
+	x.w.mu.Lock()
+	for _, i := range pending {
+		if serr := x.w.sendLocked(w.p.ep, Header{Kind: FrameLanded, Session: w.session, Index: uint32(i), Length: uint32(len(w.src[i]))}); serr != nil && err == nil {
+			err = serr
+		}
+	}
+	x.w.mu.Unlock()
+	x.w.signal()
+	for _, i := range pending {
+		w.landed++
+		w.sent += int64(len(w.src[i]))
+		if x.OnBlock != nil {
+			x.OnBlock(time.Now())
+		}
+	}
+	return err
 }
 
 // Close closes every endpoint and the worker. Writes must have returned.

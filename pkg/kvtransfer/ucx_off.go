@@ -17,7 +17,7 @@ const UCXBuilt = false
 var ErrNoUCX = errors.New("kvtransfer: this binary is built without the ucx transport (build with -tags ucx)")
 
 // ListenUCX fails: no ucx in this build.
-func ListenUCX(*ShmMemory, int, *zap.Logger) (*Receiver, error) { return nil, ErrNoUCX }
+func ListenUCX(int, int, *zap.Logger) (*Receiver, []byte, error) { return nil, nil, ErrNoUCX }
 
 // NewUCXWriter fails: no ucx in this build.
 func NewUCXWriter(time.Duration, Hooks) (Writer, error) { return nil, ErrNoUCX }

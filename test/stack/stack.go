@@ -35,6 +35,9 @@ func Build(ctx context.Context, dir string, race bool) error {
 	if race {
 		args = append(args, "-race")
 	}
+	if buildTags != "" {
+		args = append(args, "-tags", buildTags) // the servers get what the tests were built with
+	}
 	args = append(args, "./cmd/ctxserver", "./cmd/genserver", "./cmd/router")
 	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = root

@@ -73,7 +73,7 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	fs.StringVar(&c.GRPCAddr, "grpc-addr", fmt.Sprintf(":%d", p.GRPC), "gRPC listen address")
 	fs.StringVar(&c.HTTPAddr, "http-addr", fmt.Sprintf(":%d", p.HTTP), "HTTP listen address for /livez, /readyz, /metrics")
 	fs.StringVar(&c.DataAddr, "data-addr", fmt.Sprintf(":%d", p.Data), "transfer data listen address")
-	fs.StringVar(&c.Transport, "transport", kvtransfer.TransportTCP, "KV data transport, the same on both servers of a pair (a mismatch answers NOT_READY): tcp (any network) or shm (same host: the generation server's pool is shared memory the context server copies into)")
+	fs.StringVar(&c.Transport, "transport", kvtransfer.TransportTCP, "KV data transport, the same on both servers of a pair (a mismatch answers NOT_READY): tcp (any network), shm (same host: the generation server's pool is shared memory the context server copies into) or ucx (UCX puts into the registered pool; binaries built with TAGS=ucx; UCX_TLS picks UCX's transports)")
 	fs.StringVar(&c.ShmDir, "shm-dir", os.TempDir(), "directory of the shm transport's unix socket; context and generation servers must both see it (a shared volume in one pod)")
 	fs.StringVar(&c.AdvertiseHost, "advertise-host", "", "host peers use to reach this server (default: the listen host, or 127.0.0.1 for a wildcard listen)")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
@@ -96,8 +96,14 @@ func (c *Config) Validate() error {
 	if _, err := executor.Preset(c.Model); err != nil {
 		errs = append(errs, fmt.Errorf("--model: %w", err))
 	}
-	if c.Transport != kvtransfer.TransportTCP && c.Transport != kvtransfer.TransportShm {
-		errs = append(errs, fmt.Errorf("--transport must be %s or %s, got %q", kvtransfer.TransportTCP, kvtransfer.TransportShm, c.Transport))
+	switch c.Transport {
+	case kvtransfer.TransportTCP, kvtransfer.TransportShm:
+	case kvtransfer.TransportUCX:
+		if !kvtransfer.UCXBuilt {
+			errs = append(errs, errors.New("--transport=ucx: this binary is built without ucx (make build TAGS=ucx, with libucx-dev)"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--transport must be %s, %s or %s, got %q", kvtransfer.TransportTCP, kvtransfer.TransportShm, kvtransfer.TransportUCX, c.Transport))
 	}
 	if c.PoolBlocks <= 0 {
 		errs = append(errs, fmt.Errorf("--pool-blocks must be positive, got %d", c.PoolBlocks))
@@ -173,18 +179,31 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		return nil, err
 	}
 	shm := withData && cfg.Transport == kvtransfer.TransportShm
+	ucx := cfg.Transport == kvtransfer.TransportUCX
 	var mem *kvtransfer.ShmMemory
 	var pool *blockpool.Pool
-	if shm {
-		// The shm transport's pool is shared memory the writers map.
-		if mem, err = kvtransfer.NewShmMemory(cfg.PoolBlocks * spec.BlockBytes()); err != nil {
-			return nil, err
+	var recv *kvtransfer.Receiver
+	switch {
+	case withData && ucx:
+		// UCX allocates and registers the receiving pool itself, in memory
+		// its transports reach fastest.
+		var slab []byte
+		if recv, slab, err = kvtransfer.ListenUCX(cfg.PoolBlocks*spec.BlockBytes(), spec.BlockBytes(), lg); err == nil {
+			pool, err = blockpool.NewWithMemory(cfg.PoolBlocks, spec.BlockBytes(), slab)
 		}
-		pool, err = blockpool.NewWithMemory(cfg.PoolBlocks, spec.BlockBytes(), mem.Bytes())
-	} else {
+	case shm || ucx:
+		// The shm transport's pool is shared memory the writers map; a ucx
+		// writer's sources live outside the Go heap, which UCX may retain.
+		if mem, err = kvtransfer.NewShmMemory(cfg.PoolBlocks * spec.BlockBytes()); err == nil {
+			pool, err = blockpool.NewWithMemory(cfg.PoolBlocks, spec.BlockBytes(), mem.Bytes())
+		}
+	default:
 		pool, err = blockpool.New(cfg.PoolBlocks, spec.BlockBytes())
 	}
 	if err != nil {
+		if recv != nil {
+			_ = recv.Close()
+		}
 		if mem != nil {
 			_ = mem.Close()
 		}
@@ -202,6 +221,7 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		Sessions: health.NewSessions(),
 		Logger:   lg,
 		shm:      mem,
+		Receiver: recv,
 	}
 	creds, err := cfg.TLS.ServerOption(true)
 	if err != nil {
@@ -213,7 +233,7 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		addr string
 		ln   *net.Listener
 	}{{cfg.GRPCAddr, &p.GRPCLn}, {cfg.HTTPAddr, &p.HTTPLn}, {cfg.DataAddr, &p.DataLn}} {
-		if l.ln == &p.DataLn && (!withData || shm) {
+		if l.ln == &p.DataLn && (!withData || shm || ucx) {
 			continue
 		}
 		ln, err := net.Listen("tcp", l.addr)
@@ -231,6 +251,8 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 			return nil, err
 		}
 		p.DataEndpoint = path
+	case withData && ucx:
+		p.DataEndpoint = p.Receiver.Endpoint()
 	case withData:
 		p.Receiver = kvtransfer.Serve(p.DataLn, spec.BlockBytes(), lg)
 		p.DataEndpoint = Advertised(cfg.AdvertiseHost, p.DataLn)

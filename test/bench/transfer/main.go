@@ -4,7 +4,9 @@
 // same-run baseline:
 //
 //	tcp: a raw TCP copy between the same two processes, same write size;
-//	shm: copy() of the same bytes inside one process (the memcpy bound).
+//	shm: copy() of the same bytes inside one process (the memcpy bound);
+//	ucx: ucx_perftest ucp_put_bw between two processes, same UCX_TLS, same
+//	     message size (one block) and count (binary built with -tags ucx).
 //
 // It prints one line per backend with the medians of -runs runs (after one
 // warm-up run that faults the pages in):
@@ -27,6 +29,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -107,8 +110,22 @@ func measure(name string, src [][]byte, n, size, runs int) error {
 		ratios = append(ratios, bd.Seconds()/d.Seconds())
 		allocs += a
 	}
+	label := name
+	if name == kvtransfer.TransportUCX {
+		label += "(UCX_TLS=" + os.Getenv("UCX_TLS") + ")"
+	}
 	fmt.Printf("transfer backend=%s gbps=%.2f baseline=%s baseline_gbps=%.2f ratio=%.2f allocs_per_mib=%.2f\n",
-		name, median(got), baseName, median(want), median(ratios), float64(allocs)/float64(runs)/float64(n*size>>20))
+		label, median(got), baseName, median(want), median(ratios), float64(allocs)/float64(runs)/float64(n*size>>20))
+	if name == kvtransfer.TransportUCX {
+		// ucx_perftest puts every message from and to one buffer: at one
+		// block that buffer stays in cache. The same UCX_TLS moving the whole
+		// KV as one message is the memory-bound reference.
+		d, _, err := perftest(3, n*size)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("# ucx_perftest ucp_put_bw, 3 messages of %d MiB: %.2f GB/s (ratio of the backend to it: %.2f)\n", n*size>>20, gbps(3*n*size, d), median(got)/gbps(3*n*size, d))
+	}
 	return nil
 }
 
@@ -248,8 +265,53 @@ func baselineRun(name string, src [][]byte, n, size int) (run, string, func(), e
 			}
 			return time.Since(start), 0, nil
 		}, "memcpy", func() {}, nil
+	case kvtransfer.TransportUCX:
+		return func() (time.Duration, uint64, error) { return perftest(n, size) }, "ucx_perftest_put_bw", func() {}, nil
 	}
 	return nil, "", nil, fmt.Errorf("no baseline for %s", name)
+}
+
+// perftest runs ucx_perftest ucp_put_bw (server and client, two processes,
+// the caller's UCX_TLS) with n messages of size bytes and returns the time
+// its reported average bandwidth implies for n×size bytes.
+func perftest(n, size int) (time.Duration, uint64, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0") // a free port for its rendezvous
+	if err != nil {
+		return 0, 0, err
+	}
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	_ = ln.Close()
+	srv := exec.Command("ucx_perftest", "-p", port)
+	if err := srv.Start(); err != nil {
+		return 0, 0, fmt.Errorf("ucx_perftest (ucx-utils): %w", err)
+	}
+	defer func() {
+		_ = srv.Process.Kill()
+		_ = srv.Wait()
+	}()
+	var out []byte
+	for range 50 { // the server needs a moment to listen: retry the client
+		out, err = exec.Command("ucx_perftest", "127.0.0.1", "-p", port, "-t", "ucp_put_bw",
+			"-s", strconv.Itoa(size), "-n", strconv.Itoa(n)).CombinedOutput()
+		if err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("ucx_perftest: %w\n%s", err, out)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 6 && f[0] == "Final:" {
+			mbps, err := strconv.ParseFloat(f[5], 64) // average bandwidth, MiB/s
+			if err != nil {
+				return 0, 0, err
+			}
+			return time.Duration(float64(n*size) / (mbps * (1 << 20)) * float64(time.Second)), 0, nil
+		}
+	}
+	return 0, 0, fmt.Errorf("ucx_perftest: no Final line in\n%s", out)
 }
 
 // target serves one backend: it prints its endpoint, then for each
@@ -277,6 +339,8 @@ func target(role string, n, size int) error {
 		}
 		defer os.RemoveAll(dir)
 		r, err = kvtransfer.ListenShm(filepath.Join(dir, "kv.sock"), m, size, zap.NewNop())
+	case kvtransfer.TransportUCX:
+		r, mem, err = kvtransfer.ListenUCX(n*size, size, zap.NewNop())
 	case "raw_tcp":
 		return rawTarget(in, n*size)
 	default:
