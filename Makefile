@@ -24,13 +24,16 @@ RUN_DECODE_STEP_TIME ?= 20ms
 
 SEEDS ?= 100000
 
-.PHONY: all build run test test-unit test-e2e sim bench-router bench-transfer verify chaos proto proto-check lint vet fmt-check tools deps clean
+# TAGS=ucx builds the ucx transport in (needs libucx-dev: make deps-ucx).
+TAGS ?=
+
+.PHONY: all build run test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
 build:
 	mkdir -p $(BIN)
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+	$(GO) build -tags "$(TAGS)" -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
 
 run: build
 	@scripts/run-local.sh $(BIN) $(RUN_MODEL) $(RUN_PREFILL_TOKENS_PER_SECOND) $(RUN_DECODE_STEP_TIME)
@@ -69,10 +72,25 @@ bench-router:
 	$(GO) test -run xxx -bench RouterOverhead -benchtime 2000x -count 3 ./test/bench/
 
 # bench-transfer: a 512 MiB KV (llama3-8b, 4,096 tokens) between two
-# processes on each transport, beside its same-run baseline.
-bench-transfer:
-	$(GO) build -o .bin/bench-transfer ./test/bench/transfer
+# processes on each transport, beside its same-run baseline (ucx over
+# shared memory and over tcp, against ucx_perftest).
+bench-transfer: deps-ucx
+	$(GO) build -tags ucx -o .bin/bench-transfer ./test/bench/transfer
 	.bin/bench-transfer -runs 5
+	UCX_TLS=posix,cma .bin/bench-transfer -runs 5 -backends ucx
+	UCX_TLS=tcp UCX_NET_DEVICES=lo .bin/bench-transfer -runs 5 -backends ucx
+
+# deps-ucx installs UCX (headers, libraries, ucx_perftest) when missing.
+deps-ucx:
+	@test -f /usr/include/ucp/api/ucp.h && command -v ucx_perftest >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libucx-dev ucx-utils; }
+
+# test-ucx: vet with the ucx tag, then the transport conformance suite (ucx
+# rows over posix,cma and tcp beside tcp and shm) and the ucx end-to-end
+# test on real processes, under the race detector.
+test-ucx: deps-ucx
+	$(GO) vet -tags ucx ./...
+	$(GO) test -race -tags ucx -count=1 -timeout 15m -run 'Conformance|Shm|UCX' ./pkg/kvtransfer/ ./test/e2e/
 
 vet:
 	$(GO) vet ./...

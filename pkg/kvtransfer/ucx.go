@@ -146,27 +146,27 @@ static ucs_status_t kvf_am_send(kvf_state *s, ucp_ep_h ep, const void *frame) {
 }
 
 // kvf_destroy lets sends in flight finish for a bounded number of progress
-// calls (a send to a peer that went away never does), then destroys the
-// worker, which takes the requests left with it; their buffers go after.
-static void kvf_destroy(kvf_state *s) {
+// calls (the endpoints are force-closed by then, which fails theirs), then
+// destroys the worker and the context. Destroying a worker with requests
+// outstanding crashes UCX 1.13 later, so when some never finish it leaks
+// the worker instead and answers how many were left.
+static size_t kvf_destroy(kvf_state *s) {
 	for (int i = 0; i < 10000 && s->npend > 0; i++) {
 		ucp_worker_progress(s->worker);
 		kvf_reap(s);
 	}
-	ucp_worker_destroy(s->worker);
-	for (size_t i = 0; i < s->npend; i++) {
-		free(s->bufs[i]);
+	if (s->npend > 0) {
+		return s->npend;
 	}
+	ucp_worker_destroy(s->worker);
 	ucp_cleanup(s->ctx);
 	free(s->msgs);
 	free(s->reqs);
 	free(s->bufs);
 	free(s);
+	return 0;
 }
 
-// kvf_ep_create connects to a peer's worker. No peer error handling: UCX
-// 1.13's shared-memory transports refuse it, so a peer that goes away shows
-// as operations that do not complete (bounded by the progress timeout).
 static void kvf_ep_err(void *arg, ucp_ep_h ep, ucs_status_t status) {}
 
 static ucs_status_t kvf_ep_create(ucp_worker_h w, const void *addr, ucp_ep_h *ep) {
@@ -264,7 +264,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
 	"runtime"
 	"strconv"
 	"strings"
@@ -303,8 +302,9 @@ type ucxWorker struct {
 	efd int
 	mu  sync.Mutex
 
-	onMsg  func(frame []byte, reply C.ucp_ep_h) // on the pump, without mu
-	before func()                               // on the pump, under mu, each round (queued sends)
+	onMsg    func(frame []byte, reply C.ucp_ep_h) // on the pump, without mu
+	before   func()                               // on the pump, under mu, each round (queued sends)
+	teardown func()                               // after the pump stopped, before the worker goes
 
 	tmu     sync.Mutex
 	tick    chan struct{} // closed after each round that had waiters
@@ -315,12 +315,6 @@ type ucxWorker struct {
 }
 
 func newUCXWorker() (*ucxWorker, error) {
-	// UCX installs handlers for SIGSEGV and friends by default; in a Go
-	// process they would take the runtime's own (nil checks become panics
-	// through SIGSEGV). Keep Go's unless the operator asked otherwise.
-	if _, set := os.LookupEnv("UCX_ERROR_SIGNALS"); !set {
-		_ = os.Setenv("UCX_ERROR_SIGNALS", "")
-	}
 	s := C.kvf_new()
 	if s == nil {
 		return nil, errors.New("kvtransfer: ucx: out of memory")
@@ -419,7 +413,12 @@ func (w *ucxWorker) close() {
 	close(w.stop)
 	w.signal()
 	<-w.done
-	C.kvf_destroy(w.s)
+	if w.teardown != nil {
+		w.teardown()
+	}
+	// A worker with sends that never finished is left alive (a crash in
+	// UCX otherwise); it only happens when a peer vanished mid-send.
+	_ = C.kvf_destroy(w.s)
 }
 
 // send sends a frame on ep; the caller holds mu.
@@ -550,18 +549,15 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 			}
 		}
 	}
-	r.closer = func() {
-		w.close()
-	}
-	// unmap before the worker goes: the closer runs once, after the
-	// receiver's goroutines.
-	closeWorker := r.closer
-	r.closer = func() {
-		w.mu.Lock()
+	w.teardown = func() {
+		// The writers' reply endpoints go first (force: their pending
+		// answers fail), then the pool's registration.
+		for ep := range links {
+			closeEp(w, ep)
+		}
 		C.ucp_mem_unmap(w.s.ctx, memh)
-		w.mu.Unlock()
-		closeWorker()
 	}
+	r.closer = w.close
 	w.start()
 	return r, buf, nil
 }
@@ -720,15 +716,21 @@ func (x *UCXWriter) closeEpLocked(p *ucxPeer) {
 		C.ucp_rkey_destroy(p.rkey)
 		p.rkey = nil
 	}
-	r := C.kvf_ep_close(p.ep)
+	closeEp(x.w, p.ep)
+	p.dead = true
+}
+
+// closeEp force-closes ep and progresses the worker until it is closed.
+// The caller holds w.mu or owns the stopped worker.
+func closeEp(w *ucxWorker, ep C.ucp_ep_h) {
+	r := C.kvf_ep_close(ep)
 	for C.kvf_ptr_status(r) == C.UCS_INPROGRESS {
-		C.ucp_worker_progress(x.w.s.worker)
+		C.ucp_worker_progress(w.s.worker)
 		if st := C.ucp_request_check_status(unsafe.Pointer(r)); st != C.UCS_INPROGRESS {
 			C.ucp_request_free(unsafe.Pointer(r))
 			break
 		}
 	}
-	p.dead = true
 }
 
 // Write puts src[i] at the peer's dst[i], ucxWindow blocks per flush,
