@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -47,15 +46,10 @@ type shmPeer struct {
 	wmu   sync.Mutex // frame writes
 
 	mu       sync.Mutex
-	sessions map[uint64]*shmSession
+	sessions map[uint64]*writerSession
 	users    int
 	dead     error
 	released bool
-}
-
-type shmSession struct {
-	bind    chan FrameKind // the receiver's answer, buffered
-	aborted atomic.Bool    // the receiver asked the writer to stop
 }
 
 // ErrPeerClosed: the link to the receiver closed mid-session.
@@ -67,19 +61,17 @@ var ErrPeerClosed = errors.New("kvtransfer: shm link closed")
 // between blocks.
 func (w *ShmWriter) Write(ctx context.Context, endpoint string, session uint64, src [][]byte, dst []Desc) (int64, error) {
 	if len(src) != len(dst) {
-		return 0, fmt.Errorf("%w: %d sources for %d destinations", ErrBadDescriptor, len(src), len(dst))
+		return 0, checkDescs(src, dst, 0)
 	}
 	p, err := w.peer(endpoint)
 	if err != nil {
 		return 0, err
 	}
-	for i, d := range dst {
-		if d.Length != uint64(len(src[i])) || d.Offset > uint64(len(p.mem)) || d.Length > uint64(len(p.mem))-d.Offset {
-			p.leave(0)
-			return 0, fmt.Errorf("%w: destination %d [%d, +%d) in %d bytes for a %d-byte block", ErrBadDescriptor, i, d.Offset, d.Length, len(p.mem), len(src[i]))
-		}
+	if err := checkDescs(src, dst, uint64(len(p.mem))); err != nil {
+		p.leave(0)
+		return 0, err
 	}
-	ss := &shmSession{bind: make(chan FrameKind, 1)}
+	ss := newWriterSession()
 	p.mu.Lock()
 	if _, dup := p.sessions[session]; dup {
 		p.mu.Unlock()
@@ -93,47 +85,24 @@ func (w *ShmWriter) Write(ctx context.Context, endpoint string, session uint64, 
 	// Nothing more is copied for the session: say so, unless a drill loses
 	// the word (then only the link's close will prove it).
 	var notify error
-	switch {
-	case err == nil && w.Fault.losesNotify(session):
-	case err != nil && w.Fault.LosesAbortAck() && (ss.aborted.Load() || ctx.Err() != nil):
-	case err == errNotBound:
-	default:
+	if saysDone(w.Fault, session, err, ss.aborted.Load() || ctx.Err() != nil) {
 		notify = p.write(Header{Kind: FrameDone, Session: session, Index: uint32(landed)}, w.progress)
-	}
-	if err == errNotBound {
-		err = fmt.Errorf("kvtransfer: receiver refused session %d (finished or unknown)", session)
 	}
 	p.leave(session)
 	if err == nil && notify != nil {
 		err = fmt.Errorf("kvtransfer: done notification: %w", notify)
 	}
-	return sent, err
+	return sent, refusal(err, session)
 }
-
-var errNotBound = errors.New("not bound")
 
 // copySession binds the session and copies its blocks; it returns the
 // blocks landed and the bytes copied.
-func (w *ShmWriter) copySession(ctx context.Context, p *shmPeer, ss *shmSession, session uint64, src [][]byte, dst []Desc) (int, int64, error) {
+func (w *ShmWriter) copySession(ctx context.Context, p *shmPeer, ss *writerSession, session uint64, src [][]byte, dst []Desc) (int, int64, error) {
 	if err := p.write(Header{Kind: FrameBind, Session: session, Index: uint32(len(src))}, w.progress); err != nil {
 		return 0, 0, fmt.Errorf("kvtransfer: bind: %w", err)
 	}
-	var timeout <-chan time.Time
-	if w.progress > 0 {
-		t := time.NewTimer(w.progress)
-		defer t.Stop()
-		timeout = t.C
-	}
-	select {
-	case k := <-ss.bind:
-		if k != FrameBindOK {
-			return 0, 0, errNotBound
-		}
-	case <-ctx.Done():
-		// The answer may still be BIND_OK: DONE below releases the grant.
-		return 0, 0, ctx.Err()
-	case <-timeout:
-		return 0, 0, fmt.Errorf("%w: no answer to bind", ErrNoProgress)
+	if err := awaitBind(ctx, ss.bind, w.progress); err != nil {
+		return 0, 0, err
 	}
 	var sent int64
 	for i, b := range src {
@@ -160,7 +129,7 @@ func (w *ShmWriter) copySession(ctx context.Context, p *shmPeer, ss *shmSession,
 }
 
 // stopped reports why a session must stop before its next block.
-func (p *shmPeer) stopped(ctx context.Context, ss *shmSession) error {
+func (p *shmPeer) stopped(ctx context.Context, ss *writerSession) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -260,7 +229,7 @@ func dialShm(endpoint string, timeout time.Duration) (*shmPeer, error) {
 		_ = c.Close()
 		return nil, fmt.Errorf("kvtransfer: shm hello from %s: %w", endpoint, err)
 	}
-	return &shmPeer{c: c, mem: mem, sessions: map[uint64]*shmSession{}}, nil
+	return &shmPeer{c: c, mem: mem, sessions: map[uint64]*writerSession{}}, nil
 }
 
 func parseRights(oob []byte) (int, error) {
@@ -292,29 +261,17 @@ func (p *shmPeer) readLoop() {
 			return
 		}
 		p.mu.Lock()
-		ss, ok := p.sessions[h.Session]
+		ss := p.sessions[h.Session]
 		p.mu.Unlock()
-		switch h.Kind {
-		case FrameBindOK, FrameBindRefused:
-			if ok {
-				select {
-				case ss.bind <- h.Kind:
-				default:
-				}
-			}
-		case FrameAbort:
-			switch {
-			case ok:
-				ss.aborted.Store(true) // the session's DONE will answer
-			case p.fault.LosesAbortAck():
-			default:
-				if err := p.write(Header{Kind: FrameAbortAck, Session: h.Session}, 0); err != nil {
-					return
-				}
-			}
-		default:
+		ack, valid := onReceiverFrame(h, ss, p.fault)
+		if !valid {
 			p.kill(fmt.Errorf("%w: kind %d from receiver", ErrBadFrame, h.Kind))
 			return
+		}
+		if ack {
+			if err := p.write(Header{Kind: FrameAbortAck, Session: h.Session}, 0); err != nil {
+				return
+			}
 		}
 	}
 }

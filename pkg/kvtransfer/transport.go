@@ -2,7 +2,9 @@ package kvtransfer
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 )
 
@@ -66,4 +68,103 @@ func NewWriter(name string, progress time.Duration, hooks Hooks) (Writer, error)
 		return w, nil
 	}
 	return nil, fmt.Errorf("kvtransfer: unknown transport %q (want %s, %s or %s)", name, TransportTCP, TransportShm, TransportUCX)
+}
+
+// checkDescs rejects destinations that do not match their sources or fall
+// outside a target memory of size bytes.
+func checkDescs(src [][]byte, dst []Desc, size uint64) error {
+	if len(src) != len(dst) {
+		return fmt.Errorf("%w: %d sources for %d destinations", ErrBadDescriptor, len(src), len(dst))
+	}
+	for i, d := range dst {
+		if d.Length == 0 || d.Length != uint64(len(src[i])) || d.Offset > size || d.Length > size-d.Offset {
+			return fmt.Errorf("%w: destination %d [%d, +%d) in %d bytes for a %d-byte block", ErrBadDescriptor, i, d.Offset, d.Length, size, len(src[i]))
+		}
+	}
+	return nil
+}
+
+// errNotBound: the receiver refused to grant a session.
+var errNotBound = errors.New("not bound")
+
+// awaitBind waits for the receiver's answer to BIND, bounded by ctx and
+// progress (0: no bound).
+func awaitBind(ctx context.Context, bind <-chan FrameKind, progress time.Duration) error {
+	var timeout <-chan time.Time
+	if progress > 0 {
+		t := time.NewTimer(progress)
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case k := <-bind:
+		if k != FrameBindOK {
+			return errNotBound
+		}
+		return nil
+	case <-ctx.Done():
+		// The answer may still be BIND_OK: the writer's DONE releases it.
+		return ctx.Err()
+	case <-timeout:
+		return fmt.Errorf("%w: no answer to bind", ErrNoProgress)
+	}
+}
+
+// saysDone reports whether a writer that bound (or tried to bind) session
+// and ended with err sends DONE — its word that nothing more is written.
+// A drill can lose the word: lose-notify on success, lose-abort-ack when
+// the session was aborted or cancelled.
+func saysDone(f *Fault, session uint64, err error, aborted bool) bool {
+	switch {
+	case err == errNotBound:
+		return false // never granted: nothing to release
+	case err == nil:
+		return !f.losesNotify(session)
+	case aborted && f.LosesAbortAck():
+		return false
+	}
+	return true
+}
+
+// refusal turns errNotBound into the error Write reports.
+func refusal(err error, session uint64) error {
+	if err == errNotBound {
+		return fmt.Errorf("kvtransfer: receiver refused session %d (finished or unknown)", session)
+	}
+	return err
+}
+
+// writerSession is a session as a writer of the bind protocol (shm, ucx)
+// tracks it.
+type writerSession struct {
+	bind    chan FrameKind // the receiver's answer to BIND, buffered
+	aborted atomic.Bool    // the receiver asked the writer to stop
+}
+
+func newWriterSession() *writerSession { return &writerSession{bind: make(chan FrameKind, 1)} }
+
+// onReceiverFrame applies a receiver's frame to the session it names (ss
+// nil: this writer is not writing it). It reports whether an ABORT_ACK is
+// owed — an ABORT for a session nothing is being written for, unless a
+// drill loses acknowledgements — and false in valid for a frame no
+// receiver sends.
+func onReceiverFrame(h Header, ss *writerSession, f *Fault) (ackOwed, valid bool) {
+	switch h.Kind {
+	case FrameBindOK, FrameBindRefused:
+		if ss != nil {
+			select {
+			case ss.bind <- h.Kind:
+			default:
+			}
+		}
+	case FrameAbort:
+		if ss != nil {
+			ss.aborted.Store(true) // the session's DONE answers
+			return false, true
+		}
+		return !f.LosesAbortAck(), true
+	default:
+		return false, false
+	}
+	return false, true
 }

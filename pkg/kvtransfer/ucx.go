@@ -167,24 +167,17 @@ static size_t kvf_destroy(kvf_state *s) {
 	return 0;
 }
 
-static void kvf_ep_err(void *arg, ucp_ep_h ep, ucs_status_t status) {}
-
+// kvf_ep_create connects to a peer's worker, without peer error handling:
+// UCX 1.13's shared-memory transports refuse it, and with it on tcp UCX
+// destroys the receiver's reply endpoints behind its back when a writer
+// goes. A peer that goes away shows as operations that do not complete
+// (bounded by the writer's progress timeout).
 static ucs_status_t kvf_ep_create(ucp_worker_h w, const void *addr, ucp_ep_h *ep) {
 	ucp_ep_params_t p;
 	memset(&p, 0, sizeof p);
-	p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+	p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
 	p.address = addr;
-	p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-	p.err_handler.cb = kvf_ep_err;
-	p.err_handler.arg = NULL;
-	ucs_status_t st = ucp_ep_create(w, &p, ep);
-	if (st == UCS_ERR_UNREACHABLE) {
-		memset(&p, 0, sizeof p);
-		p.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
-		p.address = addr;
-		st = ucp_ep_create(w, &p, ep);
-	}
-	return st;
+	return ucp_ep_create(w, &p, ep);
 }
 
 static ucs_status_ptr_t kvf_ep_close(ucp_ep_h ep) {
@@ -268,7 +261,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -598,7 +590,7 @@ type UCXWriter struct {
 
 	mu       sync.Mutex
 	peers    map[string]*ucxPeer
-	sessions map[uint64]*ucxSession
+	sessions map[uint64]*writerSession
 	closed   bool
 }
 
@@ -607,11 +599,6 @@ type ucxPeer struct {
 	rkey C.ucp_rkey_h
 	ucxRemote
 	dead bool // forced closed; a new Write makes a new one
-}
-
-type ucxSession struct {
-	bind    chan FrameKind
-	aborted atomic.Bool
 }
 
 // ucxWindow is how many blocks are put before one flush proves them landed
@@ -624,7 +611,7 @@ func NewUCXWriter(progress time.Duration, hooks Hooks) (*UCXWriter, error) {
 	if err != nil {
 		return nil, err
 	}
-	x := &UCXWriter{Hooks: hooks, progress: progress, w: w, peers: map[string]*ucxPeer{}, sessions: map[uint64]*ucxSession{}}
+	x := &UCXWriter{Hooks: hooks, progress: progress, w: w, peers: map[string]*ucxPeer{}, sessions: map[uint64]*writerSession{}}
 	w.onMsg = x.onMsg
 	w.start()
 	return x, nil
@@ -639,26 +626,12 @@ func (x *UCXWriter) onMsg(frame []byte, reply C.ucp_ep_h) {
 		return
 	}
 	x.mu.Lock()
-	ss, ok := x.sessions[h.Session]
+	ss := x.sessions[h.Session]
 	x.mu.Unlock()
-	switch h.Kind {
-	case FrameBindOK, FrameBindRefused:
-		if ok {
-			select {
-			case ss.bind <- h.Kind:
-			default:
-			}
-		}
-	case FrameAbort:
-		switch {
-		case ok:
-			ss.aborted.Store(true) // the session's DONE answers
-		case x.Fault.LosesAbortAck() || reply == nil:
-		default:
-			x.w.mu.Lock()
-			_ = x.w.sendLocked(reply, Header{Kind: FrameAbortAck, Session: h.Session})
-			x.w.mu.Unlock()
-		}
+	if ack, _ := onReceiverFrame(h, ss, x.Fault); ack && reply != nil {
+		x.w.mu.Lock()
+		_ = x.w.sendLocked(reply, Header{Kind: FrameAbortAck, Session: h.Session})
+		x.w.mu.Unlock()
 	}
 }
 
@@ -737,18 +710,16 @@ func closeEp(w *ucxWorker, ep C.ucp_ep_h) {
 // announcing each block once its flush completed.
 func (x *UCXWriter) Write(ctx context.Context, endpoint string, session uint64, src [][]byte, dst []Desc) (int64, error) {
 	if len(src) != len(dst) {
-		return 0, fmt.Errorf("%w: %d sources for %d destinations", ErrBadDescriptor, len(src), len(dst))
+		return 0, checkDescs(src, dst, 0)
 	}
 	p, err := x.peer(endpoint)
 	if err != nil {
 		return 0, err
 	}
-	for i, d := range dst {
-		if d.Length != uint64(len(src[i])) || d.Offset > p.size || d.Length > p.size-d.Offset || d.Length == 0 {
-			return 0, fmt.Errorf("%w: destination %d [%d, +%d) in %d bytes for a %d-byte block", ErrBadDescriptor, i, d.Offset, d.Length, p.size, len(src[i]))
-		}
+	if err := checkDescs(src, dst, p.size); err != nil {
+		return 0, err
 	}
-	ss := &ucxSession{bind: make(chan FrameKind, 1)}
+	ss := newWriterSession()
 	x.mu.Lock()
 	if _, dup := x.sessions[session]; dup {
 		x.mu.Unlock()
@@ -764,14 +735,9 @@ func (x *UCXWriter) Write(ctx context.Context, endpoint string, session uint64, 
 
 	landed, sent, err := x.putSession(ctx, p, ss, session, src, dst)
 	runtime.KeepAlive(src)
-	switch {
-	case errors.Is(err, errUCXInDoubt):
-		// Puts may still land: no word, the receiver keeps the blocks.
-	case err == errNotBound:
-		err = fmt.Errorf("kvtransfer: receiver refused session %d (finished or unknown)", session)
-	case err == nil && x.Fault.losesNotify(session):
-	case err != nil && x.Fault.LosesAbortAck() && (ss.aborted.Load() || ctx.Err() != nil):
-	default:
+	// Puts in doubt may still land: then no word, the receiver keeps the
+	// blocks.
+	if !errors.Is(err, errUCXInDoubt) && saysDone(x.Fault, session, err, ss.aborted.Load() || ctx.Err() != nil) {
 		x.w.mu.Lock()
 		nerr := x.w.sendLocked(p.ep, Header{Kind: FrameDone, Session: session, Index: uint32(landed)})
 		x.w.mu.Unlock()
@@ -780,14 +746,14 @@ func (x *UCXWriter) Write(ctx context.Context, endpoint string, session uint64, 
 			err = nerr
 		}
 	}
-	return sent, err
+	return sent, refusal(err, session)
 }
 
 var errUCXInDoubt = errors.New("kvtransfer: ucx operations did not complete; endpoint closed")
 
 // putSession binds the session and puts its blocks; it returns the blocks
 // announced and the bytes moved.
-func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *ucxSession, session uint64, src [][]byte, dst []Desc) (int, int64, error) {
+func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *writerSession, session uint64, src [][]byte, dst []Desc) (int, int64, error) {
 	x.w.mu.Lock()
 	err := x.w.sendLocked(p.ep, Header{Kind: FrameBind, Session: session, Index: uint32(len(src))})
 	x.w.mu.Unlock()
@@ -795,21 +761,8 @@ func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *ucxSession, 
 		return 0, 0, err
 	}
 	x.w.signal()
-	var timeout <-chan time.Time
-	if x.progress > 0 {
-		t := time.NewTimer(x.progress)
-		defer t.Stop()
-		timeout = t.C
-	}
-	select {
-	case k := <-ss.bind:
-		if k != FrameBindOK {
-			return 0, 0, errNotBound
-		}
-	case <-ctx.Done():
-		return 0, 0, ctx.Err()
-	case <-timeout:
-		return 0, 0, fmt.Errorf("%w: no answer to bind", ErrNoProgress)
+	if err := awaitBind(ctx, ss.bind, x.progress); err != nil {
+		return 0, 0, err
 	}
 	win := ucxWin{x: x, p: p, session: session, src: src}
 	for i := range src {

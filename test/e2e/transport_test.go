@@ -20,20 +20,8 @@ func TestShmTransport(t *testing.T) {
 	shm := []string{"--transport=shm", "--shm-dir=" + t.TempDir()}
 	s := stack.Up(t, binDir, stack.Options{CtxArgs: shm, GenArgs: shm})
 	c := client(s)
-	ctx := testCtx(t)
-	seed := int64(7)
 	for _, prompt := range []string{"the quiet river", longPrompt(300), longPrompt(1200)} {
-		want := executor.Reference(tiny, prompt, router.SamplingFor(16, nil, nil, &seed))
-		resp, err := c.Completions.New(ctx, openai.CompletionNewParams{
-			Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
-			MaxTokens: openai.Int(16), Seed: openai.Int(seed),
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := resp.Choices[0].Text; got != want.Text {
-			t.Fatalf("%d-byte prompt: text %q, reference %q", len(prompt), got, want.Text)
-		}
+		expectReference(t, c, prompt, 7)
 	}
 	if moved := stack.Metric(t, s.GenHTTP, `kvferry_transfer_bytes_total{side="receiver"}`); moved == 0 {
 		t.Fatal("no transfer bytes counted on the generation server")
@@ -59,4 +47,22 @@ func TestTransportMismatch(t *testing.T) {
 	}
 	checkIdle(t, s)
 	s.StopAll(t)
+}
+
+// expectReference completes prompt (16 tokens, seed) through the SDK and
+// fails unless the text is the aggregated Reference: every KV byte crossed
+// from the context server to the generation server intact.
+func expectReference(t *testing.T, c openai.Client, prompt string, seed int64) {
+	t.Helper()
+	want := executor.Reference(tiny, prompt, router.SamplingFor(16, nil, nil, &seed))
+	resp, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
+		Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
+		MaxTokens: openai.Int(16), Seed: openai.Int(seed),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := resp.Choices[0].Text; got != want.Text {
+		t.Fatalf("%d-byte prompt: text %q, reference %q", len(prompt), got, want.Text)
+	}
 }

@@ -5,10 +5,6 @@ package e2e
 import (
 	"testing"
 
-	"github.com/openai/openai-go/v3"
-
-	"github.com/kvferry/kvferry/pkg/executor"
-	"github.com/kvferry/kvferry/pkg/router"
 	"github.com/kvferry/kvferry/test/stack"
 )
 
@@ -23,19 +19,8 @@ func TestUCXTransport(t *testing.T) {
 			ucx := []string{"--transport=ucx"}
 			s := stack.Up(t, binDir, stack.Options{CtxArgs: ucx, GenArgs: ucx})
 			c := client(s)
-			seed := int64(11)
 			for _, prompt := range []string{"the quiet river", longPrompt(1200)} {
-				want := executor.Reference(tiny, prompt, router.SamplingFor(16, nil, nil, &seed))
-				resp, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
-					Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
-					MaxTokens: openai.Int(16), Seed: openai.Int(seed),
-				})
-				if err != nil {
-					t.Fatal(err)
-				}
-				if got := resp.Choices[0].Text; got != want.Text {
-					t.Fatalf("%d-byte prompt: text %q, reference %q", len(prompt), got, want.Text)
-				}
+				expectReference(t, c, prompt, 11)
 			}
 			checkIdle(t, s)
 			s.StopAll(t)
