@@ -8,10 +8,14 @@ package kvtransfer
 #include <string.h>
 #include <ucp/api/ucp.h>
 
-// A frame the worker received, with the endpoint to answer on.
+// A message the worker received: a frame, or a writer's HELLO with its
+// worker address (addr, malloc'd; the receiver connects back to it). from
+// is the sending worker's id (the AM header).
 typedef struct {
 	unsigned char frame[24];
-	ucp_ep_h reply;
+	uint64_t from;
+	void *addr;
+	size_t addr_len;
 } kvf_msg;
 
 // Everything the C side of one worker owns. It lives in C memory: UCX keeps
@@ -25,12 +29,13 @@ typedef struct {
 	size_t npend, pcap;
 } kvf_state;
 
-// kvf_am_cb queues each 24-byte frame; Go drains the queue after progress,
-// so no Go code ever runs inside UCX.
+// kvf_am_cb queues each message; Go drains the queue after progress, so no
+// Go code ever runs inside UCX. Endpoints are never taken from UCX here
+// (a reply endpoint can be destroyed under us when its peer goes).
 static ucs_status_t kvf_am_cb(void *arg, const void *header, size_t header_length,
                               void *data, size_t length, const ucp_am_recv_param_t *param) {
 	kvf_state *s = arg;
-	if (length != 24 || (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+	if (header_length != 8 || length == 0 || length > 4096 || (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
 		return UCS_OK;
 	}
 	if (s->nmsgs == s->cap) {
@@ -42,9 +47,20 @@ static ucs_status_t kvf_am_cb(void *arg, const void *header, size_t header_lengt
 		s->msgs = m;
 		s->cap = c;
 	}
-	kvf_msg *m = &s->msgs[s->nmsgs++];
-	memcpy(m->frame, data, 24);
-	m->reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
+	kvf_msg *m = &s->msgs[s->nmsgs];
+	memset(m, 0, sizeof *m);
+	memcpy(&m->from, header, 8);
+	if (length == 24) {
+		memcpy(m->frame, data, 24);
+	} else {
+		m->addr = malloc(length);
+		if (m->addr == NULL) {
+			return UCS_OK;
+		}
+		memcpy(m->addr, data, length);
+		m->addr_len = length;
+	}
+	s->nmsgs++;
 	return UCS_OK;
 }
 
@@ -107,13 +123,14 @@ static void kvf_reap(kvf_state *s) {
 	s->npend = j;
 }
 
-// kvf_am_send sends one frame, asking for a reply endpoint on the far side.
-static ucs_status_t kvf_am_send(kvf_state *s, ucp_ep_h ep, const void *frame) {
-	void *buf = malloc(24);
+// kvf_am_send sends len bytes of data with the 8-byte id as the AM header.
+static ucs_status_t kvf_am_send(kvf_state *s, ucp_ep_h ep, uint64_t id, const void *data, size_t len) {
+	unsigned char *buf = malloc(8 + len);
 	if (buf == NULL) {
 		return UCS_ERR_NO_MEMORY;
 	}
-	memcpy(buf, frame, 24);
+	memcpy(buf, &id, 8);
+	memcpy(buf + 8, data, len);
 	if (s->npend == s->pcap) {
 		size_t c = s->pcap ? 2 * s->pcap : 64;
 		void **r = realloc(s->reqs, c * sizeof(void *));
@@ -128,9 +145,7 @@ static ucs_status_t kvf_am_send(kvf_state *s, ucp_ep_h ep, const void *frame) {
 	}
 	ucp_request_param_t p;
 	memset(&p, 0, sizeof p);
-	p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-	p.flags = UCP_AM_SEND_FLAG_REPLY;
-	ucs_status_ptr_t r = ucp_am_send_nbx(ep, 1, NULL, 0, buf, 24, &p);
+	ucs_status_ptr_t r = ucp_am_send_nbx(ep, 1, buf, 8, buf + 8, len, &p);
 	if (r == NULL) {
 		free(buf);
 		return UCS_OK;
@@ -257,6 +272,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"runtime"
 	"strconv"
 	"strings"
@@ -294,9 +310,10 @@ type ucxWorker struct {
 	efd int
 	mu  sync.Mutex
 
-	onMsg    func(frame []byte, reply C.ucp_ep_h) // on the pump, without mu
-	before   func()                               // on the pump, under mu, each round (queued sends)
-	teardown func()                               // after the pump stopped, before the worker goes
+	id       uint64                                // this worker's id: the header of its messages
+	onMsg    func(from uint64, frame, addr []byte) // on the pump, without mu; addr: a HELLO
+	before   func()                                // on the pump, under mu, each round (queued sends)
+	teardown func()                                // after the pump stopped, before the worker goes
 
 	tmu     sync.Mutex
 	tick    chan struct{} // closed after each round that had waiters
@@ -316,7 +333,7 @@ func newUCXWorker() (*ucxWorker, error) {
 		C.free(unsafe.Pointer(s))
 		return nil, ucxErr("init", st)
 	}
-	return &ucxWorker{s: s, efd: int(efd), tick: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}, nil
+	return &ucxWorker{s: s, efd: int(efd), id: rand.Uint64() | 1, tick: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}, nil
 }
 
 // start runs the pump until close.
@@ -326,7 +343,8 @@ func (w *ucxWorker) run() {
 	defer close(w.done)
 	type msg struct {
 		frame [HeaderSize]byte
-		reply C.ucp_ep_h
+		from  uint64
+		addr  []byte
 	}
 	var msgs []msg
 	fds := []unix.PollFd{{Fd: int32(w.efd), Events: unix.POLLIN}}
@@ -337,9 +355,13 @@ func (w *ucxWorker) run() {
 		msgs = msgs[:0]
 		for i := range C.size_t(w.s.nmsgs) {
 			m := C.kvf_msg_at(w.s, i)
-			var out msg
-			copy(out.frame[:], C.GoBytes(unsafe.Pointer(&m.frame[0]), HeaderSize))
-			out.reply = m.reply
+			out := msg{from: uint64(m.from)}
+			if m.addr != nil {
+				out.addr = C.GoBytes(m.addr, C.int(m.addr_len))
+				C.free(m.addr)
+			} else {
+				copy(out.frame[:], C.GoBytes(unsafe.Pointer(&m.frame[0]), HeaderSize))
+			}
 			msgs = append(msgs, out)
 		}
 		w.s.nmsgs = 0
@@ -350,7 +372,7 @@ func (w *ucxWorker) run() {
 		w.mu.Unlock()
 		w.wake()
 		for _, m := range msgs {
-			w.onMsg(m.frame[:], m.reply)
+			w.onMsg(m.from, m.frame[:], m.addr)
 		}
 		select {
 		case <-w.stop:
@@ -413,16 +435,43 @@ func (w *ucxWorker) close() {
 	_ = C.kvf_destroy(w.s)
 }
 
-// send sends a frame on ep; the caller holds mu.
+// sendLocked sends a frame on ep; the caller holds mu.
 func (w *ucxWorker) sendLocked(ep C.ucp_ep_h, h Header) error {
 	var b [HeaderSize]byte
 	h.Encode(b[:])
-	cb := C.CBytes(b[:])
+	return w.sendBytesLocked(ep, b[:])
+}
+
+func (w *ucxWorker) sendBytesLocked(ep C.ucp_ep_h, b []byte) error {
+	cb := C.CBytes(b)
 	defer C.free(cb)
-	if st := C.kvf_am_send(w.s, ep, cb); st != C.UCS_OK {
+	if st := C.kvf_am_send(w.s, ep, C.uint64_t(w.id), cb, C.size_t(len(b))); st != C.UCS_OK {
 		return ucxErr("send", st)
 	}
 	return nil
+}
+
+// addressLocked returns the worker's address, for peers to connect to.
+func (w *ucxWorker) addressLocked() ([]byte, error) {
+	var addr *C.ucp_address_t
+	var n C.size_t
+	if st := C.ucp_worker_get_address(w.s.worker, &addr, &n); st != C.UCS_OK {
+		return nil, ucxErr("worker_get_address", st)
+	}
+	defer C.ucp_worker_release_address(w.s.worker, addr)
+	return C.GoBytes(unsafe.Pointer(addr), C.int(n)), nil
+}
+
+// connectLocked creates an endpoint to a worker address. The caller
+// holds mu.
+func (w *ucxWorker) connectLocked(addr []byte) (C.ucp_ep_h, error) {
+	a := C.CBytes(addr)
+	defer C.free(a)
+	var ep C.ucp_ep_h
+	if st := C.kvf_ep_create(w.s.worker, a, &ep); st != C.UCS_OK {
+		return nil, ucxErr("ep_create", st)
+	}
+	return ep, nil
 }
 
 // wait polls reqs (requests returned by UCX, or nil for "done at once")
@@ -496,35 +545,51 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 	}
 	rk := C.GoBytes(rkey, C.int(rkeyLen))
 	C.ucp_rkey_buffer_release(rkey)
-	var addr *C.ucp_address_t
-	var addrLen C.size_t
-	if st := C.ucp_worker_get_address(w.s.worker, &addr, &addrLen); st != C.UCS_OK {
+	ad, err := w.addressLocked()
+	if err != nil {
 		C.ucp_mem_unmap(w.s.ctx, memh)
 		C.kvf_destroy(w.s)
-		return nil, nil, ucxErr("worker_get_address", st)
+		return nil, nil, err
 	}
-	ad := C.GoBytes(unsafe.Pointer(addr), C.int(addrLen))
-	C.ucp_worker_release_address(w.s.worker, addr)
 
 	r := makeReceiver(nil, maxBlock, lg)
 	r.endpoint = strings.Join([]string{TransportUCX, hex.EncodeToString(ad), hex.EncodeToString(rk),
-		strconv.FormatUint(uint64(uintptr(unsafe.Pointer(&buf[0]))), 16), strconv.FormatUint(uint64(len(buf)), 16)}, ":")
-	links := map[C.ucp_ep_h]*link{} // touched by the pump only
-	w.onMsg = func(frame []byte, reply C.ucp_ep_h) {
-		if reply == nil {
+		strconv.FormatUint(uint64(uintptr(unsafe.Pointer(&buf[0]))), 16), strconv.FormatUint(uint64(len(buf)), 16),
+		strconv.FormatUint(w.id, 16)}, ":")
+	// One link per writer (by its worker id), over an endpoint this
+	// receiver made to the address of the writer's HELLO. Touched by the
+	// pump only.
+	type ucxLink struct {
+		ep C.ucp_ep_h
+		*link
+	}
+	links := map[uint64]*ucxLink{}
+	w.onMsg = func(from uint64, frame, addr []byte) {
+		if addr != nil {
+			if links[from] != nil {
+				return
+			}
+			w.mu.Lock()
+			ep, err := w.connectLocked(addr)
+			w.mu.Unlock()
+			if err != nil {
+				lg.Warn("ucx connect to writer", zap.Error(err))
+				return
+			}
+			links[from] = &ucxLink{ep: ep, link: newLink(w.signal)}
 			return
 		}
-		l := links[reply]
+		l := links[from]
 		if l == nil {
-			l = newLink(w.signal)
-			links[reply] = l
+			lg.Warn("ucx frame from a writer that said no hello")
+			return
 		}
 		h, err := DecodeHeader(frame, r.maxBlock)
 		if err != nil {
 			lg.Warn("bad ucx frame", zap.Error(err))
 			return
 		}
-		q, ok := r.frame(l, h)
+		q, ok := r.frame(l.link, h)
 		if !ok {
 			lg.Warn("bad ucx frame", zap.Uint8("kind", uint8(h.Kind)))
 		}
@@ -533,19 +598,19 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 		}
 	}
 	w.before = func() {
-		for ep, l := range links {
+		for _, l := range links {
 			for _, h := range l.take() {
-				if err := w.sendLocked(ep, h); err != nil {
+				if err := w.sendLocked(l.ep, h); err != nil {
 					lg.Debug("ucx answer", zap.Error(err))
 				}
 			}
 		}
 	}
 	w.teardown = func() {
-		// The writers' reply endpoints go first (force: their pending
-		// answers fail), then the pool's registration.
-		for ep := range links {
-			closeEp(w, ep)
+		// The endpoints to writers go first (force: pending answers fail),
+		// then the pool's registration.
+		for _, l := range links {
+			closeEp(w, l.ep)
 		}
 		C.ucp_mem_unmap(w.s.ctx, memh)
 	}
@@ -558,11 +623,12 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 type ucxRemote struct {
 	addr, rkey []byte
 	base, size uint64
+	id         uint64 // the receiver worker's id: the header of its messages
 }
 
 func parseUCXEndpoint(ep string) (ucxRemote, error) {
 	parts := strings.Split(ep, ":")
-	if len(parts) != 5 || parts[0] != TransportUCX {
+	if len(parts) != 6 || parts[0] != TransportUCX {
 		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint %q", ErrBadDescriptor, ep)
 	}
 	var r ucxRemote
@@ -575,6 +641,8 @@ func parseUCXEndpoint(ep string) (ucxRemote, error) {
 	r.base, err = strconv.ParseUint(parts[3], 16, 64)
 	errs = append(errs, err)
 	r.size, err = strconv.ParseUint(parts[4], 16, 64)
+	errs = append(errs, err)
+	r.id, err = strconv.ParseUint(parts[5], 16, 64)
 	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil || len(r.addr) == 0 || len(r.rkey) == 0 {
 		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint: %v", ErrBadDescriptor, err)
@@ -590,6 +658,7 @@ type UCXWriter struct {
 
 	mu       sync.Mutex
 	peers    map[string]*ucxPeer
+	byID     map[uint64]*ucxPeer // by receiver worker id
 	sessions map[uint64]*writerSession
 	closed   bool
 }
@@ -611,7 +680,7 @@ func NewUCXWriter(progress time.Duration, hooks Hooks) (*UCXWriter, error) {
 	if err != nil {
 		return nil, err
 	}
-	x := &UCXWriter{Hooks: hooks, progress: progress, w: w, peers: map[string]*ucxPeer{}, sessions: map[uint64]*writerSession{}}
+	x := &UCXWriter{Hooks: hooks, progress: progress, w: w, peers: map[string]*ucxPeer{}, byID: map[uint64]*ucxPeer{}, sessions: map[uint64]*writerSession{}}
 	w.onMsg = x.onMsg
 	w.start()
 	return x, nil
@@ -620,17 +689,23 @@ func NewUCXWriter(progress time.Duration, hooks Hooks) (*UCXWriter, error) {
 // Name returns "ucx".
 func (x *UCXWriter) Name() string { return TransportUCX }
 
-func (x *UCXWriter) onMsg(frame []byte, reply C.ucp_ep_h) {
+func (x *UCXWriter) onMsg(from uint64, frame, addr []byte) {
+	if addr != nil {
+		return // receivers send no HELLO
+	}
 	h, err := DecodeHeader(frame, 0)
 	if err != nil {
 		return
 	}
 	x.mu.Lock()
 	ss := x.sessions[h.Session]
+	p := x.byID[from]
 	x.mu.Unlock()
-	if ack, _ := onReceiverFrame(h, ss, x.Fault); ack && reply != nil {
+	if ack, _ := onReceiverFrame(h, ss, x.Fault); ack && p != nil {
 		x.w.mu.Lock()
-		_ = x.w.sendLocked(reply, Header{Kind: FrameAbortAck, Session: h.Session})
+		if !p.dead {
+			_ = x.w.sendLocked(p.ep, Header{Kind: FrameAbortAck, Session: h.Session})
+		}
 		x.w.mu.Unlock()
 	}
 }
@@ -649,14 +724,12 @@ func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
 		return nil, err
 	}
 	p := &ucxPeer{ucxRemote: rem}
-	addr := C.CBytes(rem.addr)
-	defer C.free(addr)
 	rk := C.CBytes(rem.rkey)
 	defer C.free(rk)
 	x.w.mu.Lock()
 	defer x.w.mu.Unlock()
-	if st := C.kvf_ep_create(x.w.s.worker, addr, &p.ep); st != C.UCS_OK {
-		return nil, ucxErr("ep_create", st)
+	if p.ep, err = x.w.connectLocked(rem.addr); err != nil {
+		return nil, err
 	}
 	if st := C.ucp_ep_rkey_unpack(p.ep, rk, &p.rkey); st != C.UCS_OK {
 		x.closeEpLocked(p)
@@ -678,7 +751,17 @@ func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
 		x.closeEpLocked(p)
 		return nil, ucxErr("connect", st)
 	}
+	// HELLO: the receiver connects back to this worker for its answers.
+	ad, err := x.w.addressLocked()
+	if err == nil {
+		err = x.w.sendBytesLocked(p.ep, ad)
+	}
+	if err != nil {
+		x.closeEpLocked(p)
+		return nil, err
+	}
 	x.peers[endpoint] = p
+	x.byID[rem.id] = p
 	return p, nil
 }
 
