@@ -28,6 +28,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -45,6 +46,7 @@ func main() {
 	model := flag.String("model", "llama3-8b", "model preset whose KV geometry is moved")
 	tokens := flag.Int("tokens", 4096, "prompt tokens whose KV is moved")
 	runs := flag.Int("runs", 5, "measured runs per backend and baseline (the median is printed)")
+	cpuProfile := flag.String("cpuprofile", "", "write this process's CPU profile (the writing side) to the file")
 	flag.Parse()
 	spec, err := executor.Preset(*model)
 	if err != nil {
@@ -64,6 +66,16 @@ func main() {
 	}
 	for i := range src {
 		src[i] = slab[i*size : (i+1)*size]
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fatal(err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	fmt.Printf("# %s, %d tokens: %d blocks of %d KiB = %d MiB; GOMAXPROCS=%d; %d runs, medians\n",
 		spec.Name, *tokens, n, size>>10, n*size>>20, runtime.GOMAXPROCS(0), *runs)
