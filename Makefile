@@ -27,7 +27,7 @@ SEEDS ?= 100000
 # TAGS=ucx builds the ucx transport in (needs libucx-dev: make deps-ucx).
 TAGS ?=
 
-.PHONY: all build run test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
+.PHONY: all build run test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
@@ -61,6 +61,11 @@ sim:
 # the short gate on both).
 chaos:
 	$(GO) test -count=1 -timeout 20m -v -run TestChaos ./test/chaos/ -chaos.full
+
+# chaos-ucx: the full gate on the ucx transport (binaries built with -tags
+# ucx, UCX over shared memory).
+chaos-ucx: deps-ucx
+	UCX_TLS=posix,cma $(GO) test -tags ucx -count=1 -timeout 20m -v -run TestChaos ./test/chaos/ -chaos.full -chaos.transports=ucx
 
 # verify: spin, exhaustively, on the transfer-lifecycle model (verify/).
 verify:
