@@ -337,9 +337,11 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 		return nil, status.Errorf(codes.Internal, "register session: %v", err)
 	}
 	start := time.Now()
-	// end finishes the receiver session (its reader proves quiescence,
-	// which returns quarantined blocks) and records the outcome.
-	end := func() {
+	// end finishes the receiver session (its transport proves quiescence,
+	// which returns quarantined blocks) and records the outcome, once: a
+	// failure ends it before asking the sender to stop, so that a sender
+	// slow to answer never delays the proof.
+	end := sync.OnceFunc(func() {
 		s.cfg.Receiver.Finish(rs, func() {
 			s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
 				return ss.Prove(now, kvtransfer.ProofTransportTerminal)
@@ -353,7 +355,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 		if outcome != kvtransfer.OutcomeCompleted {
 			s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome.String()), zap.Int64("bytes", moved))...)
 		}
-	}
+	})
 	defer end()
 	// The descriptors leave with the request: from now on the peer may write.
 	s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Start(now) })
@@ -372,6 +374,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 	// returns cause.
 	fail := func(event func(*kvtransfer.Session, time.Time) kvtransfer.Actions, cause error) (*executor.Sequence, error) {
 		if as := s.step(tr, event); as.Has(kvtransfer.ActAbort) {
+			end()
 			s.abort(ctx, client, req.GetTicket(), session)
 		}
 		return nil, cause
@@ -463,6 +466,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 				return ss.Tick(now)
 			})
 			if as.Has(kvtransfer.ActNotify) {
+				end()
 				s.abort(ctx, client, req.GetTicket(), session)
 				return nil, status.Errorf(codes.DeadlineExceeded, "transfer timed out: no progress for %s or past the %s deadline", s.cfg.Timeouts.Progress, s.cfg.Timeouts.Deadline)
 			}
