@@ -20,6 +20,7 @@ type ShmWriter struct {
 	Hooks
 	progress time.Duration
 
+	dialMu sync.Mutex // serialises dials; never held with mu across one
 	mu     sync.Mutex
 	peers  map[string]*shmPeer
 	closed bool
@@ -40,10 +41,11 @@ func (w *ShmWriter) Name() string { return TransportShm }
 // and no session copies through it (users == 0): closing tells the receiver
 // that nothing will be written any more, so it must be true.
 type shmPeer struct {
-	c     *net.UnixConn
-	mem   []byte
-	fault *Fault
-	wmu   sync.Mutex // frame writes
+	c        *net.UnixConn
+	mem      []byte
+	fault    *Fault
+	progress time.Duration // bounds every frame write
+	wmu      sync.Mutex    // frame writes
 
 	mu       sync.Mutex
 	sessions map[uint64]*writerSession
@@ -164,27 +166,49 @@ func (p *shmPeer) write(h Header, progress time.Duration) error {
 // peer returns the live link to endpoint, dialling and mapping it when
 // there is none, with one more user counted.
 func (w *ShmWriter) peer(endpoint string) (*shmPeer, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.closed {
-		return nil, errors.New("kvtransfer: writer closed")
-	}
-	if p := w.peers[endpoint]; p != nil {
-		p.mu.Lock()
-		if p.dead == nil {
-			p.users++
-			p.mu.Unlock()
-			return p, nil
-		}
-		p.mu.Unlock()
+	// One dial at a time, outside mu: a slow receiver must not hold up
+	// writes to the others.
+	w.dialMu.Lock()
+	defer w.dialMu.Unlock()
+	if p, err := w.live(endpoint); p != nil || err != nil {
+		return p, err
 	}
 	p, err := dialShm(endpoint, w.progress)
 	if err != nil {
 		return nil, err
 	}
-	p.users, p.fault = 1, w.Fault
+	p.fault, p.progress = w.Fault, w.progress
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		p.kill(errClosed) // no user: this closes and unmaps it
+		return nil, errClosed
+	}
+	p.users = 1
 	w.peers[endpoint] = p
 	w.wg.Go(func() { p.readLoop() })
+	return p, nil
+}
+
+var errClosed = errors.New("kvtransfer: writer closed")
+
+// live returns the live link to endpoint with one more user, or nil.
+func (w *ShmWriter) live(endpoint string) (*shmPeer, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return nil, errClosed
+	}
+	p := w.peers[endpoint]
+	if p == nil {
+		return nil, nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.dead != nil {
+		return nil, nil
+	}
+	p.users++
 	return p, nil
 }
 
@@ -269,7 +293,7 @@ func (p *shmPeer) readLoop() {
 			return
 		}
 		if ack {
-			if err := p.write(Header{Kind: FrameAbortAck, Session: h.Session}, 0); err != nil {
+			if err := p.write(Header{Kind: FrameAbortAck, Session: h.Session}, p.progress); err != nil {
 				return
 			}
 		}
@@ -324,7 +348,7 @@ func (w *ShmWriter) Close() {
 	w.peers = map[string]*shmPeer{}
 	w.mu.Unlock()
 	for _, p := range peers {
-		p.kill(errors.New("kvtransfer: writer closed"))
+		p.kill(errClosed)
 	}
 	w.wg.Wait()
 }

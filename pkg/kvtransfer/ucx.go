@@ -656,6 +656,7 @@ type UCXWriter struct {
 	progress time.Duration
 	w        *ucxWorker
 
+	dialMu   sync.Mutex // serialises connects (and Close against them)
 	mu       sync.Mutex
 	peers    map[string]*ucxPeer
 	byID     map[uint64]*ucxPeer // by receiver worker id
@@ -711,14 +712,38 @@ func (x *UCXWriter) onMsg(from uint64, frame, addr []byte) {
 }
 
 func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
+	// One connect at a time, without x.mu: the pump's onMsg takes x.mu, and
+	// the connect waits for the pump's rounds.
+	x.dialMu.Lock()
+	defer x.dialMu.Unlock()
 	x.mu.Lock()
-	defer x.mu.Unlock()
-	if x.closed {
-		return nil, errors.New("kvtransfer: writer closed")
+	closed, p := x.closed, x.peers[endpoint]
+	x.mu.Unlock()
+	if closed {
+		return nil, errClosed
 	}
-	if p := x.peers[endpoint]; p != nil && !p.dead {
-		return p, nil
+	if p != nil {
+		x.w.mu.Lock()
+		dead := p.dead
+		x.w.mu.Unlock()
+		if !dead {
+			return p, nil
+		}
 	}
+	p, err := x.connect(endpoint)
+	if err != nil {
+		return nil, err
+	}
+	x.mu.Lock()
+	x.peers[endpoint] = p
+	x.byID[p.id] = p
+	x.mu.Unlock()
+	return p, nil
+}
+
+// connect makes an endpoint to a receiver, finishes its wireup and says
+// HELLO.
+func (x *UCXWriter) connect(endpoint string) (*ucxPeer, error) {
 	rem, err := parseUCXEndpoint(endpoint)
 	if err != nil {
 		return nil, err
@@ -760,8 +785,6 @@ func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
 		x.closeEpLocked(p)
 		return nil, err
 	}
-	x.peers[endpoint] = p
-	x.byID[rem.id] = p
 	return p, nil
 }
 
@@ -980,6 +1003,8 @@ func (w *ucxWin) flush(ctx context.Context) error {
 
 // Close closes every endpoint and the worker. Writes must have returned.
 func (x *UCXWriter) Close() {
+	x.dialMu.Lock()
+	defer x.dialMu.Unlock()
 	x.mu.Lock()
 	if x.closed {
 		x.mu.Unlock()

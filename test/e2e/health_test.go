@@ -57,22 +57,7 @@ func TestHealthStalledTransport(t *testing.T) {
 	seed := int64(4)
 	want := executor.Reference(tiny, prompt, router.SamplingFor(8, nil, nil, &seed))
 	c := client(s)
-	type result struct {
-		text string
-		err  error
-	}
-	done := make(chan result, 1)
-	go func() {
-		resp, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
-			Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
-			MaxTokens: openai.Int(8), Seed: openai.Int(seed),
-		})
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		done <- result{text: resp.Choices[0].Text}
-	}()
+	done := completeAsync(t, c, prompt, 8, seed)
 	stack.Eventually(t, "generation server not live", func() bool { return probe(s.GenHTTP+"/livez") == http.StatusServiceUnavailable })
 	hc := kvferryv1.NewHealthServiceClient(grpcConn(t, s.GenGRPC))
 	h, err := hc.GetHealth(testCtx(t), &kvferryv1.GetHealthRequest{})

@@ -165,22 +165,7 @@ func TestGenerationServerDiesBetweenPrefillAndDecode(t *testing.T) {
 	prompt := longPrompt(300) // 0.6 s of prefill
 	seed := int64(8)
 	want := executor.Reference(tiny, prompt, router.SamplingFor(6, nil, nil, &seed))
-	type result struct {
-		text string
-		err  error
-	}
-	done := make(chan result, 1)
-	go func() {
-		resp, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
-			Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
-			MaxTokens: openai.Int(6), Seed: openai.Int(seed),
-		})
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		done <- result{text: resp.Choices[0].Text}
-	}()
+	done := completeAsync(t, c, prompt, 6, seed)
 	// Which generation server did the router pick for the first attempt?
 	victim := -1
 	stack.Eventually(t, "a generation server picked", func() bool {

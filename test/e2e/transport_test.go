@@ -55,14 +55,36 @@ func TestTransportMismatch(t *testing.T) {
 func expectReference(t *testing.T, c openai.Client, prompt string, seed int64) {
 	t.Helper()
 	want := executor.Reference(tiny, prompt, router.SamplingFor(16, nil, nil, &seed))
-	resp, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
-		Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
-		MaxTokens: openai.Int(16), Seed: openai.Int(seed),
-	})
-	if err != nil {
-		t.Fatal(err)
+	r := <-completeAsync(t, c, prompt, 16, seed)
+	if r.err != nil {
+		t.Fatal(r.err)
 	}
-	if got := resp.Choices[0].Text; got != want.Text {
-		t.Fatalf("%d-byte prompt: text %q, reference %q", len(prompt), got, want.Text)
+	if r.text != want.Text {
+		t.Fatalf("%d-byte prompt: text %q, reference %q", len(prompt), r.text, want.Text)
 	}
+}
+
+// completion is what completeAsync delivers.
+type completion struct {
+	text string
+	err  error
+}
+
+// completeAsync sends one completion in the background (maxTokens, seed);
+// its text or error arrives on the channel, which has room for it, so the
+// goroutine ends whether or not the test reads it.
+func completeAsync(t *testing.T, c openai.Client, prompt string, maxTokens, seed int64) <-chan completion {
+	done := make(chan completion, 1)
+	go func() {
+		resp, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
+			Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
+			MaxTokens: openai.Int(maxTokens), Seed: openai.Int(seed),
+		})
+		if err != nil {
+			done <- completion{err: err}
+			return
+		}
+		done <- completion{text: resp.Choices[0].Text}
+	}()
+	return done
 }
