@@ -24,10 +24,15 @@ RUN_DECODE_STEP_TIME ?= 20ms
 
 SEEDS ?= 100000
 
+# The llama.cpp libraries (make deps-llama); tests and make run read them
+# from here through KVFERRY_LLAMA_LIB_DIR.
+LLAMA_LIB_DIR ?= $(CURDIR)/.llama/lib
+export KVFERRY_LLAMA_LIB_DIR ?= $(LLAMA_LIB_DIR)
+
 # TAGS=ucx builds the ucx transport in (needs libucx-dev: make deps-ucx).
 TAGS ?=
 
-.PHONY: all build run test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
+.PHONY: all build run deps-llama bench-engine test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
@@ -42,14 +47,14 @@ run: build
 # multi-process end-to-end suite, all under the race detector, then the
 # transfer-lifecycle simulation over 2,000 seeds without it (it is one
 # goroutine; -race only slows it).
-test:
+test: deps-llama
 	$(GO) test -race -count=1 -timeout 20m ./...
 	$(GO) test -count=1 -run TestSimulation ./pkg/kvtransfer/ -seeds 2000
 
-test-unit:
+test-unit: deps-llama
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test/)
 
-test-e2e:
+test-e2e: deps-llama
 	$(GO) test -race -count=1 -v ./test/e2e/...
 
 # sim runs the deterministic transfer-lifecycle simulation over SEEDS seeds
@@ -84,6 +89,12 @@ bench-transfer: deps-ucx
 	.bin/bench-transfer -runs 5
 	UCX_TLS=posix,cma .bin/bench-transfer -runs 5 -backends ucx
 	UCX_TLS=tcp UCX_NET_DEVICES=lo .bin/bench-transfer -runs 5 -backends ucx
+
+# deps-llama installs the llama.cpp shared libraries (npm package, pinned
+# integrity) into $(LLAMA_LIB_DIR); the llamacpp engine and its tests load
+# them from there.
+deps-llama:
+	@scripts/deps-llama.sh $(LLAMA_LIB_DIR)
 
 # deps-ucx installs UCX (headers, libraries, ucx_perftest) when missing.
 deps-ucx:

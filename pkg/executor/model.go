@@ -7,11 +7,11 @@ package executor
 
 import (
 	"errors"
-
 	"fmt"
-	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 	"sort"
 	"strings"
+
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
 // ModelSpec is the KV geometry of a model.
@@ -24,6 +24,15 @@ type ModelSpec struct {
 	BlockTokens int
 	// MaxContextTokens bounds prompt plus output.
 	MaxContextTokens int
+	// Engine names the engine and its build ("synthetic", "llamacpp
+	// llama.cpp v0.5.0"); ModelSHA256 the model file; KVType the K and V
+	// element type. With the geometry they say what the KV bytes mean: a
+	// generation server refuses KV whose layout differs from its own.
+	Engine      string
+	ModelSHA256 string
+	KVType      string
+	// Vocab is the number of token ids.
+	Vocab int
 }
 
 // BytesPerToken is layers × kv heads × head dim × dtype bytes × 2 (K and V).
@@ -43,11 +52,11 @@ const defaultBlockTokens = 16
 
 var presets = map[string]ModelSpec{
 	// tiny: 256 bytes a token, 4 KiB a block; for laptops, CI and tests.
-	"tiny": {Name: "tiny", Layers: 2, KVHeads: 2, HeadDim: 16, DTypeBytes: 2, BlockTokens: defaultBlockTokens, MaxContextTokens: 8192},
+	"tiny": {Name: "tiny", Layers: 2, KVHeads: 2, HeadDim: 16, DTypeBytes: 2, BlockTokens: defaultBlockTokens, MaxContextTokens: 8192, Engine: EngineSynthetic, Vocab: VocabSize()},
 	// llama3-8b: 128 KiB a token, 2 MiB a block (GQA, bf16).
-	"llama3-8b": {Name: "llama3-8b", Layers: 32, KVHeads: 8, HeadDim: 128, DTypeBytes: 2, BlockTokens: defaultBlockTokens, MaxContextTokens: 8192},
+	"llama3-8b": {Name: "llama3-8b", Layers: 32, KVHeads: 8, HeadDim: 128, DTypeBytes: 2, BlockTokens: defaultBlockTokens, MaxContextTokens: 8192, Engine: EngineSynthetic, Vocab: VocabSize()},
 	// llama3-70b: 320 KiB a token, 5 MiB a block.
-	"llama3-70b": {Name: "llama3-70b", Layers: 80, KVHeads: 8, HeadDim: 128, DTypeBytes: 2, BlockTokens: defaultBlockTokens, MaxContextTokens: 8192},
+	"llama3-70b": {Name: "llama3-70b", Layers: 80, KVHeads: 8, HeadDim: 128, DTypeBytes: 2, BlockTokens: defaultBlockTokens, MaxContextTokens: 8192, Engine: EngineSynthetic, Vocab: VocabSize()},
 }
 
 // Preset returns the named model preset.
@@ -74,7 +83,34 @@ func (m ModelSpec) Layout() *kvferryv1.KVLayout {
 	return &kvferryv1.KVLayout{
 		Model: m.Name, Layers: uint32(m.Layers), KvHeads: uint32(m.KVHeads), HeadDim: uint32(m.HeadDim),
 		DtypeBytes: uint32(m.DTypeBytes), BlockTokens: uint32(m.BlockTokens), BlockBytes: uint64(m.BlockBytes()),
+		Engine: m.Engine, ModelSha256: m.ModelSHA256, KvType: m.KVType,
 	}
+}
+
+// LayoutMismatch names the first field in which an advertised layout
+// differs from ours, or returns nil when they agree.
+func LayoutMismatch(adv, have *kvferryv1.KVLayout) error {
+	fields := []struct {
+		name      string
+		got, want any
+	}{
+		{"engine", adv.GetEngine(), have.GetEngine()},
+		{"model sha256", adv.GetModelSha256(), have.GetModelSha256()},
+		{"model", adv.GetModel(), have.GetModel()},
+		{"kv type", adv.GetKvType(), have.GetKvType()},
+		{"layers", adv.GetLayers(), have.GetLayers()},
+		{"kv heads", adv.GetKvHeads(), have.GetKvHeads()},
+		{"head dim", adv.GetHeadDim(), have.GetHeadDim()},
+		{"dtype bytes", adv.GetDtypeBytes(), have.GetDtypeBytes()},
+		{"block tokens", adv.GetBlockTokens(), have.GetBlockTokens()},
+		{"block bytes", adv.GetBlockBytes(), have.GetBlockBytes()},
+	}
+	for _, f := range fields {
+		if f.got != f.want {
+			return fmt.Errorf("kv layout mismatch: %s is %q in the advertisement, %q here", f.name, fmt.Sprint(f.got), fmt.Sprint(f.want))
+		}
+	}
+	return nil
 }
 
 // ToSampling converts wire sampling parameters.
@@ -92,8 +128,8 @@ func (m ModelSpec) ValidatePrompt(tokens []uint32, maxTokens uint32) error {
 		return fmt.Errorf("prompt of %d tokens plus %d output tokens exceeds the context of %d", len(tokens), maxTokens, m.MaxContextTokens)
 	}
 	for i, t := range tokens {
-		if int(t) >= VocabSize() {
-			return fmt.Errorf("token %d at position %d outside the vocabulary of %d", t, i, VocabSize())
+		if int(t) >= m.Vocab {
+			return fmt.Errorf("token %d at position %d outside the vocabulary of %d", t, i, m.Vocab)
 		}
 	}
 	return nil

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"math/bits"
+	"sync"
 	"time"
 )
 
@@ -43,17 +44,30 @@ func (f FinishReason) String() string {
 // pool blocks and returns the first token; a Sequence decodes from KV blocks.
 type Engine interface {
 	Model() ModelSpec
+	// Vocabulary is the model's tokenizer.
+	Vocabulary() Vocabulary
 	// Prefill writes the KV of tokens into blocks (BlocksFor(len(tokens))
 	// blocks of BlockBytes each), returns one checksum per block and the
 	// first generated token. The first reused blocks already hold their KV
 	// (prefix reuse): they are read, never written.
 	Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (first uint32, checksums []uint64, err error)
-	// StartDecode reads every byte of the received KV blocks and returns the
-	// decode state, plus the checksum it computed for each block.
-	StartDecode(blocks [][]byte, promptTokens int, first uint32, s Sampling) (*Sequence, []uint64)
+	// StartDecode builds the decode state from received KV blocks whose
+	// checksums (Checksums) the caller verified. It may wait, while ctx
+	// lives, for engine capacity (a free llama.cpp sequence). The caller
+	// closes the Sequence when the request ends.
+	StartDecode(ctx context.Context, blocks [][]byte, sums []uint64, promptTokens int, first uint32, s Sampling) (*Sequence, error)
 	// Step advances every sequence of the batch by one token, taking the
 	// engine's decode step time.
 	Step(ctx context.Context, batch []*Sequence) error
+}
+
+// Checksums is the checksum of each block, in order.
+func Checksums(blocks [][]byte) []uint64 {
+	sums := make([]uint64, len(blocks))
+	for i, b := range blocks {
+		sums[i] = Checksum(b)
+	}
+	return sums
 }
 
 // Timing is the synthetic engine's timing model. Zero values mean instant.
@@ -97,20 +111,20 @@ func (e *Synthetic) Prefill(ctx context.Context, tokens []uint32, s Sampling, bl
 		}
 	}
 	writeKV(e.spec, tokens, blocks, reused)
-	sums := make([]uint64, len(blocks))
-	for i, b := range blocks {
-		sums[i] = Checksum(b)
-	}
+	sums := Checksums(blocks)
 	return firstToken(Digest(sums), s), sums, nil
 }
 
-// StartDecode implements Engine.
-func (e *Synthetic) StartDecode(blocks [][]byte, promptTokens int, first uint32, s Sampling) (*Sequence, []uint64) {
-	sums := make([]uint64, len(blocks))
-	for i, b := range blocks {
-		sums[i] = Checksum(b)
+// Vocabulary implements Engine.
+func (e *Synthetic) Vocabulary() Vocabulary { return SyntheticVocabulary }
+
+// StartDecode implements Engine. The decode digest is made of the
+// checksums of every received byte.
+func (e *Synthetic) StartDecode(ctx context.Context, blocks [][]byte, sums []uint64, promptTokens int, first uint32, s Sampling) (*Sequence, error) {
+	if len(sums) != len(blocks) {
+		return nil, fmt.Errorf("%w: %d checksums for %d blocks", ErrBlocks, len(sums), len(blocks))
 	}
-	return newSequence(Digest(sums), promptTokens, first, s), sums
+	return newSequence(Digest(sums), promptTokens, first, s), ctx.Err()
 }
 
 // Step implements Engine.
@@ -140,11 +154,26 @@ func wait(ctx context.Context, d time.Duration) error {
 
 // Sequence is the decode state of one request.
 type Sequence struct {
-	key          uint64
+	key          uint64 // synthetic: the digest-derived sampling key
 	promptTokens int
 	tokens       []uint32 // generated so far, first token included, EOS excluded
 	max          int
 	finish       FinishReason
+
+	sampling  Sampling // llama.cpp: the request's sampling
+	slot      int      // llama.cpp: the sequence id it holds
+	close     func()   // releases what the engine holds for it
+	closeOnce sync.Once
+}
+
+// Close releases what the engine holds for the sequence (a llama.cpp
+// sequence and its cells). It is idempotent.
+func (sq *Sequence) Close() {
+	sq.closeOnce.Do(func() {
+		if sq.close != nil {
+			sq.close()
+		}
+	})
 }
 
 func newSequence(digest uint64, promptTokens int, first uint32, s Sampling) *Sequence {
@@ -283,8 +312,8 @@ func Reference(spec ModelSpec, prompt string, s Sampling) Result {
 		blocks[i] = make([]byte, spec.BlockBytes())
 	}
 	writeKV(spec, tokens, blocks, 0)
-	sq, sums := NewSynthetic(spec, Timing{}).StartDecode(blocks, len(tokens), 0, s)
-	sq.tokens[0] = firstToken(Digest(sums), s)
+	sums := Checksums(blocks)
+	sq := newSequence(Digest(sums), len(tokens), firstToken(Digest(sums), s), s)
 	for sq.Finish() == FinishNone {
 		sq.step()
 	}

@@ -79,7 +79,11 @@ func TestPrefillDecodeMatchesReference(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			sq, got := e.StartDecode(blocks, len(toks), first, s)
+			got := Checksums(blocks)
+			sq, err := e.StartDecode(context.Background(), blocks, got, len(toks), first, s)
+			if err != nil {
+				t.Fatal(err)
+			}
 			for i := range sums {
 				if sums[i] != got[i] {
 					t.Fatalf("block %d checksum differs after no transfer", i)
@@ -113,7 +117,11 @@ func TestOneFlippedByteChangesOutput(t *testing.T) {
 		blocks := blocksFor(spec, len(toks))
 		first, sums, _ := e.Prefill(context.Background(), toks, s, blocks, 0)
 		blocks[pos/spec.BlockBytes()][pos%spec.BlockBytes()] ^= 1
-		sq, got := e.StartDecode(blocks, len(toks), first, s)
+		got := Checksums(blocks)
+		sq, err := e.StartDecode(context.Background(), blocks, got, len(toks), first, s)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if got[pos/spec.BlockBytes()] == sums[pos/spec.BlockBytes()] {
 			t.Fatalf("byte %d flipped, checksum unchanged", pos)
 		}

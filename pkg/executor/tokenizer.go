@@ -80,11 +80,5 @@ func TokenText(tok uint32, first bool) string {
 	return " " + vocabulary[i]
 }
 
-// Detokenize renders generated tokens as text.
-func Detokenize(tokens []uint32) string {
-	var b strings.Builder
-	for i, t := range tokens {
-		b.WriteString(TokenText(t, i == 0))
-	}
-	return b.String()
-}
+// Detokenize renders generated synthetic tokens as text.
+func Detokenize(tokens []uint32) string { return Text(SyntheticVocabulary, tokens) }

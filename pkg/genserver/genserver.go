@@ -136,10 +136,8 @@ func (s *Server) negotiate(adv *kvferryv1.KVAdvertisement) error {
 		return fmt.Errorf("protocol version %d, want %d", adv.GetProtocolVersion(), kvtransfer.ProtocolVersion)
 	case adv.GetTransport() != kvtransfer.TransportTCP:
 		return fmt.Errorf("transport %q, want %q", adv.GetTransport(), kvtransfer.TransportTCP)
-	case !proto.Equal(adv.GetLayout(), s.spec.Layout()):
-		return fmt.Errorf("kv layout mismatch: advertised %v, have %v", adv.GetLayout(), s.spec.Layout())
 	}
-	return nil
+	return executor.LayoutMismatch(adv.GetLayout(), s.spec.Layout())
 }
 
 // admit records the request, rejecting stale attempts and duplicates.
@@ -238,12 +236,18 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 }
 
 func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_GenerateServer, seq *executor.Sequence) error {
+	defer seq.Close()
+	vocab := s.cfg.Engine.Vocabulary()
+	var text executor.TextStream // never splits a UTF-8 character across messages
 	sent := 0
 	for {
 		toks := seq.Tokens()[sent:]
 		msg := &kvferryv1.GenerateResponse{Tokens: toks, KvReady: sent == 0}
 		for i, t := range toks {
-			msg.Text += executor.TokenText(t, sent == 0 && i == 0)
+			msg.Text += text.Push(vocab.Piece(t, sent == 0 && i == 0))
+		}
+		if seq.Finish() != executor.FinishNone {
+			msg.Text += text.Flush()
 		}
 		switch seq.Finish() {
 		case executor.FinishStop:
@@ -432,9 +436,9 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 				}
 				return fail(failNow, status.Errorf(code, "transfer: %v", err))
 			}
-			// Verify on receipt: every block's checksum, read in the same
-			// pass that builds the decode state.
-			seq, sums := s.cfg.Engine.StartDecode(mem, len(req.GetPromptTokens()), req.GetFirstToken(), executor.ToSampling(req.GetSampling()))
+			// Verify on receipt: every block's checksum, before the engine
+			// reads a byte of it.
+			sums := executor.Checksums(mem)
 			for i, want := range adv.GetBlockChecksums() {
 				if sums[i] != want {
 					quiet := func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
@@ -445,6 +449,13 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 			}
 			s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Complete(now) })
 			s.cfg.Progress.Touch(time.Now())
+			seq, err := s.cfg.Engine.StartDecode(ctx, mem, sums, len(req.GetPromptTokens()), req.GetFirstToken(), executor.ToSampling(req.GetSampling()))
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil, status.FromContextError(ctx.Err()).Err()
+				}
+				return nil, status.Errorf(codes.Internal, "decode state: %v", err)
+			}
 			return seq, nil
 		case err := <-events:
 			if err != nil {

@@ -270,7 +270,15 @@ type KVLayout struct {
 	DtypeBytes  uint32                 `protobuf:"varint,5,opt,name=dtype_bytes,json=dtypeBytes,proto3" json:"dtype_bytes,omitempty"`
 	BlockTokens uint32                 `protobuf:"varint,6,opt,name=block_tokens,json=blockTokens,proto3" json:"block_tokens,omitempty"`
 	// block_bytes = layers * kv_heads * head_dim * dtype_bytes * 2 * block_tokens.
-	BlockBytes    uint64 `protobuf:"varint,7,opt,name=block_bytes,json=blockBytes,proto3" json:"block_bytes,omitempty"`
+	BlockBytes uint64 `protobuf:"varint,7,opt,name=block_bytes,json=blockBytes,proto3" json:"block_bytes,omitempty"`
+	// engine names the engine and its build ("synthetic", "llamacpp llama.cpp
+	// v0.5.0"); model_sha256 the model file (empty for synthetic presets);
+	// kv_type the K and V element type ("f16"). A generation server refuses KV
+	// whose layout differs from its own in any field: it never decodes
+	// foreign KV.
+	Engine        string `protobuf:"bytes,8,opt,name=engine,proto3" json:"engine,omitempty"`
+	ModelSha256   string `protobuf:"bytes,9,opt,name=model_sha256,json=modelSha256,proto3" json:"model_sha256,omitempty"`
+	KvType        string `protobuf:"bytes,10,opt,name=kv_type,json=kvType,proto3" json:"kv_type,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -352,6 +360,27 @@ func (x *KVLayout) GetBlockBytes() uint64 {
 		return x.BlockBytes
 	}
 	return 0
+}
+
+func (x *KVLayout) GetEngine() string {
+	if x != nil {
+		return x.Engine
+	}
+	return ""
+}
+
+func (x *KVLayout) GetModelSha256() string {
+	if x != nil {
+		return x.ModelSha256
+	}
+	return ""
+}
+
+func (x *KVLayout) GetKvType() string {
+	if x != nil {
+		return x.KvType
+	}
+	return ""
 }
 
 // BlockDescriptor names one block of a registered pool on one side of a
@@ -538,7 +567,7 @@ const file_kvferry_v1_common_proto_rawDesc = "" +
 	"max_tokens\x18\x01 \x01(\rR\tmaxTokens\x12 \n" +
 	"\vtemperature\x18\x02 \x01(\x02R\vtemperature\x12\x13\n" +
 	"\x05top_p\x18\x03 \x01(\x02R\x04topP\x12\x12\n" +
-	"\x04seed\x18\x04 \x01(\x04R\x04seed\"\xd3\x01\n" +
+	"\x04seed\x18\x04 \x01(\x04R\x04seed\"\xa7\x02\n" +
 	"\bKVLayout\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06layers\x18\x02 \x01(\rR\x06layers\x12\x19\n" +
@@ -548,7 +577,11 @@ const file_kvferry_v1_common_proto_rawDesc = "" +
 	"dtypeBytes\x12!\n" +
 	"\fblock_tokens\x18\x06 \x01(\rR\vblockTokens\x12\x1f\n" +
 	"\vblock_bytes\x18\a \x01(\x04R\n" +
-	"blockBytes\"W\n" +
+	"blockBytes\x12\x16\n" +
+	"\x06engine\x18\b \x01(\tR\x06engine\x12!\n" +
+	"\fmodel_sha256\x18\t \x01(\tR\vmodelSha256\x12\x17\n" +
+	"\akv_type\x18\n" +
+	" \x01(\tR\x06kvType\"W\n" +
 	"\x0fBlockDescriptor\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x16\n" +
 	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x16\n" +

@@ -1,0 +1,521 @@
+package executor
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/hybridgroup/yzma/pkg/llama"
+)
+
+// EngineLlamaCpp and EngineSynthetic name the engines (--engine).
+const (
+	EngineSynthetic = "synthetic"
+	EngineLlamaCpp  = "llamacpp"
+)
+
+// LlamaConfig configures the llama.cpp engine.
+type LlamaConfig struct {
+	// ModelPath is the GGUF file.
+	ModelPath string
+	// LibDir holds libllama.so, libggml.so, libggml-base.so and the CPU
+	// backends (make deps-llama).
+	LibDir string
+	// ServedName is the model name clients use; empty means the file name
+	// without .gguf.
+	ServedName string
+	// ContextTokens bounds one sequence (prompt plus output); 0 means the
+	// model's training context, at most DefaultLlamaContextTokens.
+	ContextTokens int
+	// Slots is how many sequences the engine holds at once (the generation
+	// server's concurrent decodes); 0 means DefaultLlamaSlots.
+	Slots int
+	// Threads for llama.cpp; 0 means its default for this machine.
+	Threads int
+}
+
+// Defaults of the llama.cpp engine.
+const (
+	DefaultLlamaContextTokens = 4096
+	DefaultLlamaSlots         = 8
+)
+
+var (
+	loadOnce sync.Once
+	loadErr  error
+	loadDir  string
+)
+
+// libraries are the files the engine needs in LibDir.
+var libraries = []string{"libllama.so", "libggml.so", "libggml-base.so"}
+
+// LoadLlamaLibraries loads the llama.cpp shared libraries once per process.
+// A missing or unloadable library is one clear error naming the folder.
+func LoadLlamaLibraries(dir string) error {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	for _, lib := range libraries {
+		if _, err := os.Stat(filepath.Join(abs, lib)); err != nil {
+			return fmt.Errorf("llama.cpp libraries not found in %s: run make deps-llama", abs)
+		}
+	}
+	loadOnce.Do(func() {
+		loadDir = abs
+		if err := llama.Load(abs); err != nil {
+			loadErr = fmt.Errorf("llama.cpp libraries in %s do not load (%v): run make deps-llama", abs, err)
+			return
+		}
+		llama.LogSet(llama.LogSilent())
+		llama.Init()
+	})
+	if loadErr == nil && loadDir != abs {
+		return fmt.Errorf("llama.cpp libraries already loaded from %s, not %s", loadDir, abs)
+	}
+	return loadErr
+}
+
+// LlamaBuild names the llama.cpp release of the libraries in dir, from the
+// build metadata the package ships beside them.
+func LlamaBuild(dir string) string {
+	b, err := os.ReadFile(filepath.Join(dir, "_nlcBuildMetadata.json"))
+	if err != nil {
+		return "llama.cpp unknown"
+	}
+	var meta struct {
+		BuildOptions struct {
+			LlamaCpp struct {
+				Release string `json:"release"`
+			} `json:"llamaCpp"`
+		} `json:"buildOptions"`
+	}
+	if json.Unmarshal(b, &meta) != nil || meta.BuildOptions.LlamaCpp.Release == "" {
+		return "llama.cpp unknown"
+	}
+	return "llama.cpp " + meta.BuildOptions.LlamaCpp.Release
+}
+
+// FileSHA256 is the hex sha256 of a file.
+func FileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// ServedModelName is the name a model file is served under by default.
+func ServedModelName(path string) string {
+	return strings.TrimSuffix(filepath.Base(path), ".gguf")
+}
+
+// Llama is the llama.cpp engine. One llama.cpp context serves every
+// sequence of the server; calls into it are serialised by mu. KV leaves and
+// enters llama.cpp as a sequence state, converted to and from token blocks.
+type Llama struct {
+	spec   ModelSpec
+	vocab  *LlamaVocab
+	layout stateLayout
+	blocks blockLayout
+	ctxLen int // tokens one sequence may hold
+
+	mu    sync.Mutex // guards the llama.cpp context, the batch and mem
+	model llama.Model
+	lctx  llama.Context
+	mem   llama.Memory
+	batch llama.Batch
+
+	slots chan llama.SeqId // free sequence ids
+}
+
+var _ Engine = (*Llama)(nil)
+
+// NewLlama loads the model and learns the KV state layout of this build by
+// exporting a one-token sequence.
+func NewLlama(cfg LlamaConfig) (*Llama, error) {
+	if err := LoadLlamaLibraries(cfg.LibDir); err != nil {
+		return nil, err
+	}
+	sum, err := FileSHA256(cfg.ModelPath)
+	if err != nil {
+		return nil, fmt.Errorf("model: %w", err)
+	}
+	mp := llama.ModelDefaultParams()
+	model, err := llama.ModelLoadFromFile(cfg.ModelPath, mp)
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: %w", cfg.ModelPath, err)
+	}
+	e := &Llama{model: model}
+	ok := false
+	defer func() {
+		if !ok {
+			e.Close()
+		}
+	}()
+	e.ctxLen = contextTokens(model, cfg.ContextTokens)
+	slots := cfg.Slots
+	if slots <= 0 {
+		slots = DefaultLlamaSlots
+	}
+	cp := llama.ContextDefaultParams()
+	cp.NCtx = uint32(e.ctxLen * slots)
+	cp.NBatch = uint32(max(e.ctxLen, slots))
+	cp.NUbatch = 512
+	cp.NSeqMax = uint32(slots)
+	cp.KVUnified = 1 // one cell pool shared by all sequences: one stream in the state
+	cp.TypeK, cp.TypeV = llama.GGMLTypeF16, llama.GGMLTypeF16
+	if cfg.Threads > 0 {
+		cp.NThreads, cp.NThreadsBatch = int32(cfg.Threads), int32(cfg.Threads)
+	}
+	e.lctx, err = llama.InitFromModel(model, cp)
+	if err != nil {
+		return nil, fmt.Errorf("llama.cpp context: %w", err)
+	}
+	if e.mem, err = llama.GetMemory(e.lctx); err != nil {
+		return nil, fmt.Errorf("llama.cpp memory: %w", err)
+	}
+	e.batch = llama.BatchInit(int32(cp.NBatch), 0, 1)
+	e.vocab = newLlamaVocab(model)
+	e.slots = make(chan llama.SeqId, slots)
+	for i := range slots {
+		e.slots <- llama.SeqId(i)
+	}
+	if e.layout, err = e.probe(); err != nil {
+		return nil, err
+	}
+	kvHeads := int(llama.ModelNHeadKV(model))
+	if e.layout.kRow != e.layout.vRow || kvHeads == 0 || e.layout.kRow%(kvHeads*2) != 0 {
+		return nil, fmt.Errorf("model %s: K rows of %d bytes and V rows of %d bytes over %d KV heads are not supported", cfg.ModelPath, e.layout.kRow, e.layout.vRow, kvHeads)
+	}
+	name := cfg.ServedName
+	if name == "" {
+		name = ServedModelName(cfg.ModelPath)
+	}
+	e.spec = ModelSpec{
+		Name: name, Layers: e.layout.layers, KVHeads: kvHeads, HeadDim: e.layout.kRow / (kvHeads * 2), DTypeBytes: 2,
+		BlockTokens: defaultBlockTokens, MaxContextTokens: e.ctxLen,
+		Engine: EngineLlamaCpp + " " + LlamaBuild(cfg.LibDir), ModelSHA256: sum, KVType: "f16",
+		Vocab: e.vocab.Size(),
+	}
+	e.blocks = e.layout.blocks(e.spec.BlockTokens)
+	ok = true
+	return e, nil
+}
+
+// contextTokens is the per-sequence context: the flag, else the model's
+// training context capped at DefaultLlamaContextTokens.
+func contextTokens(model llama.Model, flag int) int {
+	if flag > 0 {
+		return flag
+	}
+	n := int(llama.ModelNCtxTrain(model))
+	if n <= 0 || n > DefaultLlamaContextTokens {
+		n = DefaultLlamaContextTokens
+	}
+	return n
+}
+
+// probe decodes one token on sequence 0, exports it and learns the layout.
+func (e *Llama) probe() (stateLayout, error) {
+	tok := llama.VocabBOS(e.vocab.v)
+	if tok < 0 {
+		tok = 0
+	}
+	if err := e.decode([]llama.Token{tok}, 0, 0, false); err != nil {
+		return stateLayout{}, err
+	}
+	defer e.forget(0)
+	st := make([]byte, llama.StateSeqGetSize(e.lctx, 0))
+	n := llama.StateSeqGetData(e.lctx, st, 0)
+	return probeLayout(st[:n], 1)
+}
+
+// Close frees llama.cpp's resources.
+func (e *Llama) Close() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.batch.Token != nil {
+		_ = llama.BatchFree(e.batch)
+		e.batch = llama.Batch{}
+	}
+	if e.lctx != 0 {
+		_ = llama.Free(e.lctx)
+		e.lctx = 0
+	}
+	if e.model != 0 {
+		_ = llama.ModelFree(e.model)
+		e.model = 0
+	}
+}
+
+// Model implements Engine.
+func (e *Llama) Model() ModelSpec { return e.spec }
+
+// Vocabulary implements Engine.
+func (e *Llama) Vocabulary() Vocabulary { return e.vocab }
+
+// decode runs tokens at positions from pos on sequence seq, in batches of
+// at most NBatch; logits only for the last token when last is set. The
+// caller holds mu (or is the constructor).
+func (e *Llama) decode(tokens []llama.Token, pos int, seq llama.SeqId, last bool) error {
+	capTokens := int(llama.NBatch(e.lctx))
+	for start := 0; start < len(tokens); start += capTokens {
+		end := min(start+capTokens, len(tokens))
+		_ = e.batch.Clear()
+		for i := start; i < end; i++ {
+			if err := e.batch.Add(tokens[i], llama.Pos(pos+i), []llama.SeqId{seq}, last && i == len(tokens)-1); err != nil {
+				return err
+			}
+		}
+		if rc, err := llama.Decode(e.lctx, e.batch); err != nil || rc != 0 {
+			return fmt.Errorf("llama_decode: rc %d: %v", rc, err)
+		}
+	}
+	return nil
+}
+
+// forget drops every cell of seq.
+func (e *Llama) forget(seq llama.SeqId) {
+	_, _ = llama.MemorySeqRm(e.mem, seq, -1, -1)
+}
+
+// acquire takes a free sequence id, waiting for one while ctx lives.
+func (e *Llama) acquire(ctx context.Context) (llama.SeqId, error) {
+	select {
+	case s := <-e.slots:
+		return s, nil
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+}
+
+func (e *Llama) releaseSlot(seq llama.SeqId) {
+	e.mu.Lock()
+	e.forget(seq)
+	e.mu.Unlock()
+	e.slots <- seq
+}
+
+func toLlama(tokens []uint32) []llama.Token {
+	out := make([]llama.Token, len(tokens))
+	for i, t := range tokens {
+		out[i] = llama.Token(t)
+	}
+	return out
+}
+
+// Prefill implements Engine: import the reused prefix blocks, run the rest
+// of the prompt, sample the first token, export the new rows into blocks.
+func (e *Llama) Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
+	if err := e.checkBlocks(len(tokens), blocks, reused); err != nil {
+		return 0, nil, err
+	}
+	seq, err := e.acquire(ctx)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer e.releaseSlot(seq)
+	first, err := e.prefillSeq(ctx, seq, tokens, s, blocks, reused)
+	if err != nil {
+		return 0, nil, err
+	}
+	sums := make([]uint64, len(blocks))
+	for i, b := range blocks {
+		sums[i] = Checksum(b)
+	}
+	return first, sums, nil
+}
+
+func (e *Llama) checkBlocks(n int, blocks [][]byte, reused int) error {
+	if want := e.spec.BlocksFor(n); n == 0 || len(blocks) != want {
+		return fmt.Errorf("%w: %d tokens need %d blocks, got %d", ErrBlocks, n, want, len(blocks))
+	}
+	if reused < 0 || reused > n/e.spec.BlockTokens {
+		return fmt.Errorf("%w: %d reused blocks of %d full ones", ErrBlocks, reused, n/e.spec.BlockTokens)
+	}
+	for i, b := range blocks {
+		if len(b) != e.spec.BlockBytes() {
+			return fmt.Errorf("%w: block %d has %d bytes, want %d", ErrBlocks, i, len(b), e.spec.BlockBytes())
+		}
+	}
+	return nil
+}
+
+// prefillSeq fills seq with the prompt's KV and returns the first token;
+// when blocks is not nil it also writes the rows of tokens past the reused
+// prefix into them.
+func (e *Llama) prefillSeq(ctx context.Context, seq llama.SeqId, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, error) {
+	// At least the last prompt token is decoded here, for its logits.
+	imported := min(reused*e.spec.BlockTokens, len(tokens)-1)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.forget(seq)
+	if imported > 0 {
+		if err := e.importLocked(seq, blocks, imported); err != nil {
+			return 0, err
+		}
+	}
+	rest := toLlama(tokens[imported:])
+	chunk := int(llama.NBatch(e.lctx))
+	for start := 0; start < len(rest); start += chunk {
+		if err := ctx.Err(); err != nil {
+			return 0, err
+		}
+		end := min(start+chunk, len(rest))
+		if err := e.decode(rest[start:end], imported+start, seq, end == len(rest)); err != nil {
+			return 0, err
+		}
+	}
+	first := e.sampleLocked(e.batch.NTokens-1, s, len(tokens))
+	if blocks != nil {
+		st := make([]byte, llama.StateSeqGetSize(e.lctx, seq))
+		n := llama.StateSeqGetData(e.lctx, st, seq)
+		if err := e.layout.decodeState(st[:n], blocks, e.blocks, len(tokens), reused*e.spec.BlockTokens); err != nil {
+			return 0, err
+		}
+	}
+	return first, nil
+}
+
+// importLocked loads the first n tokens' rows from blocks into seq.
+func (e *Llama) importLocked(seq llama.SeqId, blocks [][]byte, n int) error {
+	st := e.layout.encodeState(blocks, e.blocks, n)
+	if llama.StateSeqSetData(e.lctx, st, seq) == 0 {
+		return fmt.Errorf("%w: llama.cpp refused a state of %d tokens", errState, n)
+	}
+	return nil
+}
+
+// sampleLocked samples from the logits of batch row idx. The sampler of
+// generated token k (position pos = prompt+k) is seeded by (seed, pos), so
+// the first token sampled on the context server and the rest on the
+// generation server follow the same sequence as one process would.
+func (e *Llama) sampleLocked(idx int32, s Sampling, pos int) uint32 {
+	chain := llama.SamplerChainInit(llama.SamplerChainDefaultParams())
+	defer llama.SamplerFree(chain)
+	if s.Temperature <= 0 {
+		llama.SamplerChainAdd(chain, llama.SamplerInitGreedy())
+	} else {
+		llama.SamplerChainAdd(chain, llama.SamplerInitTemp(s.Temperature))
+		if s.TopP > 0 && s.TopP < 1 {
+			llama.SamplerChainAdd(chain, llama.SamplerInitTopP(s.TopP, 1))
+		}
+		llama.SamplerChainAdd(chain, llama.SamplerInitDist(uint32(mix(s.Seed^uint64(pos)*0x9e3779b97f4a7c15))))
+	}
+	return uint32(llama.SamplerSample(chain, e.lctx, idx))
+}
+
+// StartDecode implements Engine: wait for a free sequence, import the
+// received blocks into it.
+func (e *Llama) StartDecode(ctx context.Context, blocks [][]byte, sums []uint64, promptTokens int, first uint32, s Sampling) (*Sequence, error) {
+	if err := e.checkBlocks(promptTokens, blocks, 0); err != nil {
+		return nil, err
+	}
+	seq, err := e.acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	err = e.importLocked(seq, blocks, promptTokens)
+	e.mu.Unlock()
+	if err != nil {
+		e.releaseSlot(seq)
+		return nil, err
+	}
+	return e.newSequence(seq, promptTokens, first, s), nil
+}
+
+func (e *Llama) newSequence(seq llama.SeqId, promptTokens int, first uint32, s Sampling) *Sequence {
+	sq := &Sequence{promptTokens: promptTokens, max: max(s.MaxTokens, 1), sampling: s, slot: int(seq)}
+	sq.close = func() { e.releaseSlot(seq) }
+	e.accept(sq, first)
+	return sq
+}
+
+// accept appends a sampled token, or ends the sequence.
+func (e *Llama) accept(sq *Sequence, tok uint32) {
+	switch {
+	case e.vocab.IsEnd(tok):
+		sq.finish = FinishStop
+	case sq.promptTokens+len(sq.tokens)+1 >= e.ctxLen:
+		sq.tokens = append(sq.tokens, tok)
+		sq.finish = FinishLength
+	default:
+		sq.tokens = append(sq.tokens, tok)
+		if len(sq.tokens) >= sq.max {
+			sq.finish = FinishLength
+		}
+	}
+}
+
+// Step implements Engine: one llama_decode over the last token of every
+// running sequence of the batch, then one sample each.
+func (e *Llama) Step(ctx context.Context, batch []*Sequence) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_ = e.batch.Clear()
+	var run []*Sequence
+	for _, sq := range batch {
+		if sq.finish != FinishNone || sq.slot < 0 {
+			continue
+		}
+		pos := sq.promptTokens + len(sq.tokens) - 1
+		if err := e.batch.Add(llama.Token(sq.tokens[len(sq.tokens)-1]), llama.Pos(pos), []llama.SeqId{llama.SeqId(sq.slot)}, true); err != nil {
+			return err
+		}
+		run = append(run, sq)
+	}
+	if len(run) == 0 {
+		return nil
+	}
+	if rc, err := llama.Decode(e.lctx, e.batch); err != nil || rc != 0 {
+		return fmt.Errorf("llama_decode: rc %d: %v", rc, err)
+	}
+	for i, sq := range run {
+		e.accept(sq, e.sampleLocked(int32(i), sq.sampling, sq.promptTokens+len(sq.tokens)))
+	}
+	return nil
+}
+
+// Generate is the aggregated run: prefill and decode of one prompt in one
+// sequence of this process, no transfer and no state conversion — the
+// reference a disaggregated run must equal.
+func (e *Llama) Generate(ctx context.Context, tokens []uint32, s Sampling) (Result, error) {
+	if len(tokens) == 0 {
+		return Result{}, errors.New("prompt has no tokens")
+	}
+	seq, err := e.acquire(ctx)
+	if err != nil {
+		return Result{}, err
+	}
+	first, err := e.prefillSeq(ctx, seq, tokens, s, nil, 0)
+	if err != nil {
+		e.releaseSlot(seq)
+		return Result{}, err
+	}
+	sq := e.newSequence(seq, len(tokens), first, s)
+	defer sq.Close()
+	for sq.Finish() == FinishNone {
+		if err := e.Step(ctx, []*Sequence{sq}); err != nil {
+			return Result{}, err
+		}
+	}
+	return Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Text(e.vocab, sq.Tokens()), Finish: sq.Finish()}, nil
+}

@@ -1,0 +1,409 @@
+package executor
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/hybridgroup/yzma/pkg/llama"
+	"pgregory.net/rapid"
+)
+
+// The test model and its known output (shared/models/README.md).
+const (
+	testModelSHA256 = "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d"
+	knownPrompt     = "Once upon a time"
+	knownOutput     = ", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball."
+)
+
+// repoRoot is the folder holding go.mod.
+func repoRoot(t testing.TB) string {
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("go.mod not found above the test's folder")
+		}
+		dir = parent
+	}
+}
+
+// testLlamaConfig points at shared/models/stories260K.gguf (its sha256
+// checked) and the libraries of make deps-llama.
+func testLlamaConfig(t testing.TB) LlamaConfig {
+	root := repoRoot(t)
+	model := filepath.Join(root, "..", "shared", "models", "stories260K.gguf")
+	sum, err := FileSHA256(model)
+	if err != nil {
+		t.Fatalf("test model: %v", err)
+	}
+	if sum != testModelSHA256 {
+		t.Fatalf("test model sha256 %s, want %s", sum, testModelSHA256)
+	}
+	lib := os.Getenv("KVFERRY_LLAMA_LIB_DIR")
+	if lib == "" {
+		lib = filepath.Join(root, ".llama", "lib")
+	}
+	return LlamaConfig{ModelPath: model, LibDir: lib, Slots: 4}
+}
+
+var (
+	sharedOnce sync.Once
+	sharedPair [2]*Llama
+	sharedErr  error
+)
+
+// testEngines returns two engines on the test model: a "context server"
+// and a "generation server" in one process, each with its own llama.cpp
+// context.
+func testEngines(t testing.TB) (*Llama, *Llama) {
+	cfg := testLlamaConfig(t)
+	sharedOnce.Do(func() {
+		for i := range sharedPair {
+			if sharedPair[i], sharedErr = NewLlama(cfg); sharedErr != nil {
+				return
+			}
+		}
+	})
+	if sharedErr != nil {
+		t.Fatal(sharedErr)
+	}
+	return sharedPair[0], sharedPair[1]
+}
+
+func TestLlamaKnownOutput(t *testing.T) {
+	ctxE, _ := testEngines(t)
+	spec := ctxE.Model()
+	if spec.Name != "stories260K" || spec.Layers != 5 || spec.KVHeads != 4 || spec.ModelSHA256 != testModelSHA256 || !strings.HasPrefix(spec.Engine, "llamacpp llama.cpp v0.5.0") {
+		t.Fatalf("spec %+v", spec)
+	}
+	res, err := ctxE.Generate(context.Background(), ctxE.Vocabulary().Encode(knownPrompt), Sampling{MaxTokens: 40})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Text != knownOutput {
+		t.Fatalf("greedy output\n got %q\nwant %q", res.Text, knownOutput)
+	}
+}
+
+// disaggregate runs prefill on one engine, moves the blocks as bytes and
+// decodes on the other.
+func disaggregate(t testing.TB, ctxE, genE *Llama, tokens []uint32, s Sampling, blocks [][]byte, reused int) Result {
+	t.Helper()
+	ctx := context.Background()
+	first, sums, err := ctxE.Prefill(ctx, tokens, s, blocks, reused)
+	if err != nil {
+		t.Fatal(err)
+	}
+	moved := make([][]byte, len(blocks))
+	for i, b := range blocks {
+		moved[i] = bytes.Clone(b)
+	}
+	got := Checksums(moved)
+	for i := range sums {
+		if got[i] != sums[i] {
+			t.Fatalf("block %d checksum changed in a copy", i)
+		}
+	}
+	sq, err := genE.StartDecode(ctx, moved, got, len(tokens), first, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sq.Close()
+	for sq.Finish() == FinishNone {
+		if err := genE.Step(ctx, []*Sequence{sq}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Text(genE.Vocabulary(), sq.Tokens()), Finish: sq.Finish()}
+}
+
+func newBlocks(spec ModelSpec, n int) [][]byte {
+	blocks := make([][]byte, spec.BlocksFor(n))
+	for i := range blocks {
+		blocks[i] = make([]byte, spec.BlockBytes())
+	}
+	return blocks
+}
+
+var testPrompts = []string{
+	"Once upon a time", "The little dog", "Lily and Ben went to the park", "One day, a big bird",
+	"Tom had a red ball. He liked to play with it every day in the garden behind his house.",
+	"There was a girl", "The sun was hot", "Mom said", "Once upon a time, there was a cat named Tim who loved fish.",
+	"A boy found a box",
+}
+
+func TestLlamaDisaggregatedEqualsReference(t *testing.T) {
+	ctxE, genE := testEngines(t)
+	for _, s := range []Sampling{{MaxTokens: 24}, {MaxTokens: 24, Temperature: 0.8, TopP: 0.95, Seed: 42}} {
+		for _, p := range testPrompts {
+			toks := ctxE.Vocabulary().Encode(p)
+			ref, err := genE.Generate(context.Background(), toks, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := disaggregate(t, ctxE, genE, toks, s, newBlocks(ctxE.Model(), len(toks)), 0)
+			if got.Text != ref.Text || got.Finish != ref.Finish {
+				t.Fatalf("%q %+v: disaggregated %q (%v), reference %q (%v)", p, s, got.Text, got.Finish, ref.Text, ref.Finish)
+			}
+			if len(ref.Tokens) == 0 {
+				t.Fatalf("%q: no tokens", p)
+			}
+		}
+	}
+}
+
+func TestLlamaSeedChangesSampledText(t *testing.T) {
+	e, _ := testEngines(t)
+	toks := e.Vocabulary().Encode("The little dog")
+	texts := map[string]bool{}
+	for seed := range uint64(4) {
+		r, err := e.Generate(context.Background(), toks, Sampling{MaxTokens: 24, Temperature: 0.8, TopP: 1, Seed: seed})
+		if err != nil {
+			t.Fatal(err)
+		}
+		texts[r.Text] = true
+	}
+	if len(texts) < 2 {
+		t.Fatalf("four seeds at temperature 0.8 gave one text: %v", texts)
+	}
+}
+
+// Prefix reuse with real KV: the second prompt imports the first's full
+// blocks and prefills only the rest; its output equals a run without the
+// cache, and the rows it computed equal those of a full prefill.
+func TestLlamaPrefixReuse(t *testing.T) {
+	ctxE, genE := testEngines(t)
+	spec := ctxE.Model()
+	base := "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends."
+	a := ctxE.Vocabulary().Encode(base + " One day")
+	b := ctxE.Vocabulary().Encode(base + " Her mom")
+	shared := 0
+	for shared < min(len(a), len(b)) && a[shared] == b[shared] {
+		shared++
+	}
+	k := shared / spec.BlockTokens
+	if k < 1 {
+		t.Fatalf("prompts share %d tokens, less than a block", shared)
+	}
+	s := Sampling{MaxTokens: 20}
+	blocksA := newBlocks(spec, len(a))
+	disaggregate(t, ctxE, genE, a, s, blocksA, 0)
+
+	cold := newBlocks(spec, len(b))
+	want := disaggregate(t, ctxE, genE, b, s, cold, 0)
+	warm := newBlocks(spec, len(b))
+	for i := range k {
+		copy(warm[i], blocksA[i])
+	}
+	got := disaggregate(t, ctxE, genE, b, s, warm, k)
+	if got.Text != want.Text {
+		t.Fatalf("with %d reused blocks %q, without %q", k, got.Text, want.Text)
+	}
+	for i := range warm {
+		if !bytes.Equal(warm[i], cold[i]) {
+			t.Logf("block %d differs between the warm and cold prefill (floating-point batch shape); output equal", i)
+		}
+	}
+}
+
+// Every prompt length around block boundaries, with every block reused
+// that can be.
+func TestLlamaReuseEveryFullBlock(t *testing.T) {
+	ctxE, genE := testEngines(t)
+	spec := ctxE.Model()
+	text := "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends every day."
+	all := ctxE.Vocabulary().Encode(text)
+	for _, n := range []int{spec.BlockTokens, spec.BlockTokens + 1, 2 * spec.BlockTokens} {
+		toks := all[:n]
+		blocks := newBlocks(spec, n)
+		want := disaggregate(t, ctxE, genE, toks, Sampling{MaxTokens: 12}, blocks, 0)
+		full := n / spec.BlockTokens
+		got := disaggregate(t, ctxE, genE, toks, Sampling{MaxTokens: 12}, blocks, full)
+		if got.Text != want.Text {
+			t.Fatalf("%d tokens, %d reused: %q, want %q", n, full, got.Text, want.Text)
+		}
+	}
+}
+
+// A real export of llama.cpp converts to blocks and back byte for byte.
+func TestLlamaStateRoundTrip(t *testing.T) {
+	e, _ := testEngines(t)
+	toks := toLlama(e.Vocabulary().Encode("Lily and Ben went to the park to play with a big red ball"))
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	// Sequence 0, as the probe: the word after the state's magic names the
+	// exporting sequence, which blocks do not carry (states are rebuilt as
+	// exported from sequence 0, and llama.cpp loads them into any).
+	seq, err := e.acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { e.slots <- seq }()
+	if err := e.decode(toks, 0, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	defer e.forget(0)
+	st := make([]byte, llama.StateSeqGetSize(e.lctx, 0))
+	st = st[:llama.StateSeqGetData(e.lctx, st, 0)]
+	blocks := newBlocks(e.Model(), len(toks))
+	if err := e.layout.decodeState(st, blocks, e.blocks, len(toks), 0); err != nil {
+		t.Fatal(err)
+	}
+	back := e.layout.encodeState(blocks, e.blocks, len(toks))
+	if !bytes.Equal(back, st) {
+		for i := range st {
+			if st[i] != back[i] {
+				t.Fatalf("state of %d bytes came back as %d bytes, first difference at byte %d: % x vs % x (prefix % x)", len(st), len(back), i, st[max(0, i-8):i+8], back[max(0, i-8):i+8], e.layout.prefix)
+			}
+		}
+	}
+	if llama.StateSeqSetData(e.lctx, back, seq) == 0 {
+		t.Fatal("llama.cpp refused the rebuilt state")
+	}
+	e.forget(seq)
+}
+
+// genState writes a state of n tokens in layout l with random rows.
+func genState(t *rapid.T, l stateLayout, n int) []byte {
+	le := binary.LittleEndian
+	out := append([]byte(nil), l.prefix...)
+	out = le.AppendUint32(out, l.nStream)
+	out = le.AppendUint32(out, uint32(n))
+	for i := range n {
+		out = le.AppendUint32(out, uint32(i))
+		out = le.AppendUint32(out, 1)
+		out = le.AppendUint32(out, 0)
+	}
+	vt := uint32(0)
+	if l.vTrans {
+		vt = 1
+	}
+	out = le.AppendUint32(out, vt)
+	out = le.AppendUint32(out, uint32(l.layers))
+	rows := rapid.SliceOfN(rapid.Byte(), l.layers*n*(l.kRow+l.vRow), l.layers*n*(l.kRow+l.vRow)).Draw(t, "rows")
+	for range l.layers {
+		out = le.AppendUint32(out, uint32(l.kType))
+		out = le.AppendUint64(out, uint64(l.kRow))
+		out, rows = append(out, rows[:n*l.kRow]...), rows[n*l.kRow:]
+	}
+	for range l.layers {
+		out = le.AppendUint32(out, uint32(l.vType))
+		if l.vTrans {
+			out = le.AppendUint32(out, uint32(l.vEl))
+			out = le.AppendUint32(out, uint32(l.vRow/l.vEl))
+		} else {
+			out = le.AppendUint64(out, uint64(l.vRow))
+		}
+		out, rows = append(out, rows[:n*l.vRow]...), rows[n*l.vRow:]
+	}
+	for range l.nStream - 1 {
+		out = le.AppendUint32(out, 0)
+	}
+	return out
+}
+
+// State → blocks → state is byte-identical for any geometry, V transposed
+// or not, and the layout probe learns a layout that reproduces it.
+func TestStateBlocksRoundTripRapid(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		el := rapid.SampledFrom([]int{1, 2, 4}).Draw(t, "el")
+		row := el * rapid.IntRange(1, 24).Draw(t, "dims")
+		l := stateLayout{
+			prefix:  rapid.SliceOfN(rapid.Byte(), 0, 3).Draw(t, "prefix4"),
+			nStream: uint32(rapid.IntRange(1, 4).Draw(t, "streams")),
+			vTrans:  rapid.Bool().Draw(t, "vtrans"),
+			layers:  rapid.IntRange(1, 6).Draw(t, "layers"),
+			kType:   1, vType: 1, kRow: row, vRow: row, vEl: el,
+		}
+		l.prefix = bytes.Repeat(l.prefix, 4) // a multiple of 4 bytes, as llama.cpp writes
+		if !l.vTrans {
+			l.vEl = 0
+		}
+		n := rapid.IntRange(1, 70).Draw(t, "tokens")
+		bt := rapid.IntRange(1, 17).Draw(t, "blockTokens")
+		st := genState(t, l, n)
+		if got := l.stateSize(n); got != len(st) {
+			t.Fatalf("stateSize %d, state %d", got, len(st))
+		}
+		bl := l.blocks(bt)
+		blocks := make([][]byte, (n+bt-1)/bt)
+		for i := range blocks {
+			blocks[i] = bytes.Repeat([]byte{0xee}, bl.blockBytes())
+		}
+		if err := l.decodeState(st, blocks, bl, n, 0); err != nil {
+			t.Fatal(err)
+		}
+		if back := l.encodeState(blocks, bl, n); !bytes.Equal(back, st) {
+			t.Fatal("round trip changed the state")
+		}
+		if rem := n % bt; rem != 0 {
+			for l2 := range l.layers {
+				tail := blocks[len(blocks)-1][bl.kOff(l2, rem) : bl.kOff(l2, 0)+bt*l.kRow]
+				if !bytes.Equal(tail, make([]byte, len(tail))) {
+					t.Fatal("tail of the last block not zeroed")
+				}
+			}
+		}
+		if len(l.prefix) > 0 && l.prefix[len(l.prefix)-4] == 0 {
+			return // a probe cannot tell a prefix ending in a zero word from a stream count
+		}
+		probed, err := probeLayout(st, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fmt.Sprint(probed) != fmt.Sprint(l) {
+			t.Fatalf("probe learned %+v, want %+v", probed, l)
+		}
+	})
+}
+
+func TestLlamaStateRejectsForeignBytes(t *testing.T) {
+	e, _ := testEngines(t)
+	blocks := newBlocks(e.Model(), 3)
+	st := e.layout.encodeState(blocks, e.blocks, 3)
+	st[len(e.layout.prefix)+4] = 9 // the cell count
+	if err := e.layout.decodeState(st, blocks, e.blocks, 3, 0); err == nil {
+		t.Fatal("a state with a wrong cell count decoded")
+	}
+}
+
+func TestLlamaMissingLibraries(t *testing.T) {
+	cfg := testLlamaConfig(t)
+	cfg.LibDir = t.TempDir()
+	_, err := NewLlama(cfg)
+	if err == nil || !strings.Contains(err.Error(), "llama.cpp libraries not found in "+cfg.LibDir+": run make deps-llama") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestTextStreamHoldsSplitCharacters(t *testing.T) {
+	var ts TextStream
+	word := "héllo 世界 🙂"
+	var out strings.Builder
+	for i := 0; i < len(word); i++ {
+		chunk := ts.Push(word[i : i+1])
+		if !utf8ValidString(chunk) {
+			t.Fatalf("chunk %q after byte %d is not valid UTF-8", chunk, i)
+		}
+		out.WriteString(chunk)
+	}
+	out.WriteString(ts.Flush())
+	if out.String() != word {
+		t.Fatalf("got %q", out.String())
+	}
+}
+
+func utf8ValidString(s string) bool { return strings.ToValidUTF8(s, "\uFFFD") == s }

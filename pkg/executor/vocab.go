@@ -1,0 +1,215 @@
+package executor
+
+import (
+	"strings"
+	"sync"
+	"unicode/utf8"
+
+	"github.com/hybridgroup/yzma/pkg/llama"
+)
+
+// Vocabulary turns text into a model's tokens and tokens into text.
+type Vocabulary interface {
+	// Encode tokenizes a prompt as the model expects it (special tokens
+	// such as BOS added).
+	Encode(text string) []uint32
+	// Piece is the text of one generated token; first is set for the first
+	// generated token. A piece may end inside a UTF-8 character: TextStream
+	// holds such bytes until the character is complete.
+	Piece(tok uint32, first bool) string
+	// Size is the number of token ids.
+	Size() int
+	// IsEnd reports an end-of-generation token.
+	IsEnd(tok uint32) bool
+	// Chat renders chat messages into the prompt text, with the model's own
+	// chat template where it has one.
+	Chat(msgs []ChatMessage) string
+}
+
+// ChatMessage is a chat message as the prompt renders it.
+type ChatMessage struct{ Role, Content string }
+
+// RenderChat is kvferry's own chat rendering, for models without a
+// template: one line per message, "<role>: <content>", then "assistant:"
+// for the reply.
+func RenderChat(msgs []ChatMessage) string {
+	var b strings.Builder
+	for _, m := range msgs {
+		b.WriteString(m.Role)
+		b.WriteString(": ")
+		b.WriteString(m.Content)
+		b.WriteString("\n")
+	}
+	b.WriteString("assistant:")
+	return b.String()
+}
+
+// Text renders generated tokens as text: the concatenation of their pieces.
+func Text(v Vocabulary, tokens []uint32) string {
+	var b strings.Builder
+	for i, t := range tokens {
+		b.WriteString(v.Piece(t, i == 0))
+	}
+	return b.String()
+}
+
+// TextStream turns token pieces into text that never splits a UTF-8
+// character: bytes of an incomplete character at the end are held until a
+// later piece completes them (or Flush gives them up).
+type TextStream struct {
+	held []byte
+}
+
+// Push appends a piece and returns the text that is complete now.
+func (ts *TextStream) Push(piece string) string {
+	ts.held = append(ts.held, piece...)
+	cut := completePrefix(ts.held)
+	out := string(ts.held[:cut])
+	ts.held = append(ts.held[:0], ts.held[cut:]...)
+	return out
+}
+
+// Flush returns whatever is held, complete or not (the stream ended).
+func (ts *TextStream) Flush() string {
+	out := string(ts.held)
+	ts.held = ts.held[:0]
+	return out
+}
+
+// completePrefix is the length of b without a trailing incomplete UTF-8
+// sequence. Invalid bytes that can never complete are let through.
+func completePrefix(b []byte) int {
+	// A character is at most 4 bytes: look at the last three for the start
+	// of one that the end cuts short.
+	for i := len(b) - 1; i >= 0 && i >= len(b)-3; i-- {
+		c := b[i]
+		if c < utf8.RuneSelf {
+			return len(b) // ASCII: nothing open
+		}
+		if utf8.RuneStart(c) {
+			if !utf8.FullRune(b[i:]) {
+				return i
+			}
+			return len(b)
+		}
+	}
+	return len(b)
+}
+
+// syntheticVocab is the synthetic engine's word vocabulary.
+type syntheticVocab struct{}
+
+// SyntheticVocabulary is the synthetic engine's vocabulary.
+var SyntheticVocabulary Vocabulary = syntheticVocab{}
+
+func (syntheticVocab) Encode(text string) []uint32         { return Tokenize(text) }
+func (syntheticVocab) Piece(tok uint32, first bool) string { return TokenText(tok, first) }
+func (syntheticVocab) Size() int                           { return VocabSize() }
+func (syntheticVocab) IsEnd(tok uint32) bool               { return tok == TokenEOS }
+func (syntheticVocab) Chat(msgs []ChatMessage) string      { return RenderChat(msgs) }
+
+// LlamaVocab is a GGUF model's vocabulary through llama.cpp. It is safe for
+// concurrent use.
+type LlamaVocab struct {
+	mu       sync.Mutex // llama.cpp's tokenizer caches are not documented as thread-safe
+	v        llama.Vocab
+	size     int
+	template string
+}
+
+func newLlamaVocab(model llama.Model) *LlamaVocab {
+	v := llama.ModelGetVocab(model)
+	return &LlamaVocab{v: v, size: int(llama.VocabNTokens(v)), template: llama.ModelChatTemplate(model, "")}
+}
+
+// Encode tokenizes as llama-server does for a completion prompt:
+// add_special=true, parse_special=false.
+func (lv *LlamaVocab) Encode(text string) []uint32 {
+	lv.mu.Lock()
+	defer lv.mu.Unlock()
+	toks := llama.Tokenize(lv.v, text, true, false)
+	out := make([]uint32, len(toks))
+	for i, t := range toks {
+		out[i] = uint32(t)
+	}
+	return out
+}
+
+// Piece is llama_token_to_piece of the token (special tokens render empty).
+func (lv *LlamaVocab) Piece(tok uint32, _ bool) string {
+	if int(tok) >= lv.size {
+		return ""
+	}
+	lv.mu.Lock()
+	defer lv.mu.Unlock()
+	buf := make([]byte, 64)
+	n := llama.TokenToPiece(lv.v, llama.Token(tok), buf, 0, false)
+	if n < 0 {
+		buf = make([]byte, -n)
+		n = llama.TokenToPiece(lv.v, llama.Token(tok), buf, 0, false)
+	}
+	if n <= 0 {
+		return ""
+	}
+	return string(buf[:n])
+}
+
+// Size is the number of token ids.
+func (lv *LlamaVocab) Size() int { return lv.size }
+
+// IsEnd reports an end-of-generation token (EOS, EOT, …).
+func (lv *LlamaVocab) IsEnd(tok uint32) bool {
+	if int(tok) >= lv.size {
+		return false
+	}
+	return llama.VocabIsEOG(lv.v, llama.Token(tok))
+}
+
+// Chat applies the model's chat template, or kvferry's rendering when the
+// model has none (or llama.cpp does not know it).
+func (lv *LlamaVocab) Chat(msgs []ChatMessage) string {
+	if lv.template == "" || len(msgs) == 0 {
+		return RenderChat(msgs)
+	}
+	cm := make([]llama.ChatMessage, len(msgs))
+	size := 256
+	for i, m := range msgs {
+		cm[i] = llama.NewChatMessage(m.Role, m.Content)
+		size += 2 * (len(m.Role) + len(m.Content))
+	}
+	buf := make([]byte, size)
+	n := llama.ChatApplyTemplate(lv.template, cm, true, buf)
+	if int(n) > len(buf) {
+		buf = make([]byte, n)
+		n = llama.ChatApplyTemplate(lv.template, cm, true, buf)
+	}
+	if n <= 0 {
+		return RenderChat(msgs)
+	}
+	return string(buf[:n])
+}
+
+// OpenLlamaVocab loads only a GGUF model's vocabulary and hyperparameters
+// (no weights), for the router: it tokenizes and counts prompts and knows
+// the context the servers enforce.
+func OpenLlamaVocab(cfg LlamaConfig) (*LlamaVocab, ModelSpec, error) {
+	if err := LoadLlamaLibraries(cfg.LibDir); err != nil {
+		return nil, ModelSpec{}, err
+	}
+	mp := llama.ModelDefaultParams()
+	mp.VocabOnly = 1
+	model, err := llama.ModelLoadFromFile(cfg.ModelPath, mp)
+	if err != nil {
+		return nil, ModelSpec{}, err
+	}
+	lv := newLlamaVocab(model)
+	name := cfg.ServedName
+	if name == "" {
+		name = ServedModelName(cfg.ModelPath)
+	}
+	spec := ModelSpec{
+		Name: name, Layers: int(llama.ModelNLayer(model)), KVHeads: int(llama.ModelNHeadKV(model)),
+		BlockTokens: defaultBlockTokens, MaxContextTokens: contextTokens(model, cfg.ContextTokens), Vocab: lv.Size(),
+	}
+	return lv, spec, nil
+}
