@@ -15,7 +15,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
-	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/router"
@@ -33,8 +32,7 @@ type Config struct {
 	AdminAddr        string
 	CtxServers       string
 	GenServers       string
-	Model            string
-	ServedModelName  string
+	servercmd.EngineFlags
 	MaxBodyBytes     int64
 	MaxPromptTokens  int
 	MaxOutputTokens  int
@@ -66,8 +64,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.K8sNamespace, "k8s-namespace", "", "namespace of the --k8s-service Services (default: the pod's own)")
 	fs.StringVar(&c.K8sPortName, "k8s-port-name", "grpc", "EndpointSlice port name of the servers' gRPC port")
 	servercmd.RegisterTLS(fs, &c.TLS)
-	fs.StringVar(&c.Model, "model", "tiny", "model preset the servers run: "+fmt.Sprint(executor.PresetNames()))
-	fs.StringVar(&c.ServedModelName, "served-model-name", "", "model name clients use (default: --model)")
+	c.EngineFlags.Register(fs) // the router tokenizes with the servers' model (vocabulary only)
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 4<<20, "largest request body accepted (413 above)")
 	fs.IntVar(&c.MaxPromptTokens, "max-prompt-tokens", 8000, "largest prompt accepted, in tokens")
 	fs.IntVar(&c.MaxOutputTokens, "max-output-tokens", 2048, "largest max_tokens accepted")
@@ -84,8 +81,8 @@ func (c *Config) register(fs *flag.FlagSet) {
 // Validate checks the configuration.
 func (c *Config) Validate() error {
 	var errs []error
-	if _, err := executor.Preset(c.Model); err != nil {
-		errs = append(errs, fmt.Errorf("--model: %w", err))
+	if err := c.EngineFlags.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	for name, addr := range map[string]string{"--http-addr": c.HTTPAddr, "--grpc-addr": c.GRPCAddr, "--admin-addr": c.AdminAddr} {
 		if _, _, err := net.SplitHostPort(addr); err != nil {
@@ -138,11 +135,11 @@ func main() {
 const healthInterval = 2 * time.Second
 
 func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
-	spec, err := executor.Preset(cfg.Model)
+	vocab, spec, err := cfg.Vocabulary()
 	if err != nil {
 		return err
 	}
-	served := cfg.ServedModelName
+	served := cfg.ServedName
 	if served == "" {
 		served = spec.Name
 	}
@@ -184,7 +181,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	}
 	rt, err := router.New(router.Config{
 		CtxServers: ctxSrc, GenServers: genSrc, ResolveInterval: cfg.ResolveInterval,
-		Model: spec, ServedModel: served,
+		Model: spec, Vocab: vocab, ServedModel: served,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
 		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, CancelTimeout: cfg.CancelTimeout,
 		MaxRetries: cfg.MaxRetries, MaxInflight: cfg.MaxInflight, APIKeys: keys,

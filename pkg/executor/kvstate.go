@@ -18,7 +18,7 @@ import (
 //	        probe exports sequence 0, so rebuilt states read as exported from
 //	        it — llama.cpp loads them into any destination sequence)
 //	u32 n_stream
-//	per stream: u32 cell_count, then (when cell_count > 0)
+//	per stream: u32 cell_count, then (when cell_count > 0; one stream only)
 //	  per cell:  i32 pos, u32 n_seq_id (=1), i32 seq_id
 //	  u32 v_trans, u32 n_layer
 //	  per layer: i32 k_type, u64 k_row_bytes, cell_count K rows
@@ -111,7 +111,7 @@ func probeLayout(state []byte, cells int) (stateLayout, error) {
 		if nStream == 0 || nStream > 1024 {
 			continue
 		}
-		l, err := parseLayout(state, p, nStream, cells)
+		l, _, err := parseLayout(state, p, nStream, cells)
 		if err == nil {
 			return l, nil
 		}
@@ -119,21 +119,53 @@ func probeLayout(state []byte, cells int) (stateLayout, error) {
 	return stateLayout{}, fmt.Errorf("%w: could not learn the layout of a %d-byte export of %d tokens", errState, len(state), cells)
 }
 
-func parseLayout(state []byte, prefix int, nStream uint32, cells int) (stateLayout, error) {
+// parseLayout reads a state of cells tokens whose stream count starts at
+// byte prefix. The sequence's cells sit in one stream (the exporting
+// sequence's own when the cache is not unified); every other stream is
+// empty. It returns the layout and the offset of the v_trans word.
+func parseLayout(state []byte, prefix int, nStream uint32, cells int) (stateLayout, int, error) {
 	r := &stateReader{b: state, off: prefix + 4}
 	l := stateLayout{prefix: append([]byte(nil), state[:prefix]...), nStream: nStream}
-	if n := r.u32(); int(n) != cells {
-		return l, fmt.Errorf("%w: cell count %d, want %d", errState, n, cells)
-	}
-	for i := range cells {
-		pos, nSeq, _ := r.u32(), r.u32(), r.u32()
-		if int(pos) != i || nSeq != 1 {
-			return l, fmt.Errorf("%w: cell %d has pos %d and %d sequence ids", errState, i, pos, nSeq)
+	dataOff := -1
+	for s := uint32(0); s < nStream; s++ {
+		n := r.u32()
+		if r.err != nil {
+			return l, 0, r.err
+		}
+		if n == 0 {
+			continue
+		}
+		if dataOff >= 0 || int(n) != cells {
+			return l, 0, fmt.Errorf("%w: stream %d holds %d cells, want one stream of %d", errState, s, n, cells)
+		}
+		for i := range cells {
+			pos, nSeq, _ := r.u32(), r.u32(), r.u32()
+			if int(pos) != i || nSeq != 1 {
+				return l, 0, fmt.Errorf("%w: cell %d has pos %d and %d sequence ids", errState, i, pos, nSeq)
+			}
+		}
+		dataOff = r.off
+		if err := l.readData(r, cells); err != nil {
+			return l, 0, err
 		}
 	}
+	if r.err != nil {
+		return l, 0, r.err
+	}
+	if dataOff < 0 {
+		return l, 0, fmt.Errorf("%w: no stream holds the sequence", errState)
+	}
+	if r.off != len(state) {
+		return l, 0, fmt.Errorf("%w: %d trailing bytes", errState, len(state)-r.off)
+	}
+	return l, dataOff, nil
+}
+
+// readData reads the K and V sections of cells tokens into l's geometry.
+func (l *stateLayout) readData(r *stateReader, cells int) error {
 	vt, layers := r.u32(), r.u32()
 	if vt > 1 || layers == 0 || layers > 4096 {
-		return l, fmt.Errorf("%w: v_trans %d, %d layers", errState, vt, layers)
+		return fmt.Errorf("%w: v_trans %d, %d layers", errState, vt, layers)
 	}
 	l.vTrans, l.layers = vt == 1, int(layers)
 	for i := range l.layers {
@@ -141,7 +173,7 @@ func parseLayout(state []byte, prefix int, nStream uint32, cells int) (stateLayo
 		if i == 0 {
 			l.kType, l.kRow = t, int(row)
 		} else if t != l.kType || int(row) != l.kRow {
-			return l, fmt.Errorf("%w: layer %d K has type %d and %d-byte rows, layer 0 %d and %d (per-layer geometry is not supported)", errState, i, t, row, l.kType, l.kRow)
+			return fmt.Errorf("%w: layer %d K has type %d and %d-byte rows, layer 0 %d and %d (per-layer geometry is not supported)", errState, i, t, row, l.kType, l.kRow)
 		}
 		r.take(cells * l.kRow)
 	}
@@ -157,25 +189,17 @@ func parseLayout(state []byte, prefix int, nStream uint32, cells int) (stateLayo
 		if i == 0 {
 			l.vType, l.vRow, l.vEl = t, row, el
 		} else if t != l.vType || row != l.vRow || el != l.vEl {
-			return l, fmt.Errorf("%w: layer %d V geometry differs from layer 0 (per-layer geometry is not supported)", errState, i)
+			return fmt.Errorf("%w: layer %d V geometry differs from layer 0 (per-layer geometry is not supported)", errState, i)
 		}
 		r.take(cells * l.vRow)
 	}
-	for s := uint32(1); s < nStream; s++ {
-		if n := r.u32(); n != 0 {
-			return l, fmt.Errorf("%w: stream %d holds %d cells of one sequence", errState, s, n)
-		}
-	}
 	if r.err != nil {
-		return l, r.err
-	}
-	if r.off != len(state) {
-		return l, fmt.Errorf("%w: %d trailing bytes", errState, len(state)-r.off)
+		return r.err
 	}
 	if l.kRow == 0 || l.vRow == 0 {
-		return l, fmt.Errorf("%w: empty K or V rows", errState)
+		return fmt.Errorf("%w: empty K or V rows", errState)
 	}
-	return l, nil
+	return nil
 }
 
 // stateSize is the size of the state of n tokens.
@@ -185,7 +209,9 @@ func (s stateLayout) stateSize(n int) int {
 }
 
 // encodeState builds the state of tokens [0, n) from the token rows in
-// blocks, in this build's layout, ready for llama_state_seq_set_data.
+// blocks, in this build's layout, ready for llama_state_seq_set_data. The
+// cells go in the first stream: llama.cpp reads them into the destination
+// sequence's own stream whichever slot carries them.
 func (s stateLayout) encodeState(blocks [][]byte, bl blockLayout, n int) []byte {
 	out := make([]byte, 0, s.stateSize(n))
 	le := binary.LittleEndian
@@ -244,14 +270,14 @@ func (s stateLayout) decodeState(state []byte, blocks [][]byte, bl blockLayout, 
 	if len(state) != s.stateSize(n) {
 		return fmt.Errorf("%w: %d bytes for %d tokens, want %d", errState, len(state), n, s.stateSize(n))
 	}
-	got, err := parseLayout(state, len(s.prefix), s.nStream, n)
+	got, dataOff, err := parseLayout(state, len(s.prefix), s.nStream, n)
 	if err != nil {
 		return err
 	}
 	if got.vTrans != s.vTrans || got.kRow != s.kRow || got.vRow != s.vRow || got.layers != s.layers || got.kType != s.kType || got.vType != s.vType {
 		return fmt.Errorf("%w: export does not have the learned layout", errState)
 	}
-	off := len(s.prefix) + 4 + 4 + n*12 + 8
+	off := dataOff + 8
 	for l := range s.layers {
 		off += 12
 		for t := range n {

@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -176,7 +177,13 @@ func NewLlama(cfg LlamaConfig) (*Llama, error) {
 	cp.NBatch = uint32(max(e.ctxLen, slots))
 	cp.NUbatch = 512
 	cp.NSeqMax = uint32(slots)
-	cp.KVUnified = 1 // one cell pool shared by all sequences: one stream in the state
+	// One KV stream per sequence (not unified): a sequence always occupies
+	// cells 0..n-1 of its own stream, so attention runs over the same cells
+	// in the same order whether the KV was computed here or imported — the
+	// condition for disaggregated output to equal the in-process run bit
+	// for bit (a unified cache places imported cells wherever it finds
+	// room, which changes floating-point accumulation).
+	cp.KVUnified = 0
 	cp.TypeK, cp.TypeV = llama.GGMLTypeF16, llama.GGMLTypeF16
 	if cfg.Threads > 0 {
 		cp.NThreads, cp.NThreadsBatch = int32(cfg.Threads), int32(cfg.Threads)
@@ -223,6 +230,15 @@ func contextTokens(model llama.Model, flag int) int {
 		return flag
 	}
 	n := int(llama.ModelNCtxTrain(model))
+	if n <= 0 {
+		// A vocabulary-only model (the router's) has no hyperparameters
+		// loaded; the GGUF metadata has the same number.
+		if arch, ok := llama.ModelMetaValStr(model, "general.architecture"); ok {
+			if v, ok := llama.ModelMetaValStr(model, arch+".context_length"); ok {
+				n, _ = strconv.Atoi(v)
+			}
+		}
+	}
 	if n <= 0 || n > DefaultLlamaContextTokens {
 		n = DefaultLlamaContextTokens
 	}

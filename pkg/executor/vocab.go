@@ -207,9 +207,11 @@ func OpenLlamaVocab(cfg LlamaConfig) (*LlamaVocab, ModelSpec, error) {
 	if name == "" {
 		name = ServedModelName(cfg.ModelPath)
 	}
+	// A vocabulary-only model has no layers: llama.cpp aborts on asking
+	// for per-layer geometry, so the router's spec has none (it needs the
+	// name, block size, context and vocabulary).
 	spec := ModelSpec{
-		Name: name, Layers: int(llama.ModelNLayer(model)), KVHeads: int(llama.ModelNHeadKV(model)),
-		BlockTokens: defaultBlockTokens, MaxContextTokens: contextTokens(model, cfg.ContextTokens), Vocab: lv.Size(),
+		Name: name, BlockTokens: defaultBlockTokens, MaxContextTokens: contextTokens(model, cfg.ContextTokens), Vocab: lv.Size(),
 	}
 	return lv, spec, nil
 }

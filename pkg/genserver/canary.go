@@ -10,7 +10,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/serving"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
@@ -31,8 +30,9 @@ const (
 	canaryTimeout = 5 * time.Second
 )
 
-// canaryPrompt is one full block of the tiny and llama presets (16 tokens).
-var canaryPrompt = executor.Tokenize("the ferry carries light across the quiet river at night while the harbour holds its steady signal")
+// canaryText is the canary's prompt, tokenized by the engine's vocabulary
+// (one full block of the synthetic presets: 16 tokens).
+const canaryText = "the ferry carries light across the quiet river at night while the harbour holds its steady signal"
 
 type canaryPeer struct {
 	seen     time.Time
@@ -150,11 +150,11 @@ func (s *Server) probe(ctx context.Context, endpoint string) error {
 	ctxClient := kvferryv1.NewContextServiceClient(cc)
 	tk := ticket.New(ticket.NewID())
 	sampling := &kvferryv1.SamplingParams{MaxTokens: 1}
-	pre, err := ctxClient.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: canaryPrompt, Sampling: sampling})
+	pre, err := ctxClient.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: s.canaryPrompt, Sampling: sampling})
 	if err != nil {
 		return fmt.Errorf("prefill: %w", err)
 	}
-	req := &kvferryv1.GenerateRequest{Ticket: tk, PromptTokens: canaryPrompt, FirstToken: pre.GetFirstToken(), Sampling: sampling, Advertisement: pre.GetAdvertisement()}
+	req := &kvferryv1.GenerateRequest{Ticket: tk, PromptTokens: s.canaryPrompt, FirstToken: pre.GetFirstToken(), Sampling: sampling, Advertisement: pre.GetAdvertisement()}
 	if err := errors.Join(s.validate(req), s.negotiate(req.GetAdvertisement())); err != nil {
 		_, _ = ctxClient.Release(context.WithoutCancel(ctx), &kvferryv1.ReleaseRequest{Ticket: tk})
 		return err
@@ -176,9 +176,11 @@ func (s *Server) probe(ctx context.Context, endpoint string) error {
 		mem[i] = s.cfg.Pool.Bytes(b)
 	}
 	// receive verifies every block's checksum on receipt.
-	if _, err := s.receive(ctx, req, r, blocks, mem); err != nil {
+	seq, err := s.receive(ctx, req, r, blocks, mem)
+	if err != nil {
 		_, _ = ctxClient.Release(context.WithoutCancel(ctx), &kvferryv1.ReleaseRequest{Ticket: tk})
 		return fmt.Errorf("transfer: %w", err)
 	}
+	seq.Close() // the engine imported the KV; nothing decodes it
 	return nil
 }

@@ -88,6 +88,8 @@ type Server struct {
 
 	cfg  Config
 	spec executor.ModelSpec
+	// canaryPrompt is canaryText in the engine's tokens.
+	canaryPrompt []uint32
 	lg   *zap.Logger
 
 	mu         sync.Mutex
@@ -102,7 +104,7 @@ var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
 
 // New returns a generation server.
 func New(cfg Config) *Server {
-	return &Server{cfg: cfg, spec: cfg.Engine.Model(), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(canaryText), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
 }
 
 func (s *Server) validate(req *kvferryv1.GenerateRequest) error {

@@ -26,12 +26,14 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 	if int(s.GetMaxTokens()) > r.cfg.MaxOutputTokens {
 		return status.Errorf(codes.InvalidArgument, "max_tokens must be at most %d", r.cfg.MaxOutputTokens)
 	}
-	tokens := executor.Tokenize(req.GetPrompt())
+	tokens := r.cfg.Vocab.Encode(req.GetPrompt())
 	switch {
 	case len(tokens) == 0:
 		return status.Error(codes.InvalidArgument, "the prompt is empty")
 	case len(tokens) > r.cfg.MaxPromptTokens:
 		return status.Errorf(codes.InvalidArgument, "the prompt has %d tokens, the limit is %d", len(tokens), r.cfg.MaxPromptTokens)
+	case len(tokens)+int(s.GetMaxTokens()) > r.cfg.Model.MaxContextTokens:
+		return status.Errorf(codes.InvalidArgument, "prompt (%d tokens) plus max_tokens (%d) exceeds the context length of %d", len(tokens), s.GetMaxTokens(), r.cfg.Model.MaxContextTokens)
 	}
 	id := req.GetRequestId()
 	if id == "" {

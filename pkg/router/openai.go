@@ -186,23 +186,12 @@ type chatMessage struct {
 	Content json.RawMessage `json:"content"`
 }
 
-// RenderChat renders chat messages into the prompt the model sees. The
-// template is one line per message, "<role>: <content>", then
-// "assistant:" for the reply.
-func RenderChat(msgs []ChatMessage) string {
-	var b strings.Builder
-	for _, m := range msgs {
-		b.WriteString(m.Role)
-		b.WriteString(": ")
-		b.WriteString(m.Content)
-		b.WriteString("\n")
-	}
-	b.WriteString("assistant:")
-	return b.String()
-}
+// RenderChat is kvferry's chat rendering, for models without a template
+// (executor.RenderChat).
+func RenderChat(msgs []ChatMessage) string { return executor.RenderChat(msgs) }
 
 // ChatMessage is a rendered chat message.
-type ChatMessage struct{ Role, Content string }
+type ChatMessage = executor.ChatMessage
 
 // messageText accepts a string or a list of text parts.
 func messageText(raw json.RawMessage) (string, error) {
@@ -353,7 +342,7 @@ func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job
 			}
 			msgs[i] = ChatMessage{Role: m.Role, Content: text}
 		}
-		prompt = RenderChat(msgs)
+		prompt = r.cfg.Vocab.Chat(msgs)
 	} else {
 		if len(body.Prompt) == 0 {
 			badRequest(w, "prompt", "you must provide a prompt")
@@ -371,13 +360,16 @@ func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job
 		badRequest(w, param, "%v", err)
 		return job, body, false
 	}
-	tokens := executor.Tokenize(prompt)
+	tokens := r.cfg.Vocab.Encode(prompt)
 	switch {
 	case len(tokens) == 0:
 		badRequest(w, "prompt", "the prompt is empty")
 		return job, body, false
 	case len(tokens) > r.cfg.MaxPromptTokens:
 		badRequest(w, "prompt", "the prompt has %d tokens, the limit is %d", len(tokens), r.cfg.MaxPromptTokens)
+		return job, body, false
+	case len(tokens) >= r.cfg.Model.MaxContextTokens:
+		badRequest(w, "prompt", "the prompt has %d tokens; this model's context length is %d tokens", len(tokens), r.cfg.Model.MaxContextTokens)
 		return job, body, false
 	case len(tokens)+int(sampling.GetMaxTokens()) > r.cfg.Model.MaxContextTokens:
 		badRequest(w, "max_tokens", "prompt (%d tokens) plus max_tokens (%d) exceeds the context length of %d", len(tokens), sampling.GetMaxTokens(), r.cfg.Model.MaxContextTokens)

@@ -53,7 +53,7 @@ func TestMessageText(t *testing.T) {
 }
 
 func TestRenderChat(t *testing.T) {
-	got := RenderChat([]ChatMessage{{"system", "be brief"}, {"user", "the river"}})
+	got := RenderChat([]ChatMessage{{Role: "system", Content: "be brief"}, {Role: "user", Content: "the river"}})
 	if want := "system: be brief\nuser: the river\nassistant:"; got != want {
 		t.Fatalf("got %q, want %q", got, want)
 	}

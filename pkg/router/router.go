@@ -36,6 +36,9 @@ type Config struct {
 	// Model is the served model's geometry; ServedModel its public name.
 	Model       executor.ModelSpec
 	ServedModel string
+	// Vocab tokenizes prompts and renders chats for the servers' model
+	// (nil: the synthetic engine's).
+	Vocab executor.Vocabulary
 	// Limits on client input.
 	MaxBodyBytes     int64
 	MaxPromptTokens  int
@@ -88,6 +91,9 @@ type active struct {
 func New(cfg Config) (*Router, error) {
 	if cfg.CtxServers == nil || cfg.GenServers == nil {
 		return nil, errors.New("router: need a source of context and of generation servers")
+	}
+	if cfg.Vocab == nil {
+		cfg.Vocab = executor.SyntheticVocabulary
 	}
 	r := &Router{cfg: cfg, lg: cfg.Logger, active: map[string]*active{}, created: time.Now().Unix(),
 		policy: &policy{filters: []Filter{readyOnly}, scorers: []Scorer{leastInflight{}, prefixAffinity{}}}}

@@ -186,6 +186,9 @@ func (p *Proc) Log() string {
 // Options shape a stack.
 type Options struct {
 	Model                  string
+	// Llama runs the stack on the llama.cpp engine with the test model
+	// (TestModelPath) instead of a synthetic preset.
+	Llama                  bool
 	PoolBlocks             int
 	PrefillTokensPerSecond float64
 	DecodeStepTime         time.Duration
@@ -219,21 +222,25 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 	}
 	addr := func() string { return "127.0.0.1:" + strconv.Itoa(FreePort(t)) }
 	logs := t.TempDir()
+	engine := []string{"--model=" + o.Model}
+	if o.Llama {
+		engine = []string{"--engine=llamacpp", "--model-path=" + TestModelPath(t), "--llama-lib-dir=" + LlamaLibDir(t)}
+	}
 	common := []string{
-		"--model=" + o.Model, "--pool-blocks=" + strconv.Itoa(o.PoolBlocks),
+		"--pool-blocks=" + strconv.Itoa(o.PoolBlocks),
 		"--prefill-tokens-per-second=" + strconv.FormatFloat(o.PrefillTokensPerSecond, 'f', -1, 64),
 		"--decode-step-time=" + o.DecodeStepTime.String(), "--shutdown-grace=5s",
 	}
 	s := &Stack{}
 	for i := range max(o.Ctxs, 1) {
 		grpcAddr, httpAddr := addr(), addr()
-		p := Start(t, logs, filepath.Join(bin, "ctxserver"), append(append(common, "--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--data-addr="+addr()), o.CtxArgs...)...)
+		p := Start(t, logs, filepath.Join(bin, "ctxserver"), append(append(append(common, engine...), "--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--data-addr="+addr()), o.CtxArgs...)...)
 		p.Name = fmt.Sprintf("ctxserver-%d", i)
 		s.Ctxs, s.CtxGRPCs, s.CtxHTTPs = append(s.Ctxs, p), append(s.CtxGRPCs, grpcAddr), append(s.CtxHTTPs, "http://"+httpAddr)
 	}
 	for i := range max(o.Gens, 1) {
 		grpcAddr, httpAddr := addr(), addr()
-		p := Start(t, logs, filepath.Join(bin, "genserver"), append(append(common, "--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--data-addr="+addr()), o.GenArgs...)...)
+		p := Start(t, logs, filepath.Join(bin, "genserver"), append(append(append(common, engine...), "--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--data-addr="+addr()), o.GenArgs...)...)
 		p.Name = fmt.Sprintf("genserver-%d", i)
 		s.Gens, s.GenGRPCs, s.GenHTTPs = append(s.Gens, p), append(s.GenGRPCs, grpcAddr), append(s.GenHTTPs, "http://"+httpAddr)
 	}
@@ -242,10 +249,10 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 	openai, admin := addr(), addr()
 	s.RouterGRPC = addr()
 	s.OpenAIURL, s.RouterAdmin = "http://"+openai+"/v1", "http://"+admin
-	s.Router = Start(t, logs, filepath.Join(bin, "router"), append([]string{
-		"--model=" + o.Model, "--http-addr=" + openai, "--grpc-addr=" + s.RouterGRPC, "--admin-addr=" + admin,
-		"--ctx-servers=" + strings.Join(s.CtxGRPCs, ","), "--gen-servers=" + strings.Join(s.GenGRPCs, ","), "--shutdown-grace=5s",
-	}, o.ExtraRouterArgs...)...)
+	s.Router = Start(t, logs, filepath.Join(bin, "router"), append(append(engine,
+		"--http-addr="+openai, "--grpc-addr=" + s.RouterGRPC, "--admin-addr=" + admin,
+		"--ctx-servers="+strings.Join(s.CtxGRPCs, ","), "--gen-servers="+strings.Join(s.GenGRPCs, ","), "--shutdown-grace=5s",
+	), o.ExtraRouterArgs...)...)
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, p := range append(append([]*Proc{s.Router}, s.Ctxs...), s.Gens...) {

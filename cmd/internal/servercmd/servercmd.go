@@ -41,7 +41,7 @@ import (
 
 // Config holds the flags both servers take.
 type Config struct {
-	Model                   string
+	EngineFlags
 	PoolBlocks              int
 	GRPCAddr                string
 	HTTPAddr                string
@@ -68,7 +68,7 @@ type Ports struct{ GRPC, HTTP, Data int }
 
 // Register adds the common flags to fs.
 func (c *Config) Register(fs *flag.FlagSet, p Ports) {
-	fs.StringVar(&c.Model, "model", "tiny", "model preset: "+fmt.Sprint(executor.PresetNames()))
+	c.EngineFlags.Register(fs)
 	fs.IntVar(&c.PoolBlocks, "pool-blocks", 1024, "KV blocks in the pool (block size follows the model)")
 	fs.StringVar(&c.GRPCAddr, "grpc-addr", fmt.Sprintf(":%d", p.GRPC), "gRPC listen address")
 	fs.StringVar(&c.HTTPAddr, "http-addr", fmt.Sprintf(":%d", p.HTTP), "HTTP listen address for /livez, /readyz, /metrics")
@@ -93,8 +93,8 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 // Validate checks the common flags.
 func (c *Config) Validate() error {
 	var errs []error
-	if _, err := executor.Preset(c.Model); err != nil {
-		errs = append(errs, fmt.Errorf("--model: %w", err))
+	if err := c.EngineFlags.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	switch c.Transport {
 	case kvtransfer.TransportTCP, kvtransfer.TransportShm:
@@ -150,7 +150,7 @@ func Parse(fs *flag.FlagSet, args []string, lookup func(string) (string, bool), 
 // Parts are what a server's run builds from the common config.
 type Parts struct {
 	Spec     executor.ModelSpec
-	Engine   *executor.Synthetic
+	Engine   executor.Engine
 	Pool     *blockpool.Pool
 	Registry *prometheus.Registry
 	Progress *health.Progress
@@ -167,6 +167,7 @@ type Parts struct {
 	Receiver     *kvtransfer.Receiver
 	DataEndpoint string
 	shm          *kvtransfer.ShmMemory
+	closeEng     func()
 }
 
 // Build creates the engine, pool, registry, health, gRPC server and the
@@ -174,10 +175,11 @@ type Parts struct {
 // model only the receiving side listens). On error everything opened is
 // closed.
 func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
-	spec, err := executor.Preset(cfg.Model)
+	engine, closeEngine, err := cfg.NewEngine(executor.Timing{PrefillTokensPerSecond: cfg.PrefillTokensPerSecond, DecodeStepTime: cfg.DecodeStepTime})
 	if err != nil {
 		return nil, err
 	}
+	spec := engine.Model()
 	shm := withData && cfg.Transport == kvtransfer.TransportShm
 	ucx := cfg.Transport == kvtransfer.TransportUCX
 	var mem *kvtransfer.ShmMemory
@@ -201,6 +203,7 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		pool, err = blockpool.New(cfg.PoolBlocks, spec.BlockBytes())
 	}
 	if err != nil {
+		closeEngine()
 		if recv != nil {
 			_ = recv.Close()
 		}
@@ -213,7 +216,8 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 	metrics.RegisterPool(reg, pool)
 	p := &Parts{
 		Spec:     spec,
-		Engine:   executor.NewSynthetic(spec, executor.Timing{PrefillTokensPerSecond: cfg.PrefillTokensPerSecond, DecodeStepTime: cfg.DecodeStepTime}),
+		Engine:   engine,
+		closeEng: closeEngine,
 		Pool:     pool,
 		Registry: reg,
 		Progress: health.NewProgress(time.Now()),
@@ -274,6 +278,9 @@ func (p *Parts) Close() {
 	}
 	if p.shm != nil {
 		_ = p.shm.Close()
+	}
+	if p.closeEng != nil {
+		p.closeEng() // after Serve: no request uses the engine any more
 	}
 }
 

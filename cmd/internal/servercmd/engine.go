@@ -1,0 +1,91 @@
+package servercmd
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/kvferry/kvferry/pkg/executor"
+)
+
+// EngineFlags pick the model engine; the router and both servers take
+// them, so all three agree on the model, its vocabulary and its context.
+type EngineFlags struct {
+	Engine        string
+	Model         string // synthetic preset
+	ModelPath     string // llamacpp GGUF file
+	LibDir        string
+	ServedName    string
+	ContextTokens int
+	Slots         int
+	Threads       int
+}
+
+// Register adds the engine flags to fs.
+func (e *EngineFlags) Register(fs *flag.FlagSet) {
+	fs.StringVar(&e.Engine, "engine", executor.EngineSynthetic, "model engine: synthetic (embedded, no model file) or llamacpp (a GGUF model through llama.cpp)")
+	fs.StringVar(&e.Model, "model", "tiny", "synthetic engine: model preset: "+fmt.Sprint(executor.PresetNames()))
+	fs.StringVar(&e.ModelPath, "model-path", "", "llamacpp engine: the GGUF model file (the same file on the router and every server)")
+	fs.StringVar(&e.LibDir, "llama-lib-dir", ".llama/lib", "llamacpp engine: folder of the llama.cpp shared libraries (make deps-llama)")
+	fs.StringVar(&e.ServedName, "served-model-name", "", "the model name clients use (default: the synthetic preset's name, or the GGUF file's name without .gguf)")
+	fs.IntVar(&e.ContextTokens, "context-tokens", 0, fmt.Sprintf("llamacpp engine: tokens one sequence holds, prompt plus output (0: the model's training context, at most %d); the same on the router and every server", executor.DefaultLlamaContextTokens))
+	fs.IntVar(&e.Slots, "llama-slots", executor.DefaultLlamaSlots, "llamacpp engine: sequences the engine holds at once (concurrent decodes on a generation server)")
+	fs.IntVar(&e.Threads, "llama-threads", 0, "llamacpp engine: CPU threads (0: llama.cpp's default for this machine)")
+}
+
+// Validate checks the engine flags.
+func (e *EngineFlags) Validate() error {
+	switch e.Engine {
+	case executor.EngineSynthetic:
+		if _, err := executor.Preset(e.Model); err != nil {
+			return fmt.Errorf("--model: %w", err)
+		}
+	case executor.EngineLlamaCpp:
+		if e.ModelPath == "" {
+			return errors.New("--engine=llamacpp needs --model-path=FILE.gguf")
+		}
+		if _, err := os.Stat(e.ModelPath); err != nil {
+			return fmt.Errorf("--model-path: %w", err)
+		}
+		if e.ContextTokens < 0 || e.Slots <= 0 || e.Threads < 0 {
+			return errors.New("--context-tokens and --llama-threads must not be negative, --llama-slots must be positive")
+		}
+	default:
+		return fmt.Errorf("--engine must be %s or %s, got %q", executor.EngineSynthetic, executor.EngineLlamaCpp, e.Engine)
+	}
+	return nil
+}
+
+// LlamaConfig is the llama.cpp engine's configuration.
+func (e *EngineFlags) LlamaConfig() executor.LlamaConfig {
+	return executor.LlamaConfig{ModelPath: e.ModelPath, LibDir: e.LibDir, ServedName: e.ServedName, ContextTokens: e.ContextTokens, Slots: e.Slots, Threads: e.Threads}
+}
+
+// NewEngine builds the engine the flags name; the synthetic one with the
+// given timing. close frees what it holds.
+func (e *EngineFlags) NewEngine(timing executor.Timing) (engine executor.Engine, close func(), err error) {
+	if e.Engine == executor.EngineLlamaCpp {
+		l, err := executor.NewLlama(e.LlamaConfig())
+		if err != nil {
+			return nil, nil, err
+		}
+		return l, l.Close, nil
+	}
+	spec, err := executor.Preset(e.Model)
+	if err != nil {
+		return nil, nil, err
+	}
+	return executor.NewSynthetic(spec, timing), func() {}, nil
+}
+
+// Vocabulary is what the router needs of the model: its tokenizer and KV
+// geometry, without its weights.
+func (e *EngineFlags) Vocabulary() (executor.Vocabulary, executor.ModelSpec, error) {
+	if e.Engine == executor.EngineLlamaCpp {
+		v, spec, err := executor.OpenLlamaVocab(e.LlamaConfig())
+		return v, spec, err
+	}
+	spec, err := executor.Preset(e.Model)
+	return executor.SyntheticVocabulary, spec, err
+}
