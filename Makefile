@@ -21,6 +21,8 @@ LDFLAGS := -X github.com/kvferry/kvferry/pkg/buildinfo.Version=$(VERSION) -X git
 RUN_MODEL ?= tiny
 RUN_PREFILL_TOKENS_PER_SECOND ?= 20000
 RUN_DECODE_STEP_TIME ?= 20ms
+RUN_ENGINE ?= synthetic
+RUN_MODEL_PATH ?=
 
 SEEDS ?= 100000
 
@@ -40,8 +42,10 @@ build:
 	mkdir -p $(BIN)
 	$(GO) build -tags "$(TAGS)" -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
 
-run: build
-	@scripts/run-local.sh $(BIN) $(RUN_MODEL) $(RUN_PREFILL_TOKENS_PER_SECOND) $(RUN_DECODE_STEP_TIME)
+# make run RUN_ENGINE=llamacpp RUN_MODEL_PATH=FILE.gguf serves a real model
+# (installing the llama.cpp libraries first when they are missing).
+run: build $(if $(filter llamacpp,$(RUN_ENGINE)),deps-llama)
+	@scripts/run-local.sh $(BIN) $(RUN_MODEL) $(RUN_PREFILL_TOKENS_PER_SECOND) $(RUN_DECODE_STEP_TIME) $(RUN_ENGINE) $(RUN_MODEL_PATH)
 
 # make test runs every test: the unit tests of every package and the
 # multi-process end-to-end suite, all under the race detector, then the
@@ -89,6 +93,12 @@ bench-transfer: deps-ucx
 	.bin/bench-transfer -runs 5
 	UCX_TLS=posix,cma .bin/bench-transfer -runs 5 -backends ucx
 	UCX_TLS=tcp UCX_NET_DEVICES=lo .bin/bench-transfer -runs 5 -backends ucx
+
+# bench-engine: the test model through the whole stack against the same
+# model driven in-process through yzma (the limit), same run: prefill
+# tokens/s, TTFT, decode tokens/s.
+bench-engine: deps-llama
+	$(GO) test -run xxx -bench LlamaEngine -benchtime 20x -count 3 ./test/bench/
 
 # deps-llama installs the llama.cpp shared libraries (npm package, pinned
 # integrity) into $(LLAMA_LIB_DIR); the llamacpp engine and its tests load

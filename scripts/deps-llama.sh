@@ -18,7 +18,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 (cd "$work" && npm pack --silent "$pkg" >/dev/null)
 tgz=$(ls "$work"/*.tgz)
-got="sha512-$(openssl dgst -sha512 -binary "$tgz" | base64 -w0)"
+got=$(node -e 'process.stdout.write("sha512-" + require("crypto").createHash("sha512").update(require("fs").readFileSync(process.argv[1])).digest("base64"))' "$tgz")
 if [ "$got" != "$integrity" ]; then
   echo "deps-llama: $pkg has integrity $got, want $integrity: refusing it" >&2
   exit 1

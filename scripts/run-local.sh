@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Starts router + one ctxserver + one genserver on localhost (make run) and
-# stops all three on Ctrl-C. Usage: run-local.sh BIN_DIR MODEL PREFILL_TPS DECODE_STEP
+# stops all three on Ctrl-C.
+# Usage: run-local.sh BIN_DIR MODEL PREFILL_TPS DECODE_STEP [ENGINE MODEL_PATH]
+# ENGINE=llamacpp serves the GGUF file MODEL_PATH (libraries from
+# KVFERRY_LLAMA_LIB_DIR, which make run sets).
 set -euo pipefail
-bin=$1 model=$2 tps=$3 step=$4
+bin=$1 model=$2 tps=$3 step=$4 engine=${5:-synthetic} model_path=${6:-}
 logs=${KVFERRY_RUN_LOGS:-$(mktemp -d -t kvferry-run-XXXXXX)}
 pids=()
 stop() {
@@ -16,10 +19,19 @@ stop() {
 }
 trap stop INT TERM EXIT
 
-common=(--model="$model" --prefill-tokens-per-second="$tps" --decode-step-time="$step")
+if [ "$engine" = llamacpp ]; then
+  [ -f "$model_path" ] || { echo "make run RUN_ENGINE=llamacpp needs RUN_MODEL_PATH=FILE.gguf (got '$model_path')" >&2; exit 1; }
+  eng=(--engine=llamacpp --model-path="$model_path")
+  model=$(basename "$model_path" .gguf)
+  prompt="Once upon a time"
+else
+  eng=(--model="$model")
+  prompt="the quiet river carries light"
+fi
+common=("${eng[@]}" --prefill-tokens-per-second="$tps" --decode-step-time="$step")
 "$bin/ctxserver" "${common[@]}" >"$logs/ctxserver.log" 2>&1 & pids+=($!)
 "$bin/genserver" "${common[@]}" >"$logs/genserver.log" 2>&1 & pids+=($!)
-"$bin/router" --model="$model" >"$logs/router.log" 2>&1 & pids+=($!)
+"$bin/router" "${eng[@]}" >"$logs/router.log" 2>&1 & pids+=($!)
 
 for _ in $(seq 1 300); do
   if curl -fsS http://127.0.0.1:8002/readyz >/dev/null 2>&1; then
@@ -28,7 +40,7 @@ kvferry is ready: router :8000 (OpenAI) :8001 (gRPC) :8002 (admin); ctxserver :9
 logs: $logs
 
   curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
-    -d '{"model":"$model","prompt":"the quiet river carries light","max_tokens":16}'
+    -d '{"model":"$model","prompt":"$prompt","max_tokens":16}'
 
 Ctrl-C stops all three.
 MSG

@@ -27,11 +27,11 @@ import (
 
 // Config is the router's configuration.
 type Config struct {
-	HTTPAddr         string
-	GRPCAddr         string
-	AdminAddr        string
-	CtxServers       string
-	GenServers       string
+	HTTPAddr   string
+	GRPCAddr   string
+	AdminAddr  string
+	CtxServers string
+	GenServers string
 	servercmd.EngineFlags
 	MaxBodyBytes     int64
 	MaxPromptTokens  int

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hybridgroup/yzma/pkg/llama"
 )
@@ -521,11 +522,13 @@ func (e *Llama) Generate(ctx context.Context, tokens []uint32, s Sampling) (Resu
 	if err != nil {
 		return Result{}, err
 	}
+	start := time.Now()
 	first, err := e.prefillSeq(ctx, seq, tokens, s, nil, 0)
 	if err != nil {
 		e.releaseSlot(seq)
 		return Result{}, err
 	}
+	firstAt := time.Since(start)
 	sq := e.newSequence(seq, len(tokens), first, s)
 	defer sq.Close()
 	for sq.Finish() == FinishNone {
@@ -533,5 +536,5 @@ func (e *Llama) Generate(ctx context.Context, tokens []uint32, s Sampling) (Resu
 			return Result{}, err
 		}
 	}
-	return Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Text(e.vocab, sq.Tokens()), Finish: sq.Finish()}, nil
+	return Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Text(e.vocab, sq.Tokens()), Finish: sq.Finish(), FirstToken: firstAt, Total: time.Since(start)}, nil
 }

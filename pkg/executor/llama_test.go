@@ -413,3 +413,32 @@ func TestTextStreamHoldsSplitCharacters(t *testing.T) {
 }
 
 func utf8ValidString(s string) bool { return strings.ToValidUTF8(s, "\uFFFD") == s }
+
+// BenchmarkLlamaPrefixReuse: prefill of a ~1,000-token prompt on the test
+// model cold, and with every full block but the last served from the
+// reuse cache (imported as state), same run.
+func BenchmarkLlamaPrefixReuse(b *testing.B) {
+	e, _ := testEngines(b)
+	spec := e.Model()
+	text := strings.Repeat("Once upon a time there was a little dog who liked to run in the park. ", 60)
+	toks := e.Vocabulary().Encode(text)[:1000]
+	cached := newBlocks(spec, len(toks))
+	if _, _, err := e.Prefill(context.Background(), toks, Sampling{}, cached, 0); err != nil {
+		b.Fatal(err)
+	}
+	full := len(toks)/spec.BlockTokens - 1
+	for _, reused := range []int{0, full} {
+		b.Run(fmt.Sprintf("reused=%d/%d", reused, spec.BlocksFor(len(toks))), func(b *testing.B) {
+			blocks := newBlocks(spec, len(toks))
+			for i := range reused {
+				copy(blocks[i], cached[i])
+			}
+			for b.Loop() {
+				if _, _, err := e.Prefill(context.Background(), toks, Sampling{}, blocks, reused); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(len(toks))*float64(b.N)/b.Elapsed().Seconds(), "prompt-tok/s")
+		})
+	}
+}

@@ -297,6 +297,9 @@ type Result struct {
 	Tokens       []uint32
 	Text         string
 	Finish       FinishReason
+	// FirstToken and Total are the wall time to the first token and to the
+	// end (llama.cpp's Generate; zero for the synthetic Reference).
+	FirstToken, Total time.Duration
 }
 
 // Reference returns the aggregated (non-disaggregated) output of the

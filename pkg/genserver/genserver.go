@@ -90,7 +90,7 @@ type Server struct {
 	spec executor.ModelSpec
 	// canaryPrompt is canaryText in the engine's tokens.
 	canaryPrompt []uint32
-	lg   *zap.Logger
+	lg           *zap.Logger
 
 	mu         sync.Mutex
 	reqs       map[string]*request

@@ -34,6 +34,7 @@ import (
 var (
 	full       = flag.Bool("chaos.full", false, "run every scenario at full size (make chaos)")
 	transports = flag.String("chaos.transports", "tcp,shm", "comma-separated transports: the whole gate runs once on each")
+	engines    = flag.String("chaos.engines", "synthetic,llamacpp", "comma-separated engines: the whole gate runs once on each (llamacpp: the test model stories260K)")
 )
 
 var binDir string
@@ -46,15 +47,47 @@ func TestMain(m *testing.M) {
 
 var tiny, _ = executor.Preset("tiny")
 
-// words builds a prompt of n vocabulary words (n tokens).
-func words(n int) string {
-	base := strings.Fields("the quiet river harbour light signal path ferry stone bridge tower window")
+// engine is what the gate needs to know of the engine it runs on.
+type engine struct {
+	llama bool
+	model string // the served name
+	// maxWords bounds storm prompts (100 to maxWords words).
+	maxWords int
+	// base is the words prompts are made of.
+	base string
+	// canary is the prompt and the text the canary must give (greedy).
+	canaryPrompt, canaryText string
+}
+
+func engineFor(t *testing.T, name string) engine {
+	switch name {
+	case executor.EngineSynthetic:
+		seed := int64(99)
+		prompt := words("the quiet river harbour light signal path ferry stone bridge tower window", 300)
+		return engine{model: "tiny", maxWords: 8000, base: "the quiet river harbour light signal path ferry stone bridge tower window",
+			canaryPrompt: prompt, canaryText: executor.Reference(tiny, prompt, router.SamplingFor(16, &zero, nil, &seed)).Text}
+	case executor.EngineLlamaCpp:
+		// Prompts within the model's 2,048-token context; the canary is the
+		// model's known greedy text.
+		return engine{llama: true, model: stack.TestModelName, maxWords: 1200, base: "Once upon a time there was a little dog who liked to run in the park with his friend",
+			canaryPrompt: stack.KnownPrompt, canaryText: stack.KnownOutput}
+	}
+	t.Fatalf("unknown engine %q", name)
+	return engine{}
+}
+
+var zero = float32(0)
+
+// words builds a prompt of n words of base (n tokens for the synthetic
+// engine's vocabulary).
+func words(base string, n int) string {
+	fields := strings.Fields(base)
 	var b strings.Builder
 	for i := range n {
 		if i > 0 {
 			b.WriteByte(' ')
 		}
-		b.WriteString(base[i%len(base)])
+		b.WriteString(fields[i%len(fields)])
 	}
 	return b.String()
 }
@@ -73,9 +106,9 @@ func (r *stormResult) String() string {
 }
 
 // storm sends total streaming requests at concurrency conc, prompt lengths
-// from 100 to 8,000 tokens; half are aborted by the client at a random
+// from 100 to e.maxWords words; half are aborted by the client at a random
 // moment (before the first token, mid-transfer, mid-decode).
-func storm(ctx context.Context, c openai.Client, total, conc int, seed uint64) *stormResult {
+func storm(ctx context.Context, c openai.Client, e engine, total, conc int, seed uint64) *stormResult {
 	r := &stormResult{}
 	rng := rand.New(rand.NewPCG(seed, seed))
 	type job struct {
@@ -84,7 +117,7 @@ func storm(ctx context.Context, c openai.Client, total, conc int, seed uint64) *
 	}
 	jobs := make(chan job, total)
 	for range total {
-		j := job{prompt: words(100 + rng.IntN(7900))}
+		j := job{prompt: words(e.base, 100+rng.IntN(e.maxWords-100))}
 		if rng.IntN(2) == 0 {
 			j.abort = time.Duration(1+rng.IntN(300)) * time.Millisecond
 		}
@@ -104,7 +137,7 @@ func storm(ctx context.Context, c openai.Client, total, conc int, seed uint64) *
 				if j.abort > 0 {
 					abort.Reset(j.abort)
 				}
-				st := c.Completions.NewStreaming(rctx, openai.CompletionNewParams{Model: "tiny",
+				st := c.Completions.NewStreaming(rctx, openai.CompletionNewParams{Model: openai.CompletionNewParamsModel(e.model),
 					Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(j.prompt)}, MaxTokens: openai.Int(32)})
 				for st.Next() {
 				}
@@ -134,6 +167,7 @@ func storm(ctx context.Context, c openai.Client, total, conc int, seed uint64) *
 // gate holds the pass criteria common to every scenario.
 type gate struct {
 	t       *testing.T
+	e       engine
 	s       *stack.Stack
 	c       openai.Client
 	passed  int
@@ -151,7 +185,7 @@ func (g *gate) check(name string, started time.Time, extra string, ok bool, why 
 	deadline := probeStart.Add(30 * time.Second)
 	for time.Now().Before(deadline) && !probeOK {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_, err := g.c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny",
+		_, err := g.c.Completions.New(ctx, openai.CompletionNewParams{Model: openai.CompletionNewParamsModel(g.e.model),
 			Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(2)})
 		cancel()
 		probeOK = err == nil
@@ -160,14 +194,20 @@ func (g *gate) check(name string, started time.Time, extra string, ok bool, why 
 	if !probeOK {
 		ok, why = false, "no probe succeeded within 30 s of the fault ending"
 	}
-	seed := int64(99)
-	want := executor.Reference(tiny, words(300), router.SamplingFor(16, nil, nil, &seed))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	resp, err := g.c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny",
-		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(words(300))}, MaxTokens: openai.Int(16), Seed: openai.Int(seed)})
+	maxTokens := int64(16)
+	if g.e.llama {
+		maxTokens = 40 // the known output's length
+	}
+	resp, err := g.c.Completions.New(ctx, openai.CompletionNewParams{Model: openai.CompletionNewParamsModel(g.e.model),
+		Prompt:    openai.CompletionNewParamsPromptUnion{OfString: openai.String(g.e.canaryPrompt)},
+		MaxTokens: openai.Int(maxTokens), Seed: openai.Int(99), Temperature: openai.Float(0)})
 	cancel()
-	if ok && (err != nil || resp.Choices[0].Text != want.Text) {
+	if ok && (err != nil || resp.Choices[0].Text != g.e.canaryText) {
 		ok, why = false, fmt.Sprintf("canary: %v", err)
+		if err == nil {
+			why = fmt.Sprintf("canary text %q, want %q", resp.Choices[0].Text, g.e.canaryText)
+		}
 	}
 	if ok {
 		if bad := g.idle(); bad != "" {
@@ -245,26 +285,28 @@ func (g *gate) finish() {
 	}
 }
 
-func newGate(t *testing.T, transport string) *gate {
+func newGate(t *testing.T, e engine, transport string) *gate {
 	both := []string{"--transport=" + transport, "--shm-dir=" + t.TempDir()}
-	s := stack.Up(t, binDir, stack.Options{Ctxs: 2, Gens: 2, PoolBlocks: 2048, PrefillTokensPerSecond: 200000, DecodeStepTime: 2 * time.Millisecond,
+	s := stack.Up(t, binDir, stack.Options{Llama: e.llama, Ctxs: 2, Gens: 2, PoolBlocks: 2048, PrefillTokensPerSecond: 200000, DecodeStepTime: 2 * time.Millisecond,
 		CtxArgs: both,
 		GenArgs: append([]string{"--progress-deadline=5s", "--health-interval=200ms", "--canary-interval=1s"}, both...)})
 	c := openai.NewClient(option.WithBaseURL(s.OpenAIURL+"/"), option.WithAPIKey("unused"), option.WithMaxRetries(0))
-	return &gate{t: t, s: s, c: c}
+	return &gate{t: t, e: e, s: s, c: c}
 }
 
 // TestChaos is the gate: the short version in make test, everything with
 // -chaos.full (make chaos), once per transport.
 func TestChaos(t *testing.T) {
-	for _, tr := range strings.Split(*transports, ",") {
-		t.Run(tr, func(t *testing.T) { chaos(t, tr) })
+	for _, en := range strings.Split(*engines, ",") {
+		for _, tr := range strings.Split(*transports, ",") {
+			t.Run(en+"/"+tr, func(t *testing.T) { chaos(t, engineFor(t, en), tr) })
+		}
 	}
 }
 
-func chaos(t *testing.T, transport string) {
-	fmt.Printf("chaos: transport %s\n", transport)
-	g := newGate(t, transport)
+func chaos(t *testing.T, e engine, transport string) {
+	fmt.Printf("chaos: engine %s, transport %s\n", e.model, transport)
+	g := newGate(t, e, transport)
 	defer g.finish()
 	concs, total, stop := []int{64}, 200, 3*time.Second
 	if *full {
@@ -272,14 +314,14 @@ func chaos(t *testing.T, transport string) {
 	}
 	for _, conc := range concs {
 		start := time.Now()
-		r := storm(context.Background(), g.c, total, conc, uint64(conc))
+		r := storm(context.Background(), g.c, e, total, conc, uint64(conc))
 		g.check(fmt.Sprintf("storm conc=%d", conc), start, r.String(), r.failed == 0, fmt.Sprintf("%d requests failed", r.failed))
 	}
 
 	// Stopped peer: SIGSTOP a generation server during a storm, SIGCONT it.
 	start := time.Now()
 	done := make(chan *stormResult, 1)
-	go func() { done <- storm(context.Background(), g.c, total/2, 32, 7) }()
+	go func() { done <- storm(context.Background(), g.c, e, total/2, 32, 7) }()
 	victim := g.s.Gens[1]
 	stack.Eventually(t, "the storm reaches the victim", func() bool {
 		return stack.Metric(t, g.s.RouterAdmin, fmt.Sprintf(`kvferry_router_backend_inflight_requests{role="generation",server=%q}`, g.s.GenGRPCs[1])) > 0
@@ -295,7 +337,7 @@ func chaos(t *testing.T, transport string) {
 	if *full {
 		// Killed peer: SIGKILL a context server mid-storm, start a new one on its address.
 		start = time.Now()
-		go func() { done <- storm(context.Background(), g.c, total/2, 32, 8) }()
+		go func() { done <- storm(context.Background(), g.c, e, total/2, 32, 8) }()
 		stack.Eventually(t, "the storm reaches the victim", func() bool {
 			return stack.Metric(t, g.s.RouterAdmin, fmt.Sprintf(`kvferry_router_backend_inflight_requests{role="context",server=%q}`, g.s.CtxGRPCs[1])) > 0
 		})
@@ -327,7 +369,7 @@ func chaos(t *testing.T, transport string) {
 				return err == nil && code == http.StatusOK
 			})
 			windowOver := time.Now().Add(5 * time.Second)
-			r = storm(context.Background(), g.c, 100, 32, 9)
+			r = storm(context.Background(), g.c, e, 100, 32, 9)
 			<-time.After(time.Until(windowOver)) // the fault window must be over before the gate
 			g.check("sick transport "+fault, start, r.String(), true, "")
 		}

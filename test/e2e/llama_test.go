@@ -27,7 +27,7 @@ var (
 // equal, token for token.
 func llamaReference(t *testing.T) *executor.Llama {
 	t.Helper()
-	cfg := executor.LlamaConfig{ModelPath: stack.TestModelPath(t), LibDir: stack.LlamaLibDir(t), Slots: 2}
+	cfg := executor.LlamaConfig{ModelPath: stack.TestModelPath(t), LibDir: stack.LlamaLibDir(t), Slots: 2, Threads: 1}
 	refOnce.Do(func() { refEngine, refErr = executor.NewLlama(cfg) })
 	if refErr != nil {
 		t.Fatal(refErr)
@@ -114,9 +114,8 @@ func TestLlamaServing(t *testing.T) {
 
 func runLlamaServing(t *testing.T, s *stack.Stack) {
 	c := client(s)
-	ctx := testCtx(t)
 	zero := float32(0)
-	text, finish, err := complete(ctx, c, stack.KnownPrompt, 40, &zero, 0, false)
+	text, finish, err := complete(testCtx(t), c, stack.KnownPrompt, 40, &zero, 0, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +128,7 @@ func runLlamaServing(t *testing.T, s *stack.Stack) {
 			seed := int64(1000 + i)
 			want := reference(t, prompt, router.SamplingFor(24, temp, nil, &seed))
 			for _, stream := range []bool{false, true} {
-				text, finish, err := complete(ctx, c, prompt, 24, temp, seed, stream)
+				text, finish, err := complete(testCtx(t), c, prompt, 24, temp, seed, stream)
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -27,3 +27,15 @@ func TestUCXTransport(t *testing.T) {
 		})
 	}
 }
+
+// TestUCXLlama: the llama.cpp engine over ucx (shared memory): the known
+// text and 20 prompts × {greedy, seeded}, streamed and not, equal the
+// in-process reference.
+func TestUCXLlama(t *testing.T) {
+	t.Setenv("UCX_TLS", "posix,cma")
+	ucx := []string{"--transport=ucx"}
+	s := stack.Up(t, binDir, stack.Options{Llama: true, CtxArgs: ucx, GenArgs: ucx})
+	runLlamaServing(t, s)
+	checkIdle(t, s)
+	s.StopAll(t)
+}

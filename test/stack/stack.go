@@ -185,7 +185,7 @@ func (p *Proc) Log() string {
 
 // Options shape a stack.
 type Options struct {
-	Model                  string
+	Model string
 	// Llama runs the stack on the llama.cpp engine with the test model
 	// (TestModelPath) instead of a synthetic preset.
 	Llama                  bool
@@ -224,7 +224,9 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 	logs := t.TempDir()
 	engine := []string{"--model=" + o.Model}
 	if o.Llama {
-		engine = []string{"--engine=llamacpp", "--model-path=" + TestModelPath(t), "--llama-lib-dir=" + LlamaLibDir(t)}
+		// One llama.cpp thread each: a stack is several processes on the
+		// test machine's cores, and ggml's threads spin while they wait.
+		engine = []string{"--engine=llamacpp", "--model-path=" + TestModelPath(t), "--llama-lib-dir=" + LlamaLibDir(t), "--llama-threads=1"}
 	}
 	common := []string{
 		"--pool-blocks=" + strconv.Itoa(o.PoolBlocks),
@@ -250,7 +252,7 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 	s.RouterGRPC = addr()
 	s.OpenAIURL, s.RouterAdmin = "http://"+openai+"/v1", "http://"+admin
 	s.Router = Start(t, logs, filepath.Join(bin, "router"), append(append(engine,
-		"--http-addr="+openai, "--grpc-addr=" + s.RouterGRPC, "--admin-addr=" + admin,
+		"--http-addr="+openai, "--grpc-addr="+s.RouterGRPC, "--admin-addr="+admin,
 		"--ctx-servers="+strings.Join(s.CtxGRPCs, ","), "--gen-servers="+strings.Join(s.GenGRPCs, ","), "--shutdown-grace=5s",
 	), o.ExtraRouterArgs...)...)
 	t.Cleanup(func() {
