@@ -42,6 +42,23 @@ type LlamaConfig struct {
 	Slots int
 	// Threads for llama.cpp; 0 means its default for this machine.
 	Threads int
+	// FlashAttention is "auto" (llama.cpp decides; the default), "on" or
+	// "off". It changes the state's V layout (transposed without flash
+	// attention); both convert to the same token blocks.
+	FlashAttention string
+}
+
+// flashAttention maps the configuration to llama.cpp's setting.
+func flashAttention(s string) (llama.FlashAttentionType, error) {
+	switch s {
+	case "", "auto":
+		return llama.FlashAttentionTypeAuto, nil
+	case "on":
+		return llama.FlashAttentionTypeEnabled, nil
+	case "off":
+		return llama.FlashAttentionTypeDisabled, nil
+	}
+	return 0, fmt.Errorf("flash attention must be auto, on or off, got %q", s)
 }
 
 // Defaults of the llama.cpp engine.
@@ -188,6 +205,9 @@ func NewLlama(cfg LlamaConfig) (*Llama, error) {
 	cp.TypeK, cp.TypeV = llama.GGMLTypeF16, llama.GGMLTypeF16
 	if cfg.Threads > 0 {
 		cp.NThreads, cp.NThreadsBatch = int32(cfg.Threads), int32(cfg.Threads)
+	}
+	if cp.FlashAttentionType, err = flashAttention(cfg.FlashAttention); err != nil {
+		return nil, err
 	}
 	e.lctx, err = llama.InitFromModel(model, cp)
 	if err != nil {

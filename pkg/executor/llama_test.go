@@ -238,9 +238,14 @@ func TestLlamaReuseEveryFullBlock(t *testing.T) {
 	}
 }
 
-// A real export of llama.cpp converts to blocks and back byte for byte.
+// A real export of llama.cpp converts to blocks and back byte for byte,
+// V row-major (flash attention) or transposed (TestLlamaTransposedV).
 func TestLlamaStateRoundTrip(t *testing.T) {
 	e, _ := testEngines(t)
+	stateRoundTrip(t, e)
+}
+
+func stateRoundTrip(t *testing.T, e *Llama) {
 	toks := toLlama(e.Vocabulary().Encode("Lily and Ben went to the park to play with a big red ball"))
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -441,4 +446,54 @@ func BenchmarkLlamaPrefixReuse(b *testing.B) {
 			b.ReportMetric(float64(len(toks))*float64(b.N)/b.Elapsed().Seconds(), "prompt-tok/s")
 		})
 	}
+}
+
+var (
+	noFAOnce sync.Once
+	noFAPair [2]*Llama
+	noFAErr  error
+)
+
+// Without flash attention llama.cpp keeps V transposed in its state: the
+// same token blocks, converted the other way, and the same equality.
+func TestLlamaTransposedV(t *testing.T) {
+	cfg := testLlamaConfig(t)
+	cfg.FlashAttention = "off"
+	noFAOnce.Do(func() {
+		for i := range noFAPair {
+			if noFAPair[i], noFAErr = NewLlama(cfg); noFAErr != nil {
+				return
+			}
+		}
+	})
+	if noFAErr != nil {
+		t.Fatal(noFAErr)
+	}
+	ctxE, genE := noFAPair[0], noFAPair[1]
+	if !ctxE.layout.vTrans {
+		t.Fatal("flash attention off, but the state's V is not transposed")
+	}
+	for _, s := range []Sampling{{MaxTokens: 24}, {MaxTokens: 24, Temperature: 0.8, TopP: 0.95, Seed: 7}} {
+		for _, p := range testPrompts[:5] {
+			toks := ctxE.Vocabulary().Encode(p)
+			ref, err := genE.Generate(context.Background(), toks, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := disaggregate(t, ctxE, genE, toks, s, newBlocks(ctxE.Model(), len(toks)), 0); got.Text != ref.Text {
+				t.Fatalf("%q: disaggregated %q, reference %q", p, got.Text, ref.Text)
+			}
+		}
+	}
+	// The blocks are the same format either way: a V-transposed export
+	// and a row-major one of the same KV give the same rows.
+	if ctxE.Model().BlockBytes() != testEnginesSpec(t).BlockBytes() {
+		t.Fatal("block size depends on flash attention")
+	}
+	stateRoundTrip(t, ctxE)
+}
+
+func testEnginesSpec(t *testing.T) ModelSpec {
+	e, _ := testEngines(t)
+	return e.Model()
 }

@@ -20,6 +20,7 @@ type EngineFlags struct {
 	ContextTokens int
 	Slots         int
 	Threads       int
+	FlashAttn     string
 }
 
 // Register adds the engine flags to fs.
@@ -32,6 +33,7 @@ func (e *EngineFlags) Register(fs *flag.FlagSet) {
 	fs.IntVar(&e.ContextTokens, "context-tokens", 0, fmt.Sprintf("llamacpp engine: tokens one sequence holds, prompt plus output (0: the model's training context, at most %d); the same on the router and every server", executor.DefaultLlamaContextTokens))
 	fs.IntVar(&e.Slots, "llama-slots", executor.DefaultLlamaSlots, "llamacpp engine: sequences the engine holds at once (concurrent decodes on a generation server)")
 	fs.IntVar(&e.Threads, "llama-threads", 0, "llamacpp engine: CPU threads (0: llama.cpp's default for this machine)")
+	fs.StringVar(&e.FlashAttn, "llama-flash-attn", "auto", "llamacpp engine: flash attention auto, on or off (the same on context and generation servers is not required: the blocks are the same)")
 }
 
 // Validate checks the engine flags.
@@ -48,6 +50,11 @@ func (e *EngineFlags) Validate() error {
 		if _, err := os.Stat(e.ModelPath); err != nil {
 			return fmt.Errorf("--model-path: %w", err)
 		}
+		switch e.FlashAttn {
+		case "auto", "on", "off":
+		default:
+			return fmt.Errorf("--llama-flash-attn must be auto, on or off, got %q", e.FlashAttn)
+		}
 		if e.ContextTokens < 0 || e.Slots <= 0 || e.Threads < 0 {
 			return errors.New("--context-tokens and --llama-threads must not be negative, --llama-slots must be positive")
 		}
@@ -59,7 +66,7 @@ func (e *EngineFlags) Validate() error {
 
 // LlamaConfig is the llama.cpp engine's configuration.
 func (e *EngineFlags) LlamaConfig() executor.LlamaConfig {
-	return executor.LlamaConfig{ModelPath: e.ModelPath, LibDir: e.LibDir, ServedName: e.ServedName, ContextTokens: e.ContextTokens, Slots: e.Slots, Threads: e.Threads}
+	return executor.LlamaConfig{ModelPath: e.ModelPath, LibDir: e.LibDir, ServedName: e.ServedName, ContextTokens: e.ContextTokens, Slots: e.Slots, Threads: e.Threads, FlashAttention: e.FlashAttn}
 }
 
 // NewEngine builds the engine the flags name; the synthetic one with the
