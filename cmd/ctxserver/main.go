@@ -75,6 +75,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	var checker *health.Checker
 	srv := ctxserver.New(ctxserver.Config{
 		Engine:           p.Engine,
+		Admission:        p.Admission,
 		Pool:             p.Pool,
 		Writer:           writer,
 		Fault:            fault,

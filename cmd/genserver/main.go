@@ -23,15 +23,19 @@ import (
 type Config struct {
 	servercmd.Config
 	CanaryInterval time.Duration
+	MaxBatchSeqs   int
 }
 
 // Validate checks the configuration.
 func (c *Config) Validate() error {
-	var canaryErr error
+	var canaryErr, batchErr error
 	if c.CanaryInterval < 0 {
 		canaryErr = fmt.Errorf("--canary-interval must not be negative, got %s", c.CanaryInterval)
 	}
-	return servercmd.OneLine(c.Config.Validate(), canaryErr)
+	if c.MaxBatchSeqs < 0 {
+		batchErr = fmt.Errorf("--max-batch-seqs must not be negative, got %d", c.MaxBatchSeqs)
+	}
+	return servercmd.OneLine(c.Config.Validate(), canaryErr, batchErr)
 }
 
 func main() {
@@ -39,6 +43,7 @@ func main() {
 	fs := flag.NewFlagSet("genserver", flag.ContinueOnError)
 	cfg.Register(fs, servercmd.Ports{GRPC: 9200, HTTP: 9201, Data: 9202})
 	fs.DurationVar(&cfg.CanaryInterval, "canary-interval", 10*time.Second, "how often the pair canary pulls a one-block KV from each recently seen context server (0 disables)")
+	fs.IntVar(&cfg.MaxBatchSeqs, "max-batch-seqs", 0, "most sequences one decode step runs (continuous batching; 0: every decoding request)")
 	os.Exit(servercmd.Main(fs, "genserver: the kvferry generation (decode) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }
@@ -67,6 +72,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	var checker *health.Checker
 	srv := genserver.New(genserver.Config{
 		Engine:       p.Engine,
+		Admission:    p.Admission,
 		Pool:         p.Pool,
 		Receiver:     p.Receiver,
 		Transport:    cfg.Transport,
@@ -84,6 +90,8 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		Sessions:       p.Sessions,
 		CanaryInterval: cfg.CanaryInterval,
 		Canaries:       metrics.NewCanary(p.Registry),
+		MaxBatchSeqs:   cfg.MaxBatchSeqs,
+		Scheduler:      metrics.NewScheduler(p.Registry),
 		Logger:         lg,
 	})
 	checker = p.StartHealth(cfg.Config, health.Sources{QuarantinedSessions: srv.QuarantinedSessions, Canary: srv.CanaryStatus})

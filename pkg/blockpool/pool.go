@@ -155,6 +155,10 @@ type Pool struct {
 	cache            map[uint64]ID
 	lruHead, lruTail int32 // head is the least recently used
 	lruLen           int
+
+	// freed is closed (and forgotten) when a block becomes FREE or
+	// evictable: what allocation waiters wait for (Freed).
+	freed chan struct{}
 }
 
 // New returns a pool of capacity blocks of blockSize bytes each, in memory
@@ -398,6 +402,25 @@ func (p *Pool) Available() int {
 	return len(p.free) + p.lruLen
 }
 
+// Freed returns a channel that is closed the next time a block becomes
+// allocatable (FREE, or evictable from the reuse cache). Waiters re-check
+// Available after it closes and ask again.
+func (p *Pool) Freed() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.freed == nil {
+		p.freed = make(chan struct{})
+	}
+	return p.freed
+}
+
+func (p *Pool) signalFreedLocked() {
+	if p.freed != nil {
+		close(p.freed)
+		p.freed = nil
+	}
+}
+
 // Cached returns the number of blocks in the reuse cache.
 func (p *Pool) Cached() int {
 	p.mu.Lock()
@@ -533,6 +556,7 @@ func (p *Pool) transitionLocked(id ID, change func(*block)) {
 	switch ev := b.evictable(); {
 	case ev && !b.inLRU:
 		p.lruPushLocked(id)
+		p.signalFreedLocked()
 	case !ev && b.inLRU:
 		p.lruRemoveLocked(id)
 	}
@@ -543,6 +567,7 @@ func (p *Pool) transitionLocked(id ID, change func(*block)) {
 	p.counts[after]++
 	if after == Free {
 		p.free = append(p.free, id)
+		p.signalFreedLocked()
 	}
 	// Leaving Free only happens in Allocate, which pops the free list itself.
 }

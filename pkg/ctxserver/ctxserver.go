@@ -55,9 +55,12 @@ type Config struct {
 	// PrefixReuse serves full blocks of a known prompt prefix from the
 	// pool's reuse cache instead of recomputing them.
 	PrefixReuse bool
-	Transfers   *metrics.Transfer
-	Cancels     *metrics.Cancel
-	Logger      *zap.Logger
+	// Admission, when set, queues a prompt that cannot get its blocks
+	// until they free up (nil: a full pool answers RESOURCE_EXHAUSTED).
+	Admission *executor.Admission
+	Transfers *metrics.Transfer
+	Cancels   *metrics.Cancel
+	Logger    *zap.Logger
 }
 
 // phase is where a request is on the context server.
@@ -137,6 +140,18 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	}
 	id, attempt := req.GetTicket().GetRequestId(), req.GetTicket().GetAttempt()
 
+	// Wait for the blocks in arrival order, holding nothing; once admitted,
+	// allocate and let the next one in.
+	admitted := func() {}
+	if s.cfg.Admission != nil {
+		done, err := s.cfg.Admission.Admit(ctx, s.spec.BlocksFor(len(req.GetPromptTokens())))
+		if err != nil {
+			return nil, executor.AdmitStatus(err)
+		}
+		admitted = sync.OnceFunc(done)
+		defer admitted()
+	}
+
 	s.mu.Lock()
 	if s.draining {
 		s.mu.Unlock()
@@ -155,6 +170,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 		}
 	}
 	blocks, hashes, reused, err := s.allocateLocked(ctx, req.GetPromptTokens())
+	admitted()
 	if err != nil {
 		s.mu.Unlock()
 		if errors.Is(err, blockpool.ErrExhausted) {

@@ -497,3 +497,61 @@ func testEnginesSpec(t *testing.T) ModelSpec {
 	e, _ := testEngines(t)
 	return e.Model()
 }
+
+// Batched decode: sequences stepped together in one llama_decode give the
+// same tokens as each one alone (greedy and seeded).
+func TestLlamaBatchedDecodeEqualsReference(t *testing.T) {
+	ctxE, genE := testEngines(t)
+	var mu sync.Mutex
+	most := 0
+	d := NewDecoder(genE, 0, func(n int) {
+		mu.Lock()
+		most = max(most, n)
+		mu.Unlock()
+	})
+	type run struct {
+		prompt string
+		s      Sampling
+		m      *Member
+	}
+	var runs []*run
+	for i, p := range testPrompts[:4] {
+		s := Sampling{MaxTokens: 24}
+		if i%2 == 1 {
+			s = Sampling{MaxTokens: 24, Temperature: 0.8, TopP: 0.95, Seed: uint64(i)}
+		}
+		toks := ctxE.Vocabulary().Encode(p)
+		blocks := newBlocks(ctxE.Model(), len(toks))
+		first, sums, err := ctxE.Prefill(context.Background(), toks, s, blocks, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sq, err := genE.StartDecode(context.Background(), blocks, sums, len(toks), first, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		runs = append(runs, &run{prompt: p, s: s, m: d.Join(sq)})
+	}
+	got := make([][]uint32, len(runs))
+	var owners sync.WaitGroup
+	for i, r := range runs {
+		owners.Go(func() {
+			got[i], _ = drive(t, d, r.m)
+			d.Leave(r.m)
+		})
+	}
+	owners.Wait()
+	if most < 2 {
+		t.Fatalf("the largest decode step ran %d sequences: nothing was batched", most)
+	}
+	for i, r := range runs {
+		toks := got[i]
+		ref, err := genE.Generate(context.Background(), ctxE.Vocabulary().Encode(r.prompt), r.s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := Text(genE.Vocabulary(), toks); got != ref.Text {
+			t.Fatalf("%q batched: %q, alone: %q", r.prompt, got, ref.Text)
+		}
+	}
+}

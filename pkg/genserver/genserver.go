@@ -58,6 +58,13 @@ type Config struct {
 	// servers (0 disables); Canaries counts its results.
 	CanaryInterval time.Duration
 	Canaries       *metrics.Canary
+	// MaxBatchSeqs bounds the sequences of one decode step (0: every
+	// running one); Scheduler, when set, records the batches.
+	MaxBatchSeqs int
+	Scheduler    *metrics.Scheduler
+	// Admission, when set, queues a request that cannot get its blocks
+	// until they free up (nil: a full pool answers RESOURCE_EXHAUSTED).
+	Admission *executor.Admission
 	// Progress and Sessions feed the health evaluator (nil: not tracked).
 	Progress *health.Progress
 	Sessions *health.Sessions
@@ -90,7 +97,9 @@ type Server struct {
 	spec executor.ModelSpec
 	// canaryPrompt is canaryText in the engine's tokens.
 	canaryPrompt []uint32
-	lg           *zap.Logger
+	// decoder steps every decoding request's sequence in one batch.
+	decoder *executor.Decoder
+	lg      *zap.Logger
 
 	mu         sync.Mutex
 	reqs       map[string]*request
@@ -104,7 +113,16 @@ var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
 
 // New returns a generation server.
 func New(cfg Config) *Server {
-	return &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(canaryText), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
+	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(canaryText), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
+	s.decoder = executor.NewDecoder(cfg.Engine, cfg.MaxBatchSeqs, func(n int) {
+		if cfg.Progress != nil {
+			cfg.Progress.Touch(time.Now())
+		}
+		if cfg.Scheduler != nil {
+			cfg.Scheduler.RecordBatch(n, s.decoder.Running())
+		}
+	})
+	return s
 }
 
 func (s *Server) validate(req *kvferryv1.GenerateRequest) error {
@@ -207,7 +225,19 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 		s.mu.Unlock()
 	}()
 
-	blocks, err := s.cfg.Pool.Allocate(ctx, int(req.GetAdvertisement().GetBlockCount()))
+	n := int(req.GetAdvertisement().GetBlockCount())
+	admitted := func() {}
+	if s.cfg.Admission != nil {
+		// Wait in arrival order holding nothing; a cancel ends the wait.
+		done, err := s.cfg.Admission.Admit(ctx, n)
+		if err != nil {
+			return executor.AdmitStatus(err)
+		}
+		admitted = sync.OnceFunc(done)
+		defer admitted()
+	}
+	blocks, err := s.cfg.Pool.Allocate(ctx, n)
+	admitted()
 	if err != nil {
 		if errors.Is(err, blockpool.ErrExhausted) {
 			return status.Error(codes.ResourceExhausted, err.Error())
@@ -238,36 +268,44 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 }
 
 func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_GenerateServer, seq *executor.Sequence) error {
-	defer seq.Close()
+	m := s.decoder.Join(seq)
+	defer s.decoder.Leave(m) // and the decoder closes seq
 	vocab := s.cfg.Engine.Vocabulary()
 	var text executor.TextStream // never splits a UTF-8 character across messages
 	sent := 0
 	for {
-		toks := seq.Tokens()[sent:]
+		select {
+		case <-m.Ready():
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
+		}
+		toks, finish, err := s.decoder.Take(m)
+		if err != nil {
+			return status.Errorf(codes.Internal, "decode: %v", err)
+		}
+		if len(toks) == 0 && finish == executor.FinishNone {
+			continue
+		}
 		msg := &kvferryv1.GenerateResponse{Tokens: toks, KvReady: sent == 0}
 		for i, t := range toks {
 			msg.Text += text.Push(vocab.Piece(t, sent == 0 && i == 0))
 		}
-		if seq.Finish() != executor.FinishNone {
-			msg.Text += text.Flush()
-		}
-		switch seq.Finish() {
+		switch finish {
 		case executor.FinishStop:
 			msg.FinishReason = kvferryv1.FinishReason_FINISH_REASON_STOP
 		case executor.FinishLength:
 			msg.FinishReason = kvferryv1.FinishReason_FINISH_REASON_LENGTH
 		}
+		if finish != executor.FinishNone {
+			msg.Text += text.Flush()
+		}
 		if err := stream.Send(msg); err != nil {
 			return err
 		}
 		sent += len(toks)
-		if seq.Finish() != executor.FinishNone {
+		if finish != executor.FinishNone {
 			return nil
 		}
-		if err := s.cfg.Engine.Step(ctx, []*executor.Sequence{seq}); err != nil {
-			return status.FromContextError(err).Err()
-		}
-		s.cfg.Progress.Touch(time.Now())
 	}
 }
 

@@ -354,3 +354,63 @@ func (c *Canary) RecordCanary(result string, d time.Duration) {
 	c.results.WithLabelValues(result).Inc()
 	c.duration.Observe(d.Seconds())
 }
+
+// Scheduler holds the decode loop's metrics.
+type Scheduler struct {
+	batch   prometheus.Histogram
+	running prometheus.Gauge
+}
+
+// NewScheduler registers the scheduler's metrics.
+func NewScheduler(reg prometheus.Registerer) *Scheduler {
+	s := &Scheduler{
+		batch: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "scheduler", Name: "batch_sequences",
+			Help: "Sequences per engine decode step (continuous batching).", Buckets: prometheus.ExponentialBuckets(1, 2, 10),
+		}),
+		running: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Subsystem: "scheduler", Name: "running_sequences",
+			Help: "Sequences in the decode loop.",
+		}),
+	}
+	reg.MustRegister(s.batch, s.running)
+	return s
+}
+
+// RecordBatch observes one decode step over n sequences, with running
+// sequences in the loop after it.
+func (s *Scheduler) RecordBatch(n, running int) {
+	s.batch.Observe(float64(n))
+	s.running.Set(float64(running))
+}
+
+// Queue holds the admission queue's metrics.
+type Queue struct {
+	wait    prometheus.Histogram
+	waiting prometheus.Gauge
+}
+
+// NewQueue registers the admission queue's metrics.
+func NewQueue(reg prometheus.Registerer) *Queue {
+	q := &Queue{
+		wait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "scheduler", Name: "queue_seconds",
+			Help: "Time from arrival to admission (the blocks were available and it was the request's turn).", Buckets: prometheus.ExponentialBuckets(0.0001, 4, 12),
+		}),
+		waiting: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Subsystem: "scheduler", Name: "waiting_requests",
+			Help: "Requests waiting for KV blocks.",
+		}),
+	}
+	reg.MustRegister(q.wait, q.waiting)
+	return q
+}
+
+// RecordQueue observes one admission's wait (wait < 0: none, only the
+// number waiting changed).
+func (q *Queue) RecordQueue(wait time.Duration, waiting int) {
+	if wait >= 0 {
+		q.wait.Observe(wait.Seconds())
+	}
+	q.waiting.Set(float64(waiting))
+}

@@ -30,6 +30,8 @@ func contractRegistry(t *testing.T) (*prometheus.Registry, *blockpool.Pool, *Tra
 	NewHealth(reg)
 	NewQuarantine(reg)
 	NewCanary(reg)
+	NewScheduler(reg)
+	NewQueue(reg)
 	return reg, pool, NewTransfer(reg), NewCancel(reg), NewRouter(reg)
 }
 

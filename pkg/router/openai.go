@@ -52,12 +52,14 @@ func writeRunError(w http.ResponseWriter, err error) {
 	case codes.InvalidArgument:
 		badRequest(w, "", "%v", err)
 	case codes.ResourceExhausted:
+		// Too many requests in flight here, or the servers' admission
+		// queues are full: both pass with time.
+		w.Header().Set("Retry-After", "1")
 		if err == ErrOverloaded {
-			w.Header().Set("Retry-After", "1")
 			writeError(w, http.StatusTooManyRequests, "rate_limit_error", "", "too_many_requests", "%v; retry after 1 s", err)
 			return
 		}
-		writeError(w, http.StatusServiceUnavailable, "server_error", "", "overloaded", "the KV cache is full, retry later: %v", err)
+		writeError(w, http.StatusTooManyRequests, "rate_limit_error", "", "overloaded", "the servers' KV queues are full, retry after 1 s: %v", err)
 	case codes.DeadlineExceeded:
 		writeError(w, http.StatusGatewayTimeout, "server_error", "", "timeout", "%v", err)
 	case codes.Unavailable:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -111,4 +112,94 @@ func report(b *testing.B, promptTokens int, prefill, ttft, decode time.Duration,
 	b.ReportMetric(ttft.Seconds()*1000/n, "ttft-ms")
 	b.ReportMetric(float64(decoded)/decode.Seconds(), "decode-tok/s")
 	b.ReportMetric(0, "ns/op")
+}
+
+// BenchmarkLlamaConcurrency: aggregate output tokens/s through the whole
+// stack with conc clients at once (64-token prompts, 64 greedy output
+// tokens each), beside the same model batched in this process through the
+// same decode loop (executor.Decoder), same run. Each iteration is conc
+// requests.
+func BenchmarkLlamaConcurrency(b *testing.B) {
+	cfg := executor.LlamaConfig{ModelPath: stack.TestModelPath(b), LibDir: stack.LlamaLibDir(b), Slots: 64, Threads: 1}
+	e, err := executor.NewLlama(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	const out = 64
+	base := enginePrompt(e.Vocabulary(), 60)
+	st := stack.Up(b, binDir, stack.Options{Llama: true, GenArgs: []string{"--llama-slots=64"}, CtxArgs: []string{"--llama-slots=64"}})
+	defer st.StopAll(b)
+	c := openai.NewClient(option.WithBaseURL(st.OpenAIURL+"/"), option.WithAPIKey("unused"), option.WithMaxRetries(0))
+	n := 0
+	for _, conc := range []int{1, 8, 32} {
+		b.Run(fmt.Sprintf("inprocess/conc=%d", conc), func(b *testing.B) {
+			var toks int
+			for b.Loop() {
+				d := executor.NewDecoder(e, 0, nil)
+				var members []*executor.Member
+				for i := range conc {
+					p := e.Vocabulary().Encode(fmt.Sprintf("%d. %s", n+i, base))
+					blocks := make([][]byte, e.Model().BlocksFor(len(p)))
+					for j := range blocks {
+						blocks[j] = make([]byte, e.Model().BlockBytes())
+					}
+					s := executor.Sampling{MaxTokens: out}
+					first, sums, err := e.Prefill(context.Background(), p, s, blocks, 0)
+					if err != nil {
+						b.Fatal(err)
+					}
+					sq, err := e.StartDecode(context.Background(), blocks, sums, len(p), first, s)
+					if err != nil {
+						b.Fatal(err)
+					}
+					members = append(members, d.Join(sq))
+				}
+				n += conc
+				for _, m := range members {
+					for {
+						<-m.Ready()
+						got, finish, err := d.Take(m)
+						if err != nil {
+							b.Fatal(err)
+						}
+						toks += len(got)
+						if finish != executor.FinishNone {
+							break
+						}
+					}
+					d.Leave(m)
+				}
+			}
+			b.ReportMetric(float64(toks)/b.Elapsed().Seconds(), "out-tok/s")
+			b.ReportMetric(0, "ns/op")
+		})
+		b.Run(fmt.Sprintf("stack/conc=%d", conc), func(b *testing.B) {
+			var toks int64
+			var mu sync.Mutex
+			for b.Loop() {
+				var wg sync.WaitGroup
+				for i := range conc {
+					prompt := fmt.Sprintf("%d. %s", n+i, base)
+					wg.Go(func() {
+						resp, err := c.Completions.New(context.Background(), openai.CompletionNewParams{
+							Model: stack.TestModelName, Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)},
+							MaxTokens: openai.Int(out), Temperature: openai.Float(0),
+						})
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						mu.Lock()
+						toks += resp.Usage.CompletionTokens
+						mu.Unlock()
+					})
+				}
+				wg.Wait()
+				n += conc
+			}
+			b.ReportMetric(float64(toks)/b.Elapsed().Seconds(), "out-tok/s")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
 }

@@ -43,6 +43,7 @@ import (
 type Config struct {
 	EngineFlags
 	PoolBlocks              int
+	MaxQueue                int
 	GRPCAddr                string
 	HTTPAddr                string
 	DataAddr                string
@@ -70,6 +71,7 @@ type Ports struct{ GRPC, HTTP, Data int }
 func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	c.EngineFlags.Register(fs)
 	fs.IntVar(&c.PoolBlocks, "pool-blocks", 1024, "KV blocks in the pool (block size follows the model)")
+	fs.IntVar(&c.MaxQueue, "max-queue", 256, "requests that may wait, in arrival order, for KV blocks to free up; beyond it a request is refused at once (RESOURCE_EXHAUSTED: the router answers 429 with Retry-After)")
 	fs.StringVar(&c.GRPCAddr, "grpc-addr", fmt.Sprintf(":%d", p.GRPC), "gRPC listen address")
 	fs.StringVar(&c.HTTPAddr, "http-addr", fmt.Sprintf(":%d", p.HTTP), "HTTP listen address for /livez, /readyz, /metrics")
 	fs.StringVar(&c.DataAddr, "data-addr", fmt.Sprintf(":%d", p.Data), "transfer data listen address")
@@ -107,6 +109,9 @@ func (c *Config) Validate() error {
 	}
 	if c.PoolBlocks <= 0 {
 		errs = append(errs, fmt.Errorf("--pool-blocks must be positive, got %d", c.PoolBlocks))
+	}
+	if c.MaxQueue < 0 {
+		errs = append(errs, fmt.Errorf("--max-queue must not be negative, got %d", c.MaxQueue))
 	}
 	for name, addr := range map[string]string{"--grpc-addr": c.GRPCAddr, "--http-addr": c.HTTPAddr, "--data-addr": c.DataAddr} {
 		if _, _, err := net.SplitHostPort(addr); err != nil {
@@ -149,19 +154,21 @@ func Parse(fs *flag.FlagSet, args []string, lookup func(string) (string, bool), 
 
 // Parts are what a server's run builds from the common config.
 type Parts struct {
-	Spec     executor.ModelSpec
-	Engine   executor.Engine
-	Pool     *blockpool.Pool
-	Registry *prometheus.Registry
-	Progress *health.Progress
-	Sessions *health.Sessions
-	Health   *health.Checker // set by StartHealth
-	GPU      *gpu.Monitor
-	GRPC     *grpc.Server
-	GRPCLn   net.Listener
-	HTTPLn   net.Listener
-	DataLn   net.Listener
-	Logger   *zap.Logger
+	Spec   executor.ModelSpec
+	Engine executor.Engine
+	Pool   *blockpool.Pool
+	// Admission is the waiting queue in front of the pool (--max-queue).
+	Admission *executor.Admission
+	Registry  *prometheus.Registry
+	Progress  *health.Progress
+	Sessions  *health.Sessions
+	Health    *health.Checker // set by StartHealth
+	GPU       *gpu.Monitor
+	GRPC      *grpc.Server
+	GRPCLn    net.Listener
+	HTTPLn    net.Listener
+	DataLn    net.Listener
+	Logger    *zap.Logger
 	// Receiver and DataEndpoint (host:port for tcp, a socket path for shm)
 	// exist on the receiving side only (withData).
 	Receiver     *kvtransfer.Receiver
@@ -214,18 +221,20 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 	}
 	reg := metrics.NewRegistry()
 	metrics.RegisterPool(reg, pool)
+	queue := metrics.NewQueue(reg)
 	p := &Parts{
-		Spec:     spec,
-		Engine:   engine,
-		closeEng: closeEngine,
-		Pool:     pool,
-		Registry: reg,
-		Progress: health.NewProgress(time.Now()),
-		GPU:      gpu.New(nvml.New(), reg, lg),
-		Sessions: health.NewSessions(),
-		Logger:   lg,
-		shm:      mem,
-		Receiver: recv,
+		Spec:      spec,
+		Engine:    engine,
+		closeEng:  closeEngine,
+		Admission: executor.NewAdmission(pool, cfg.MaxQueue, queue.RecordQueue),
+		Pool:      pool,
+		Registry:  reg,
+		Progress:  health.NewProgress(time.Now()),
+		GPU:       gpu.New(nvml.New(), reg, lg),
+		Sessions:  health.NewSessions(),
+		Logger:    lg,
+		shm:       mem,
+		Receiver:  recv,
 	}
 	creds, err := cfg.TLS.ServerOption(true)
 	if err != nil {

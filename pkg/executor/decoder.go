@@ -1,0 +1,231 @@
+package executor
+
+import (
+	"context"
+	"sync"
+)
+
+// Decoder is a server's decode loop: continuous batching. Every sequence
+// that joins is stepped together with every other running one — one
+// engine Step per iteration over the whole batch (one llama_decode with
+// many sequence ids; one step time of the synthetic engine) — and leaves
+// when it finishes or its owner leaves. The loop's goroutine runs while
+// the decoder has members and ends when the last one is gone; the next
+// Join starts it again, so the decoder needs no owner to run or stop it.
+//
+// A sequence is stepped again only once its owner took what the last step
+// produced: a client that reads slowly slows only its own sequence (the
+// stream's flow control reaches the engine), and each token goes out on
+// its own.
+//
+// Only the loop touches a member's Sequence after Join: the owner reads
+// the tokens the loop hands over (Take), and Leave hands the Sequence back
+// to the decoder, which closes it — at once, or when the step running it
+// ends (Leave never waits for a step: a cancel frees the request at once).
+type Decoder struct {
+	engine  Engine
+	maxSeqs int
+	onStep  func(batch int)
+
+	mu      sync.Mutex
+	members []*Member     // running, in join order
+	next    int           // round-robin start when more than maxSeqs run
+	running bool          // the loop goroutine exists
+	wake    chan struct{} // cap 1: a member became steppable, joined or left
+	// batch is the step running now; cancelStep interrupts it when every
+	// member of it left (a synthetic step time nobody waits for).
+	batch      []*Member
+	cancelStep context.CancelFunc
+}
+
+// Member is one sequence in the decoder.
+type Member struct {
+	seq     *Sequence
+	ready   chan struct{} // cap 1: new tokens, an end or an error to Take
+	pending []uint32      // generated, not yet taken
+	finish  FinishReason
+	err     error
+	sent    int  // tokens of seq handed over so far
+	inStep  bool // the loop is stepping it now
+	left    bool
+}
+
+// NewDecoder returns a decoder over engine stepping at most maxSeqs
+// sequences at a time (0: all). onStep, when set, is called after each
+// step with the batch size (progress and metrics).
+func NewDecoder(engine Engine, maxSeqs int, onStep func(batch int)) *Decoder {
+	return &Decoder{engine: engine, maxSeqs: maxSeqs, onStep: onStep, wake: make(chan struct{}, 1)}
+}
+
+// Join adds a sequence. Its tokens so far (the first token) are ready to
+// Take at once.
+func (d *Decoder) Join(seq *Sequence) *Member {
+	m := &Member{seq: seq, ready: make(chan struct{}, 1)}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	m.collectLocked(nil)
+	if m.finish != FinishNone {
+		return m // nothing to step
+	}
+	d.members = append(d.members, m)
+	if !d.running {
+		d.running = true
+		go d.loop()
+	}
+	d.signal()
+	return m
+}
+
+// signal wakes a loop that found nothing to step.
+func (d *Decoder) signal() {
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Ready is signalled when Take has something new.
+func (m *Member) Ready() <-chan struct{} { return m.ready }
+
+// Take returns the tokens generated since the last Take, why the sequence
+// ended (FinishNone while it runs) and the engine's error, if a step failed.
+func (d *Decoder) Take(m *Member) ([]uint32, FinishReason, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	toks := m.pending
+	m.pending = nil
+	if len(toks) > 0 {
+		d.signal() // the member may be stepped again
+	}
+	return toks, m.finish, m.err
+}
+
+// Leave removes the member and closes its Sequence: now, or when the
+// step running it ends. It does not wait.
+func (d *Decoder) Leave(m *Member) {
+	d.mu.Lock()
+	m.left = true
+	d.removeLocked(m) // never picked again
+	inStep := m.inStep
+	if inStep && d.allLeftLocked() {
+		d.cancelStep() // nobody waits for this step any more
+	}
+	d.signal()
+	d.mu.Unlock()
+	if !inStep {
+		m.seq.Close()
+	}
+}
+
+func (d *Decoder) allLeftLocked() bool {
+	for _, m := range d.batch {
+		if !m.left {
+			return false
+		}
+	}
+	return true
+}
+
+func (d *Decoder) removeLocked(m *Member) {
+	for i, x := range d.members {
+		if x == m {
+			d.members = append(d.members[:i], d.members[i+1:]...)
+			return
+		}
+	}
+}
+
+// Running is the number of sequences in the decoder.
+func (d *Decoder) Running() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.members)
+}
+
+// collectLocked hands the sequence's new tokens and end to the owner.
+func (m *Member) collectLocked(err error) {
+	toks := m.seq.Tokens()
+	if len(toks) > m.sent {
+		m.pending = append(m.pending, toks[m.sent:]...)
+		m.sent = len(toks)
+	}
+	m.finish = m.seq.Finish()
+	if err != nil {
+		m.err = err
+	}
+	select {
+	case m.ready <- struct{}{}:
+	default: // already signalled; Take gets everything
+	}
+}
+
+func (d *Decoder) loop() {
+	for {
+		d.mu.Lock()
+		if len(d.members) == 0 {
+			d.running = false
+			d.mu.Unlock()
+			return
+		}
+		batch := d.pickLocked()
+		if len(batch) == 0 {
+			d.mu.Unlock()
+			<-d.wake // every member waits for its owner to take its tokens
+			continue
+		}
+		seqs := make([]*Sequence, len(batch))
+		for i, m := range batch {
+			m.inStep = true
+			seqs[i] = m.seq
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		d.batch, d.cancelStep = batch, cancel
+		d.mu.Unlock()
+
+		err := d.engine.Step(ctx, seqs)
+		cancel()
+
+		var gone []*Member
+		d.mu.Lock()
+		d.batch = nil
+		for _, m := range batch {
+			m.inStep = false
+			if m.left {
+				gone = append(gone, m)
+				continue
+			}
+			m.collectLocked(err)
+			if m.finish != FinishNone || err != nil {
+				d.removeLocked(m)
+			}
+		}
+		d.mu.Unlock()
+		for _, m := range gone {
+			m.seq.Close() // its owner left during the step
+		}
+		if d.onStep != nil {
+			d.onStep(len(batch))
+		}
+	}
+}
+
+// pickLocked chooses this step's batch: every member whose owner took
+// its last tokens, or maxSeqs of them in turn.
+func (d *Decoder) pickLocked() []*Member {
+	var ready []*Member
+	for _, m := range d.members {
+		if len(m.pending) == 0 {
+			ready = append(ready, m)
+		}
+	}
+	n := len(ready)
+	if d.maxSeqs <= 0 || n <= d.maxSeqs {
+		return ready
+	}
+	batch := make([]*Member, 0, d.maxSeqs)
+	for i := range d.maxSeqs {
+		batch = append(batch, ready[(d.next+i)%n])
+	}
+	d.next = (d.next + d.maxSeqs) % n
+	return batch
+}

@@ -1,0 +1,195 @@
+package executor
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+)
+
+// gatedEngine steps the synthetic engine only when the test says so, and
+// records each batch's size.
+type gatedEngine struct {
+	*Synthetic
+	gate    chan struct{}
+	mu      sync.Mutex
+	batches []int
+}
+
+func (g *gatedEngine) Step(ctx context.Context, batch []*Sequence) error {
+	select {
+	case <-g.gate:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	g.mu.Lock()
+	g.batches = append(g.batches, len(batch))
+	g.mu.Unlock()
+	return g.Synthetic.Step(ctx, batch)
+}
+
+// drive takes a member's tokens until it ends.
+func drive(t *testing.T, d *Decoder, m *Member) ([]uint32, FinishReason) {
+	return driveNotify(t, d, m, func() {})
+}
+
+// driveNotify is drive, calling first after the first Take.
+func driveNotify(t *testing.T, d *Decoder, m *Member, first func()) ([]uint32, FinishReason) {
+	var out []uint32
+	once := sync.OnceFunc(first)
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case <-m.Ready():
+		case <-deadline:
+			t.Error("member never finished")
+			return out, FinishNone
+		}
+		toks, finish, err := d.Take(m)
+		if err != nil {
+			t.Error(err)
+		}
+		once()
+		out = append(out, toks...)
+		if finish != FinishNone {
+			return out, finish
+		}
+	}
+}
+
+func startSeq(t *testing.T, e Engine, prompt string, s Sampling) *Sequence {
+	toks := Tokenize(prompt)
+	blocks := make([][]byte, e.Model().BlocksFor(len(toks)))
+	for i := range blocks {
+		blocks[i] = make([]byte, e.Model().BlockBytes())
+	}
+	first, sums, err := e.Prefill(context.Background(), toks, s, blocks, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sq, err := e.StartDecode(context.Background(), blocks, sums, len(toks), first, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sq
+}
+
+// Sequences whose owners keep up are stepped in one batch, and each one's
+// tokens equal its own unbatched Reference.
+func TestDecoderBatchesAndMatchesReference(t *testing.T) {
+	spec, _ := Preset("tiny")
+	g := &gatedEngine{Synthetic: NewSynthetic(spec, Timing{}), gate: make(chan struct{})}
+	d := NewDecoder(g, 0, nil)
+	prompts := []string{"the river", "the quiet harbour at night", "a ferry", "light on the water", "north wind", "the bridge", "stone tower", "open door"}
+	s := Sampling{MaxTokens: 20, Temperature: 1, TopP: 1, Seed: 3}
+	var firstTaken, owners sync.WaitGroup
+	texts := make([]string, len(prompts))
+	finishes := make([]FinishReason, len(prompts))
+	for i, p := range prompts {
+		m := d.Join(startSeq(t, g, p, s))
+		firstTaken.Add(1)
+		owners.Go(func() {
+			toks, finish := driveNotify(t, d, m, firstTaken.Done)
+			texts[i], finishes[i] = Detokenize(toks), finish
+			d.Leave(m)
+		})
+	}
+	// Every owner took its first token before the first step may end: from
+	// the second step on, every one of them is steppable together.
+	firstTaken.Wait()
+	close(g.gate)
+	owners.Wait()
+	for i, p := range prompts {
+		want := Reference(spec, p, s)
+		if texts[i] != want.Text || finishes[i] != want.Finish {
+			t.Fatalf("%q: %q (%v), reference %q (%v)", p, texts[i], finishes[i], want.Text, want.Finish)
+		}
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	most := 0
+	for _, n := range g.batches {
+		most = max(most, n)
+	}
+	if most < len(prompts)/2 {
+		t.Fatalf("batches %v: some step should run at least %d sequences", g.batches, len(prompts)/2)
+	}
+}
+
+// A sequence whose owner does not take its tokens is not stepped: the
+// others go on without it.
+func TestDecoderWaitsForSlowOwner(t *testing.T) {
+	spec, _ := Preset("tiny")
+	e := NewSynthetic(spec, Timing{})
+	d := NewDecoder(e, 0, nil)
+	slow := d.Join(startSeq(t, e, "the river", Sampling{MaxTokens: 40}))
+	fast := d.Join(startSeq(t, e, "the bridge", Sampling{MaxTokens: 40}))
+	if toks, _ := drive(t, d, fast); len(toks) == 0 {
+		t.Fatal("the fast sequence produced nothing")
+	}
+	d.Leave(fast)
+	toks, finish, err := d.Take(slow) // only its first token: never taken, never stepped
+	if err != nil || len(toks) != 1 || finish != FinishNone {
+		t.Fatalf("slow owner: %v %v %v, want its first token only", toks, finish, err)
+	}
+	d.Leave(slow)
+}
+
+// With more sequences than maxSeqs, each step runs maxSeqs of them in
+// turn, and every one finishes.
+func TestDecoderMaxSeqsRoundRobin(t *testing.T) {
+	spec, _ := Preset("tiny")
+	g := &gatedEngine{Synthetic: NewSynthetic(spec, Timing{}), gate: make(chan struct{})}
+	d := NewDecoder(g, 2, nil)
+	var members []*Member
+	for _, p := range []string{"a", "b", "c", "d", "e"} {
+		members = append(members, d.Join(startSeq(t, g, p, Sampling{MaxTokens: 6})))
+	}
+	close(g.gate)
+	var owners sync.WaitGroup
+	for _, m := range members {
+		owners.Go(func() {
+			drive(t, d, m)
+			d.Leave(m)
+		})
+	}
+	owners.Wait()
+	for _, n := range g.batches {
+		if n > 2 {
+			t.Fatalf("batch of %d with maxSeqs 2: %v", n, g.batches)
+		}
+	}
+}
+
+// Leave never waits for a running step: a request that is cancelled in
+// the middle of an hour-long step is free at once, and when nobody is
+// left the step is abandoned and the loop ends.
+func TestDecoderLeaveDoesNotWaitForTheStep(t *testing.T) {
+	spec, _ := Preset("tiny")
+	e := NewSynthetic(spec, Timing{DecodeStepTime: time.Hour})
+	stepped := make(chan int, 16)
+	d := NewDecoder(e, 0, func(n int) { stepped <- n })
+	closed := make(chan struct{})
+	sq := startSeq(t, e, "the river", Sampling{MaxTokens: 50})
+	sq.close = func() { close(closed) }
+	m := d.Join(sq)
+	d.Leave(m)
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the sequence was not closed after Leave")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for d.Running() != 0 || d.loopRunning() {
+		if time.Now().After(deadline) {
+			t.Fatal("the decode loop did not end with no members")
+		}
+		time.Sleep(time.Millisecond) // polling with a deadline
+	}
+}
+
+func (d *Decoder) loopRunning() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.running
+}
