@@ -113,7 +113,7 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("--max-retries and --max-inflight must not be negative"))
 	}
 	if c.APIKeysFile != "" {
-		if _, err := readAPIKeys(c.APIKeysFile); err != nil {
+		if _, err := router.ReadKeysFile(c.APIKeysFile); err != nil {
 			errs = append(errs, fmt.Errorf("--api-keys-file: %w", err))
 		}
 	}
@@ -131,6 +131,9 @@ func main() {
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }
 
+// keyReloadInterval is how often the API key file is checked for changes.
+const keyReloadInterval = 2 * time.Second
+
 // healthInterval is how often the router re-checks its backends' readiness.
 const healthInterval = 2 * time.Second
 
@@ -143,11 +146,13 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if served == "" {
 		served = spec.Name
 	}
-	var keys map[string]bool
+	var keys *router.Keys
 	if cfg.APIKeysFile != "" {
-		if keys, err = readAPIKeys(cfg.APIKeysFile); err != nil {
+		list, err := router.ReadKeysFile(cfg.APIKeysFile)
+		if err != nil {
 			return err
 		}
+		keys = router.NewKeys(list)
 	}
 	reg := metrics.NewRegistry()
 	creds, err := cfg.TLS.DialOption()
@@ -204,6 +209,9 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	if keys != nil {
+		grpcCreds = append(grpcCreds, keys.GRPCOptions()...) // RouterService takes the same keys as HTTP
+	}
 	gs := serving.NewGRPCServer(lg, grpcCreds...)
 	checker.Register(gs)
 	kvferryv1.RegisterRouterServiceServer(gs, rt)
@@ -245,6 +253,9 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	})
 	g.Go("health", func(ctx context.Context) error { checker.Run(ctx, healthInterval); return nil })
 	g.Go("discovery", func(ctx context.Context) error { rt.Discover(ctx); return nil })
+	if keys != nil {
+		g.Go("api-keys", func(ctx context.Context) error { keys.WatchFile(ctx, cfg.APIKeysFile, keyReloadInterval, lg); return nil })
+	}
 	lg.Info("serving", zap.String("openai", httpLn.Addr().String()), zap.String("grpc", grpcLn.Addr().String()),
 		zap.String("admin", adminLn.Addr().String()), zap.String("model", served),
 		zap.String("ctx_servers", ctxSrc.String()), zap.String("gen_servers", genSrc.String()))
@@ -253,24 +264,6 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	checker.Shutdown()
 	lg.Info("stopped")
 	return err
-}
-
-// readAPIKeys reads one key per line; blank lines and # comments are skipped.
-func readAPIKeys(path string) (map[string]bool, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	keys := map[string]bool{}
-	for _, line := range strings.Split(string(b), "\n") {
-		if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
-			keys[line] = true
-		}
-	}
-	if len(keys) == 0 {
-		return nil, errors.New("no keys in the file")
-	}
-	return keys, nil
 }
 
 // parseK8sService reads --k8s-service: ctx=NAME,gen=NAME (either or both).

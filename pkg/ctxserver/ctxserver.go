@@ -11,6 +11,8 @@ package ctxserver
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -80,7 +82,10 @@ func (p phase) String() string {
 
 type request struct {
 	attempt uint32
-	phase   phase
+	// fingerprint identifies what was asked (prompt and sampling): a
+	// duplicate of the ticket must be the same request.
+	fingerprint [sha256.Size]byte
+	phase       phase
 	blocks  []blockpool.ID
 
 	refsHeld      bool            // the request's one reference on each block
@@ -164,6 +169,9 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 			return nil, status.Errorf(codes.FailedPrecondition, "stale attempt %d: attempt %d already seen", attempt, old.attempt)
 		case attempt == old.attempt:
 			s.mu.Unlock()
+			if old.fingerprint != fingerprint(req) {
+				return nil, status.Errorf(codes.AlreadyExists, "ticket %s attempt %d is another request's (a different prompt or sampling)", id, attempt)
+			}
 			return s.duplicatePrefill(ctx, old)
 		default:
 			s.endLocked(old) // a newer attempt supersedes the old one
@@ -180,7 +188,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	}
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	r := &request{attempt: attempt, phase: phasePrefilling, blocks: blocks, refsHeld: true, engineRunning: true, prefillCancel: cancel, prefillDone: make(chan struct{})}
+	r := &request{attempt: attempt, fingerprint: fingerprint(req), phase: phasePrefilling, blocks: blocks, refsHeld: true, engineRunning: true, prefillCancel: cancel, prefillDone: make(chan struct{})}
 	s.reqs[id] = r
 	s.cfg.Progress.Begin(time.Now())
 	s.mu.Unlock()
@@ -256,6 +264,22 @@ func (s *Server) allocateLocked(ctx context.Context, tokens []uint32) ([]blockpo
 		blocks = append(blocks, fresh...)
 	}
 	return blocks, hashes, reused, nil
+}
+
+// fingerprint is a collision-resistant digest of a Prefill's prompt and
+// sampling.
+func fingerprint(req *kvferryv1.PrefillRequest) [sha256.Size]byte {
+	h := sha256.New()
+	var b [4]byte
+	for _, t := range req.GetPromptTokens() {
+		binary.LittleEndian.PutUint32(b[:], t)
+		h.Write(b[:])
+	}
+	sp := req.GetSampling()
+	fmt.Fprintf(h, "|%d|%g|%g|%d", sp.GetMaxTokens(), sp.GetTemperature(), sp.GetTopP(), sp.GetSeed())
+	var out [sha256.Size]byte
+	h.Sum(out[:0])
+	return out
 }
 
 // duplicatePrefill answers a repeated Prefill of the same attempt with the

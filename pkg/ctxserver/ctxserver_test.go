@@ -109,6 +109,32 @@ func TestPrefillIdempotentAndStale(t *testing.T) {
 	}
 }
 
+// A duplicate of a ticket must be the same request: another prompt on
+// the same ticket and attempt is ALREADY_EXISTS, never answered from the
+// first one's prefill, and nothing more is held.
+func TestDuplicateTicketOtherPrompt(t *testing.T) {
+	f := newFixture(t, 16)
+	tk := &kvferryv1.Ticket{RequestId: ticket.NewID(), Attempt: 1}
+	f.prefill(t, tk, 40)
+	owned := f.counts().Owned
+	other := executor.Tokenize("the quiet harbour")
+	_, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: other, Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}})
+	if status.Code(err) != codes.AlreadyExists {
+		t.Fatalf("another prompt on the same ticket: %v, want AlreadyExists", err)
+	}
+	sameButSampling := make([]uint32, 40)
+	for i := range sameButSampling {
+		sameButSampling[i] = executor.Tokenize("river")[0]
+	}
+	_, err = f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: sameButSampling, Sampling: &kvferryv1.SamplingParams{MaxTokens: 4, Seed: 9}})
+	if status.Code(err) != codes.AlreadyExists {
+		t.Fatalf("other sampling on the same ticket: %v, want AlreadyExists", err)
+	}
+	if got := f.counts().Owned; got != owned {
+		t.Fatalf("owned %d after refused duplicates, want %d", got, owned)
+	}
+}
+
 func TestPrefillRejectsBadInput(t *testing.T) {
 	f := newFixture(t, 4)
 	tk := ticket.New(ticket.NewID())

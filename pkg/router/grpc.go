@@ -35,17 +35,24 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 	case len(tokens)+int(s.GetMaxTokens()) > r.cfg.Model.MaxContextTokens:
 		return status.Errorf(codes.InvalidArgument, "prompt (%d tokens) plus max_tokens (%d) exceeds the context length of %d", len(tokens), s.GetMaxTokens(), r.cfg.Model.MaxContextTokens)
 	}
-	id := req.GetRequestId()
-	if id == "" {
-		id = ticket.NewID()
-	} else if err := ticket.ValidateID(id); err != nil {
-		return status.Error(codes.InvalidArgument, err.Error())
+	// The ticket is always ours; the client's request_id is correlation
+	// (logs, Cancel) and is echoed in every response.
+	id := ticket.NewID()
+	clientID := req.GetRequestId()
+	if clientID != "" {
+		if err := ValidateClientID(clientID); err != nil {
+			return status.Error(codes.InvalidArgument, err.Error())
+		}
+	}
+	echo := id
+	if clientID != "" {
+		echo = clientID
 	}
 	completion := uint32(0)
-	_, err := r.Run(stream.Context(), Job{ID: id, Prompt: tokens, Sampling: s}, func(c Chunk) error {
+	_, err := r.Run(stream.Context(), Job{ID: id, ClientID: clientID, Prompt: tokens, Sampling: s}, func(c Chunk) error {
 		completion += uint32(len(c.Tokens))
 		msg := &kvferryv1.RouterServiceGenerateResponse{
-			RequestId: id, Text: c.Text, Tokens: c.Tokens, PromptTokens: uint32(len(tokens)), CompletionTokens: completion,
+			RequestId: echo, Text: c.Text, Tokens: c.Tokens, PromptTokens: uint32(len(tokens)), CompletionTokens: completion,
 		}
 		switch c.Finish {
 		case executor.FinishStop:
@@ -63,7 +70,7 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 
 // Cancel implements RouterService.
 func (r *Router) Cancel(ctx context.Context, req *kvferryv1.RouterServiceCancelRequest) (*kvferryv1.RouterServiceCancelResponse, error) {
-	if err := ticket.ValidateID(req.GetRequestId()); err != nil {
+	if err := ValidateClientID(req.GetRequestId()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	found, outcomes := r.CancelByID(ctx, req.GetRequestId())

@@ -188,6 +188,23 @@ type chatMessage struct {
 	Content json.RawMessage `json:"content"`
 }
 
+// MaxClientIDBytes bounds a client's request id.
+const MaxClientIDBytes = 128
+
+// ValidateClientID accepts a client's request id: 1 to 128 printable ASCII
+// bytes. It is correlation only, never a ticket.
+func ValidateClientID(id string) error {
+	if id == "" || len(id) > MaxClientIDBytes {
+		return fmt.Errorf("request id must be 1 to %d bytes, got %d", MaxClientIDBytes, len(id))
+	}
+	for i := 0; i < len(id); i++ {
+		if id[i] < 0x20 || id[i] > 0x7e {
+			return fmt.Errorf("request id byte %d is not printable ASCII", i)
+		}
+	}
+	return nil
+}
+
 // RenderChat is kvferry's chat rendering, for models without a template
 // (executor.RenderChat).
 func RenderChat(msgs []ChatMessage) string { return executor.RenderChat(msgs) }
@@ -234,12 +251,11 @@ func promptText(raw json.RawMessage) (string, error) {
 // when keys are configured.
 func (r *Router) Handler() http.Handler {
 	mux := r.routes()
-	if len(r.cfg.APIKeys) == 0 {
+	if r.cfg.APIKeys == nil {
 		return mux
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		key, ok := strings.CutPrefix(req.Header.Get("Authorization"), "Bearer ")
-		if !ok || !r.cfg.APIKeys[strings.TrimSpace(key)] {
+		if !r.cfg.APIKeys.CheckBearer(req.Header.Get("Authorization")) {
 			writeError(w, http.StatusUnauthorized, "invalid_request_error", "", "invalid_api_key", "missing or incorrect API key: send Authorization: Bearer <key>")
 			return
 		}
@@ -377,11 +393,13 @@ func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job
 		badRequest(w, "max_tokens", "prompt (%d tokens) plus max_tokens (%d) exceeds the context length of %d", len(tokens), sampling.GetMaxTokens(), r.cfg.Model.MaxContextTokens)
 		return job, body, false
 	}
-	id := req.Header.Get("X-Request-Id")
-	if ticket.ValidateID(id) != nil {
-		id = ticket.NewID()
+	// The ticket is always ours; the client's X-Request-Id (any printable
+	// value up to 128 bytes) is kept for correlation and echoed back.
+	clientID := req.Header.Get("X-Request-Id")
+	if ValidateClientID(clientID) != nil {
+		clientID = ""
 	}
-	return Job{ID: id, Prompt: tokens, Sampling: sampling, Stop: stopSeqs}, body, true
+	return Job{ID: ticket.NewID(), ClientID: clientID, Prompt: tokens, Sampling: sampling, Stop: stopSeqs}, body, true
 }
 
 func roleErr(role string) error {
@@ -461,7 +479,11 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 		r.cfg.Metrics.RecordRequest("rejected", 0)
 		return
 	}
-	w.Header().Set("X-Request-Id", job.ID)
+	if job.ClientID != "" {
+		w.Header().Set("X-Request-Id", job.ClientID)
+	} else {
+		w.Header().Set("X-Request-Id", job.ID)
+	}
 	prefix, object, chunkObject := "cmpl-", "text_completion", "text_completion"
 	if chat {
 		prefix, object, chunkObject = "chatcmpl-", "chat.completion", "chat.completion.chunk"
@@ -503,7 +525,7 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 			return nil
 		})
 		if err != nil {
-			r.lg.Info("request failed", zap.String("request_id", job.ID), zap.Error(err))
+			r.lg.Info("request failed", zap.String("request_id", job.ID), zap.String("client_request_id", job.ClientID), zap.Error(err))
 			writeRunError(w, err)
 			return
 		}
@@ -551,7 +573,7 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 			return
 		}
 		// Headers are gone: the OpenAI convention is an error event.
-		r.lg.Info("stream failed", zap.String("request_id", job.ID), zap.Error(err))
+		r.lg.Info("stream failed", zap.String("request_id", job.ID), zap.String("client_request_id", job.ClientID), zap.Error(err))
 		_ = send(apiError{Error: apiErrorBody{Message: err.Error(), Type: "server_error"}})
 		return
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -147,4 +148,38 @@ func FuzzChatRequest(f *testing.F) {
 	}
 	r := fuzzRouter()
 	f.Fuzz(func(t *testing.T, body []byte) { fuzzParse(t, r, body, true) })
+}
+
+// A client's X-Request-Id never becomes a ticket: two requests that send
+// the same one get different tickets, and the client's value is kept for
+// correlation; a value that is not printable ASCII up to 128 bytes is
+// ignored.
+func TestRequestIDIsNotATicket(t *testing.T) {
+	r := fuzzRouter()
+	body := `{"model":"tiny","prompt":"the river","max_tokens":5}`
+	parse := func(clientID string) Job {
+		req := httptest.NewRequest(http.MethodPost, "/v1/completions", strings.NewReader(body))
+		req.Header.Set("X-Request-Id", clientID)
+		job, _, ok := r.parse(httptest.NewRecorder(), req, false)
+		if !ok {
+			t.Fatal("rejected")
+		}
+		return job
+	}
+	same := strings.Repeat("ab", 16) // a valid ticket id, as a client could send
+	a, b := parse(same), parse(same)
+	if a.ID == b.ID || a.ID == same || ticket.ValidateID(a.ID) != nil {
+		t.Fatalf("tickets %q and %q for client id %q", a.ID, b.ID, same)
+	}
+	if a.ClientID != same || b.ClientID != same {
+		t.Fatalf("client ids %q %q, want %q", a.ClientID, b.ClientID, same)
+	}
+	for _, bad := range []string{strings.Repeat("x", MaxClientIDBytes+1), "tab\there", "nul\x00"} {
+		if got := parse(bad).ClientID; got != "" {
+			t.Fatalf("client id %q accepted as %q", bad, got)
+		}
+	}
+	if got := parse("order-17/retry 2").ClientID; got != "order-17/retry 2" {
+		t.Fatalf("printable id not kept: %q", got)
+	}
 }

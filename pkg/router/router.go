@@ -53,8 +53,9 @@ type Config struct {
 	// MaxInflight bounds requests in flight; beyond it the router answers
 	// 429 (0: no bound).
 	MaxInflight int
-	// APIKeys, when not empty, are the bearer tokens the HTTP API accepts.
-	APIKeys map[string]bool
+	// APIKeys, when enabled, are the bearer tokens the public surfaces
+	// accept (nil: none required).
+	APIKeys *Keys
 	Conns   *serving.ConnCache
 	Metrics *metrics.Router
 	Logger  *zap.Logger
@@ -80,7 +81,8 @@ type Router struct {
 var _ kvferryv1.RouterServiceServer = (*Router)(nil)
 
 type active struct {
-	ticket *kvferryv1.Ticket
+	clientID string
+	ticket   *kvferryv1.Ticket
 	ctx    *backend
 	gen    *backend
 	cancel context.CancelFunc
@@ -167,7 +169,12 @@ func (r *Router) Discover(ctx context.Context) {
 
 // Job is one request as the router runs it.
 type Job struct {
-	ID       string
+	// ID is the request's ticket id, always minted by the router (NewJobID):
+	// never a client's value, so no two requests share a ticket.
+	ID string
+	// ClientID is the client's own request id (X-Request-Id, or the gRPC
+	// request_id): for correlation in logs and Cancel, never a ticket.
+	ClientID string
 	Prompt   []uint32
 	Sampling *kvferryv1.SamplingParams
 	// Stop sequences end the output before them (never sent).
@@ -224,7 +231,7 @@ func (r *Router) Run(ctx context.Context, job Job, emit func(Chunk) error) (Usag
 		return Usage{PromptTokens: len(job.Prompt)}, ErrOverloaded
 	}
 	defer r.inflight.Add(-1)
-	a := &active{}
+	a := &active{clientID: job.ClientID}
 	if err := r.track(job.ID, a); err != nil {
 		return Usage{}, err
 	}
@@ -521,22 +528,26 @@ func (r *Router) cancelBoth(ctx context.Context, a *active) []*kvferryv1.ServerC
 	return out
 }
 
-// CancelByID cancels a running request: its streams stop and both servers
-// get Cancel(ticket). found is false for an unknown id.
+// CancelByID cancels the running requests with this id — the router's own
+// or a client's: their streams stop and both servers get Cancel(ticket).
+// found is false when no running request has it.
 func (r *Router) CancelByID(ctx context.Context, id string) (found bool, outcomes []*kvferryv1.ServerCancelOutcome) {
 	r.mu.Lock()
-	a, ok := r.active[id]
-	var snap active
-	if ok {
-		snap = *a
+	var snaps []active
+	for minted, a := range r.active {
+		if minted == id || (a.clientID != "" && a.clientID == id) {
+			snaps = append(snaps, *a)
+		}
 	}
 	r.mu.Unlock()
-	if !ok || snap.ticket == nil {
-		return ok, nil
+	for i := range snaps {
+		if snaps[i].ticket == nil {
+			continue // not started yet; nothing on a server to cancel
+		}
+		outcomes = append(outcomes, r.cancelBoth(ctx, &snaps[i])...)
+		snaps[i].cancel()
 	}
-	out := r.cancelBoth(ctx, &snap)
-	snap.cancel()
-	return true, out
+	return len(snaps) > 0, outcomes
 }
 
 // backendReadyTimeout bounds one readiness probe of a backend.
