@@ -254,7 +254,10 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	g.Go("health", func(ctx context.Context) error { checker.Run(ctx, healthInterval); return nil })
 	g.Go("discovery", func(ctx context.Context) error { rt.Discover(ctx); return nil })
 	if keys != nil {
-		g.Go("api-keys", func(ctx context.Context) error { keys.WatchFile(ctx, cfg.APIKeysFile, keyReloadInterval, lg); return nil })
+		g.Go("api-keys", func(ctx context.Context) error {
+			keys.WatchFile(ctx, cfg.APIKeysFile, keyReloadInterval, lg)
+			return nil
+		})
 	}
 	lg.Info("serving", zap.String("openai", httpLn.Addr().String()), zap.String("grpc", grpcLn.Addr().String()),
 		zap.String("admin", adminLn.Addr().String()), zap.String("model", served),

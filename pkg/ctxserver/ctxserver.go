@@ -86,7 +86,7 @@ type request struct {
 	// duplicate of the ticket must be the same request.
 	fingerprint [sha256.Size]byte
 	phase       phase
-	blocks  []blockpool.ID
+	blocks      []blockpool.ID
 
 	refsHeld      bool            // the request's one reference on each block
 	hold          kvtransfer.Hold // a transfer's pin on each block

@@ -83,9 +83,9 @@ var _ kvferryv1.RouterServiceServer = (*Router)(nil)
 type active struct {
 	clientID string
 	ticket   *kvferryv1.Ticket
-	ctx    *backend
-	gen    *backend
-	cancel context.CancelFunc
+	ctx      *backend
+	gen      *backend
+	cancel   context.CancelFunc
 }
 
 // New returns a router. Call Discover (or Resolve once) to learn the
