@@ -50,6 +50,7 @@ type Config struct {
 	K8sNamespace     string
 	K8sPortName      string
 	TLS              serving.TLSFiles
+	EnablePprof      bool
 }
 
 func (c *Config) register(fs *flag.FlagSet) {
@@ -64,6 +65,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.K8sNamespace, "k8s-namespace", "", "namespace of the --k8s-service Services (default: the pod's own)")
 	fs.StringVar(&c.K8sPortName, "k8s-port-name", "grpc", "EndpointSlice port name of the servers' gRPC port")
 	servercmd.RegisterTLS(fs, &c.TLS)
+	servercmd.RegisterPprof(fs, &c.EnablePprof)
 	c.EngineFlags.Register(fs) // the router tokenizes with the servers' model (vocabulary only)
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 4<<20, "largest request body accepted (413 above)")
 	fs.IntVar(&c.MaxPromptTokens, "max-prompt-tokens", 8000, "largest prompt accepted, in tokens")
@@ -249,7 +251,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		return serving.ServeGRPC(ctx, gs, grpcLn, cfg.ShutdownGrace, checker.SetDraining)
 	})
 	g.Go("admin", func(ctx context.Context) error {
-		return serving.ServeHTTP(ctx, servercmd.AdminHandler(checker, reg), adminLn, cfg.ShutdownGrace)
+		return serving.ServeHTTP(ctx, servercmd.AdminHandler(checker, reg, cfg.EnablePprof), adminLn, cfg.ShutdownGrace)
 	})
 	g.Go("health", func(ctx context.Context) error { checker.Run(ctx, healthInterval); return nil })
 	g.Go("discovery", func(ctx context.Context) error { rt.Discover(ctx); return nil })

@@ -217,7 +217,7 @@ func TestPairCanaryFeedsReadiness(t *testing.T) {
 // TestMetricsPassPromlint: every binary's /metrics passes Prometheus'
 // linter and exposes the contract families.
 func TestMetricsPassPromlint(t *testing.T) {
-	s := stack.Up(t, binDir, stack.Options{})
+	s := stack.Up(t, binDir, stack.Options{CtxArgs: []string{"--enable-pprof"}})
 	c := client(s)
 	if _, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{
 		Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(3),
@@ -249,9 +249,13 @@ func TestMetricsPassPromlint(t *testing.T) {
 			}
 		}
 	}
-	for _, base := range []string{s.CtxHTTP, s.GenHTTP, s.RouterAdmin} {
-		if code := probe(base + "/debug/pprof/"); code != http.StatusOK {
-			t.Errorf("%s/debug/pprof/: %d", base, code)
+	// Profiles only where --enable-pprof asked for them.
+	if code := probe(s.CtxHTTP + "/debug/pprof/"); code != http.StatusOK {
+		t.Errorf("%s/debug/pprof/ with --enable-pprof: %d", s.CtxHTTP, code)
+	}
+	for _, base := range []string{s.GenHTTP, s.RouterAdmin} {
+		if code := probe(base + "/debug/pprof/"); code != http.StatusNotFound {
+			t.Errorf("%s/debug/pprof/ without --enable-pprof: %d, want 404", base, code)
 		}
 	}
 	if code := probe(s.OpenAIURL[:len(s.OpenAIURL)-len("/v1")] + "/debug/pprof/"); code == http.StatusOK {

@@ -62,6 +62,7 @@ type Config struct {
 	HealthInterval          time.Duration
 	ExhaustionGrace         time.Duration
 	TLS                     serving.TLSFiles
+	EnablePprof             bool
 }
 
 // Ports are a server's default listeners (DESIGN §7).
@@ -89,6 +90,7 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	fs.DurationVar(&c.HealthInterval, "health-interval", time.Second, "how often health is evaluated")
 	fs.DurationVar(&c.ExhaustionGrace, "exhaustion-grace", 5*time.Second, "readiness fails when no block could be allocated for longer than this")
 	RegisterTLS(fs, &c.TLS)
+	RegisterPprof(fs, &c.EnablePprof)
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
 }
 
@@ -322,16 +324,24 @@ func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
 const gpuPollInterval = 5 * time.Second
 
 // AdminHandler serves /livez, /readyz, /health (the full snapshot as JSON)
-// and /metrics.
-func AdminHandler(h *health.Checker, reg *prometheus.Registry) http.Handler {
+// and /metrics, and with enablePprof /debug/pprof/.
+func AdminHandler(h *health.Checker, reg *prometheus.Registry, enablePprof bool) http.Handler {
 	mux := http.NewServeMux()
 	h.Routes(mux)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	// Profiles on the admin port only, never the public one.
-	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
-	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	if enablePprof {
+		// Profiles on the admin port only, never the public one, and only
+		// when asked for: they expose memory contents and cost CPU.
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	return mux
+}
+
+// RegisterPprof adds --enable-pprof.
+func RegisterPprof(fs *flag.FlagSet, enable *bool) {
+	fs.BoolVar(enable, "enable-pprof", false, "serve Go profiles on the admin port at /debug/pprof/ (off by default: they expose memory contents)")
 }
 
 // Serve runs the gRPC and admin HTTP servers plus the extra runnables until
@@ -346,7 +356,7 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 	defer stopAdmin()
 	adminErr := make(chan error, 1)
 	go func() {
-		err := serving.ServeHTTP(adminCtx, AdminHandler(p.Health, p.Registry), p.HTTPLn, cfg.ShutdownGrace)
+		err := serving.ServeHTTP(adminCtx, AdminHandler(p.Health, p.Registry, cfg.EnablePprof), p.HTTPLn, cfg.ShutdownGrace)
 		if err != nil {
 			stopRun() // the admin server failed: stop the process
 		}
