@@ -114,7 +114,9 @@ type Server struct {
 
 	cfg  Config
 	spec executor.ModelSpec
-	lg   *zap.Logger
+	// prefixKeys keys the reuse cache (keyed SHA-256: uncraftable).
+	prefixKeys *executor.PrefixKeys
+	lg         *zap.Logger
 
 	mu       sync.Mutex
 	reqs     map[string]*request
@@ -128,7 +130,7 @@ var (
 
 // New returns a context server.
 func New(cfg Config) *Server {
-	return &Server{cfg: cfg, spec: cfg.Engine.Model(), lg: cfg.Logger, reqs: map[string]*request{}}
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), lg: cfg.Logger, reqs: map[string]*request{}}
 }
 
 func reqFields(t *kvferryv1.Ticket) []zap.Field {
@@ -249,7 +251,7 @@ func (s *Server) allocateLocked(ctx context.Context, tokens []uint32) ([]blockpo
 	var hashes []uint64
 	var blocks []blockpool.ID
 	if s.cfg.PrefixReuse {
-		hashes = executor.BlockHashes(s.spec, tokens)
+		hashes = s.prefixKeys.Keys(tokens)
 		blocks = s.cfg.Pool.Lookup(hashes)
 	}
 	reused := len(blocks)

@@ -2,6 +2,8 @@ package executor
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -335,6 +337,50 @@ func BlockHashes(spec ModelSpec, tokens []uint32) []uint64 {
 			h = mix(h ^ uint64(t))
 		}
 		out[j] = h
+	}
+	return out
+}
+
+// PrefixKeys computes the prefix-reuse cache's keys: a chain of
+// SHA-256 over the model's identity, a secret drawn at start and each full
+// block's tokens, so that no one outside the process can compute a key,
+// let alone craft a prompt whose key collides with another prompt's
+// (which would serve that prompt's KV). BlockHashes, unkeyed, is only fit
+// for routing affinity.
+type PrefixKeys struct {
+	spec   ModelSpec
+	secret [32]byte
+}
+
+// NewPrefixKeys draws the secret.
+func NewPrefixKeys(spec ModelSpec) *PrefixKeys {
+	k := &PrefixKeys{spec: spec}
+	if _, err := rand.Read(k.secret[:]); err != nil {
+		panic(fmt.Sprintf("executor: crypto/rand: %v", err)) // the platform has no randomness: nothing is safe
+	}
+	return k
+}
+
+// Keys returns the key of each full block of tokens; block j's key covers
+// every token up to its end. The partial last block has none.
+func (k *PrefixKeys) Keys(tokens []uint32) []uint64 {
+	full := len(tokens) / k.spec.BlockTokens
+	out := make([]uint64, full)
+	h := sha256.New()
+	var chain [sha256.Size]byte
+	h.Write(k.secret[:])
+	fmt.Fprintf(h, "%s|%s|%s|%d|%d", k.spec.Engine, k.spec.ModelSHA256, k.spec.Name, k.spec.BytesPerToken(), k.spec.BlockTokens)
+	h.Sum(chain[:0])
+	var b [4]byte
+	for j := range full {
+		h.Reset()
+		h.Write(chain[:])
+		for _, t := range tokens[j*k.spec.BlockTokens : (j+1)*k.spec.BlockTokens] {
+			binary.LittleEndian.PutUint32(b[:], t)
+			h.Write(b[:])
+		}
+		h.Sum(chain[:0])
+		out[j] = binary.LittleEndian.Uint64(chain[:8])
 	}
 	return out
 }

@@ -222,3 +222,27 @@ func TestPrefillWithReuse(t *testing.T) {
 		t.Fatalf("hashes %v %v", h1, h2)
 	}
 }
+
+// Prefix keys depend on every token up to the block's end and on a secret
+// of the process: two processes key the same prompt differently.
+func TestPrefixKeys(t *testing.T) {
+	spec, _ := Preset("tiny")
+	k := NewPrefixKeys(spec)
+	a := k.Keys(Tokenize(longPrompt(40)))
+	b := k.Keys(Tokenize(longPrompt(40)))
+	c := k.Keys(Tokenize("a " + longPrompt(40)))
+	if len(a) == 0 || len(a) != len(b) {
+		t.Fatalf("keys %v %v", a, b)
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			t.Fatal("the same prompt keyed differently in one process")
+		}
+		if i < len(c) && a[i] == c[i] {
+			t.Fatalf("block %d: another prefix, the same key", i)
+		}
+	}
+	if other := NewPrefixKeys(spec).Keys(Tokenize(longPrompt(40))); other[0] == a[0] {
+		t.Fatal("two secrets gave the same key")
+	}
+}
