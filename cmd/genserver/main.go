@@ -91,7 +91,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		CanaryInterval: cfg.CanaryInterval,
 		Canaries:       metrics.NewCanary(p.Registry),
 		MaxBatchSeqs:   cfg.MaxBatchSeqs,
-		Scheduler:      metrics.NewScheduler(p.Registry),
+		Scheduler:      p.Scheduler,
 		Logger:         lg,
 	})
 	checker = p.StartHealth(cfg.Config, health.Sources{QuarantinedSessions: srv.QuarantinedSessions, Canary: srv.CanaryStatus})

@@ -355,10 +355,13 @@ func (c *Canary) RecordCanary(result string, d time.Duration) {
 	c.duration.Observe(d.Seconds())
 }
 
-// Scheduler holds the decode loop's metrics.
+// Scheduler holds the scheduler's metrics: the decode loop's batches and
+// the admission queue in front of the pool.
 type Scheduler struct {
 	batch   prometheus.Histogram
 	running prometheus.Gauge
+	wait    prometheus.Histogram
+	waiting prometheus.Gauge
 }
 
 // NewScheduler registers the scheduler's metrics.
@@ -372,8 +375,16 @@ func NewScheduler(reg prometheus.Registerer) *Scheduler {
 			Namespace: namespace, Subsystem: "scheduler", Name: "running_sequences",
 			Help: "Sequences in the decode loop.",
 		}),
+		wait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "scheduler", Name: "queue_seconds",
+			Help: "Time from arrival to admission (the blocks were available and it was the request's turn).", Buckets: prometheus.ExponentialBuckets(0.0001, 4, 12),
+		}),
+		waiting: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Subsystem: "scheduler", Name: "waiting_requests",
+			Help: "Requests waiting for KV blocks.",
+		}),
 	}
-	reg.MustRegister(s.batch, s.running)
+	reg.MustRegister(s.batch, s.running, s.wait, s.waiting)
 	return s
 }
 
@@ -384,33 +395,11 @@ func (s *Scheduler) RecordBatch(n, running int) {
 	s.running.Set(float64(running))
 }
 
-// Queue holds the admission queue's metrics.
-type Queue struct {
-	wait    prometheus.Histogram
-	waiting prometheus.Gauge
-}
-
-// NewQueue registers the admission queue's metrics.
-func NewQueue(reg prometheus.Registerer) *Queue {
-	q := &Queue{
-		wait: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Namespace: namespace, Subsystem: "scheduler", Name: "queue_seconds",
-			Help: "Time from arrival to admission (the blocks were available and it was the request's turn).", Buckets: prometheus.ExponentialBuckets(0.0001, 4, 12),
-		}),
-		waiting: prometheus.NewGauge(prometheus.GaugeOpts{
-			Namespace: namespace, Subsystem: "scheduler", Name: "waiting_requests",
-			Help: "Requests waiting for KV blocks.",
-		}),
-	}
-	reg.MustRegister(q.wait, q.waiting)
-	return q
-}
-
 // RecordQueue observes one admission's wait (wait < 0: none, only the
 // number waiting changed).
-func (q *Queue) RecordQueue(wait time.Duration, waiting int) {
+func (s *Scheduler) RecordQueue(wait time.Duration, waiting int) {
 	if wait >= 0 {
-		q.wait.Observe(wait.Seconds())
+		s.wait.Observe(wait.Seconds())
 	}
-	q.waiting.Set(float64(waiting))
+	s.waiting.Set(float64(waiting))
 }

@@ -31,7 +31,6 @@ func contractRegistry(t *testing.T) (*prometheus.Registry, *blockpool.Pool, *Tra
 	NewQuarantine(reg)
 	NewCanary(reg)
 	NewScheduler(reg)
-	NewQueue(reg)
 	return reg, pool, NewTransfer(reg), NewCancel(reg), NewRouter(reg)
 }
 

@@ -159,8 +159,10 @@ type Parts struct {
 	Spec   executor.ModelSpec
 	Engine executor.Engine
 	Pool   *blockpool.Pool
-	// Admission is the waiting queue in front of the pool (--max-queue).
+	// Admission is the waiting queue in front of the pool (--max-queue);
+	// Scheduler its metrics and the decode loop's.
 	Admission *executor.Admission
+	Scheduler *metrics.Scheduler
 	Registry  *prometheus.Registry
 	Progress  *health.Progress
 	Sessions  *health.Sessions
@@ -223,12 +225,13 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 	}
 	reg := metrics.NewRegistry()
 	metrics.RegisterPool(reg, pool)
-	queue := metrics.NewQueue(reg)
+	sched := metrics.NewScheduler(reg)
 	p := &Parts{
 		Spec:      spec,
 		Engine:    engine,
 		closeEng:  closeEngine,
-		Admission: executor.NewAdmission(pool, cfg.MaxQueue, queue.RecordQueue),
+		Admission: executor.NewAdmission(pool, cfg.MaxQueue, sched.RecordQueue),
+		Scheduler: sched,
 		Pool:      pool,
 		Registry:  reg,
 		Progress:  health.NewProgress(time.Now()),
