@@ -42,6 +42,9 @@ type LlamaConfig struct {
 	Slots int
 	// Threads for llama.cpp; 0 means its default for this machine.
 	Threads int
+	// PrefillChunk is the most prompt tokens one llama_decode of a prefill
+	// runs before the engine is let go for others (0: DefaultPrefillChunk).
+	PrefillChunk int
 	// FlashAttention is "auto" (llama.cpp decides; the default), "on" or
 	// "off". It changes the state's V layout (transposed without flash
 	// attention); both convert to the same token blocks.
@@ -65,6 +68,7 @@ func flashAttention(s string) (llama.FlashAttentionType, error) {
 const (
 	DefaultLlamaContextTokens = 4096
 	DefaultLlamaSlots         = 8
+	DefaultPrefillChunk       = 512
 )
 
 var (
@@ -151,6 +155,7 @@ type Llama struct {
 	layout stateLayout
 	blocks blockLayout
 	ctxLen int // tokens one sequence may hold
+	chunk  int // prefill tokens per llama_decode
 
 	mu    sync.Mutex // guards the llama.cpp context, the batch and mem
 	model llama.Model
@@ -186,6 +191,10 @@ func NewLlama(cfg LlamaConfig) (*Llama, error) {
 		}
 	}()
 	e.ctxLen = contextTokens(model, cfg.ContextTokens)
+	e.chunk = cfg.PrefillChunk
+	if e.chunk <= 0 {
+		e.chunk = DefaultPrefillChunk
+	}
 	slots := cfg.Slots
 	if slots <= 0 {
 		slots = DefaultLlamaSlots
@@ -395,28 +404,38 @@ func (e *Llama) checkBlocks(n int, blocks [][]byte, reused int) error {
 // prefillSeq fills seq with the prompt's KV and returns the first token;
 // when blocks is not nil it also writes the rows of tokens past the reused
 // prefix into them.
+//
+// The prompt runs in chunks of at most PrefillChunk tokens, and the engine
+// is let go between chunks: a long prompt does not stall other prompts'
+// prefills (chunked prefill), and a cancel takes effect at the next chunk.
 func (e *Llama) prefillSeq(ctx context.Context, seq llama.SeqId, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, error) {
 	// At least the last prompt token is decoded here, for its logits.
 	imported := min(reused*e.spec.BlockTokens, len(tokens)-1)
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	e.forget(seq)
 	if imported > 0 {
 		if err := e.importLocked(seq, blocks, imported); err != nil {
+			e.mu.Unlock()
 			return 0, err
 		}
 	}
 	rest := toLlama(tokens[imported:])
-	chunk := int(llama.NBatch(e.lctx))
-	for start := 0; start < len(rest); start += chunk {
+	for start := 0; ; start += e.chunk {
+		end := min(start+e.chunk, len(rest))
+		if err := e.decode(rest[start:end], imported+start, seq, end == len(rest)); err != nil {
+			e.mu.Unlock()
+			return 0, err
+		}
+		if end == len(rest) {
+			break // the last chunk's logits are in the context: keep it
+		}
+		e.mu.Unlock()
 		if err := ctx.Err(); err != nil {
 			return 0, err
 		}
-		end := min(start+chunk, len(rest))
-		if err := e.decode(rest[start:end], imported+start, seq, end == len(rest)); err != nil {
-			return 0, err
-		}
+		e.mu.Lock()
 	}
+	defer e.mu.Unlock()
 	first := e.sampleLocked(e.batch.NTokens-1, s, len(tokens))
 	if blocks != nil {
 		st := make([]byte, llama.StateSeqGetSize(e.lctx, seq))

@@ -555,3 +555,39 @@ func TestLlamaBatchedDecodeEqualsReference(t *testing.T) {
 		}
 	}
 }
+
+// Chunked prefill: a prompt run two tokens per llama_decode, the engine let
+// go between chunks, still gives the known text, and disaggregated output
+// equals the reference on the same engines.
+func TestLlamaChunkedPrefill(t *testing.T) {
+	cfg := testLlamaConfig(t)
+	cfg.PrefillChunk = 2
+	ctxE, err := NewLlama(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctxE.Close()
+	genE, err := NewLlama(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer genE.Close()
+	res, err := ctxE.Generate(context.Background(), ctxE.Vocabulary().Encode(knownPrompt), Sampling{MaxTokens: 40})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Text != knownOutput {
+		t.Fatalf("chunked prefill: %q, want %q", res.Text, knownOutput)
+	}
+	for _, p := range testPrompts[4:6] {
+		toks := ctxE.Vocabulary().Encode(p)
+		s := Sampling{MaxTokens: 16, Temperature: 0.8, TopP: 0.9, Seed: 5}
+		ref, err := genE.Generate(context.Background(), toks, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := disaggregate(t, ctxE, genE, toks, s, newBlocks(ctxE.Model(), len(toks)), 0); got.Text != ref.Text {
+			t.Fatalf("%q: %q, reference %q", p, got.Text, ref.Text)
+		}
+	}
+}
