@@ -38,6 +38,7 @@ type Config struct {
 	MaxOutputTokens  int
 	DefaultMaxTokens int
 	RequestTimeout   time.Duration
+	StreamWrite      time.Duration
 	CancelTimeout    time.Duration
 	ShutdownGrace    time.Duration
 	LogLevel         string
@@ -72,6 +73,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxOutputTokens, "max-output-tokens", 2048, "largest max_tokens accepted")
 	fs.IntVar(&c.DefaultMaxTokens, "default-max-tokens", 16, "max_tokens when the request names none (OpenAI's default for completions)")
 	fs.DurationVar(&c.RequestTimeout, "request-timeout", 180*time.Second, "end a request this long after it was accepted")
+	fs.DurationVar(&c.StreamWrite, "stream-write-timeout", 30*time.Second, "drop a streaming client whose next chunk cannot be written for this long (it stopped reading), cancelling its request")
 	fs.DurationVar(&c.CancelTimeout, "cancel-timeout", 2*time.Second, "bound on each Cancel / Release call to a server")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
@@ -119,8 +121,8 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--api-keys-file: %w", err))
 		}
 	}
-	if c.RequestTimeout <= 0 || c.CancelTimeout <= 0 || c.ShutdownGrace <= 0 {
-		errs = append(errs, errors.New("--request-timeout, --cancel-timeout and --shutdown-grace must be positive"))
+	if c.RequestTimeout <= 0 || c.CancelTimeout <= 0 || c.ShutdownGrace <= 0 || c.StreamWrite <= 0 {
+		errs = append(errs, errors.New("--request-timeout, --cancel-timeout, --shutdown-grace and --stream-write-timeout must be positive"))
 	}
 	return servercmd.OneLine(errs...)
 }
@@ -190,7 +192,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		CtxServers: ctxSrc, GenServers: genSrc, ResolveInterval: cfg.ResolveInterval,
 		Model: spec, Vocab: vocab, ServedModel: served,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
-		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, CancelTimeout: cfg.CancelTimeout,
+		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, StreamWriteTimeout: cfg.StreamWrite, CancelTimeout: cfg.CancelTimeout,
 		MaxRetries: cfg.MaxRetries, MaxInflight: cfg.MaxInflight, APIKeys: keys,
 		Conns: conns, Metrics: metrics.NewRouter(reg), Logger: lg,
 	})

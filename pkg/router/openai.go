@@ -541,8 +541,15 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 	}
 
 	flusher, _ := w.(http.Flusher)
+	rc := http.NewResponseController(w)
 	started := false
 	send := func(v any) error {
+		if r.cfg.StreamWriteTimeout > 0 {
+			// A client that stops reading blocks this write until the
+			// deadline; the error then cancels the request and frees its
+			// blocks on both servers.
+			_ = rc.SetWriteDeadline(time.Now().Add(r.cfg.StreamWriteTimeout))
+		}
 		if !started {
 			w.Header().Set("Content-Type", "text/event-stream")
 			w.Header().Set("Cache-Control", "no-cache")

@@ -45,6 +45,9 @@ type Config struct {
 	MaxOutputTokens  int
 	DefaultMaxTokens int
 	RequestTimeout   time.Duration
+	// StreamWriteTimeout bounds the write of each streamed chunk: a client
+	// that stops reading is dropped and its request cancelled (0: none).
+	StreamWriteTimeout time.Duration
 	// CancelTimeout bounds each Cancel / Release call to a server.
 	CancelTimeout time.Duration
 	// MaxRetries is how many more attempts a request gets after a server

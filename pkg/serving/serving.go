@@ -169,7 +169,12 @@ func ServeGRPC(ctx context.Context, s *grpc.Server, ln net.Listener, grace time.
 // ServeHTTP serves h on ln until ctx is done, then shuts down within grace.
 // A non-nil tlsCfg serves HTTPS.
 func ServeHTTP(ctx context.Context, h http.Handler, ln net.Listener, grace time.Duration, tlsCfg ...*tls.Config) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	// Slow clients cannot hold a connection: headers within 10 s, idle
+	// keep-alives closed after two minutes. No ReadTimeout or WriteTimeout:
+	// both would cut long streams (the read deadline also ends the
+	// background read that watches for a client going away); the router
+	// bounds each streamed chunk's write instead.
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
 	if len(tlsCfg) > 0 && tlsCfg[0] != nil {
 		srv.TLSConfig = tlsCfg[0]
 		ln = tls.NewListener(ln, tlsCfg[0])
