@@ -158,7 +158,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		}
 		keys = router.NewKeys(list)
 	}
-	reg := metrics.NewRegistry()
+	reg := metrics.NewRegistry(cfg.TLS.Enabled())
 	creds, err := cfg.TLS.DialOption()
 	if err != nil {
 		return err
@@ -263,6 +263,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 			return nil
 		})
 	}
+	servercmd.WarnPlaintext(lg, cfg.TLS.Enabled(), httpLn, grpcLn)
 	lg.Info("serving", zap.String("openai", httpLn.Addr().String()), zap.String("grpc", grpcLn.Addr().String()),
 		zap.String("admin", adminLn.Addr().String()), zap.String("model", served),
 		zap.String("ctx_servers", ctxSrc.String()), zap.String("gen_servers", genSrc.String()))

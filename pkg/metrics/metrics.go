@@ -5,6 +5,7 @@ package metrics
 
 import (
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -19,14 +20,16 @@ const namespace = "kvferry"
 
 // NewRegistry returns a registry with the Go and process collectors and
 // kvferry_build_info.
-func NewRegistry() *prometheus.Registry {
+// tls says whether the process's gRPC surfaces use TLS (the build_info
+// label tls="true"/"false": a fleet query finds the plaintext ones).
+func NewRegistry(tls bool) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	bi := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: namespace, Name: "build_info",
 		Help: "Build of this process; always 1.",
-	}, []string{"version", "commit", "go_version"})
-	bi.WithLabelValues(buildinfo.Version, buildinfo.Commit, runtime.Version()).Set(1)
+	}, []string{"version", "commit", "go_version", "tls"})
+	bi.WithLabelValues(buildinfo.Version, buildinfo.Commit, runtime.Version(), strconv.FormatBool(tls)).Set(1)
 	reg.MustRegister(bi)
 	return reg
 }

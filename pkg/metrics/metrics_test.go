@@ -24,7 +24,7 @@ var update = flag.Bool("update", false, "rewrite the golden files")
 // contractRegistry registers every kvferry metric family.
 func contractRegistry(t *testing.T) (*prometheus.Registry, *blockpool.Pool, *Transfer, *Cancel, *Router) {
 	t.Helper()
-	reg := NewRegistry()
+	reg := NewRegistry(false)
 	pool, _ := blockpool.New(10, 64)
 	RegisterPool(reg, pool)
 	NewHealth(reg)
@@ -124,5 +124,25 @@ kvferry_blockpool_blocks{state="quarantined"} 0
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "kvferry_blockpool_blocks"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// build_info says whether the process serves TLS.
+func TestBuildInfoTLS(t *testing.T) {
+	for _, tls := range []bool{false, true} {
+		found := false
+		for _, mf := range mustGather(t, NewRegistry(tls)) {
+			if mf.GetName() != "kvferry_build_info" {
+				continue
+			}
+			for _, l := range mf.GetMetric()[0].GetLabel() {
+				if l.GetName() == "tls" {
+					found = l.GetValue() == map[bool]string{false: "false", true: "true"}[tls]
+				}
+			}
+		}
+		if !found {
+			t.Errorf("build_info lacks tls=%v", tls)
+		}
 	}
 }

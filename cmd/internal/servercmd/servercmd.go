@@ -223,7 +223,7 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		}
 		return nil, err
 	}
-	reg := metrics.NewRegistry()
+	reg := metrics.NewRegistry(cfg.TLS.Enabled())
 	metrics.RegisterPool(reg, pool)
 	sched := metrics.NewScheduler(reg)
 	p := &Parts{
@@ -342,6 +342,23 @@ func AdminHandler(h *health.Checker, reg *prometheus.Registry, enablePprof bool)
 	return mux
 }
 
+// WarnPlaintext logs a warning when a listener beyond loopback serves
+// without TLS: internal surfaces then trust the whole network.
+func WarnPlaintext(lg *zap.Logger, tls bool, lns ...net.Listener) {
+	if tls {
+		return
+	}
+	for _, ln := range lns {
+		if ln == nil {
+			continue
+		}
+		if tcp, ok := ln.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() {
+			lg.Warn("listening beyond loopback without TLS: anyone who reaches this address can call it (set --tls-cert, --tls-key and --tls-ca)",
+				zap.String("addr", ln.Addr().String()))
+		}
+	}
+}
+
 // RegisterPprof adds --enable-pprof.
 func RegisterPprof(fs *flag.FlagSet, enable *bool) {
 	fs.BoolVar(enable, "enable-pprof", false, "serve Go profiles on the admin port at /debug/pprof/ (off by default: they expose memory contents)")
@@ -378,6 +395,7 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 	if p.DataEndpoint != "" {
 		data = p.DataEndpoint
 	}
+	WarnPlaintext(p.Logger, cfg.TLS.Enabled(), p.GRPCLn, p.DataLn)
 	p.Logger.Info("serving",
 		zap.String("grpc", p.GRPCLn.Addr().String()), zap.String("http", p.HTTPLn.Addr().String()),
 		zap.String("data", data), zap.String("transport", cfg.Transport), zap.String("model", p.Spec.Name),
