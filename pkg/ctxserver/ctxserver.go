@@ -114,6 +114,8 @@ type Server struct {
 
 	cfg  Config
 	spec executor.ModelSpec
+	// waiting are Prefills queued for blocks, by request id (under mu).
+	waiting map[string]*waiter
 	// prefixKeys keys the reuse cache (keyed SHA-256: uncraftable).
 	prefixKeys *executor.PrefixKeys
 	lg         *zap.Logger
@@ -151,7 +153,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	// allocate and let the next one in.
 	admitted := func() {}
 	if s.cfg.Admission != nil {
-		done, err := s.cfg.Admission.Admit(ctx, s.spec.BlocksFor(len(req.GetPromptTokens())))
+		done, err := s.admit(ctx, req.GetTicket(), s.spec.BlocksFor(len(req.GetPromptTokens())))
 		if err != nil {
 			return nil, executor.AdmitStatus(err)
 		}
@@ -268,6 +270,38 @@ func (s *Server) allocateLocked(ctx context.Context, tokens []uint32) ([]blockpo
 	return blocks, hashes, reused, nil
 }
 
+// waiter is a Prefill queued for blocks: not in the request table yet,
+// holding nothing, but cancellable by ticket.
+type waiter struct {
+	attempt uint32
+	cancel  context.CancelFunc
+}
+
+// admit queues the Prefill for its blocks, cancellable by Cancel(ticket)
+// while it waits.
+func (s *Server) admit(ctx context.Context, t *kvferryv1.Ticket, n int) (func(), error) {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	id := t.GetRequestId()
+	w := &waiter{attempt: t.GetAttempt(), cancel: cancel}
+	s.mu.Lock()
+	if s.waiting == nil {
+		s.waiting = map[string]*waiter{}
+	}
+	s.waiting[id] = w
+	s.mu.Unlock()
+	done, err := s.cfg.Admission.Admit(wctx, n)
+	s.mu.Lock()
+	if s.waiting[id] == w {
+		delete(s.waiting, id)
+	}
+	s.mu.Unlock()
+	if err != nil && ctx.Err() == nil && wctx.Err() != nil {
+		err = context.Canceled // cancelled by ticket while it waited
+	}
+	return done, err
+}
+
 // fingerprint is a collision-resistant digest of a Prefill's prompt and
 // sampling.
 func fingerprint(req *kvferryv1.PrefillRequest) [sha256.Size]byte {
@@ -354,6 +388,10 @@ func (s *Server) Cancel(_ context.Context, req *kvferryv1.ContextServiceCancelRe
 }
 
 func (s *Server) cancelLocked(t *kvferryv1.Ticket) *kvferryv1.ContextServiceCancelResponse {
+	if w, ok := s.waiting[t.GetRequestId()]; ok && w.attempt == t.GetAttempt() {
+		w.cancel() // still queued for blocks: it holds nothing
+		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE, ResourcesFreeNow: true}
+	}
 	r, ok := s.reqs[t.GetRequestId()]
 	if !ok || r.attempt != t.GetAttempt() {
 		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_NOT_FOUND, ResourcesFreeNow: true}

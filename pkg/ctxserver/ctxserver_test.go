@@ -52,6 +52,7 @@ func newFixtureModel(t *testing.T, model string, blocks int, reuse bool) *fixtur
 	srv := New(Config{
 		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: pool, Writer: sender,
 		TransferEndpoint: "unused", HandoffLease: 30 * time.Second, TransferDeadline: 10 * time.Second, PrefixReuse: reuse,
+		Admission: executor.NewAdmission(pool, 16, nil),
 		Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg), Logger: zap.NewNop(),
 	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -135,6 +136,37 @@ func TestDuplicateTicketOtherPrompt(t *testing.T) {
 	}
 }
 
+// A Prefill queued for blocks is cancelled by ticket with
+// CANCELLED_BEFORE_ADVERTISE, holds nothing, and returns Canceled.
+func TestCancelWhileWaitingForBlocks(t *testing.T) {
+	f := newFixture(t, 4)
+	f.prefill(t, &kvferryv1.Ticket{RequestId: ticket.NewID(), Attempt: 1}, 60) // all 4 blocks
+	before := f.counts()
+	tk := &kvferryv1.Ticket{RequestId: ticket.NewID(), Attempt: 1}
+	errs := make(chan error, 1)
+	go func() {
+		_, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: executor.Tokenize("the river"), Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}})
+		errs <- err
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for f.srv.cfg.Admission.Waiting() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the Prefill never queued")
+		}
+		time.Sleep(time.Millisecond) // polling with a deadline
+	}
+	resp, err := f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: tk})
+	if err != nil || resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE || !resp.GetResourcesFreeNow() {
+		t.Fatalf("cancel while queued: %v %v", resp, err)
+	}
+	if err := <-errs; status.Code(err) != codes.Canceled {
+		t.Fatalf("queued Prefill after cancel: %v, want Canceled", err)
+	}
+	if f.counts() != before || f.srv.cfg.Admission.Waiting() != 0 {
+		t.Fatalf("pool %+v (was %+v), %d waiting", f.counts(), before, f.srv.cfg.Admission.Waiting())
+	}
+}
+
 func TestPrefillRejectsBadInput(t *testing.T) {
 	f := newFixture(t, 4)
 	tk := ticket.New(ticket.NewID())
@@ -146,7 +178,8 @@ func TestPrefillRejectsBadInput(t *testing.T) {
 		{"no ticket", &kvferryv1.PrefillRequest{PromptTokens: []uint32{300}}, codes.InvalidArgument},
 		{"empty prompt", &kvferryv1.PrefillRequest{Ticket: tk}, codes.InvalidArgument},
 		{"token outside vocabulary", &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: []uint32{1 << 30}}, codes.InvalidArgument},
-		{"pool too small", &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: make([]uint32, 5*16)}, codes.ResourceExhausted},
+		// A prompt no wait can fit is the caller's error (the admission queue).
+		{"pool too small", &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: make([]uint32, 5*16)}, codes.InvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := f.srv.Prefill(context.Background(), tc.req)
