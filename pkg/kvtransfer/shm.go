@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -38,13 +39,19 @@ func NewShmMemory(size int) (*ShmMemory, error) {
 	if size <= 0 {
 		return nil, fmt.Errorf("kvtransfer: shm size %d", size)
 	}
-	fd, err := unix.MemfdCreate("kvferry-pool", unix.MFD_CLOEXEC)
+	fd, err := unix.MemfdCreate("kvferry-pool", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return nil, fmt.Errorf("kvtransfer: memfd_create: %w", err)
 	}
 	if err := unix.Ftruncate(fd, int64(size)); err != nil {
 		_ = unix.Close(fd)
 		return nil, fmt.Errorf("kvtransfer: size shm: %w", err)
+	}
+	// Sealed against resizing: no peer that holds the fd can shrink it
+	// under our mapping (a SIGBUS on the next touch) or grow it.
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, shmSeals|unix.F_SEAL_SEAL); err != nil {
+		_ = unix.Close(fd)
+		return nil, fmt.Errorf("kvtransfer: seal shm: %w", err)
 	}
 	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
@@ -53,6 +60,32 @@ func NewShmMemory(size int) (*ShmMemory, error) {
 	}
 	adviseHuge(mem)
 	return &ShmMemory{fd: fd, mem: mem}, nil
+}
+
+// shmSeals are the seals a pool memfd must carry before anyone maps it.
+const shmSeals = unix.F_SEAL_SHRINK | unix.F_SEAL_GROW
+
+// samePeer checks with SO_PEERCRED that the process at the other end of c
+// runs as our user: the shm socket and memfd are for kvferry's own pair.
+func samePeer(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return cerr
+	}
+	if int(cred.Uid) != os.Getuid() {
+		return fmt.Errorf("kvtransfer: shm peer runs as uid %d, we as %d", cred.Uid, os.Getuid())
+	}
+	return nil
 }
 
 // adviseHuge asks for huge pages on a shared mapping: fewer TLB misses on
@@ -86,6 +119,10 @@ func ListenShm(path string, mem *ShmMemory, maxBlock int, lg *zap.Logger) (*Rece
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("kvtransfer: listen %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil { // only our user may connect
+		_ = ln.Close()
+		return nil, fmt.Errorf("kvtransfer: chmod %s: %w", path, err)
 	}
 	return ServeShm(ln, mem, maxBlock, lg), nil
 }
@@ -184,6 +221,10 @@ func (r *Receiver) shmLoop(c *net.UnixConn, mem *ShmMemory) {
 			q()
 		}
 	}()
+	if err := samePeer(c); err != nil {
+		r.lg.Warn("shm writer refused", zap.Error(err))
+		return
+	}
 	var hb [HeaderSize]byte
 	Header{Kind: FrameHello, Session: uint64(len(mem.mem))}.Encode(hb[:])
 	if _, _, err := c.WriteMsgUnix(hb[:], unix.UnixRights(mem.fd), nil); err != nil {

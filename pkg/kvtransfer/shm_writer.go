@@ -239,6 +239,12 @@ func dialShm(endpoint string, timeout time.Duration) (*shmPeer, error) {
 	if err == nil && (h.Kind != FrameHello || h.Session == 0 || h.Session > 1<<40) {
 		err = fmt.Errorf("%w: hello kind %d size %d", ErrBadFrame, h.Kind, h.Session)
 	}
+	if err == nil {
+		err = samePeer(c)
+	}
+	if err == nil {
+		err = checkPoolFd(fd, h.Session)
+	}
 	var mem []byte
 	if err == nil {
 		mem, err = unix.Mmap(fd, 0, int(h.Session), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
@@ -254,6 +260,27 @@ func dialShm(endpoint string, timeout time.Duration) (*shmPeer, error) {
 		return nil, fmt.Errorf("kvtransfer: shm hello from %s: %w", endpoint, err)
 	}
 	return &shmPeer{c: c, mem: mem, sessions: map[uint64]*writerSession{}}, nil
+}
+
+// checkPoolFd refuses a pool memfd that could SIGBUS us: it must be
+// sealed against shrinking and growing, and really as large as the peer
+// says (fstat, not its word).
+func checkPoolFd(fd int, size uint64) error {
+	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	if err != nil {
+		return fmt.Errorf("%w: pool fd seals: %v", ErrBadFrame, err)
+	}
+	if seals&shmSeals != shmSeals {
+		return fmt.Errorf("%w: pool memfd not sealed against resizing (seals %#x)", ErrBadFrame, seals)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("%w: pool fd: %v", ErrBadFrame, err)
+	}
+	if uint64(st.Size) < size {
+		return fmt.Errorf("%w: pool memfd holds %d bytes, the peer says %d", ErrBadFrame, st.Size, size)
+	}
+	return nil
 }
 
 func parseRights(oob []byte) (int, error) {
