@@ -26,9 +26,16 @@ import (
 )
 
 // MaxMessageBytes bounds gRPC messages both ways. Control messages are small;
-// the largest is a prompt's tokens (4 bytes a token), so 16 MiB allows
-// prompts far beyond any context length while refusing garbage early.
-const MaxMessageBytes = 16 << 20
+// the largest is a prompt (its text to the router, up to 5 bytes a token to
+// a server), so 4 MiB — the router's HTTP body limit too — allows prompts
+// far beyond any context length while a client cannot make a server buffer
+// more.
+const MaxMessageBytes = 4 << 20
+
+// MaxConcurrentStreams bounds the streams one client connection may hold
+// open on a server (the router multiplexes every request to a server over
+// one connection: above its --max-inflight default of 512 twice over).
+const MaxConcurrentStreams = 2048
 
 // keepaliveTime is how often an idle client pings; the server's enforcement
 // minimum is below it so that the two policies match.
@@ -58,6 +65,7 @@ func NewGRPCServer(lg *zap.Logger, extra ...grpc.ServerOption) *grpc.Server {
 	return grpc.NewServer(append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxSendMsgSize(MaxMessageBytes),
+		grpc.MaxConcurrentStreams(MaxConcurrentStreams),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveTime / 2, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * keepaliveTime, Timeout: 10 * time.Second}),
 		grpc.ChainUnaryInterceptor(unaryRecovery(lg), unaryLogging(lg)),

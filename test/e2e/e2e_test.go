@@ -18,7 +18,9 @@ import (
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/metrics"
@@ -359,6 +361,14 @@ func TestRouterGRPC(t *testing.T) {
 	resp, err := rc.Cancel(ctx, &kvferryv1.RouterServiceCancelRequest{RequestId: strings.Repeat("ab", 16)})
 	if err != nil || resp.GetFound() {
 		t.Fatalf("cancel unknown: %+v %v", resp, err)
+	}
+	// A message over the gRPC limit (4 MiB) is refused before any work.
+	huge, err := rc.Generate(ctx, &kvferryv1.RouterServiceGenerateRequest{Model: "tiny", Prompt: strings.Repeat("river ", 1<<20), Sampling: sp})
+	if err == nil {
+		_, err = huge.Recv()
+	}
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a 6 MiB prompt: %v, want ResourceExhausted", err)
 	}
 	checkIdle(t, s)
 	s.StopAll(t)
