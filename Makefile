@@ -34,7 +34,7 @@ export KVFERRY_LLAMA_LIB_DIR ?= $(LLAMA_LIB_DIR)
 # TAGS=ucx builds the ucx transport in (needs libucx-dev: make deps-ucx).
 TAGS ?=
 
-.PHONY: all build run deps-llama bench-engine test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
+.PHONY: all build run deps-llama bench-engine fuzz test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
@@ -99,6 +99,18 @@ bench-transfer: deps-ucx
 # tokens/s, TTFT, decode tokens/s.
 bench-engine: deps-llama
 	$(GO) test -run xxx -bench LlamaEngine -benchtime 20x -count 3 ./test/bench/
+
+# fuzz runs every fuzz target for FUZZTIME each (CI: 5s); their seed
+# corpora (testdata/fuzz) also run as plain tests in make test.
+FUZZTIME ?= 10s
+FUZZ_TARGETS := ./pkg/executor:FuzzStateDecode ./pkg/router:FuzzBearer ./pkg/router:FuzzCompletionRequest \
+	./pkg/router:FuzzChatRequest ./pkg/router:FuzzStopper ./pkg/kvtransfer:FuzzDecodeHeader
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz $${t#*:} ($(FUZZTIME))"; \
+	  $(GO) test -run xxx -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) $${t%%:*} >/dev/null || \
+	    { $(GO) test -run xxx -fuzz "^$${t#*:}$$" -fuzztime 1x $${t%%:*}; exit 1; }; \
+	done
 
 # deps-llama installs the llama.cpp shared libraries (npm package, pinned
 # integrity) into $(LLAMA_LIB_DIR); the llamacpp engine and its tests load

@@ -124,6 +124,9 @@ func probeLayout(state []byte, cells int) (stateLayout, error) {
 // sequence's own when the cache is not unified); every other stream is
 // empty. It returns the layout and the offset of the v_trans word.
 func parseLayout(state []byte, prefix int, nStream uint32, cells int) (stateLayout, int, error) {
+	if len(state) < prefix+4 || binary.LittleEndian.Uint32(state[prefix:]) != nStream {
+		return stateLayout{}, 0, fmt.Errorf("%w: no stream count of %d after a %d-byte header", errState, nStream, prefix)
+	}
 	r := &stateReader{b: state, off: prefix + 4}
 	l := stateLayout{prefix: append([]byte(nil), state[:prefix]...), nStream: nStream}
 	dataOff := -1
