@@ -148,12 +148,15 @@ func TestCancelWhileWaitingForBlocks(t *testing.T) {
 		_, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: executor.Tokenize("the river"), Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}})
 		errs <- err
 	}()
-	deadline := time.Now().Add(10 * time.Second)
+	tick := time.NewTicker(time.Millisecond) // polling with a deadline
+	defer tick.Stop()
+	deadline := time.After(30 * time.Second)
 	for f.srv.cfg.Admission.Waiting() == 0 {
-		if time.Now().After(deadline) {
+		select {
+		case <-tick.C:
+		case <-deadline:
 			t.Fatal("the Prefill never queued")
 		}
-		time.Sleep(time.Millisecond) // polling with a deadline
 	}
 	resp, err := f.srv.Cancel(context.Background(), &kvferryv1.ContextServiceCancelRequest{Ticket: tk})
 	if err != nil || resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE || !resp.GetResourcesFreeNow() {

@@ -59,10 +59,7 @@ func driveNotify(t *testing.T, d *Decoder, m *Member, first func()) ([]uint32, F
 
 func startSeq(t *testing.T, e Engine, prompt string, s Sampling) *Sequence {
 	toks := Tokenize(prompt)
-	blocks := make([][]byte, e.Model().BlocksFor(len(toks)))
-	for i := range blocks {
-		blocks[i] = make([]byte, e.Model().BlockBytes())
-	}
+	blocks := newBlocks(e.Model(), len(toks))
 	first, sums, err := e.Prefill(context.Background(), toks, s, blocks, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -179,13 +176,7 @@ func TestDecoderLeaveDoesNotWaitForTheStep(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the sequence was not closed after Leave")
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for d.Running() != 0 || d.loopRunning() {
-		if time.Now().After(deadline) {
-			t.Fatal("the decode loop did not end with no members")
-		}
-		time.Sleep(time.Millisecond) // polling with a deadline
-	}
+	waitFor(t, "the decode loop to end with no members", func() bool { return d.Running() == 0 && !d.loopRunning() })
 }
 
 func (d *Decoder) loopRunning() bool {

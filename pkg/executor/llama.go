@@ -379,11 +379,7 @@ func (e *Llama) Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks
 	if err != nil {
 		return 0, nil, err
 	}
-	sums := make([]uint64, len(blocks))
-	for i, b := range blocks {
-		sums[i] = Checksum(b)
-	}
-	return first, sums, nil
+	return first, Checksums(blocks), nil
 }
 
 func (e *Llama) checkBlocks(n int, blocks [][]byte, reused int) error {
@@ -529,7 +525,7 @@ func (e *Llama) Step(ctx context.Context, batch []*Sequence) error {
 	_ = e.batch.Clear()
 	var run []*Sequence
 	for _, sq := range batch {
-		if sq.finish != FinishNone || sq.slot < 0 {
+		if sq.finish != FinishNone {
 			continue
 		}
 		pos := sq.promptTokens + len(sq.tokens) - 1

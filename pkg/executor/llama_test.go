@@ -59,28 +59,36 @@ func testLlamaConfig(t testing.TB) LlamaConfig {
 	return LlamaConfig{ModelPath: model, LibDir: lib, Slots: 4}
 }
 
-var (
-	sharedOnce sync.Once
-	sharedPair [2]*Llama
-	sharedErr  error
-)
-
-// testEngines returns two engines on the test model: a "context server"
-// and a "generation server" in one process, each with its own llama.cpp
+// enginePair is two engines on the test model, made once per process: a
+// "context server" and a "generation server", each with its own llama.cpp
 // context.
-func testEngines(t testing.TB) (*Llama, *Llama) {
+type enginePair struct {
+	once sync.Once
+	e    [2]*Llama
+	err  error
+}
+
+func (p *enginePair) get(t testing.TB, configure func(*LlamaConfig)) (*Llama, *Llama) {
 	cfg := testLlamaConfig(t)
-	sharedOnce.Do(func() {
-		for i := range sharedPair {
-			if sharedPair[i], sharedErr = NewLlama(cfg); sharedErr != nil {
+	configure(&cfg)
+	p.once.Do(func() {
+		for i := range p.e {
+			if p.e[i], p.err = NewLlama(cfg); p.err != nil {
 				return
 			}
 		}
 	})
-	if sharedErr != nil {
-		t.Fatal(sharedErr)
+	if p.err != nil {
+		t.Fatal(p.err)
 	}
-	return sharedPair[0], sharedPair[1]
+	return p.e[0], p.e[1]
+}
+
+var sharedPair, noFAPair enginePair
+
+// testEngines returns the default pair (flash attention auto).
+func testEngines(t testing.TB) (*Llama, *Llama) {
+	return sharedPair.get(t, func(*LlamaConfig) {})
 }
 
 func TestLlamaKnownOutput(t *testing.T) {
@@ -448,28 +456,10 @@ func BenchmarkLlamaPrefixReuse(b *testing.B) {
 	}
 }
 
-var (
-	noFAOnce sync.Once
-	noFAPair [2]*Llama
-	noFAErr  error
-)
-
 // Without flash attention llama.cpp keeps V transposed in its state: the
 // same token blocks, converted the other way, and the same equality.
 func TestLlamaTransposedV(t *testing.T) {
-	cfg := testLlamaConfig(t)
-	cfg.FlashAttention = "off"
-	noFAOnce.Do(func() {
-		for i := range noFAPair {
-			if noFAPair[i], noFAErr = NewLlama(cfg); noFAErr != nil {
-				return
-			}
-		}
-	})
-	if noFAErr != nil {
-		t.Fatal(noFAErr)
-	}
-	ctxE, genE := noFAPair[0], noFAPair[1]
+	ctxE, genE := noFAPair.get(t, func(c *LlamaConfig) { c.FlashAttention = "off" })
 	if !ctxE.layout.vTrans {
 		t.Fatal("flash attention off, but the state's V is not transposed")
 	}

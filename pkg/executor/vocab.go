@@ -115,11 +115,30 @@ type LlamaVocab struct {
 	v        llama.Vocab
 	size     int
 	template string
+	// pieces and end are each token's text and end-of-generation flag,
+	// read once at load: the decode path looks them up without a lock or a
+	// call into llama.cpp.
+	pieces []string
+	end    []bool
 }
 
 func newLlamaVocab(model llama.Model) *LlamaVocab {
 	v := llama.ModelGetVocab(model)
-	return &LlamaVocab{v: v, size: int(llama.VocabNTokens(v)), template: llama.ModelChatTemplate(model, "")}
+	lv := &LlamaVocab{v: v, size: int(llama.VocabNTokens(v)), template: llama.ModelChatTemplate(model, "")}
+	lv.pieces, lv.end = make([]string, lv.size), make([]bool, lv.size)
+	buf := make([]byte, 64)
+	for tok := range lv.size {
+		n := llama.TokenToPiece(v, llama.Token(tok), buf, 0, false)
+		if n < 0 {
+			buf = make([]byte, -n)
+			n = llama.TokenToPiece(v, llama.Token(tok), buf, 0, false)
+		}
+		if n > 0 {
+			lv.pieces[tok] = string(buf[:n])
+		}
+		lv.end[tok] = llama.VocabIsEOG(v, llama.Token(tok))
+	}
+	return lv
 }
 
 // Encode tokenizes as llama-server does for a completion prompt:
@@ -140,18 +159,7 @@ func (lv *LlamaVocab) Piece(tok uint32, _ bool) string {
 	if int(tok) >= lv.size {
 		return ""
 	}
-	lv.mu.Lock()
-	defer lv.mu.Unlock()
-	buf := make([]byte, 64)
-	n := llama.TokenToPiece(lv.v, llama.Token(tok), buf, 0, false)
-	if n < 0 {
-		buf = make([]byte, -n)
-		n = llama.TokenToPiece(lv.v, llama.Token(tok), buf, 0, false)
-	}
-	if n <= 0 {
-		return ""
-	}
-	return string(buf[:n])
+	return lv.pieces[tok]
 }
 
 // Size is the number of token ids.
@@ -162,7 +170,7 @@ func (lv *LlamaVocab) IsEnd(tok uint32) bool {
 	if int(tok) >= lv.size {
 		return false
 	}
-	return llama.VocabIsEOG(lv.v, llama.Token(tok))
+	return lv.end[tok]
 }
 
 // Chat applies the model's chat template, or kvferry's rendering when the
