@@ -34,13 +34,20 @@ export KVFERRY_LLAMA_LIB_DIR ?= $(LLAMA_LIB_DIR)
 # TAGS=ucx builds the ucx transport in (needs libucx-dev: make deps-ucx).
 TAGS ?=
 
-.PHONY: all build run deps-llama bench-engine fuzz test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
+.PHONY: certs all build run deps-llama bench-engine fuzz test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
 build:
 	mkdir -p $(BIN)
 	$(GO) build -tags "$(TAGS)" -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+
+# certs writes a dev CA and one certificate per role (URI SAN
+# spiffe://TRUST_DOMAIN/kvferry/ROLE) into CERTS_DIR for mTLS runs.
+CERTS_DIR ?= certs
+TRUST_DOMAIN ?= kvferry.local
+certs:
+	$(GO) run ./cmd/kvcerts --out $(CERTS_DIR) --trust-domain $(TRUST_DOMAIN)
 
 # make run RUN_ENGINE=llamacpp RUN_MODEL_PATH=FILE.gguf serves a real model
 # (installing the llama.cpp libraries first when they are missing).

@@ -13,6 +13,7 @@ import (
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
 	"github.com/kvferry/kvferry/pkg/ctxserver"
 	"github.com/kvferry/kvferry/pkg/health"
+	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
@@ -55,7 +56,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	// The context server pushes: it dials the generation server's data
 	// port and needs no data listener of its own (--data-addr is kept for
 	// transports where the sender is dialled).
-	p, err := servercmd.Build(cfg.Config, false, lg)
+	p, err := servercmd.Build(cfg.Config, identity.CtxServer, lg)
 	if err != nil {
 		return err
 	}
@@ -72,6 +73,10 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		return err
 	}
 	defer writer.Close()
+	var checkEndpoint func(context.Context, string) error
+	if cfg.TLS.CA != "" {
+		checkEndpoint = identity.CheckEndpoint // KV goes only where the caller's certificate says it lives
+	}
 	var checker *health.Checker
 	srv := ctxserver.New(ctxserver.Config{
 		Engine:           p.Engine,
@@ -85,6 +90,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		PrefixReuse:      cfg.PrefixReuse,
 		Progress:         p.Progress,
 		BackendHealthy:   func() bool { return checker.Healthy() },
+		CheckEndpoint:    checkEndpoint,
 		Transfers:        metrics.NewTransfer(p.Registry),
 		Cancels:          metrics.NewCancel(p.Registry),
 		Logger:           lg,

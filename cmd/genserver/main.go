@@ -13,6 +13,7 @@ import (
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
 	"github.com/kvferry/kvferry/pkg/genserver"
 	"github.com/kvferry/kvferry/pkg/health"
+	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
@@ -58,12 +59,12 @@ const abortTimeout = 2 * time.Second
 const sweepInterval = time.Second
 
 func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
-	p, err := servercmd.Build(cfg.Config, true, lg)
+	p, err := servercmd.Build(cfg.Config, identity.GenServer, lg)
 	if err != nil {
 		return err
 	}
 	defer p.Close()
-	creds, err := cfg.TLS.DialOption()
+	creds, err := cfg.TLS.DialOption(identity.CtxServer)
 	if err != nil {
 		return err
 	}

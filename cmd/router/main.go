@@ -13,16 +13,17 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
 	"github.com/kvferry/kvferry/pkg/health"
+	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/router"
 	"github.com/kvferry/kvferry/pkg/router/discovery"
 	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 )
 
 // Config is the router's configuration.
@@ -159,12 +160,17 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		keys = router.NewKeys(list)
 	}
 	reg := metrics.NewRegistry(cfg.TLS.Enabled())
-	creds, err := cfg.TLS.DialOption()
+	ctxCreds, err := cfg.TLS.DialOption(identity.CtxServer)
 	if err != nil {
 		return err
 	}
-	conns := serving.NewConnCache(creds)
-	defer conns.Close()
+	genCreds, err := cfg.TLS.DialOption(identity.GenServer)
+	if err != nil {
+		return err
+	}
+	ctxConns, genConns := serving.NewConnCache(ctxCreds), serving.NewConnCache(genCreds)
+	defer ctxConns.Close()
+	defer genConns.Close()
 	resolver := discovery.Resolver(cfg.DNSServer)
 	ctxSrc, err := discovery.Parse(cfg.CtxServers, resolver)
 	if err != nil {
@@ -194,7 +200,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
 		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, StreamWriteTimeout: cfg.StreamWrite, CancelTimeout: cfg.CancelTimeout,
 		MaxRetries: cfg.MaxRetries, MaxInflight: cfg.MaxInflight, APIKeys: keys,
-		Conns: conns, Metrics: metrics.NewRouter(reg), Logger: lg,
+		CtxConns: ctxConns, GenConns: genConns, Metrics: metrics.NewRouter(reg), Logger: lg,
 	})
 	if err != nil {
 		return err

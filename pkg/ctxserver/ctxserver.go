@@ -60,9 +60,14 @@ type Config struct {
 	// Admission, when set, queues a prompt that cannot get its blocks
 	// until they free up (nil: a full pool answers RESOURCE_EXHAUSTED).
 	Admission *executor.Admission
-	Transfers *metrics.Transfer
-	Cancels   *metrics.Cancel
-	Logger    *zap.Logger
+	// CheckEndpoint, when set, must admit a TransferRequest's data
+	// endpoint before anything is pinned or dialled (with mTLS:
+	// identity.CheckEndpoint, so KV goes only to an address the calling
+	// generation server's certificate names).
+	CheckEndpoint func(ctx context.Context, endpoint string) error
+	Transfers     *metrics.Transfer
+	Cancels       *metrics.Cancel
+	Logger        *zap.Logger
 }
 
 // phase is where a request is on the context server.
@@ -466,6 +471,12 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 		return status.Error(codes.InvalidArgument, err.Error())
 	}
 	ctx := stream.Context()
+	if s.cfg.CheckEndpoint != nil && req.GetTransport() == kvtransfer.TransportTCP {
+		if err := s.cfg.CheckEndpoint(ctx, req.GetDataEndpoint()); err != nil {
+			s.lg.Warn("transfer to an endpoint the caller does not vouch for refused", append(reqFields(req.GetTicket()), zap.String("endpoint", req.GetDataEndpoint()), zap.Error(err))...)
+			return err
+		}
+	}
 	fields := reqFields(req.GetTicket())
 	s.mu.Lock()
 	r, ok := s.reqs[req.GetTicket().GetRequestId()]

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
@@ -59,9 +60,12 @@ type Config struct {
 	// APIKeys, when enabled, are the bearer tokens the public surfaces
 	// accept (nil: none required).
 	APIKeys *Keys
-	Conns   *serving.ConnCache
-	Metrics *metrics.Router
-	Logger  *zap.Logger
+	// CtxConns and GenConns reach context and generation servers; with mTLS
+	// each checks the server's certificate names that role.
+	CtxConns *serving.ConnCache
+	GenConns *serving.ConnCache
+	Metrics  *metrics.Router
+	Logger   *zap.Logger
 }
 
 // Router runs requests across context and generation servers.
@@ -105,6 +109,12 @@ func New(cfg Config) (*Router, error) {
 	return r, nil
 }
 
+// The roles as metrics and cancel outcomes name them.
+const (
+	roleContext    = "context"
+	roleGeneration = "generation"
+)
+
 // Resolve asks both sources for the current servers and applies what they
 // answer; a source that fails keeps its last known set.
 func (r *Router) Resolve(ctx context.Context) error {
@@ -113,7 +123,7 @@ func (r *Router) Resolve(ctx context.Context) error {
 		name string
 		src  discovery.Source
 		set  *[]*backend
-	}{{"context", r.cfg.CtxServers, &r.ctxs}, {"generation", r.cfg.GenServers, &r.gens}} {
+	}{{roleContext, r.cfg.CtxServers, &r.ctxs}, {roleGeneration, r.cfg.GenServers, &r.gens}} {
 		addrs, err := role.src.Resolve(ctx)
 		if err != nil {
 			errs = append(errs, err)
@@ -149,6 +159,14 @@ func (r *Router) setServers(role string, set *[]*backend, addrs []string) {
 		r.lg.Info("server removed", zap.String("role", role), zap.String("peer", a))
 	}
 	*set = next
+}
+
+// conn is the client connection to b, from its role's cache.
+func (r *Router) conn(b *backend) (*grpc.ClientConn, error) {
+	if b.role == roleContext {
+		return r.cfg.CtxConns.Get(b.addr)
+	}
+	return r.cfg.GenConns.Get(b.addr)
 }
 
 // servers returns the current servers of both roles.
@@ -324,11 +342,11 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	defer acancel()
 	r.setActive(a, t, c, g, acancel)
 
-	cc, err := r.cfg.Conns.Get(c.addr)
+	cc, err := r.conn(c)
 	if err != nil {
 		return usage, false, c, fail(codes.Unavailable, "context server: %v", err)
 	}
-	gc, err := r.cfg.Conns.Get(g.addr)
+	gc, err := r.conn(g)
 	if err != nil {
 		return usage, false, g, fail(codes.Unavailable, "generation server: %v", err)
 	}
@@ -493,7 +511,7 @@ func (r *Router) cancelBoth(ctx context.Context, a *active) []*kvferryv1.ServerC
 	wg.Go(func() {
 		o := &kvferryv1.ServerCancelOutcome{Server: a.ctx.addr, Role: a.ctx.role}
 		out[0] = o
-		cc, err := r.cfg.Conns.Get(a.ctx.addr)
+		cc, err := r.conn(a.ctx)
 		if err == nil {
 			var resp *kvferryv1.ContextServiceCancelResponse
 			if resp, err = kvferryv1.NewContextServiceClient(cc).Cancel(cctx, &kvferryv1.ContextServiceCancelRequest{Ticket: a.ticket}); err == nil {
@@ -507,7 +525,7 @@ func (r *Router) cancelBoth(ctx context.Context, a *active) []*kvferryv1.ServerC
 	wg.Go(func() {
 		o := &kvferryv1.ServerCancelOutcome{Server: a.gen.addr, Role: a.gen.role}
 		out[1] = o
-		cc, err := r.cfg.Conns.Get(a.gen.addr)
+		cc, err := r.conn(a.gen)
 		if err == nil {
 			var resp *kvferryv1.GenerationServiceCancelResponse
 			if resp, err = kvferryv1.NewGenerationServiceClient(cc).Cancel(cctx, &kvferryv1.GenerationServiceCancelRequest{Ticket: a.ticket}); err == nil {
@@ -576,7 +594,7 @@ func (r *Router) anyReady(ctx context.Context, bs []*backend) bool {
 	any := false
 	for _, b := range bs {
 		ok := false
-		if cc, err := r.cfg.Conns.Get(b.addr); err == nil {
+		if cc, err := r.conn(b); err == nil {
 			cctx, cancel := context.WithTimeout(ctx, backendReadyTimeout)
 			resp, err := healthpb.NewHealthClient(cc).Check(cctx, &healthpb.HealthCheckRequest{Service: health.ServiceReadiness})
 			cancel()

@@ -10,6 +10,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/kvferry/kvferry/pkg/identity"
 )
 
 // TLSFiles are the --tls-cert, --tls-key and --tls-ca flags. With a cert
@@ -18,7 +20,10 @@ import (
 // then require client certificates (mTLS between router and servers, and
 // between generation and context servers). Admin ports (probes, metrics)
 // and the bulk data path stay plain.
-type TLSFiles struct{ Cert, Key, CA string }
+// TrustDomain is the SPIFFE trust domain of the role URIs (package
+// identity): with a CA, servers admit calls by the caller's role and
+// clients check the role of the server they dial.
+type TLSFiles struct{ Cert, Key, CA, TrustDomain string }
 
 // Enabled reports whether any TLS flag is set.
 func (f TLSFiles) Enabled() bool { return f.Cert != "" || f.Key != "" || f.CA != "" }
@@ -84,8 +89,9 @@ func (f TLSFiles) ServerOption(requireClient bool) ([]grpc.ServerOption, error) 
 }
 
 // DialOption is the gRPC client credentials: TLS verifying peers against
-// the CA (and presenting the cert) when a CA is set, else plaintext.
-func (f TLSFiles) DialOption() (grpc.DialOption, error) {
+// the CA (and presenting the cert) when a CA is set, else plaintext. With
+// a CA the server must also present the role it is dialled as.
+func (f TLSFiles) DialOption(server identity.Role) (grpc.DialOption, error) {
 	if f.CA == "" {
 		return grpc.WithTransportCredentials(insecure.NewCredentials()), nil
 	}
@@ -93,5 +99,16 @@ func (f TLSFiles) DialOption() (grpc.DialOption, error) {
 	if err != nil {
 		return nil, err
 	}
+	cfg.VerifyConnection = identity.Expect(f.TrustDomain, server)
 	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
+}
+
+// Policy is the role check of a server's gRPC services: none without a
+// CA (no verified peers to name), else the interceptors of
+// identity.Policy with services mapping each service to its callers.
+func (f TLSFiles) Policy(services map[string][]identity.Role) []grpc.ServerOption {
+	if f.CA == "" || f.Cert == "" {
+		return nil
+	}
+	return identity.Policy{TrustDomain: f.TrustDomain, Services: services}.ServerOptions()
 }

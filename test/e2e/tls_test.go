@@ -2,76 +2,54 @@ package e2e
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
-	"net"
 	"net/http"
-	"os"
-	"path/filepath"
+	"net/url"
 	"testing"
 	"time"
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/identity"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/router"
+	"github.com/kvferry/kvferry/pkg/ticket"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 	"github.com/kvferry/kvferry/test/stack"
 )
 
-// testPKI writes a CA and one certificate for 127.0.0.1, good for both
-// server and client authentication, and returns the file paths.
-func testPKI(t *testing.T) (caFile, certFile, keyFile string, pool *x509.CertPool) {
-	t.Helper()
-	dir := t.TempDir()
-	write := func(name, typ string, der []byte) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "kvferry test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageCertSign}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, _ := x509.ParseCertificate(caDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "kvferry"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
-	pool = x509.NewCertPool()
-	pool.AddCert(caCert)
-	return write("ca.pem", "CERTIFICATE", caDER), write("cert.pem", "CERTIFICATE", der), write("key.pem", "PRIVATE KEY", keyDER), pool
+const trustDomain = "e2e.kvferry"
+
+func tlsFlags(f identity.Files) []string {
+	return []string{"--tls-cert=" + f.Cert, "--tls-key=" + f.Key, "--tls-ca=" + f.CA, "--tls-trust-domain=" + trustDomain}
 }
 
-// TestTLSAndMTLS: with --tls-* on all three binaries the OpenAI port is
-// HTTPS, router↔servers and generation↔context are mutual TLS (the router
-// turns ready only through it), and a server refuses a client without a
-// certificate.
+// TestTLSAndMTLS runs a full stack with role certificates (make certs'
+// kind): the OpenAI port is HTTPS, router↔servers and generation↔context
+// are mutual TLS checked by role (the router turns ready, and a completion
+// equals the reference, only through it). Then it plays the attacks a
+// holder of a stolen or foreign certificate would: each is refused with
+// the precise code, and every block stays accounted for.
 func TestTLSAndMTLS(t *testing.T) {
-	ca, cert, key, pool := testPKI(t)
-	flags := []string{"--tls-cert=" + cert, "--tls-key=" + key, "--tls-ca=" + ca}
-	s := stack.Up(t, binDir, stack.Options{CtxArgs: flags, GenArgs: flags, ExtraRouterArgs: flags})
+	fleet, err := identity.NewCA("fleet", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := fleet.WriteRoles(t.TempDir(), trustDomain, []string{"127.0.0.1"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := stack.Up(t, binDir, stack.Options{CtxArgs: tlsFlags(files[identity.CtxServer]), GenArgs: tlsFlags(files[identity.GenServer]),
+		ExtraRouterArgs: tlsFlags(files[identity.Router])})
+	pool := fleet.Pool()
 	base := "https" + s.OpenAIURL[len("http"):]
 	httpc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 	c := openai.NewClient(option.WithBaseURL(base+"/"), option.WithAPIKey("unused"), option.WithMaxRetries(0), option.WithHTTPClient(httpc))
@@ -86,21 +64,97 @@ func TestTLSAndMTLS(t *testing.T) {
 	if code := probe(s.OpenAIURL + "/models"); code == http.StatusOK {
 		t.Fatal("plain HTTP served on the TLS port")
 	}
-	// A client with the CA but no certificate is refused by a server.
-	cc, err := grpc.NewClient(s.CtxGRPC, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool})))
+
+	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
+	defer cancel()
+	// dial connects to addr presenting cert, checking the server is a role.
+	dial := func(addr string, cert tls.Certificate, server identity.Role) *grpc.ClientConn {
+		cfg := &tls.Config{RootCAs: pool, VerifyConnection: identity.Expect(trustDomain, server), MinVersion: tls.VersionTLS12}
+		if cert.Certificate != nil {
+			cfg.Certificates = []tls.Certificate{cert}
+		}
+		cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cc.Close() })
+		return cc
+	}
+	load := func(r identity.Role) tls.Certificate {
+		kp, err := tls.LoadX509KeyPair(files[r].Cert, files[r].Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return kp
+	}
+	prefill := &kvferryv1.PrefillRequest{Ticket: ticket.New(ticket.NewID()), PromptTokens: []uint32{1, 2, 3}, Sampling: &kvferryv1.SamplingParams{MaxTokens: 4, Temperature: 1, TopP: 1}}
+
+	// A generation server's certificate cannot prefill (only routers do).
+	asGen := dial(s.CtxGRPC, load(identity.GenServer), identity.CtxServer)
+	if _, err := kvferryv1.NewContextServiceClient(asGen).Prefill(ctx, prefill); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("Prefill with a genserver certificate: %v, want PERMISSION_DENIED", err)
+	}
+	// A router's certificate cannot ask for a transfer (only generation
+	// servers do).
+	asRouter := dial(s.CtxGRPC, load(identity.Router), identity.CtxServer)
+	transfer := func(cc *grpc.ClientConn, endpoint string) error {
+		st, err := kvferryv1.NewTransferServiceClient(cc).Transfer(ctx, &kvferryv1.TransferRequest{Ticket: ticket.New(ticket.NewID()), SessionId: 7,
+			ProtocolVersion: kvtransfer.ProtocolVersion, Transport: kvtransfer.TransportTCP, DataEndpoint: endpoint})
+		if err != nil {
+			return err
+		}
+		_, err = st.Recv()
+		return err
+	}
+	if err := transfer(asRouter, "127.0.0.1:1"); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("Transfer with a router certificate: %v, want PERMISSION_DENIED", err)
+	}
+	// A generation server may not send KV to an address its certificate
+	// does not name (127.0.0.2 is loopback, but not in the SANs).
+	if err := transfer(asGen, "127.0.0.2:9"); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("Transfer to an unvouched data endpoint: %v, want PERMISSION_DENIED", err)
+	}
+	// A router's role signed by a CA the fleet does not trust fails the
+	// handshake; a certificate of the fleet's CA naming the router role in
+	// another trust domain is refused by role.
+	issue := func(ca *identity.CA, domain string) tls.Certificate {
+		c, k, err := ca.Issue([]*url.URL{identity.URI(domain, identity.Router)}, []string{"127.0.0.1"}, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kp, err := tls.X509KeyPair(c, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return kp
+	}
+	attacker, err := identity.NewCA("attacker", time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cc.Close()
-	ctx, cancel := context.WithTimeout(testCtx(t), 5*time.Second)
-	defer cancel()
-	if _, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{Service: "readiness"}); err == nil {
+	if _, err := kvferryv1.NewContextServiceClient(dial(s.CtxGRPC, issue(attacker, trustDomain), identity.CtxServer)).Prefill(ctx, prefill); status.Code(err) != codes.Unavailable {
+		t.Fatalf("Prefill with a certificate of another CA: %v, want UNAVAILABLE (handshake refused)", err)
+	}
+	if _, err := kvferryv1.NewContextServiceClient(dial(s.CtxGRPC, issue(fleet, "other.domain"), identity.CtxServer)).Prefill(ctx, prefill); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("Prefill with a router certificate of another trust domain: %v, want PERMISSION_DENIED", err)
+	}
+	// Any certificate of the fleet may read health; a client without one
+	// may not connect, and plaintext is refused.
+	if _, err := healthpb.NewHealthClient(asRouter).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatalf("health with a fleet certificate: %v", err)
+	}
+	if _, err := healthpb.NewHealthClient(dial(s.CtxGRPC, tls.Certificate{}, identity.CtxServer)).Check(ctx, &healthpb.HealthCheckRequest{}); err == nil {
 		t.Fatal("context server accepted a client without a certificate")
 	}
 	plain, _ := grpc.NewClient(s.GenGRPC, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	defer plain.Close()
 	if _, err := healthpb.NewHealthClient(plain).Check(ctx, &healthpb.HealthCheckRequest{}); err == nil {
 		t.Fatal("generation server accepted plaintext")
+	}
+	// A client expecting a context server at the generation server's
+	// address refuses it in the handshake.
+	if _, err := healthpb.NewHealthClient(dial(s.GenGRPC, load(identity.Router), identity.CtxServer)).Check(ctx, &healthpb.HealthCheckRequest{}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("a genserver answering as a ctxserver: %v, want UNAVAILABLE", err)
 	}
 	checkIdle(t, s)
 	s.StopAll(t)

@@ -28,15 +28,18 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/flagenv"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/health/gpu"
+	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
+	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
 // Config holds the flags both servers take.
@@ -185,7 +188,8 @@ type Parts struct {
 // listeners (the data listener only when withData is set: in the push
 // model only the receiving side listens). On error everything opened is
 // closed.
-func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
+func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
+	withData := role == identity.GenServer
 	engine, closeEngine, err := cfg.NewEngine(executor.Timing{PrefillTokensPerSecond: cfg.PrefillTokensPerSecond, DecodeStepTime: cfg.DecodeStepTime})
 	if err != nil {
 		return nil, err
@@ -246,6 +250,7 @@ func Build(cfg Config, withData bool, lg *zap.Logger) (*Parts, error) {
 		p.Close()
 		return nil, err
 	}
+	creds = append(creds, cfg.TLS.Policy(callers[role])...)
 	p.GRPC = serving.NewGRPCServer(lg, creds...)
 	for _, l := range []struct {
 		addr string
@@ -418,11 +423,28 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 	return err
 }
 
-// RegisterTLS adds --tls-cert, --tls-key and --tls-ca.
+// callers maps, per server role, each gRPC service to the roles that call
+// it; with mTLS on, any other caller is refused (PERMISSION_DENIED).
+var callers = map[identity.Role]map[string][]identity.Role{
+	identity.CtxServer: {
+		kvferryv1.ContextService_ServiceDesc.ServiceName:  {identity.Router},
+		kvferryv1.TransferService_ServiceDesc.ServiceName: {identity.GenServer},
+		kvferryv1.HealthService_ServiceDesc.ServiceName:   {identity.Any},
+		healthpb.Health_ServiceDesc.ServiceName:           {identity.Any},
+	},
+	identity.GenServer: {
+		kvferryv1.GenerationService_ServiceDesc.ServiceName: {identity.Router},
+		kvferryv1.HealthService_ServiceDesc.ServiceName:     {identity.Any},
+		healthpb.Health_ServiceDesc.ServiceName:             {identity.Any},
+	},
+}
+
+// RegisterTLS adds --tls-cert, --tls-key, --tls-ca and --tls-trust-domain.
 func RegisterTLS(fs *flag.FlagSet, t *serving.TLSFiles) {
 	fs.StringVar(&t.Cert, "tls-cert", "", "PEM certificate: serve gRPC (and the router's OpenAI port) over TLS and present it to peers")
 	fs.StringVar(&t.Key, "tls-key", "", "PEM private key of --tls-cert")
-	fs.StringVar(&t.CA, "tls-ca", "", "PEM CA bundle: verify peers with it; servers then require client certificates (mTLS)")
+	fs.StringVar(&t.CA, "tls-ca", "", "PEM CA bundle: verify peers with it; servers then require client certificates (mTLS) naming a role that may call the service (URI SAN spiffe://TRUST-DOMAIN/kvferry/ROLE)")
+	fs.StringVar(&t.TrustDomain, "tls-trust-domain", identity.DefaultTrustDomain, "SPIFFE trust domain of the role URIs in certificates (make certs writes them)")
 }
 
 // OneLine joins errors into one line for the user.

@@ -1,0 +1,125 @@
+package identity_test
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"net/url"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	"github.com/kvferry/kvferry/pkg/identity"
+)
+
+const td = "test.kvferry"
+
+func keyPair(t *testing.T, ca *identity.CA, uris []*url.URL, hosts ...string) tls.Certificate {
+	t.Helper()
+	c, k, err := ca.Issue(uris, hosts, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp, err := tls.X509KeyPair(c, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kp
+}
+
+func TestRoleOf(t *testing.T) {
+	ca, err := identity.NewCA("t", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parse := func(uris ...*url.URL) (identity.Role, error) {
+		kp := keyPair(t, ca, uris, "127.0.0.1")
+		return identity.RoleOf(kp.Leaf, td)
+	}
+	other, _ := url.Parse("spiffe://" + td + "/kvferry/admin")
+	web, _ := url.Parse("https://" + td + "/kvferry/router")
+	for _, c := range []struct {
+		name string
+		uris []*url.URL
+		want identity.Role
+		ok   bool
+	}{
+		{"router", []*url.URL{identity.URI(td, identity.Router)}, identity.Router, true},
+		{"genserver", []*url.URL{identity.URI(td, identity.GenServer)}, identity.GenServer, true},
+		{"other trust domain", []*url.URL{identity.URI("evil.example", identity.Router)}, "", false},
+		{"unknown role", []*url.URL{other}, "", false},
+		{"not spiffe", []*url.URL{web}, "", false},
+		{"no uri", nil, "", false},
+		{"two roles", []*url.URL{identity.URI(td, identity.Router), identity.URI(td, identity.CtxServer)}, "", false},
+	} {
+		got, err := parse(c.uris...)
+		if (err == nil) != c.ok || got != c.want {
+			t.Errorf("%s: got %q, %v; want %q ok=%v", c.name, got, err, c.want, c.ok)
+		}
+	}
+}
+
+// TestPolicyOverRealTLS serves the standard health service under a policy
+// that admits only routers, on a real socket, and calls it with
+// certificates of each kind.
+func TestPolicyOverRealTLS(t *testing.T) {
+	ca, err := identity.NewCA("t", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvCert := keyPair(t, ca, []*url.URL{identity.URI(td, identity.GenServer)}, "127.0.0.1")
+	pol := identity.Policy{TrustDomain: td, Services: map[string][]identity.Role{healthpb.Health_ServiceDesc.ServiceName: {identity.Router}}}
+	opts := append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{
+		Certificates: []tls.Certificate{srvCert}, ClientCAs: ca.Pool(), ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12,
+	}))}, pol.ServerOptions()...)
+	gs := grpc.NewServer(opts...)
+	healthpb.RegisterHealthServer(gs, health.NewServer())
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = gs.Serve(ln) }()
+	t.Cleanup(gs.Stop)
+
+	call := func(client tls.Certificate, expect identity.Role) error {
+		cfg := &tls.Config{Certificates: []tls.Certificate{client}, RootCAs: ca.Pool(), VerifyConnection: identity.Expect(td, expect), MinVersion: tls.VersionTLS12}
+		cc, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cc.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err = healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
+		return err
+	}
+	router := keyPair(t, ca, []*url.URL{identity.URI(td, identity.Router)}, "127.0.0.1")
+	if err := call(router, identity.GenServer); err != nil {
+		t.Fatalf("a router calling a service that admits routers: %v", err)
+	}
+	ctxsrv := keyPair(t, ca, []*url.URL{identity.URI(td, identity.CtxServer)}, "127.0.0.1")
+	if err := call(ctxsrv, identity.GenServer); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a context server calling a router-only service: %v, want PERMISSION_DENIED", err)
+	}
+	foreign := keyPair(t, ca, []*url.URL{identity.URI("evil.example", identity.Router)}, "127.0.0.1")
+	if err := call(foreign, identity.GenServer); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a router of another trust domain: %v, want PERMISSION_DENIED", err)
+	}
+	// The client side: dialling a generation server while expecting a
+	// context server fails in the handshake, before any call is sent.
+	if err := call(router, identity.CtxServer); status.Code(err) != codes.Unavailable {
+		t.Fatalf("a server of the wrong role: %v, want UNAVAILABLE from the handshake", err)
+	}
+}
+
+func TestCheckEndpointWithoutPeer(t *testing.T) {
+	if err := identity.CheckEndpoint(context.Background(), "127.0.0.1:1"); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("no peer: %v", err)
+	}
+}
