@@ -125,16 +125,21 @@ func (p Policy) Authorize(ctx context.Context, fullMethod string) error {
 }
 
 // ServerOptions are the interceptors that apply the policy to every call.
-func (p Policy) ServerOptions() []grpc.ServerOption {
+func (p Policy) ServerOptions() []grpc.ServerOption { return Guard(p.Authorize) }
+
+// Guard returns interceptors that run check before every unary and
+// streaming call and refuse the call with check's error (the policy here,
+// API keys on the router's public port).
+func Guard(check func(ctx context.Context, fullMethod string) error) []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			if err := p.Authorize(ctx, info.FullMethod); err != nil {
+			if err := check(ctx, info.FullMethod); err != nil {
 				return nil, err
 			}
 			return h(ctx, req)
 		}),
 		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			if err := p.Authorize(ss.Context(), info.FullMethod); err != nil {
+			if err := check(ss.Context(), info.FullMethod); err != nil {
 				return err
 			}
 			return h(srv, ss)

@@ -22,11 +22,7 @@ const td = "test.kvferry"
 
 func keyPair(t *testing.T, ca *identity.CA, uris []*url.URL, hosts ...string) tls.Certificate {
 	t.Helper()
-	c, k, err := ca.Issue(uris, hosts, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kp, err := tls.X509KeyPair(c, k)
+	kp, err := ca.KeyPair(uris, hosts, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}

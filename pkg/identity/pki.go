@@ -4,6 +4,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -89,6 +90,15 @@ func (ca *CA) Issue(uris []*url.URL, hosts []string, validity time.Duration) (ce
 		return nil, nil, err
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}), nil
+}
+
+// KeyPair is Issue's certificate and key, ready for a tls.Config.
+func (ca *CA) KeyPair(uris []*url.URL, hosts []string, validity time.Duration) (tls.Certificate, error) {
+	c, k, err := ca.Issue(uris, hosts, validity)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.X509KeyPair(c, k)
 }
 
 // Files are the PEM files of one role, as the --tls-* flags take them.

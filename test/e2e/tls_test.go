@@ -118,11 +118,7 @@ func TestTLSAndMTLS(t *testing.T) {
 	// handshake; a certificate of the fleet's CA naming the router role in
 	// another trust domain is refused by role.
 	issue := func(ca *identity.CA, domain string) tls.Certificate {
-		c, k, err := ca.Issue([]*url.URL{identity.URI(domain, identity.Router)}, []string{"127.0.0.1"}, time.Hour)
-		if err != nil {
-			t.Fatal(err)
-		}
-		kp, err := tls.X509KeyPair(c, k)
+		kp, err := ca.KeyPair([]*url.URL{identity.URI(domain, identity.Router)}, []string{"127.0.0.1"}, time.Hour)
 		if err != nil {
 			t.Fatal(err)
 		}
