@@ -526,7 +526,7 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	err := stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_READY})
 	var sent int64
 	if err == nil {
-		sent, err = s.cfg.Writer.Write(tctx, req.GetDataEndpoint(), req.GetSessionId(), src, dst)
+		sent, err = s.cfg.Writer.Write(tctx, req.GetDataEndpoint(), kvtransfer.SessionID{ID: req.GetSessionId(), Key: req.GetSessionKey()}, src, dst)
 	}
 	// Write has returned: it reads the blocks no more, which is the proof.
 	if sent > 0 {

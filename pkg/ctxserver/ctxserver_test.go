@@ -493,7 +493,7 @@ func TestDuplicateTransferIsANoOp(t *testing.T) {
 	}
 	defer recv.Close()
 	dst := [][]byte{make([]byte, f.spec.BlockBytes()), make([]byte, f.spec.BlockBytes())}
-	rs, _ := recv.Register(77, dst, nil)
+	rs, _ := recv.Register(kvtransfer.SessionID{ID: 77}, dst, nil)
 	req := &kvferryv1.TransferRequest{Ticket: tk, SessionId: 77, ProtocolVersion: kvtransfer.ProtocolVersion, Layout: f.spec.Layout(),
 		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Endpoint(),
 		Destinations: []*kvferryv1.BlockDescriptor{{Length: uint64(f.spec.BlockBytes())}, {Index: 1, Length: uint64(f.spec.BlockBytes())}}}

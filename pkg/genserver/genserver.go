@@ -14,7 +14,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -368,10 +367,11 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 	s.mu.Lock()
 	r.holds++
 	s.mu.Unlock()
-	session := rand.Uint64() | 1 // never zero
+	sid := kvtransfer.NewSessionID() // 128 random bits: the data port cannot be written by guessing
+	session := sid.ID
 	tracked := s.cfg.Sessions.Add(time.Now())
 	defer s.cfg.Sessions.Remove(tracked)
-	rs, err := s.cfg.Receiver.Register(session, mem, func(now time.Time) {
+	rs, err := s.cfg.Receiver.Register(sid, mem, func(now time.Time) {
 		// Every landed block is progress, for this session and globally.
 		s.cfg.Progress.Touch(now)
 		s.cfg.Sessions.Touch(tracked, now)
@@ -431,7 +431,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 		dests[i] = &kvferryv1.BlockDescriptor{Index: uint32(b), Offset: s.cfg.Pool.Offset(b), Length: uint64(s.cfg.Pool.BlockSize())}
 	}
 	tstream, err := client.Transfer(tctx, &kvferryv1.TransferRequest{
-		Ticket: req.GetTicket(), SessionId: session, ProtocolVersion: kvtransfer.ProtocolVersion,
+		Ticket: req.GetTicket(), SessionId: session, SessionKey: sid.Key, ProtocolVersion: kvtransfer.ProtocolVersion,
 		Layout: s.spec.Layout(), Transport: s.cfg.Transport, DataEndpoint: s.cfg.DataEndpoint, Destinations: dests,
 	})
 	if err != nil {

@@ -188,11 +188,11 @@ func TestConformanceIntegrity(t *testing.T) {
 				// index rather than descriptor would be caught by offset.
 				mem, dst := tg.blocks(1, c.blocks, c.size)
 				src := patterned(c.blocks, c.size, uint64(c.blocks))
-				s, err := tg.r.Register(7, mem, nil)
+				s, err := tg.r.Register(SessionID{ID: 7}, mem, nil)
 				if err != nil {
 					t.Fatal(err)
 				}
-				n, err := w.Write(context.Background(), tg.endpoint, 7, src, dst)
+				n, err := w.Write(context.Background(), tg.endpoint, SessionID{ID: 7}, src, dst)
 				if err != nil || n != int64(c.blocks*c.size) {
 					t.Fatalf("write: %d bytes, %v", n, err)
 				}
@@ -236,11 +236,11 @@ func TestConformanceCancelAtEveryPoint(t *testing.T) {
 					cancel()
 				}
 				mem, dst := tg.blocks(0, n, size)
-				s, err := tg.r.Register(uint64(at)+1, mem, nil)
+				s, err := tg.r.Register(SessionID{ID: uint64(at)+1}, mem, nil)
 				if err != nil {
 					t.Fatal(err)
 				}
-				_, err = w.Write(ctx, tg.endpoint, uint64(at)+1, patterned(n, size, 1), dst)
+				_, err = w.Write(ctx, tg.endpoint, SessionID{ID: uint64(at)+1}, patterned(n, size, 1), dst)
 				win := max(b.window, 1)
 				if stops := at == 0 || (at+win-1)/win*win < n; stops && !errors.Is(err, context.Canceled) {
 					t.Fatalf("write cancelled at block %d: %v", at, err)
@@ -288,13 +288,13 @@ func TestConformanceReceiverAbort(t *testing.T) {
 			OnBlock: func(time.Time) { once.Do(func() { close(first) }) },
 		})
 		mem, dst := tg.blocks(0, n, size)
-		s, err := tg.r.Register(9, mem, nil)
+		s, err := tg.r.Register(SessionID{ID: 9}, mem, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		done := make(chan error, 1)
 		go func() {
-			_, err := w.Write(context.Background(), tg.endpoint, 9, patterned(n, size, 2), dst)
+			_, err := w.Write(context.Background(), tg.endpoint, SessionID{ID: 9}, patterned(n, size, 2), dst)
 			done <- err
 		}()
 		<-first
@@ -343,13 +343,13 @@ func TestConformanceReleaseFails(t *testing.T) {
 					}
 				}})
 				mem, dst := tg.blocks(0, n, size)
-				s, err := tg.r.Register(11, mem, nil)
+				s, err := tg.r.Register(SessionID{ID: 11}, mem, nil)
 				if err != nil {
 					t.Fatal(err)
 				}
 				done := make(chan error, 1)
 				go func() {
-					_, err := w.Write(ctx, tg.endpoint, 11, patterned(n, size, 3), dst)
+					_, err := w.Write(ctx, tg.endpoint, SessionID{ID: 11}, patterned(n, size, 3), dst)
 					done <- err
 				}()
 				writerReturned := sync.OnceFunc(func() { <-done })
@@ -403,7 +403,7 @@ func TestConformanceBadDescriptors(t *testing.T) {
 		tg := newTarget(t, b, 4*size, size)
 		w := newWriter(t, b, 0, Hooks{})
 		mem, _ := tg.blocks(0, 2, size)
-		s, err := tg.r.Register(13, mem, nil)
+		s, err := tg.r.Register(SessionID{ID: 13}, mem, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -414,7 +414,7 @@ func TestConformanceBadDescriptors(t *testing.T) {
 			{{Offset: 0, Length: size}, {Offset: 1<<64 - 1, Length: size}},
 		}
 		for i, dst := range bad {
-			_, err := w.Write(context.Background(), tg.endpoint, 13, patterned(2, size, 4), dst)
+			_, err := w.Write(context.Background(), tg.endpoint, SessionID{ID: 13}, patterned(2, size, 4), dst)
 			if !errors.Is(err, ErrBadDescriptor) && !(b.localProof && i > 0) {
 				t.Fatalf("descriptors %v: %v", dst, err)
 			}
@@ -443,7 +443,7 @@ func TestShmReceiverRejectsBadLanded(t *testing.T) {
 	const size = 4096
 	tg := newTarget(t, backend{name: TransportShm}, 4*size, size)
 	mem, _ := tg.blocks(0, 2, size)
-	s, err := tg.r.Register(21, mem, nil)
+	s, err := tg.r.Register(SessionID{ID: 21}, mem, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -508,12 +508,12 @@ func TestConformanceConcurrentSessions(t *testing.T) {
 		for k := range sessions {
 			mem, dst := tg.blocks(k*n, n, size)
 			src := patterned(n, size, uint64(k)+100)
-			s, err := tg.r.Register(uint64(k)+1, mem, nil)
+			s, err := tg.r.Register(SessionID{ID: uint64(k)+1}, mem, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
 			wg.Go(func() {
-				if _, err := w.Write(context.Background(), tg.endpoint, uint64(k)+1, src, dst); err != nil {
+				if _, err := w.Write(context.Background(), tg.endpoint, SessionID{ID: uint64(k)+1}, src, dst); err != nil {
 					errs <- err
 					return
 				}
@@ -566,7 +566,7 @@ func runChildWriter(name, endpoint string) int {
 	for i := range dst {
 		dst[i] = Desc{Offset: uint64(i * size), Length: size}
 	}
-	if _, err := w.Write(context.Background(), endpoint, 99, patterned(n, size, 5), dst); err != nil {
+	if _, err := w.Write(context.Background(), endpoint, SessionID{ID: 99}, patterned(n, size, 5), dst); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
@@ -580,7 +580,7 @@ func TestConformancePeerDeath(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b backend) {
 		tg := newTarget(t, b, n*size, size)
 		mem, _ := tg.blocks(0, n, size)
-		s, err := tg.r.Register(99, mem, nil)
+		s, err := tg.r.Register(SessionID{ID: 99}, mem, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -638,16 +638,16 @@ func TestConformanceTargetGone(t *testing.T) {
 			})
 		}})
 		mem, dst := tg.blocks(0, n, size)
-		if _, err := tg.r.Register(31, mem, nil); err != nil {
+		if _, err := tg.r.Register(SessionID{ID: 31}, mem, nil); err != nil {
 			t.Fatal(err)
 		}
 		src := patterned(n, size, 6)
-		_, err := w.Write(context.Background(), tg.endpoint, 31, src, dst)
+		_, err := w.Write(context.Background(), tg.endpoint, SessionID{ID: 31}, src, dst)
 		<-closed
 		if err == nil {
 			// tcp may have buffered every frame before it noticed; the next
 			// write must fail.
-			_, err = w.Write(context.Background(), tg.endpoint, 32, src, dst)
+			_, err = w.Write(context.Background(), tg.endpoint, SessionID{ID: 32}, src, dst)
 		}
 		if err == nil {
 			t.Fatal("writes to a closed target succeeded")

@@ -6,13 +6,16 @@
 // The tcp data path is a stream of frames. Each frame is a fixed header
 // followed by its payload:
 //
-//	magic u32 | kind u8 | reserved [3]u8 | session u64 | index u32 | length u32
+//	magic u32 | kind u8 | reserved [3]u8 | session u64 | key u64 | index u32 | length u32
 //
 // A DATA frame carries one block: index is the destination block's position
 // in the session's descriptor list and length its size. A DONE frame (the
 // notification of a posted write, in NIXL terms) follows a session's last
 // block; its index is the number of blocks sent and length is zero. Integers
-// are little endian.
+// are little endian. Session and key together are the SessionID: 128
+// random bits the receiver chose, so a peer that can reach the data port
+// but was not told a session cannot guess one (only tcp checks the key;
+// the shm and ucx links are authenticated themselves and send zero).
 //
 // The shm transport uses the same header on a unix socket beside the shared
 // mapping, with no payloads: HELLO (target → writer, carries the pool's
@@ -25,6 +28,7 @@
 package kvtransfer
 
 import (
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -32,7 +36,7 @@ import (
 
 // ProtocolVersion is the transfer protocol version; both sides must agree
 // before any byte moves.
-const ProtocolVersion = 1
+const ProtocolVersion = 2
 
 // Transport names, as --transport and TransferRequest.transport spell them.
 const (
@@ -42,7 +46,7 @@ const (
 )
 
 // HeaderSize is the size of a frame header in bytes.
-const HeaderSize = 24
+const HeaderSize = 32
 
 const frameMagic uint32 = 0x3146564b // "KVF1"
 
@@ -67,8 +71,21 @@ const (
 type Header struct {
 	Kind    FrameKind
 	Session uint64
+	Key     uint64
 	Index   uint32
 	Length  uint32
+}
+
+// SessionID names a transfer session on the data path: ID is its name in
+// the control messages, Key the secret half that tcp frames must carry.
+// The receiver draws both from crypto/rand (NewSessionID).
+type SessionID struct{ ID, Key uint64 }
+
+// NewSessionID returns a random session id (never zero) and key.
+func NewSessionID() SessionID {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // never fails on Linux
+	return SessionID{ID: binary.LittleEndian.Uint64(b[:8]) | 1, Key: binary.LittleEndian.Uint64(b[8:])}
 }
 
 // ErrBadFrame is returned for a header that is not a valid frame.
@@ -81,8 +98,9 @@ func (h Header) Encode(b []byte) {
 	b[4] = byte(h.Kind)
 	b[5], b[6], b[7] = 0, 0, 0
 	binary.LittleEndian.PutUint64(b[8:], h.Session)
-	binary.LittleEndian.PutUint32(b[16:], h.Index)
-	binary.LittleEndian.PutUint32(b[20:], h.Length)
+	binary.LittleEndian.PutUint64(b[16:], h.Key)
+	binary.LittleEndian.PutUint32(b[24:], h.Index)
+	binary.LittleEndian.PutUint32(b[28:], h.Length)
 }
 
 // DecodeHeader parses a frame header. maxLength bounds a DATA frame's payload
@@ -97,8 +115,9 @@ func DecodeHeader(b []byte, maxLength uint32) (Header, error) {
 	h := Header{
 		Kind:    FrameKind(b[4]),
 		Session: binary.LittleEndian.Uint64(b[8:]),
-		Index:   binary.LittleEndian.Uint32(b[16:]),
-		Length:  binary.LittleEndian.Uint32(b[20:]),
+		Key:     binary.LittleEndian.Uint64(b[16:]),
+		Index:   binary.LittleEndian.Uint32(b[24:]),
+		Length:  binary.LittleEndian.Uint32(b[28:]),
 	}
 	switch h.Kind {
 	case FrameData, FrameLanded:

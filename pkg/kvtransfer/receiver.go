@@ -19,6 +19,17 @@ var (
 	ErrAborted       = errors.New("kvtransfer: session aborted")
 )
 
+// Bounds on the tcp data port, which anyone who reaches it can connect to.
+const (
+	// MaxConnsPerPeer bounds the data connections one remote address may
+	// hold open; a writer pools two per receiver, so this is far above
+	// honest use.
+	MaxConnsPerPeer = 64
+	// DataIdleTimeout closes a data connection on which no frame started,
+	// nor a payload moved, for this long (a writer re-dials on next use).
+	DataIdleTimeout = 2 * time.Minute
+)
+
 // Receiver is the target side of a transport (NIXL: the agent whose memory
 // is registered and written). For tcp it accepts data connections and lands
 // DATA frames straight in the destination blocks of registered sessions. It
@@ -34,11 +45,13 @@ type Receiver struct {
 	endpoint string       // what writers dial
 	closer   func()       // ucx: stops the worker after the links are gone
 	maxBlock uint32
+	idle     time.Duration // tcp: DataIdleTimeout
 	lg       *zap.Logger
 
 	mu       sync.Mutex
 	sessions map[uint64]*RecvSession
 	conns    map[net.Conn]struct{}
+	perPeer  map[string]int // tcp: open data connections by remote host
 	awaiting map[*RecvSession]struct{} // shm: finished, waiting for the writer's word
 	closed   bool
 
@@ -48,6 +61,7 @@ type Receiver struct {
 // RecvSession is one transfer's destination on the receiver.
 type RecvSession struct {
 	id    uint64
+	key   uint64 // tcp: every frame of the session must carry it
 	dests [][]byte
 	done  chan struct{} // closed when the session ends (complete or failed)
 
@@ -61,6 +75,7 @@ type RecvSession struct {
 	aborted      bool
 	writing      int
 	readers      map[net.Conn]int // connections reading a block of this session now
+	conn         net.Conn         // tcp: the connection the session is bound to (the first that wrote it)
 	link         *link            // shm, ucx: the writer granted this session; nil for tcp
 	writerDone   bool             // shm: the writer said, or proved by closing, it writes no more
 	onQuiesced   func()
@@ -86,14 +101,19 @@ func Listen(addr string, maxBlock int, lg *zap.Logger) (*Receiver, error) {
 
 // Serve starts a tcp receiver on an open listener, which it owns from now on.
 func Serve(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
+	return serve(ln, maxBlock, DataIdleTimeout, lg)
+}
+
+func serve(ln net.Listener, maxBlock int, idle time.Duration, lg *zap.Logger) *Receiver {
 	r := makeReceiver(ln, maxBlock, lg)
+	r.idle = idle
 	r.wg.Add(1)
 	go r.acceptLoop(r.readLoop)
 	return r
 }
 
 func makeReceiver(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
-	r := &Receiver{ln: ln, maxBlock: uint32(maxBlock), lg: lg, sessions: map[uint64]*RecvSession{}, conns: map[net.Conn]struct{}{}, awaiting: map[*RecvSession]struct{}{}}
+	r := &Receiver{ln: ln, maxBlock: uint32(maxBlock), idle: DataIdleTimeout, lg: lg, sessions: map[uint64]*RecvSession{}, conns: map[net.Conn]struct{}{}, perPeer: map[string]int{}, awaiting: map[*RecvSession]struct{}{}}
 	if ln != nil {
 		r.endpoint = ln.Addr().String()
 	}
@@ -117,9 +137,11 @@ func (r *Receiver) Reask() {
 func (r *Receiver) Endpoint() string { return r.endpoint }
 
 // Register makes a session able to receive into dests. The id must be unique
-// among live sessions. onBlock, when not nil, is called from the reader
+// among live sessions; on tcp every frame must also carry its key, and the
+// first connection that writes the session owns it. onBlock, when not nil, is called from the reader
 // after each block lands (health's progress clock); it must not block.
-func (r *Receiver) Register(id uint64, dests [][]byte, onBlock func(now time.Time)) (*RecvSession, error) {
+func (r *Receiver) Register(sid SessionID, dests [][]byte, onBlock func(now time.Time)) (*RecvSession, error) {
+	id := sid.ID
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
@@ -128,7 +150,7 @@ func (r *Receiver) Register(id uint64, dests [][]byte, onBlock func(now time.Tim
 	if _, dup := r.sessions[id]; dup {
 		return nil, fmt.Errorf("kvtransfer: session %d already registered", id)
 	}
-	s := &RecvSession{id: id, dests: dests, done: make(chan struct{}), received: make([]bool, len(dests)), lastProgress: time.Now(), onBlock: onBlock}
+	s := &RecvSession{id: id, key: sid.Key, dests: dests, done: make(chan struct{}), received: make([]bool, len(dests)), lastProgress: time.Now(), onBlock: onBlock}
 	r.sessions[id] = s
 	return s, nil
 }
@@ -247,14 +269,27 @@ func (r *Receiver) acceptLoop(serve func(net.Conn)) {
 // the connection: frame boundaries are lost after it.
 func (r *Receiver) readLoop(c net.Conn) {
 	defer r.wg.Done()
+	host := peerHost(c)
+	r.mu.Lock()
+	r.perPeer[host]++
+	over := r.perPeer[host] > MaxConnsPerPeer
+	r.mu.Unlock()
 	defer func() {
 		r.mu.Lock()
 		delete(r.conns, c)
+		if r.perPeer[host]--; r.perPeer[host] == 0 {
+			delete(r.perPeer, host)
+		}
 		r.mu.Unlock()
 		_ = c.Close()
 	}()
+	if over {
+		r.lg.Warn("data connection refused: too many from one peer", zap.String("peer", host), zap.Int("max", MaxConnsPerPeer))
+		return
+	}
 	var hb [HeaderSize]byte
 	for {
+		_ = c.SetReadDeadline(time.Now().Add(r.idle))
 		if _, err := io.ReadFull(c, hb[:]); err != nil {
 			return
 		}
@@ -265,7 +300,10 @@ func (r *Receiver) readLoop(c net.Conn) {
 		}
 		switch h.Kind {
 		case FrameDone:
-			r.done(h)
+			if err := r.done(c, h); err != nil {
+				r.lg.Warn("data connection closed", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
+				return
+			}
 			continue
 		case FrameData:
 		default:
@@ -278,18 +316,42 @@ func (r *Receiver) readLoop(c net.Conn) {
 	}
 }
 
-func (r *Receiver) done(h Header) {
+// ErrForeignFrame: a tcp frame names a live session but has the wrong key,
+// or comes on another connection than the one the session is bound to.
+// The frame is dropped and its connection closed; the session is not
+// touched (a guesser must not be able to fail someone else's transfer).
+var ErrForeignFrame = errors.New("kvtransfer: frame for a session this connection does not own")
+
+// ownerLocked checks a tcp frame against its session: the key must match
+// and the session must be unbound or bound to c (which it binds).
+func (s *RecvSession) ownerLocked(c net.Conn, h Header) error {
+	if h.Key != s.key {
+		return ErrForeignFrame
+	}
+	if s.conn == nil {
+		s.conn = c
+	} else if s.conn != c {
+		return ErrForeignFrame
+	}
+	return nil
+}
+
+func (r *Receiver) done(c net.Conn, h Header) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	s, ok := r.sessions[h.Session]
 	if !ok {
-		return // aborted or unknown session: nothing to do
+		return nil // aborted or unknown session: nothing to do
+	}
+	if err := s.ownerLocked(c, h); err != nil {
+		return err
 	}
 	if s.nReceived != len(s.dests) || int(h.Index) != len(s.dests) {
 		r.endLocked(s, fmt.Errorf("%w: %d of %d blocks, sender says %d", ErrIncomplete, s.nReceived, len(s.dests), h.Index))
-		return
+		return nil
 	}
 	r.endLocked(s, nil)
+	return nil
 }
 
 // data reads one DATA frame's payload into its destination block, or
@@ -297,6 +359,13 @@ func (r *Receiver) done(h Header) {
 func (r *Receiver) data(c net.Conn, h Header) error {
 	r.mu.Lock()
 	s, ok := r.sessions[h.Session]
+	if ok {
+		if err := s.ownerLocked(c, h); err != nil {
+			r.mu.Unlock()
+			r.lg.Warn("data connection closed", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
+			return err
+		}
+	}
 	var dst []byte
 	if ok && !s.ended {
 		switch {
@@ -314,6 +383,7 @@ func (r *Receiver) data(c net.Conn, h Header) error {
 		}
 	}
 	r.mu.Unlock()
+	_ = c.SetReadDeadline(time.Now().Add(r.idle))
 	if dst == nil {
 		_, err := io.CopyN(io.Discard, c, int64(h.Length))
 		return err
@@ -347,4 +417,12 @@ func (r *Receiver) data(c net.Conn, h Header) error {
 		quiesced()
 	}
 	return err
+}
+
+// peerHost is the remote host of a connection, the unit of the per-peer cap.
+func peerHost(c net.Conn) string {
+	if host, _, err := net.SplitHostPort(c.RemoteAddr().String()); err == nil {
+		return host
+	}
+	return c.RemoteAddr().String()
 }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -23,8 +24,41 @@ type Sender struct {
 	progress time.Duration // a block write that moves nothing for this long fails
 
 	mu     sync.Mutex
-	idle   map[string][]net.Conn
+	idle   map[string][]idleConn
 	closed bool
+}
+
+// idleConn is a pooled connection and when it was put back.
+type idleConn struct {
+	net.Conn
+	since time.Time
+}
+
+// maxIdleAge is how long a pooled connection is reused: well inside the
+// receiver's DataIdleTimeout, after which the receiver closes it.
+const maxIdleAge = DataIdleTimeout / 2
+
+// alive reports whether a pooled connection still looks open: the
+// receiver never sends on a data connection, so anything to read (EOF, a
+// reset, bytes) means it was closed, and a push on it would write into a
+// dead socket. It peeks without blocking.
+func alive(c net.Conn) bool {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return true
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	open := false
+	var b [1]byte
+	err = raw.Read(func(fd uintptr) bool {
+		_, _, rerr := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		open = rerr == syscall.EAGAIN
+		return true // never wait for readiness
+	})
+	return err == nil && open
 }
 
 // NewSender returns a sender with no connections.
@@ -32,7 +66,7 @@ type Sender struct {
 // (stopped, or its reader stuck) fails the push with ErrNoProgress. Zero
 // means no bound (the caller's ctx still applies).
 func NewSender(progress time.Duration) *Sender {
-	return &Sender{idle: map[string][]net.Conn{}, progress: progress}
+	return &Sender{idle: map[string][]idleConn{}, progress: progress}
 }
 
 // Name returns "tcp".
@@ -41,7 +75,7 @@ func (s *Sender) Name() string { return TransportTCP }
 // Write pushes src to the receiver at endpoint. The tcp receiver places
 // block i by its position in the session's descriptor list, which it holds
 // itself, so dst only has to match src in count.
-func (s *Sender) Write(ctx context.Context, endpoint string, session uint64, src [][]byte, dst []Desc) (int64, error) {
+func (s *Sender) Write(ctx context.Context, endpoint string, session SessionID, src [][]byte, dst []Desc) (int64, error) {
 	if len(src) != len(dst) {
 		return 0, fmt.Errorf("%w: %d sources for %d destinations", ErrBadDescriptor, len(src), len(dst))
 	}
@@ -56,7 +90,7 @@ var ErrNoProgress = errors.New("kvtransfer: peer took no bytes for the progress 
 // vectored writes. A done ctx stops the push between blocks, and unblocks a
 // write in progress. When Push returns, it no longer reads src and has
 // written nothing more for the session.
-func (s *Sender) Push(ctx context.Context, endpoint string, session uint64, src [][]byte) (int64, error) {
+func (s *Sender) Push(ctx context.Context, endpoint string, session SessionID, src [][]byte) (int64, error) {
 	c, reused, err := s.conn(ctx, endpoint)
 	if err != nil {
 		return 0, err
@@ -73,7 +107,7 @@ func (s *Sender) Push(ctx context.Context, endpoint string, session uint64, src 
 	return n, err
 }
 
-func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session uint64, src [][]byte) (int64, error) {
+func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session SessionID, src [][]byte) (int64, error) {
 	// A cancelled ctx must unblock a write stuck on a stalled peer.
 	stop := context.AfterFunc(ctx, func() { _ = c.SetWriteDeadline(time.Unix(1, 0)) })
 	n, err := writeSession(ctx, c, session, src, s.progress, s.Fault, s.OnBlock)
@@ -95,7 +129,8 @@ func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session 
 	return n, nil
 }
 
-func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte, progress time.Duration, fault *Fault, onBlock func(time.Time)) (int64, error) {
+func writeSession(ctx context.Context, c net.Conn, sid SessionID, src [][]byte, progress time.Duration, fault *Fault, onBlock func(time.Time)) (int64, error) {
+	session := sid.ID
 	// One header and one vector for the whole session: a vectored write
 	// makes them escape, and per block that would be an allocation each.
 	hdr := make([]byte, HeaderSize)
@@ -114,7 +149,7 @@ func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte,
 		if err := ctx.Err(); err != nil {
 			return sent, err
 		}
-		Header{Kind: FrameData, Session: session, Index: uint32(i), Length: uint32(len(b))}.Encode(hdr)
+		Header{Kind: FrameData, Session: session, Key: sid.Key, Index: uint32(i), Length: uint32(len(b))}.Encode(hdr)
 		bufs = append(vec[:0], hdr, fault.payload(session, i, b))
 		if _, err := bufs.WriteTo(c); err != nil {
 			return sent, fmt.Errorf("kvtransfer: write block %d: %w", i, err)
@@ -130,7 +165,7 @@ func writeSession(ctx context.Context, c net.Conn, session uint64, src [][]byte,
 	if err := fault.before(ctx, session, len(src)); err != nil {
 		return sent, err // a partial fault after every block: the DONE never goes
 	}
-	Header{Kind: FrameDone, Session: session, Index: uint32(len(src))}.Encode(hdr)
+	Header{Kind: FrameDone, Session: session, Key: sid.Key, Index: uint32(len(src))}.Encode(hdr)
 	if _, err := c.Write(hdr); err != nil {
 		return sent, fmt.Errorf("kvtransfer: write done: %w", err)
 	}
@@ -144,11 +179,14 @@ func (s *Sender) conn(ctx context.Context, endpoint string) (c net.Conn, reused 
 		s.mu.Unlock()
 		return nil, false, errors.New("kvtransfer: sender closed")
 	}
-	if cs := s.idle[endpoint]; len(cs) > 0 {
+	for cs := s.idle[endpoint]; len(cs) > 0; cs = s.idle[endpoint] {
 		c := cs[len(cs)-1]
 		s.idle[endpoint] = cs[:len(cs)-1]
-		s.mu.Unlock()
-		return c, true, nil
+		if time.Since(c.since) < maxIdleAge && alive(c.Conn) {
+			s.mu.Unlock()
+			return c.Conn, true, nil
+		}
+		_ = c.Close()
 	}
 	s.mu.Unlock()
 	return s.dial(ctx, endpoint)
@@ -169,7 +207,7 @@ func (s *Sender) put(endpoint string, c net.Conn) {
 		_ = c.Close()
 		return
 	}
-	s.idle[endpoint] = append(s.idle[endpoint], c)
+	s.idle[endpoint] = append(s.idle[endpoint], idleConn{Conn: c, since: time.Now()})
 }
 
 // Close closes the idle connections. Safe to call twice.

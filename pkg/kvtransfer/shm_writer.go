@@ -61,7 +61,8 @@ var ErrPeerClosed = errors.New("kvtransfer: shm link closed")
 // returning when the session is terminal; afterwards nothing more is copied
 // for it. A done ctx, an ABORT from the receiver or a dead link stops it
 // between blocks.
-func (w *ShmWriter) Write(ctx context.Context, endpoint string, session uint64, src [][]byte, dst []Desc) (int64, error) {
+func (w *ShmWriter) Write(ctx context.Context, endpoint string, sid SessionID, src [][]byte, dst []Desc) (int64, error) {
+	session := sid.ID // the link is authenticated (SO_PEERCRED): no key
 	if len(src) != len(dst) {
 		return 0, checkDescs(src, dst, 0)
 	}

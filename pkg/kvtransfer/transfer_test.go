@@ -62,11 +62,11 @@ func TestPushLandsEveryByte(t *testing.T) {
 		for i := range dst {
 			dst[i] = make([]byte, size)
 		}
-		s, err := r.Register(100+seed, dst, nil)
+		s, err := r.Register(SessionID{ID: 100+seed}, dst, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		n, err := snd.Push(context.Background(), r.Endpoint(), 100+seed, src)
+		n, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 100+seed}, src)
 		if err != nil || n != 5*size {
 			t.Fatalf("push: %d bytes, %v", n, err)
 		}
@@ -91,11 +91,11 @@ func TestBadDescriptorFailsSession(t *testing.T) {
 	const size = 128
 	r := newReceiver(t, 4096)
 	dst := [][]byte{make([]byte, size)}
-	s, _ := r.Register(7, dst, nil)
+	s, _ := r.Register(SessionID{ID: 7}, dst, nil)
 	snd := NewSender(0)
 	defer snd.Close()
 	// Two source blocks for a one-block destination: index 1 is outside.
-	if _, err := snd.Push(context.Background(), r.Endpoint(), 7, randomBlocks(2, size, 1)); err != nil {
+	if _, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 7}, randomBlocks(2, size, 1)); err != nil {
 		t.Fatal(err)
 	}
 	waitDone(t, s)
@@ -103,8 +103,8 @@ func TestBadDescriptorFailsSession(t *testing.T) {
 		t.Fatalf("err %v, want ErrBadDescriptor", err)
 	}
 	// Wrong length is refused too.
-	s2, _ := r.Register(8, dst, nil)
-	if _, err := snd.Push(context.Background(), r.Endpoint(), 8, randomBlocks(1, size/2, 1)); err != nil {
+	s2, _ := r.Register(SessionID{ID: 8}, dst, nil)
+	if _, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 8}, randomBlocks(1, size/2, 1)); err != nil {
 		t.Fatal(err)
 	}
 	waitDone(t, s2)
@@ -119,7 +119,7 @@ func TestFinishWaitsForWriteInProgress(t *testing.T) {
 	const size = 1 << 20
 	r := newReceiver(t, size)
 	dst := [][]byte{make([]byte, size)}
-	s, _ := r.Register(9, dst, nil)
+	s, _ := r.Register(SessionID{ID: 9}, dst, nil)
 	c, err := net.Dial("tcp", r.Endpoint())
 	if err != nil {
 		t.Fatal(err)
@@ -175,7 +175,7 @@ func TestPushCancelUnblocksStalledWrite(t *testing.T) {
 		for i := range blocks {
 			blocks[i] = make([]byte, 1<<20)
 		}
-		_, err := snd.Push(ctx, addr, 1, blocks)
+		_, err := snd.Push(ctx, addr, SessionID{ID: 1}, blocks)
 		res <- err
 	}()
 	cancel()
@@ -205,8 +205,8 @@ func BenchmarkPushLoopback(b *testing.B) {
 	var id uint64
 	for b.Loop() {
 		id++
-		s, _ := r.Register(id, dst, nil)
-		if _, err := snd.Push(context.Background(), r.Endpoint(), id, src); err != nil {
+		s, _ := r.Register(SessionID{ID: id}, dst, nil)
+		if _, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: id}, src); err != nil {
 			b.Fatal(err)
 		}
 		<-s.Done()
@@ -284,10 +284,10 @@ func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
 	defer snd.Close()
 	for i := range uint64(50) {
 		dst := [][]byte{make([]byte, size)}
-		s, _ := r.Register(1000+i, dst, nil)
+		s, _ := r.Register(SessionID{ID: 1000+i}, dst, nil)
 		ctx, cancel := context.WithCancel(context.Background())
 		go func() { <-s.Done(); cancel() }() // the receiver side ends the stream at once
-		n, err := snd.Push(ctx, r.Endpoint(), 1000+i, randomBlocks(1, size, i))
+		n, err := snd.Push(ctx, r.Endpoint(), SessionID{ID: 1000+i}, randomBlocks(1, size, i))
 		cancel()
 		if err != nil || n != size {
 			t.Fatalf("push %d: %d bytes, %v", i, n, err)
@@ -306,7 +306,7 @@ func TestPushNoProgressTimesOut(t *testing.T) {
 	for i := range blocks {
 		blocks[i] = make([]byte, 1<<20)
 	}
-	_, err := snd.Push(context.Background(), addr, 1, blocks)
+	_, err := snd.Push(context.Background(), addr, SessionID{ID: 1}, blocks)
 	if !errors.Is(err, ErrNoProgress) {
 		t.Fatalf("err %v, want ErrNoProgress", err)
 	}
@@ -374,10 +374,10 @@ func TestStallFaultHealsAfterWindow(t *testing.T) {
 	defer snd.Close()
 	snd.Fault, _ = ParseFault("stall:after=1,for=300ms", time.Now())
 	dst := [][]byte{make([]byte, size), make([]byte, size)}
-	s, _ := r.Register(5, dst, nil)
+	s, _ := r.Register(SessionID{ID: 5}, dst, nil)
 	done := make(chan error, 1)
 	go func() {
-		_, err := snd.Push(context.Background(), r.Endpoint(), 5, randomBlocks(2, size, 1))
+		_, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 5}, randomBlocks(2, size, 1))
 		done <- err
 	}()
 	eventually(t, "first block landed", func() bool { n, _ := r.Progress(s); return n == size })
@@ -424,8 +424,8 @@ func TestFaultKinds(t *testing.T) {
 			src := randomBlocks(3, size, 9)
 			orig := randomBlocks(3, size, 9)
 			dst := [][]byte{make([]byte, size), make([]byte, size), make([]byte, size)}
-			s, _ := r.Register(42, dst, nil)
-			_, err = snd.Push(context.Background(), r.Endpoint(), 42, src)
+			s, _ := r.Register(SessionID{ID: 42}, dst, nil)
+			_, err = snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 42}, src)
 			if (err != nil) != tc.pushErr {
 				t.Fatalf("push error %v, want error %v", err, tc.pushErr)
 			}

@@ -46,7 +46,7 @@ type Hooks struct {
 // nothing more for the session.
 type Writer interface {
 	Name() string
-	Write(ctx context.Context, endpoint string, session uint64, src [][]byte, dst []Desc) (int64, error)
+	Write(ctx context.Context, endpoint string, session SessionID, src [][]byte, dst []Desc) (int64, error)
 	Close()
 }
 

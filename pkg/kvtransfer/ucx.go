@@ -12,7 +12,7 @@ package kvtransfer
 // worker address (addr, malloc'd; the receiver connects back to it). from
 // is the sending worker's id (the AM header).
 typedef struct {
-	unsigned char frame[24];
+	unsigned char frame[32];
 	uint64_t from;
 	void *addr;
 	size_t addr_len;
@@ -50,8 +50,8 @@ static ucs_status_t kvf_am_cb(void *arg, const void *header, size_t header_lengt
 	kvf_msg *m = &s->msgs[s->nmsgs];
 	memset(m, 0, sizeof *m);
 	memcpy(&m->from, header, 8);
-	if (length == 24) {
-		memcpy(m->frame, data, 24);
+	if (length == 32) {
+		memcpy(m->frame, data, 32);
 	} else {
 		m->addr = malloc(length);
 		if (m->addr == NULL) {
@@ -814,7 +814,8 @@ func closeEp(w *ucxWorker, ep C.ucp_ep_h) {
 
 // Write puts src[i] at the peer's dst[i], ucxWindow blocks per flush,
 // announcing each block once its flush completed.
-func (x *UCXWriter) Write(ctx context.Context, endpoint string, session uint64, src [][]byte, dst []Desc) (int64, error) {
+func (x *UCXWriter) Write(ctx context.Context, endpoint string, sid SessionID, src [][]byte, dst []Desc) (int64, error) {
+	session := sid.ID // the endpoint is the registered peer: no key
 	if len(src) != len(dst) {
 		return 0, checkDescs(src, dst, 0)
 	}

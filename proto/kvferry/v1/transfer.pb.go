@@ -88,7 +88,11 @@ type TransferRequest struct {
 	// data_endpoint is the receiver's host:port for the data connection.
 	DataEndpoint string `protobuf:"bytes,6,opt,name=data_endpoint,json=dataEndpoint,proto3" json:"data_endpoint,omitempty"`
 	// destinations holds one descriptor per source block, in block order.
-	Destinations  []*BlockDescriptor `protobuf:"bytes,7,rep,name=destinations,proto3" json:"destinations,omitempty"`
+	Destinations []*BlockDescriptor `protobuf:"bytes,7,rep,name=destinations,proto3" json:"destinations,omitempty"`
+	// session_key is the secret half of the session's 128-bit data-path id,
+	// chosen by the receiver with session_id: every tcp data frame of the
+	// session carries it.
+	SessionKey    uint64 `protobuf:"fixed64,8,opt,name=session_key,json=sessionKey,proto3" json:"session_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -170,6 +174,13 @@ func (x *TransferRequest) GetDestinations() []*BlockDescriptor {
 		return x.Destinations
 	}
 	return nil
+}
+
+func (x *TransferRequest) GetSessionKey() uint64 {
+	if x != nil {
+		return x.SessionKey
+	}
+	return 0
 }
 
 type TransferResponse struct {
@@ -345,7 +356,7 @@ var File_kvferry_v1_transfer_proto protoreflect.FileDescriptor
 const file_kvferry_v1_transfer_proto_rawDesc = "" +
 	"\n" +
 	"\x19kvferry/v1/transfer.proto\x12\n" +
-	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\xb9\x02\n" +
+	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\xda\x02\n" +
 	"\x0fTransferRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\x12\x1d\n" +
 	"\n" +
@@ -354,7 +365,9 @@ const file_kvferry_v1_transfer_proto_rawDesc = "" +
 	"\x06layout\x18\x04 \x01(\v2\x14.kvferry.v1.KVLayoutR\x06layout\x12\x1c\n" +
 	"\ttransport\x18\x05 \x01(\tR\ttransport\x12#\n" +
 	"\rdata_endpoint\x18\x06 \x01(\tR\fdataEndpoint\x12?\n" +
-	"\fdestinations\x18\a \x03(\v2\x1b.kvferry.v1.BlockDescriptorR\fdestinations\"z\n" +
+	"\fdestinations\x18\a \x03(\v2\x1b.kvferry.v1.BlockDescriptorR\fdestinations\x12\x1f\n" +
+	"\vsession_key\x18\b \x01(\x06R\n" +
+	"sessionKey\"z\n" +
 	"\x10TransferResponse\x12/\n" +
 	"\x05event\x18\x01 \x01(\x0e2\x19.kvferry.v1.TransferEventR\x05event\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1d\n" +

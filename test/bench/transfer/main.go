@@ -226,7 +226,7 @@ func backendRun(name string, src [][]byte, n, size int) (run, func(), error) {
 			var before, after runtime.MemStats
 			runtime.ReadMemStats(&before)
 			start := time.Now()
-			if _, err := w.Write(context.Background(), ep, session, src, dst); err != nil {
+			if _, err := w.Write(context.Background(), ep, kvtransfer.SessionID{ID: session}, src, dst); err != nil {
 				return 0, 0, err
 			}
 			if _, err := c.ask(""); err != nil { // "done": every block landed and was announced
@@ -376,7 +376,7 @@ func target(role string, n, size int) error {
 			fmt.Println("error", err)
 			continue
 		}
-		s, err := r.Register(id, dests, nil)
+		s, err := r.Register(kvtransfer.SessionID{ID: id}, dests, nil)
 		if err != nil {
 			fmt.Println("error", err)
 			continue

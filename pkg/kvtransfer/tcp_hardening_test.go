@@ -1,0 +1,213 @@
+package kvtransfer
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// frame writes one DATA frame (header and payload) or a DONE on c.
+func frame(t *testing.T, c net.Conn, h Header, payload []byte) {
+	t.Helper()
+	b := make([]byte, HeaderSize, HeaderSize+len(payload))
+	h.Encode(b)
+	if _, err := c.Write(append(b, payload...)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// closedByPeer reports whether the receiver closed c (a read ends with
+// EOF or a reset) within shouldHappen.
+func closedByPeer(c net.Conn) bool {
+	_ = c.SetReadDeadline(time.Now().Add(shouldHappen))
+	_, err := c.Read(make([]byte, 1))
+	var ne net.Error
+	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
+}
+
+// TestForeignFramesCannotTouchASession plays a peer that reaches the data
+// port: a frame with a guessed id but the wrong key, and a frame with the
+// right key on a second connection (a leaked key) are dropped, their
+// connections closed, and the session completes with the owner's bytes.
+func TestForeignFramesCannotTouchASession(t *testing.T) {
+	const size = 4 << 10
+	r := newReceiver(t, size)
+	sid := NewSessionID()
+	dst := [][]byte{make([]byte, size), make([]byte, size)}
+	s, err := r.Register(sid, dst, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := randomBlocks(2, size, 7)
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", r.Endpoint())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	guesser := dial()
+	frame(t, guesser, Header{Kind: FrameData, Session: sid.ID, Key: sid.Key ^ 1, Index: 0, Length: size}, bytes.Repeat([]byte{0xee}, size))
+	if !closedByPeer(guesser) {
+		t.Fatal("a frame with the wrong key left its connection open")
+	}
+	owner := dial()
+	frame(t, owner, Header{Kind: FrameData, Session: sid.ID, Key: sid.Key, Index: 0, Length: size}, src[0])
+	eventually(t, "the owner's first block landed", func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return s.nReceived == 1
+	})
+	thief := dial()
+	frame(t, thief, Header{Kind: FrameData, Session: sid.ID, Key: sid.Key, Index: 1, Length: size}, bytes.Repeat([]byte{0xee}, size))
+	if !closedByPeer(thief) {
+		t.Fatal("a second connection wrote into a bound session")
+	}
+	frame(t, owner, Header{Kind: FrameData, Session: sid.ID, Key: sid.Key, Index: 1, Length: size}, src[1])
+	frame(t, owner, Header{Kind: FrameDone, Session: sid.ID, Key: sid.Key, Index: 2}, nil)
+	waitDone(t, s)
+	if err := r.Err(s); err != nil {
+		t.Fatalf("the owner's session failed: %v", err)
+	}
+	for i := range dst {
+		if !bytes.Equal(dst[i], src[i]) {
+			t.Fatalf("block %d holds foreign bytes", i)
+		}
+	}
+}
+
+// TestSenderCarriesTheKey: a real Sender push with a keyed id lands; the
+// same push with the key zeroed is refused and the session left intact.
+func TestSenderCarriesTheKey(t *testing.T) {
+	const size = 4 << 10
+	r := newReceiver(t, size)
+	snd := NewSender(0)
+	defer snd.Close()
+	sid := NewSessionID()
+	dst := [][]byte{make([]byte, size)}
+	s, _ := r.Register(sid, dst, nil)
+	src := randomBlocks(1, size, 3)
+	// The receiver closes the connection on the first foreign frame; the
+	// push may or may not see that before it ends, but nothing lands.
+	unkeyed := NewSender(0)
+	_, _ = unkeyed.Push(context.Background(), r.Endpoint(), SessionID{ID: sid.ID}, src)
+	unkeyed.Close()
+	select {
+	case <-s.Done():
+		t.Fatalf("an unkeyed push ended the session: %v", r.Err(s))
+	default:
+	}
+	if _, err := snd.Push(context.Background(), r.Endpoint(), sid, src); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, s)
+	if err := r.Err(s); err != nil || !bytes.Equal(dst[0], src[0]) {
+		t.Fatalf("keyed push: %v", err)
+	}
+}
+
+// TestConnectionsPerPeerAreCapped opens one connection more than a peer
+// may hold: exactly one is closed by the receiver.
+func TestConnectionsPerPeerAreCapped(t *testing.T) {
+	r := newReceiver(t, 1024)
+	conns := make([]net.Conn, MaxConnsPerPeer+1)
+	closed := make(chan int, len(conns))
+	for i := range conns {
+		c, err := net.Dial("tcp", r.Endpoint())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns[i] = c
+		go func() {
+			_, err := c.Read(make([]byte, 1))
+			if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) { // closed by the receiver, not by us
+				closed <- i
+			}
+		}()
+	}
+	var first int
+	select {
+	case first = <-closed:
+	case <-time.After(shouldHappen):
+		t.Fatal("no connection over the cap was closed")
+	}
+	// Every connection the receiver accepted is registered once the
+	// over-cap one was refused; none other is closed.
+	eventually(t, "the cap's connections counted", func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return len(r.conns) == MaxConnsPerPeer
+	})
+	for i, c := range conns {
+		if i != first {
+			c.Close()
+		}
+	}
+	select {
+	case i := <-closed:
+		if i != first {
+			t.Fatalf("connection %d was closed by the receiver too", i)
+		}
+	default:
+	}
+}
+
+// TestIdleDataConnectionIsClosed: a connection that sends nothing is
+// closed after the idle timeout.
+func TestIdleDataConnectionIsClosed(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := serve(ln, 1024, 50*time.Millisecond, zap.NewNop())
+	defer r.Close()
+	c, err := net.Dial("tcp", r.Endpoint())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if !closedByPeer(c) {
+		t.Fatal("an idle data connection was kept")
+	}
+}
+
+// TestSenderSkipsAClosedPooledConnection: after the receiver closed an
+// idle pooled connection, the next push dials afresh and lands (a write
+// into the dead socket would report success and land nothing).
+func TestSenderSkipsAClosedPooledConnection(t *testing.T) {
+	const size = 4 << 10
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := serve(ln, size, 50*time.Millisecond, zap.NewNop())
+	defer r.Close()
+	snd := NewSender(0)
+	defer snd.Close()
+	for round := range uint64(2) {
+		sid := NewSessionID()
+		dst := [][]byte{make([]byte, size)}
+		s, _ := r.Register(sid, dst, nil)
+		src := randomBlocks(1, size, round)
+		if _, err := snd.Push(context.Background(), r.Endpoint(), sid, src); err != nil {
+			t.Fatal(err)
+		}
+		waitDone(t, s)
+		if err := r.Err(s); err != nil || !bytes.Equal(dst[0], src[0]) {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		eventually(t, "the idle connection closed by the receiver", func() bool {
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			return len(r.conns) == 0
+		})
+	}
+}
