@@ -236,11 +236,11 @@ func TestConformanceCancelAtEveryPoint(t *testing.T) {
 					cancel()
 				}
 				mem, dst := tg.blocks(0, n, size)
-				s, err := tg.r.Register(SessionID{ID: uint64(at)+1}, mem, nil)
+				s, err := tg.r.Register(SessionID{ID: uint64(at) + 1}, mem, nil)
 				if err != nil {
 					t.Fatal(err)
 				}
-				_, err = w.Write(ctx, tg.endpoint, SessionID{ID: uint64(at)+1}, patterned(n, size, 1), dst)
+				_, err = w.Write(ctx, tg.endpoint, SessionID{ID: uint64(at) + 1}, patterned(n, size, 1), dst)
 				win := max(b.window, 1)
 				if stops := at == 0 || (at+win-1)/win*win < n; stops && !errors.Is(err, context.Canceled) {
 					t.Fatalf("write cancelled at block %d: %v", at, err)
@@ -508,12 +508,12 @@ func TestConformanceConcurrentSessions(t *testing.T) {
 		for k := range sessions {
 			mem, dst := tg.blocks(k*n, n, size)
 			src := patterned(n, size, uint64(k)+100)
-			s, err := tg.r.Register(SessionID{ID: uint64(k)+1}, mem, nil)
+			s, err := tg.r.Register(SessionID{ID: uint64(k) + 1}, mem, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
 			wg.Go(func() {
-				if _, err := w.Write(context.Background(), tg.endpoint, SessionID{ID: uint64(k)+1}, src, dst); err != nil {
+				if _, err := w.Write(context.Background(), tg.endpoint, SessionID{ID: uint64(k) + 1}, src, dst); err != nil {
 					errs <- err
 					return
 				}

@@ -51,7 +51,7 @@ type Receiver struct {
 	mu       sync.Mutex
 	sessions map[uint64]*RecvSession
 	conns    map[net.Conn]struct{}
-	perPeer  map[string]int // tcp: open data connections by remote host
+	perPeer  map[string]int            // tcp: open data connections by remote host
 	awaiting map[*RecvSession]struct{} // shm: finished, waiting for the writer's word
 	closed   bool
 

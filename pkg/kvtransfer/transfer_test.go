@@ -62,11 +62,11 @@ func TestPushLandsEveryByte(t *testing.T) {
 		for i := range dst {
 			dst[i] = make([]byte, size)
 		}
-		s, err := r.Register(SessionID{ID: 100+seed}, dst, nil)
+		s, err := r.Register(SessionID{ID: 100 + seed}, dst, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		n, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 100+seed}, src)
+		n, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 100 + seed}, src)
 		if err != nil || n != 5*size {
 			t.Fatalf("push: %d bytes, %v", n, err)
 		}
@@ -284,10 +284,10 @@ func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
 	defer snd.Close()
 	for i := range uint64(50) {
 		dst := [][]byte{make([]byte, size)}
-		s, _ := r.Register(SessionID{ID: 1000+i}, dst, nil)
+		s, _ := r.Register(SessionID{ID: 1000 + i}, dst, nil)
 		ctx, cancel := context.WithCancel(context.Background())
 		go func() { <-s.Done(); cancel() }() // the receiver side ends the stream at once
-		n, err := snd.Push(ctx, r.Endpoint(), SessionID{ID: 1000+i}, randomBlocks(1, size, i))
+		n, err := snd.Push(ctx, r.Endpoint(), SessionID{ID: 1000 + i}, randomBlocks(1, size, i))
 		cancel()
 		if err != nil || n != size {
 			t.Fatalf("push %d: %d bytes, %v", i, n, err)
