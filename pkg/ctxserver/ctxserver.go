@@ -15,6 +15,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -123,7 +124,11 @@ type Server struct {
 	waiting map[string]*waiter
 	// prefixKeys keys the reuse cache (keyed SHA-256: uncraftable).
 	prefixKeys *executor.PrefixKeys
-	lg         *zap.Logger
+	// cachedTokens holds, by block id, the tokens a published block was
+	// computed from: a cache hit must match them, so even a key collision
+	// cannot serve one prompt another prompt's KV. Bounded by the pool.
+	cachedTokens [][]uint32
+	lg           *zap.Logger
 
 	mu       sync.Mutex
 	reqs     map[string]*request
@@ -137,7 +142,8 @@ var (
 
 // New returns a context server.
 func New(cfg Config) *Server {
-	return &Server{cfg: cfg, spec: cfg.Engine.Model(), prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), lg: cfg.Logger, reqs: map[string]*request{}}
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), cachedTokens: make([][]uint32, cfg.Pool.Capacity()),
+		lg: cfg.Logger, reqs: map[string]*request{}}
 }
 
 func reqFields(t *kvferryv1.Ticket) []zap.Field {
@@ -225,8 +231,12 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	// The freshly computed full blocks become reusable by later prompts
 	// with the same prefix; from now on nothing writes them.
 	for j := reused; j < len(hashes); j++ {
-		if _, err := s.cfg.Pool.Publish(blocks[j], hashes[j]); err != nil {
+		ok, err := s.cfg.Pool.Publish(blocks[j], hashes[j])
+		if err != nil {
 			s.lg.Error("publish block", zap.Error(err))
+		}
+		if ok {
+			s.cachedTokens[blocks[j]] = slices.Clone(s.blockTokens(req.GetPromptTokens(), j))
 		}
 	}
 	r.phase = phaseAdvertised
@@ -250,6 +260,12 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	return r.resp, nil
 }
 
+// blockTokens is the tokens of full block i of a prompt.
+func (s *Server) blockTokens(tokens []uint32, i int) []uint32 {
+	bt := s.spec.BlockTokens
+	return tokens[i*bt : (i+1)*bt]
+}
+
 // allocateLocked gives a prompt its blocks: the longest cached prefix from
 // the reuse cache, then fresh blocks for the rest. It returns the blocks,
 // the reuse keys of the full blocks, and how many blocks were reused.
@@ -260,6 +276,14 @@ func (s *Server) allocateLocked(ctx context.Context, tokens []uint32) ([]blockpo
 	if s.cfg.PrefixReuse {
 		hashes = s.prefixKeys.Keys(tokens)
 		blocks = s.cfg.Pool.Lookup(hashes)
+		for i, id := range blocks {
+			if !slices.Equal(s.cachedTokens[id], s.blockTokens(tokens, i)) {
+				s.lg.Warn("prefix cache hit with other tokens: not reused", zap.Int("block", i))
+				_ = s.cfg.Pool.Release(blocks[i:])
+				blocks = blocks[:i]
+				break
+			}
+		}
 	}
 	reused := len(blocks)
 	if n > reused {

@@ -333,6 +333,35 @@ func TestTransferToDeadPeerFails(t *testing.T) {
 	}
 }
 
+// TestPrefixHitComparesTokens: a cache entry whose recorded tokens differ
+// from the prompt's (what a key collision would look like) is not served:
+// the prompt is computed afresh, and every block is accounted for.
+func TestPrefixHitComparesTokens(t *testing.T) {
+	f := newFixtureReuse(t, 8, true)
+	a := ticket.New(ticket.NewID())
+	first := f.prefill(t, a, 40) // 2 full blocks + 1 partial
+	f.srv.mu.Lock()
+	planted := 0
+	for id, toks := range f.srv.cachedTokens {
+		if toks != nil {
+			f.srv.cachedTokens[id] = append([]uint32{toks[0] + 1}, toks[1:]...) // another prompt's block
+			planted++
+		}
+	}
+	f.srv.mu.Unlock()
+	if planted != 2 {
+		t.Fatalf("%d blocks recorded in the cache, want 2", planted)
+	}
+	b := ticket.New(ticket.NewID())
+	second := f.prefill(t, b, 40)
+	if second.GetReusedBlocks() != 0 || second.GetFirstToken() != first.GetFirstToken() {
+		t.Fatalf("a hit with other tokens reused %d blocks (first token %d vs %d)", second.GetReusedBlocks(), second.GetFirstToken(), first.GetFirstToken())
+	}
+	if c := f.counts(); c.Owned != 6 {
+		t.Fatalf("two requests of 3 blocks each, none shared: %+v", c)
+	}
+}
+
 // TestPrefixReuse: a second prompt with the same prefix reuses its full
 // blocks; after both end only the cache holds them; pool pressure evicts
 // them; and a cached block being pushed is never evicted.

@@ -3,6 +3,7 @@ package router
 import (
 	"context"
 
+	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -13,6 +14,11 @@ import (
 
 // Generate implements RouterService for gRPC clients.
 func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kvferryv1.RouterService_GenerateServer) error {
+	release, err := r.Admit()
+	if err != nil {
+		return status.Error(codes.ResourceExhausted, err.Error())
+	}
+	defer release()
 	if req.GetModel() != r.cfg.ServedModel {
 		return status.Errorf(codes.NotFound, "the model %q does not exist; this server serves %q", req.GetModel(), r.cfg.ServedModel)
 	}
@@ -25,6 +31,9 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 	}
 	if int(s.GetMaxTokens()) > r.cfg.MaxOutputTokens {
 		return status.Errorf(codes.InvalidArgument, "max_tokens must be at most %d", r.cfg.MaxOutputTokens)
+	}
+	if int64(len(req.GetPrompt())) > r.cfg.MaxBodyBytes {
+		return status.Errorf(codes.InvalidArgument, "the prompt has %d bytes, the limit is %d", len(req.GetPrompt()), r.cfg.MaxBodyBytes)
 	}
 	tokens := r.cfg.Vocab.Encode(req.GetPrompt())
 	switch {
@@ -49,7 +58,7 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 		echo = clientID
 	}
 	completion := uint32(0)
-	_, err := r.Run(stream.Context(), Job{ID: id, ClientID: clientID, Prompt: tokens, Sampling: s}, func(c Chunk) error {
+	_, err = r.Run(stream.Context(), Job{ID: id, ClientID: clientID, Prompt: tokens, Sampling: s}, func(c Chunk) error {
 		completion += uint32(len(c.Tokens))
 		msg := &kvferryv1.RouterServiceGenerateResponse{
 			RequestId: echo, Text: c.Text, Tokens: c.Tokens, PromptTokens: uint32(len(tokens)), CompletionTokens: completion,
@@ -63,7 +72,8 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 		return stream.Send(msg)
 	})
 	if err != nil {
-		return status.Error(CodeOf(err), err.Error())
+		r.lg.Info("request failed", zap.String("request_id", id), zap.String("client_request_id", clientID), zap.Error(err))
+		return status.Error(CodeOf(err), Public(err, id).Error())
 	}
 	return nil
 }
@@ -74,5 +84,13 @@ func (r *Router) Cancel(ctx context.Context, req *kvferryv1.RouterServiceCancelR
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	found, outcomes := r.CancelByID(ctx, req.GetRequestId())
+	// Clients see each role's outcome, not the servers' addresses or
+	// their error text (both are in the router's log).
+	for _, o := range outcomes {
+		o.Server = ""
+		if o.Error != "" {
+			o.Error = "the server could not be asked"
+		}
+	}
 	return &kvferryv1.RouterServiceCancelResponse{Found: found, Outcomes: outcomes}, nil
 }

@@ -47,7 +47,8 @@ func badRequest(w http.ResponseWriter, param, format string, args ...any) {
 }
 
 // writeRunError maps a router error to an HTTP status and OpenAI error.
-func writeRunError(w http.ResponseWriter, err error) {
+func writeRunError(w http.ResponseWriter, err error, requestID string) {
+	err = Public(err, requestID)
 	switch CodeOf(err) {
 	case codes.InvalidArgument:
 		badRequest(w, "", "%v", err)
@@ -474,6 +475,12 @@ func finishJSON(f executor.FinishReason) *string {
 }
 
 func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat bool) {
+	release, err := r.Admit()
+	if err != nil {
+		writeRunError(w, err, "")
+		return
+	}
+	defer release()
 	job, body, ok := r.parse(w, req, chat)
 	if !ok {
 		r.cfg.Metrics.RecordRequest("rejected", 0)
@@ -526,7 +533,7 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 		})
 		if err != nil {
 			r.lg.Info("request failed", zap.String("request_id", job.ID), zap.String("client_request_id", job.ClientID), zap.Error(err))
-			writeRunError(w, err)
+			writeRunError(w, err, job.ID)
 			return
 		}
 		c := map[string]any{"index": 0, "finish_reason": finishJSON(finish), "logprobs": nil}
@@ -576,12 +583,12 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 	})
 	if err != nil {
 		if !started {
-			writeRunError(w, err)
+			writeRunError(w, err, job.ID)
 			return
 		}
 		// Headers are gone: the OpenAI convention is an error event.
 		r.lg.Info("stream failed", zap.String("request_id", job.ID), zap.String("client_request_id", job.ClientID), zap.Error(err))
-		_ = send(apiError{Error: apiErrorBody{Message: err.Error(), Type: "server_error"}})
+		_ = send(apiError{Error: apiErrorBody{Message: Public(err, job.ID).Error(), Type: "server_error"}})
 		return
 	}
 	if body.StreamOptions != nil && body.StreamOptions.IncludeUsage {

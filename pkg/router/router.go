@@ -236,6 +236,37 @@ func CodeOf(err error) codes.Code {
 	return status.Code(err)
 }
 
+// Admit takes an in-flight slot, before any work on a request (reading
+// its body, tokenizing): beyond MaxInflight it answers ErrOverloaded at
+// once. release gives the slot back; call it when the request is done.
+func (r *Router) Admit() (release func(), err error) {
+	if n := r.inflight.Add(1); r.cfg.MaxInflight > 0 && n > int64(r.cfg.MaxInflight) {
+		r.inflight.Add(-1)
+		r.cfg.Metrics.RecordRequest(metrics.RequestRejected, 0)
+		return nil, ErrOverloaded
+	}
+	return func() { r.inflight.Add(-1) }, nil
+}
+
+// Public is err as a client may see it. The router's own answers about
+// the request (bad argument, unknown model, duplicate id, full queues, the
+// client's cancel) pass as they are; a server-side failure loses its
+// detail — dial errors and peers' messages name internal addresses — for
+// a fixed sentence and the request id, under which the detail is logged.
+func Public(err error, requestID string) *Error {
+	code := CodeOf(err)
+	switch code {
+	case codes.InvalidArgument, codes.NotFound, codes.AlreadyExists, codes.ResourceExhausted, codes.Canceled, codes.Unauthenticated, codes.PermissionDenied:
+		return &Error{Code: code, Msg: err.Error()}
+	case codes.DeadlineExceeded:
+		return &Error{Code: code, Msg: "the request timed out (request id " + requestID + ")"}
+	case codes.Unavailable:
+		return &Error{Code: code, Msg: "no server could serve the request; retry (request id " + requestID + ")"}
+	default:
+		return &Error{Code: code, Msg: "the servers failed the request (request id " + requestID + ")"}
+	}
+}
+
 // ErrOverloaded is returned when MaxInflight requests are running.
 var ErrOverloaded = &Error{Code: codes.ResourceExhausted, Msg: "too many requests in flight"}
 
@@ -244,14 +275,10 @@ var ErrOverloaded = &Error{Code: codes.ResourceExhausted, Msg: "too many request
 // or the servers failed. A server failure before the first chunk reached
 // the client is retried up to MaxRetries times, each with attempt+1 and a
 // fresh pair that excludes the failed server; never on a client error.
+//
+// The caller holds an in-flight slot from Admit.
 func (r *Router) Run(ctx context.Context, job Job, emit func(Chunk) error) (Usage, error) {
 	start := time.Now()
-	if n := r.inflight.Add(1); r.cfg.MaxInflight > 0 && n > int64(r.cfg.MaxInflight) {
-		r.inflight.Add(-1)
-		r.cfg.Metrics.RecordRequest(metrics.RequestRejected, 0)
-		return Usage{PromptTokens: len(job.Prompt)}, ErrOverloaded
-	}
-	defer r.inflight.Add(-1)
 	a := &active{clientID: job.ClientID}
 	if err := r.track(job.ID, a); err != nil {
 		return Usage{}, err
