@@ -120,6 +120,8 @@ type Server struct {
 
 	cfg  Config
 	spec executor.ModelSpec
+	// maxTombstones bounds remembered ended requests (ticket.MaxTombstones).
+	maxTombstones int
 	// waiting are Prefills queued for blocks, by request id (under mu).
 	waiting map[string]*waiter
 	// prefixKeys keys the reuse cache (keyed SHA-256: uncraftable).
@@ -142,7 +144,7 @@ var (
 
 // New returns a context server.
 func New(cfg Config) *Server {
-	return &Server{cfg: cfg, spec: cfg.Engine.Model(), prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), cachedTokens: make([][]uint32, cfg.Pool.Capacity()),
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), maxTombstones: ticket.MaxTombstones, prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), cachedTokens: make([][]uint32, cfg.Pool.Capacity()),
 		lg: cfg.Logger, reqs: map[string]*request{}}
 }
 
@@ -669,14 +671,18 @@ func (s *Server) Run(ctx context.Context, interval time.Duration) {
 func (s *Server) sweep(now time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	ended := map[string]time.Time{}
 	for id, r := range s.reqs {
 		switch {
 		case r.phase == phaseAdvertised && now.After(r.leaseUntil):
 			s.lg.Info("handoff lease expired", zap.String("request_id", id), zap.Uint32("attempt", r.attempt), zap.Int("blocks", len(r.blocks)))
 			s.endLocked(r)
-		case (r.phase == phaseEnded || r.phase == phaseHandedOff) && !r.hold.Pinned && now.Sub(r.endedAt) > tombstoneTTL:
-			delete(s.reqs, id)
+		case (r.phase == phaseEnded || r.phase == phaseHandedOff) && !r.hold.Pinned:
+			ended[id] = r.endedAt
 		}
+	}
+	for _, id := range ticket.Forget(ended, now, tombstoneTTL, s.maxTombstones) {
+		delete(s.reqs, id)
 	}
 }
 

@@ -40,6 +40,10 @@ type canaryPeer struct {
 	failures uint64
 }
 
+// maxCanaryPeers bounds the context servers probed: far above a fleet's
+// size, so only a flood of made-up endpoints reaches it.
+const maxCanaryPeers = 256
+
 type canary struct {
 	mu    sync.Mutex
 	peers map[string]*canaryPeer
@@ -52,6 +56,9 @@ func (c *canary) notePeer(endpoint string, now time.Time) {
 	if p, ok := c.peers[endpoint]; ok {
 		p.seen = now
 		return
+	}
+	if len(c.peers) >= maxCanaryPeers {
+		return // bounded: a new peer waits for a stale one to be forgotten
 	}
 	c.peers[endpoint] = &canaryPeer{seen: now}
 }

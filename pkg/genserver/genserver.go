@@ -94,6 +94,8 @@ type Server struct {
 
 	cfg  Config
 	spec executor.ModelSpec
+	// maxTombstones bounds remembered finished requests (ticket.MaxTombstones).
+	maxTombstones int
 	// canaryPrompt is canaryText in the engine's tokens.
 	canaryPrompt []uint32
 	// decoder steps every decoding request's sequence in one batch.
@@ -112,7 +114,7 @@ var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
 
 // New returns a generation server.
 func New(cfg Config) *Server {
-	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(canaryText), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
+	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), maxTombstones: ticket.MaxTombstones, canaryPrompt: cfg.Engine.Vocabulary().Encode(canaryText), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
 	s.decoder = executor.NewDecoder(cfg.Engine, cfg.MaxBatchSeqs, func(n int) {
 		if cfg.Progress != nil {
 			cfg.Progress.Touch(time.Now())
@@ -606,10 +608,14 @@ func (s *Server) sweep(now time.Time) {
 	s.Reap(now)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	ended := map[string]time.Time{}
 	for id, r := range s.reqs {
-		if r.phase == phaseDone && r.holds == 0 && now.Sub(r.endedAt) > tombstoneTTL {
-			delete(s.reqs, id)
+		if r.phase == phaseDone && r.holds == 0 {
+			ended[id] = r.endedAt
 		}
+	}
+	for _, id := range ticket.Forget(ended, now, tombstoneTTL, s.maxTombstones) {
+		delete(s.reqs, id)
 	}
 }
 

@@ -181,7 +181,9 @@ func (s *Sender) conn(ctx context.Context, endpoint string) (c net.Conn, reused 
 	}
 	for cs := s.idle[endpoint]; len(cs) > 0; cs = s.idle[endpoint] {
 		c := cs[len(cs)-1]
-		s.idle[endpoint] = cs[:len(cs)-1]
+		if s.idle[endpoint] = cs[:len(cs)-1]; len(cs) == 1 {
+			delete(s.idle, endpoint) // the map holds only peers with idle connections
+		}
 		if time.Since(c.since) < maxIdleAge && alive(c.Conn) {
 			s.mu.Unlock()
 			return c.Conn, true, nil

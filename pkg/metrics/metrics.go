@@ -244,6 +244,11 @@ func (r *Router) BackendInflight(role, server string) prometheus.Gauge {
 	return r.backendInflight.WithLabelValues(role, server)
 }
 
+// ForgetBackend deletes the series of a server discovery removed.
+func (r *Router) ForgetBackend(role, server string) {
+	r.backendInflight.DeleteLabelValues(role, server)
+}
+
 // RecordRequest counts one finished request and its duration.
 func (r *Router) RecordRequest(outcome string, d time.Duration) {
 	r.requests.WithLabelValues(outcome).Inc()

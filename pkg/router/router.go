@@ -157,16 +157,23 @@ func (r *Router) setServers(role string, set *[]*backend, addrs []string) {
 	}
 	for a := range old {
 		r.lg.Info("server removed", zap.String("role", role), zap.String("peer", a))
+		r.cfg.Metrics.ForgetBackend(role, a)
+		// Requests running on it hold their backend and may use the
+		// connection until their timeout; then it is closed.
+		r.cache(role).Forget(a, r.cfg.RequestTimeout+r.cfg.CancelTimeout)
 	}
 	*set = next
 }
 
 // conn is the client connection to b, from its role's cache.
-func (r *Router) conn(b *backend) (*grpc.ClientConn, error) {
-	if b.role == roleContext {
-		return r.cfg.CtxConns.Get(b.addr)
+func (r *Router) conn(b *backend) (*grpc.ClientConn, error) { return r.cache(b.role).Get(b.addr) }
+
+// cache is the connection cache of a role.
+func (r *Router) cache(role string) *serving.ConnCache {
+	if role == roleContext {
+		return r.cfg.CtxConns
 	}
-	return r.cfg.GenConns.Get(b.addr)
+	return r.cfg.GenConns
 }
 
 // servers returns the current servers of both roles.

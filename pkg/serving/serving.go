@@ -235,15 +235,16 @@ func (g *Group) Wait() error { return g.g.Wait() }
 type ConnCache struct {
 	creds grpc.DialOption
 
-	mu     sync.Mutex
-	conns  map[string]*grpc.ClientConn
-	closed bool
+	mu       sync.Mutex
+	conns    map[string]*grpc.ClientConn
+	retiring map[*grpc.ClientConn]*time.Timer
+	closed   bool
 }
 
 // NewConnCache returns an empty cache dialling in plaintext, or with creds
 // when given (TLSFiles.DialOption).
 func NewConnCache(creds ...grpc.DialOption) *ConnCache {
-	c := &ConnCache{conns: map[string]*grpc.ClientConn{}, creds: grpc.WithTransportCredentials(insecure.NewCredentials())}
+	c := &ConnCache{conns: map[string]*grpc.ClientConn{}, retiring: map[*grpc.ClientConn]*time.Timer{}, creds: grpc.WithTransportCredentials(insecure.NewCredentials())}
 	if len(creds) > 0 {
 		c.creds = creds[0]
 	}
@@ -273,11 +274,45 @@ func (c *ConnCache) Get(addr string) (*grpc.ClientConn, error) {
 	return cc, nil
 }
 
-// Close closes every connection. Safe to call twice.
+// Forget drops the connection to addr (a server discovery removed) and
+// closes it after grace, so that requests still running on it finish.
+// A later Get dials afresh.
+func (c *ConnCache) Forget(addr string, grace time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cc, ok := c.conns[addr]
+	if !ok || c.closed {
+		return
+	}
+	delete(c.conns, addr)
+	c.retiring[cc] = time.AfterFunc(grace, func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if _, ok := c.retiring[cc]; ok {
+			delete(c.retiring, cc)
+			_ = cc.Close()
+		}
+	})
+}
+
+// Len is the number of cached connections (not counting retiring ones).
+func (c *ConnCache) Len() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.conns)
+}
+
+// Close closes every connection, retiring ones included. Safe to call
+// twice.
 func (c *ConnCache) Close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.closed = true
+	for cc, t := range c.retiring {
+		t.Stop()
+		_ = cc.Close()
+		delete(c.retiring, cc)
+	}
 	for addr, cc := range c.conns {
 		_ = cc.Close()
 		delete(c.conns, addr)

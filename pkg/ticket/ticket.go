@@ -7,6 +7,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
+	"time"
 
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -49,4 +51,27 @@ func ValidateID(id string) error {
 		}
 	}
 	return nil
+}
+
+// MaxTombstones bounds the ended requests a server remembers: past it the
+// oldest are forgotten before their TTL, so a flood of short requests
+// cannot grow a server's request table without bound.
+const MaxTombstones = 65536
+
+// Forget returns which tombstones (id → when the request ended) to drop
+// now: every one older than ttl, then the oldest until at most max remain.
+func Forget(ended map[string]time.Time, now time.Time, ttl time.Duration, max int) []string {
+	var drop, keep []string
+	for id, at := range ended {
+		if now.Sub(at) > ttl {
+			drop = append(drop, id)
+		} else {
+			keep = append(keep, id)
+		}
+	}
+	if over := len(keep) - max; over > 0 {
+		slices.SortFunc(keep, func(a, b string) int { return ended[a].Compare(ended[b]) })
+		drop = append(drop, keep[:over]...)
+	}
+	return drop
 }
