@@ -18,7 +18,7 @@ import (
 type answers struct{ addrs []string }
 
 func (a *answers) Resolve(context.Context) ([]string, error) { return a.addrs, nil }
-func (a *answers) String() string                           { return "test" }
+func (a *answers) String() string                            { return "test" }
 
 // TestRemovedServerIsForgotten: when discovery drops a server, its
 // per-server metric series is deleted and its cached connection leaves
