@@ -111,7 +111,10 @@ bench-engine: deps-llama
 # corpora (testdata/fuzz) also run as plain tests in make test.
 FUZZTIME ?= 10s
 FUZZ_TARGETS := ./pkg/executor:FuzzStateDecode ./pkg/router:FuzzBearer ./pkg/router:FuzzCompletionRequest \
-	./pkg/router:FuzzChatRequest ./pkg/router:FuzzStopper ./pkg/kvtransfer:FuzzDecodeHeader
+	./pkg/router:FuzzChatRequest ./pkg/router:FuzzStopper ./pkg/kvtransfer:FuzzDecodeHeader \
+	./pkg/kvtransfer:FuzzTCPFrames ./pkg/kvtransfer:FuzzShmLinkFrames ./pkg/kvtransfer:FuzzWriterFrames \
+	./pkg/kvtransfer:FuzzUCXEndpoint ./pkg/ctxserver:FuzzPrefillRequest ./pkg/ctxserver:FuzzTransferRequest \
+	./pkg/genserver:FuzzGenerateRequest
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  echo "fuzz $${t#*:} ($(FUZZTIME))"; \

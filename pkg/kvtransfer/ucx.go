@@ -269,13 +269,10 @@ import "C"
 
 import (
 	"context"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"runtime"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 	"unsafe"
@@ -553,9 +550,7 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 	}
 
 	r := makeReceiver(nil, maxBlock, lg)
-	r.endpoint = strings.Join([]string{TransportUCX, hex.EncodeToString(ad), hex.EncodeToString(rk),
-		strconv.FormatUint(uint64(uintptr(unsafe.Pointer(&buf[0]))), 16), strconv.FormatUint(uint64(len(buf)), 16),
-		strconv.FormatUint(w.id, 16)}, ":")
+	r.endpoint = ucxRemote{addr: ad, rkey: rk, base: uint64(uintptr(unsafe.Pointer(&buf[0]))), size: uint64(len(buf)), id: w.id}.String()
 	// One link per writer (by its worker id), over an endpoint this
 	// receiver made to the address of the writer's HELLO. Touched by the
 	// pump only.
@@ -617,37 +612,6 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 	r.closer = w.close
 	w.start()
 	return r, buf, nil
-}
-
-// ucxRemote is a parsed ucx endpoint.
-type ucxRemote struct {
-	addr, rkey []byte
-	base, size uint64
-	id         uint64 // the receiver worker's id: the header of its messages
-}
-
-func parseUCXEndpoint(ep string) (ucxRemote, error) {
-	parts := strings.Split(ep, ":")
-	if len(parts) != 6 || parts[0] != TransportUCX {
-		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint %q", ErrBadDescriptor, ep)
-	}
-	var r ucxRemote
-	var errs []error
-	var err error
-	r.addr, err = hex.DecodeString(parts[1])
-	errs = append(errs, err)
-	r.rkey, err = hex.DecodeString(parts[2])
-	errs = append(errs, err)
-	r.base, err = strconv.ParseUint(parts[3], 16, 64)
-	errs = append(errs, err)
-	r.size, err = strconv.ParseUint(parts[4], 16, 64)
-	errs = append(errs, err)
-	r.id, err = strconv.ParseUint(parts[5], 16, 64)
-	errs = append(errs, err)
-	if err := errors.Join(errs...); err != nil || len(r.addr) == 0 || len(r.rkey) == 0 {
-		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint: %v", ErrBadDescriptor, err)
-	}
-	return r, nil
 }
 
 // UCXWriter is the initiator side of the ucx transport.
