@@ -42,7 +42,6 @@ func parseUCXEndpoint(ep string) (ucxRemote, error) {
 	return r, nil
 }
 
-
 // String is the endpoint as a ucx receiver advertises it:
 // ucx:ADDR:RKEY:BASE:SIZE:ID (addresses and key in hex).
 func (r ucxRemote) String() string {
