@@ -1,0 +1,68 @@
+package e2e
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"syscall"
+	"testing"
+
+	"github.com/openai/openai-go/v3"
+
+	"github.com/kvferry/kvferry/test/stack"
+)
+
+// openStream sends a streaming completion on a raw connection and never
+// reads the answer. rcvbuf, when positive, shrinks the socket's receive
+// buffer so that the router's writes stall once it is full.
+func openStream(t *testing.T, addr string, maxTokens, rcvbuf int) net.Conn {
+	t.Helper()
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		if rcvbuf <= 0 {
+			return nil
+		}
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, rcvbuf) })
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	body := fmt.Sprintf(`{"model":"tiny","prompt":"the river","max_tokens":%d,"stream":true}`, maxTokens)
+	if _, err := fmt.Fprintf(c, "POST /v1/completions HTTP/1.1\r\nHost: kvferry\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestClientsThatNeverRead: 600 streaming clients that never read their
+// answers, 8 of them with outputs far larger than any socket buffer. The
+// router stays usable for everyone else while all are connected, and
+// every pool idles with them still connected: the short streams finished
+// into their buffers, and each long one was dropped at its chunk write
+// deadline and its request cancelled, its blocks freed.
+func TestClientsThatNeverRead(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{PoolBlocks: 4096,
+		ExtraRouterArgs: []string{"--stream-write-timeout=1s", "--max-inflight=1024"}})
+	u, err := url.Parse(s.OpenAIURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 8 {
+		openStream(t, u.Host, 2048, 1024)
+	}
+	for range 592 {
+		openStream(t, u.Host, 8, 0)
+	}
+	resp, err := client(s).Completions.New(testCtx(t), openai.CompletionNewParams{Model: "tiny",
+		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(8)})
+	if err != nil || len(resp.Choices) != 1 {
+		t.Fatalf("a reading client beside 600 that do not: %v %v", resp, err)
+	}
+	checkIdle(t, s)
+}
