@@ -492,7 +492,7 @@ func (e *Llama) StartDecode(ctx context.Context, blocks [][]byte, sums []uint64,
 }
 
 func (e *Llama) newSequence(seq llama.SeqId, promptTokens int, first uint32, s Sampling) *Sequence {
-	sq := &Sequence{promptTokens: promptTokens, max: max(s.MaxTokens, 1), sampling: s, slot: int(seq)}
+	sq := &Sequence{promptTokens: promptTokens, max: max(s.MaxTokens, 1), ignoreEOS: s.IgnoreEOS, sampling: s, slot: int(seq)}
 	sq.close = func() { e.releaseSlot(seq) }
 	e.accept(sq, first)
 	return sq
@@ -501,7 +501,7 @@ func (e *Llama) newSequence(seq llama.SeqId, promptTokens int, first uint32, s S
 // accept appends a sampled token, or ends the sequence.
 func (e *Llama) accept(sq *Sequence, tok uint32) {
 	switch {
-	case e.vocab.IsEnd(tok):
+	case e.vocab.IsEnd(tok) && !sq.ignoreEOS:
 		sq.finish = FinishStop
 	case sq.promptTokens+len(sq.tokens)+1 >= e.ctxLen:
 		sq.tokens = append(sq.tokens, tok)

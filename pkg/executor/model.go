@@ -115,7 +115,7 @@ func LayoutMismatch(adv, have *kvferryv1.KVLayout) error {
 
 // ToSampling converts wire sampling parameters.
 func ToSampling(p *kvferryv1.SamplingParams) Sampling {
-	return Sampling{MaxTokens: int(p.GetMaxTokens()), Temperature: p.GetTemperature(), TopP: p.GetTopP(), Seed: p.GetSeed()}
+	return Sampling{MaxTokens: int(p.GetMaxTokens()), Temperature: p.GetTemperature(), TopP: p.GetTopP(), Seed: p.GetSeed(), IgnoreEOS: p.GetIgnoreEos()}
 }
 
 // ValidatePrompt checks prompt tokens from outside: not empty, within the

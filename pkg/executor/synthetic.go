@@ -19,6 +19,8 @@ type Sampling struct {
 	Temperature float32
 	TopP        float32
 	Seed        uint64
+	// IgnoreEOS generates past end-of-generation until MaxTokens.
+	IgnoreEOS bool
 }
 
 // FinishReason tells why a sequence stopped.
@@ -160,6 +162,7 @@ type Sequence struct {
 	promptTokens int
 	tokens       []uint32 // generated so far, first token included, EOS excluded
 	max          int
+	ignoreEOS    bool
 	finish       FinishReason
 
 	sampling  Sampling // llama.cpp: the request's sampling
@@ -179,7 +182,7 @@ func (sq *Sequence) Close() {
 }
 
 func newSequence(digest uint64, promptTokens int, first uint32, s Sampling) *Sequence {
-	sq := &Sequence{key: samplingKey(digest, s), max: max(s.MaxTokens, 1), promptTokens: promptTokens}
+	sq := &Sequence{key: samplingKey(digest, s), max: max(s.MaxTokens, 1), ignoreEOS: s.IgnoreEOS, promptTokens: promptTokens}
 	sq.tokens = append(sq.tokens, first)
 	if len(sq.tokens) >= sq.max {
 		sq.finish = FinishLength
@@ -206,7 +209,7 @@ func (sq *Sequence) step() {
 	}
 	n := len(sq.tokens)
 	h := mix(sq.key ^ uint64(n)*0x9e3779b97f4a7c15 ^ uint64(sq.tokens[n-1]))
-	if h%eosOdds == 0 {
+	if h%eosOdds == 0 && !sq.ignoreEOS {
 		sq.finish = FinishStop
 		return
 	}

@@ -246,3 +246,24 @@ func TestPrefixKeys(t *testing.T) {
 		t.Fatal("two secrets gave the same key")
 	}
 }
+
+// TestIgnoreEOS: with IgnoreEOS a sequence runs to MaxTokens, and its
+// tokens up to where it would have stopped are the same.
+func TestIgnoreEOS(t *testing.T) {
+	spec, _ := Preset("tiny")
+	s := Sampling{MaxTokens: 600, Temperature: 1, TopP: 1, Seed: 5}
+	stops := Reference(spec, "the river", s)
+	if stops.Finish != FinishStop {
+		t.Fatalf("600 tokens without an EOS (odds 1 in %d a step): %v after %d tokens", eosOdds, stops.Finish, len(stops.Tokens))
+	}
+	s.IgnoreEOS = true
+	runs := Reference(spec, "the river", s)
+	if runs.Finish != FinishLength || len(runs.Tokens) != 600 {
+		t.Fatalf("ignore_eos: %v after %d tokens, want length after 600", runs.Finish, len(runs.Tokens))
+	}
+	for i, tok := range stops.Tokens {
+		if runs.Tokens[i] != tok {
+			t.Fatalf("token %d differs: %d vs %d", i, runs.Tokens[i], tok)
+		}
+	}
+}

@@ -85,6 +85,7 @@ type completionRequest struct {
 	Temperature         *float32        `json:"temperature"`
 	TopP                *float32        `json:"top_p"`
 	Seed                *int64          `json:"seed"`
+	IgnoreEOS           bool            `json:"ignore_eos"` // vLLM's extension: generate until max_tokens
 	Stream              bool            `json:"stream"`
 	StreamOptions       *struct {
 		IncludeUsage bool `json:"include_usage"`
@@ -437,6 +438,7 @@ func (r *Router) sampling(body completionRequest) (*kvferryv1.SamplingParams, st
 	if body.Seed != nil {
 		s.Seed = uint64(*body.Seed)
 	}
+	s.IgnoreEos = body.IgnoreEOS
 	return s, "", nil
 }
 

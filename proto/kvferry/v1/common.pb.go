@@ -192,11 +192,15 @@ func (x *Ticket) GetAttempt() uint32 {
 
 // SamplingParams are the decode parameters of a request.
 type SamplingParams struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	MaxTokens     uint32                 `protobuf:"varint,1,opt,name=max_tokens,json=maxTokens,proto3" json:"max_tokens,omitempty"`
-	Temperature   float32                `protobuf:"fixed32,2,opt,name=temperature,proto3" json:"temperature,omitempty"`
-	TopP          float32                `protobuf:"fixed32,3,opt,name=top_p,json=topP,proto3" json:"top_p,omitempty"`
-	Seed          uint64                 `protobuf:"varint,4,opt,name=seed,proto3" json:"seed,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	MaxTokens   uint32                 `protobuf:"varint,1,opt,name=max_tokens,json=maxTokens,proto3" json:"max_tokens,omitempty"`
+	Temperature float32                `protobuf:"fixed32,2,opt,name=temperature,proto3" json:"temperature,omitempty"`
+	TopP        float32                `protobuf:"fixed32,3,opt,name=top_p,json=topP,proto3" json:"top_p,omitempty"`
+	Seed        uint64                 `protobuf:"varint,4,opt,name=seed,proto3" json:"seed,omitempty"`
+	// ignore_eos keeps generating past an end-of-generation token until
+	// max_tokens (benchmarks and load tests that need a fixed output length;
+	// vLLM's extension of the same name).
+	IgnoreEos     bool `protobuf:"varint,5,opt,name=ignore_eos,json=ignoreEos,proto3" json:"ignore_eos,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -257,6 +261,13 @@ func (x *SamplingParams) GetSeed() uint64 {
 		return x.Seed
 	}
 	return 0
+}
+
+func (x *SamplingParams) GetIgnoreEos() bool {
+	if x != nil {
+		return x.IgnoreEos
+	}
+	return false
 }
 
 // KVLayout is the geometry of the KV cache. Both sides of a transfer must
@@ -561,13 +572,15 @@ const file_kvferry_v1_common_proto_rawDesc = "" +
 	"\x06Ticket\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x18\n" +
-	"\aattempt\x18\x02 \x01(\rR\aattempt\"z\n" +
+	"\aattempt\x18\x02 \x01(\rR\aattempt\"\x99\x01\n" +
 	"\x0eSamplingParams\x12\x1d\n" +
 	"\n" +
 	"max_tokens\x18\x01 \x01(\rR\tmaxTokens\x12 \n" +
 	"\vtemperature\x18\x02 \x01(\x02R\vtemperature\x12\x13\n" +
 	"\x05top_p\x18\x03 \x01(\x02R\x04topP\x12\x12\n" +
-	"\x04seed\x18\x04 \x01(\x04R\x04seed\"\xa7\x02\n" +
+	"\x04seed\x18\x04 \x01(\x04R\x04seed\x12\x1d\n" +
+	"\n" +
+	"ignore_eos\x18\x05 \x01(\bR\tignoreEos\"\xa7\x02\n" +
 	"\bKVLayout\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06layers\x18\x02 \x01(\rR\x06layers\x12\x19\n" +
