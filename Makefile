@@ -114,7 +114,7 @@ FUZZ_TARGETS := ./pkg/executor:FuzzStateDecode ./pkg/router:FuzzBearer ./pkg/rou
 	./pkg/router:FuzzChatRequest ./pkg/router:FuzzStopper ./pkg/kvtransfer:FuzzDecodeHeader \
 	./pkg/kvtransfer:FuzzTCPFrames ./pkg/kvtransfer:FuzzShmLinkFrames ./pkg/kvtransfer:FuzzWriterFrames \
 	./pkg/kvtransfer:FuzzUCXEndpoint ./pkg/ctxserver:FuzzPrefillRequest ./pkg/ctxserver:FuzzTransferRequest \
-	./pkg/genserver:FuzzGenerateRequest
+	./pkg/genserver:FuzzGenerateRequest ./pkg/router:FuzzRouterGenerateRequest
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  echo "fuzz $${t#*:} ($(FUZZTIME))"; \

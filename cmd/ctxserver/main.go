@@ -52,6 +52,20 @@ func main() {
 // by at most this much, which is small against its 30 s default.
 const sweepInterval = time.Second
 
+// newWriter is the writer of --transport, a TLS tcp writer with --data-tls.
+func newWriter(cfg Config, hooks kvtransfer.Hooks) (kvtransfer.Writer, error) {
+	if !cfg.DataTLS {
+		return kvtransfer.NewWriter(cfg.Transport, cfg.TransferProgressTimeout, hooks)
+	}
+	_, clientTLS, err := cfg.TLS.DataConfigs()
+	if err != nil {
+		return nil, err
+	}
+	s := kvtransfer.NewTLSSender(cfg.TransferProgressTimeout, clientTLS)
+	s.Hooks = hooks
+	return s, nil
+}
+
 func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	// The context server pushes: it dials the generation server's data
 	// port and needs no data listener of its own (--data-addr is kept for
@@ -68,7 +82,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if fault != nil {
 		lg.Warn("transport fault injected", zap.String("fault", cfg.TransportFault))
 	}
-	writer, err := kvtransfer.NewWriter(cfg.Transport, cfg.TransferProgressTimeout, kvtransfer.Hooks{Fault: fault, OnBlock: p.Progress.Touch})
+	writer, err := newWriter(cfg, kvtransfer.Hooks{Fault: fault, OnBlock: p.Progress.Touch})
 	if err != nil {
 		return err
 	}

@@ -76,7 +76,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		Admission:    p.Admission,
 		Pool:         p.Pool,
 		Receiver:     p.Receiver,
-		Transport:    cfg.Transport,
+		Transport:    cfg.DataTransport(),
 		DataEndpoint: p.DataEndpoint,
 		Conns:        conns,
 		Timeouts: kvtransfer.Timeouts{

@@ -497,7 +497,7 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 		return status.Error(codes.InvalidArgument, err.Error())
 	}
 	ctx := stream.Context()
-	if s.cfg.CheckEndpoint != nil && req.GetTransport() == kvtransfer.TransportTCP {
+	if tcp := req.GetTransport() == kvtransfer.TransportTCP || req.GetTransport() == kvtransfer.TransportTCPTLS; s.cfg.CheckEndpoint != nil && tcp {
 		if err := s.cfg.CheckEndpoint(ctx, req.GetDataEndpoint()); err != nil {
 			s.lg.Warn("transfer to an endpoint the caller does not vouch for refused", append(reqFields(req.GetTicket()), zap.String("endpoint", req.GetDataEndpoint()), zap.Error(err))...)
 			return err

@@ -147,21 +147,22 @@ func Guard(check func(ctx context.Context, fullMethod string) error) []grpc.Serv
 	}
 }
 
-// Expect returns a tls.Config VerifyConnection hook for a client: the
-// server's verified certificate must name role in trustDomain, so a
-// client never talks to a peer of the wrong job (a generation server
-// dialling an address that answers with a router's certificate).
+// Expect returns a tls.Config VerifyConnection hook: the peer's verified
+// certificate must name role in trustDomain, so a client never talks to a
+// server of the wrong job (a generation server dialling an address that
+// answers with a router's certificate), nor a data listener to a client of
+// the wrong job.
 func Expect(trustDomain string, role Role) func(tls.ConnectionState) error {
 	return func(cs tls.ConnectionState) error {
 		if len(cs.VerifiedChains) == 0 || len(cs.VerifiedChains[0]) == 0 {
-			return errors.New("identity: the server's certificate is not verified")
+			return errors.New("identity: the peer's certificate is not verified")
 		}
 		got, err := RoleOf(cs.VerifiedChains[0][0], trustDomain)
 		if err != nil {
 			return err
 		}
 		if got != role {
-			return fmt.Errorf("identity: dialled a %s, the server is a %s", role, got)
+			return fmt.Errorf("identity: want a %s, the peer is a %s", role, got)
 		}
 		return nil
 	}

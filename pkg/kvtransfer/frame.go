@@ -41,6 +41,9 @@ const ProtocolVersion = 2
 // Transport names, as --transport and TransferRequest.transport spell them.
 const (
 	TransportTCP = "tcp"
+	// TransportTCPTLS is tcp with every data connection in mutual TLS
+	// (--data-tls): the same frames, encrypted and authenticated.
+	TransportTCPTLS = "tcp+tls"
 	TransportShm = "shm"
 	TransportUCX = "ucx"
 )

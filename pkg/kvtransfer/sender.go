@@ -2,6 +2,7 @@ package kvtransfer
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -21,6 +22,7 @@ const maxIdleConnsPerPeer = 2
 type Sender struct {
 	Hooks
 	dialer   net.Dialer
+	tls      *tls.Config // nil: plain tcp
 	progress time.Duration // a block write that moves nothing for this long fails
 
 	mu     sync.Mutex
@@ -43,6 +45,9 @@ const maxIdleAge = DataIdleTimeout / 2
 // reset, bytes) means it was closed, and a push on it would write into a
 // dead socket. It peeks without blocking.
 func alive(c net.Conn) bool {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn() // the receiver sends no session tickets: any byte is a close
+	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return true
@@ -69,8 +74,21 @@ func NewSender(progress time.Duration) *Sender {
 	return &Sender{idle: map[string][]idleConn{}, progress: progress}
 }
 
-// Name returns "tcp".
-func (s *Sender) Name() string { return TransportTCP }
+// NewTLSSender returns a sender whose data connections are TLS clients
+// of cfg (its ServerName is set per endpoint); see NewSender.
+func NewTLSSender(progress time.Duration, cfg *tls.Config) *Sender {
+	s := NewSender(progress)
+	s.tls = cfg
+	return s
+}
+
+// Name returns "tcp", or "tcp+tls" for a TLS sender.
+func (s *Sender) Name() string {
+	if s.tls != nil {
+		return TransportTCPTLS
+	}
+	return TransportTCP
+}
 
 // Write pushes src to the receiver at endpoint. The tcp receiver places
 // block i by its position in the session's descriptor list, which it holds
@@ -199,7 +217,20 @@ func (s *Sender) dial(ctx context.Context, endpoint string) (net.Conn, bool, err
 	if err != nil {
 		return nil, false, fmt.Errorf("kvtransfer: dial %s: %w", endpoint, err)
 	}
-	return c, false, nil
+	if s.tls == nil {
+		return c, false, nil
+	}
+	cfg := s.tls.Clone()
+	if cfg.ServerName, _, err = net.SplitHostPort(endpoint); err != nil {
+		_ = c.Close()
+		return nil, false, fmt.Errorf("kvtransfer: endpoint %s: %w", endpoint, err)
+	}
+	tc := tls.Client(c, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		_ = c.Close()
+		return nil, false, fmt.Errorf("kvtransfer: tls handshake with %s: %w", endpoint, err)
+	}
+	return tc, false, nil
 }
 
 func (s *Sender) put(endpoint string, c net.Conn) {

@@ -3,14 +3,18 @@ package kvtransfer
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
+	"net/url"
 	"syscall"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/kvferry/kvferry/pkg/identity"
 )
 
 // frame writes one DATA frame (header and payload) or a DONE on c.
@@ -209,5 +213,83 @@ func TestSenderSkipsAClosedPooledConnection(t *testing.T) {
 			defer r.mu.Unlock()
 			return len(r.conns) == 0
 		})
+	}
+}
+
+// tlsPair returns the data-path TLS configs of a generation server
+// (listener) and a context server (writer) from one CA, as --data-tls
+// builds them, plus a writer config carrying another role.
+func tlsPair(t *testing.T) (listener, writer, wrongRole *tls.Config) {
+	t.Helper()
+	ca, err := identity.NewCA("t", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp := func(r identity.Role) tls.Certificate {
+		c, err := ca.KeyPair([]*url.URL{identity.URI(identity.DefaultTrustDomain, r)}, []string{"127.0.0.1"}, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	listener = &tls.Config{Certificates: []tls.Certificate{kp(identity.GenServer)}, ClientCAs: ca.Pool(), ClientAuth: tls.RequireAndVerifyClientCert,
+		VerifyConnection: identity.Expect(identity.DefaultTrustDomain, identity.CtxServer), SessionTicketsDisabled: true, MinVersion: tls.VersionTLS12}
+	client := func(r identity.Role) *tls.Config {
+		return &tls.Config{Certificates: []tls.Certificate{kp(r)}, RootCAs: ca.Pool(), MinVersion: tls.VersionTLS12,
+			VerifyConnection: identity.Expect(identity.DefaultTrustDomain, identity.GenServer)}
+	}
+	return listener, client(identity.CtxServer), client(identity.Router)
+}
+
+// TestDataTLS: a TLS writer's push lands and its pooled connection is
+// reused; a plain writer and a writer with another role's certificate
+// land nothing, and the session is left for its owner.
+func TestDataTLS(t *testing.T) {
+	const size = 4 << 10
+	lcfg, wcfg, wrong := tlsPair(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := Serve(tls.NewListener(ln, lcfg), size, zap.NewNop())
+	defer r.Close()
+	sid := NewSessionID()
+	dst := [][]byte{make([]byte, size)}
+	s, _ := r.Register(sid, dst, nil)
+	src := randomBlocks(1, size, 9)
+	for _, bad := range []*Sender{NewSender(time.Second), NewTLSSender(time.Second, wrong)} {
+		_, _ = bad.Push(context.Background(), r.Endpoint(), sid, src)
+		bad.Close()
+	}
+	select {
+	case <-s.Done():
+		t.Fatalf("a refused writer ended the session: %v", r.Err(s))
+	default:
+	}
+	snd := NewTLSSender(time.Second, wcfg)
+	defer snd.Close()
+	if snd.Name() != TransportTCPTLS {
+		t.Fatalf("name %q", snd.Name())
+	}
+	if _, err := snd.Push(context.Background(), r.Endpoint(), sid, src); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, s)
+	if err := r.Err(s); err != nil || !bytes.Equal(dst[0], src[0]) {
+		t.Fatalf("tls push: %v", err)
+	}
+	// A second session reuses the pooled TLS connection (no ticket or other
+	// byte makes it look closed).
+	sid2 := NewSessionID()
+	s2, _ := r.Register(sid2, dst, nil)
+	if _, err := snd.Push(context.Background(), r.Endpoint(), sid2, src); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, s2)
+	r.mu.Lock()
+	conns := len(r.conns)
+	r.mu.Unlock()
+	if conns != 1 {
+		t.Fatalf("%d data connections after two pushes, want the pooled one", conns)
 	}
 }

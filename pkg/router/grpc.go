@@ -6,6 +6,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/ticket"
@@ -19,46 +20,17 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 		return status.Error(codes.ResourceExhausted, err.Error())
 	}
 	defer release()
-	if req.GetModel() != r.cfg.ServedModel {
-		return status.Errorf(codes.NotFound, "the model %q does not exist; this server serves %q", req.GetModel(), r.cfg.ServedModel)
+	job, err := r.grpcJob(req)
+	if err != nil {
+		return err
 	}
-	s := req.GetSampling()
-	if s == nil {
-		s = &kvferryv1.SamplingParams{Temperature: 1, TopP: 1}
-	}
-	if s.GetMaxTokens() == 0 {
-		s.MaxTokens = uint32(r.cfg.DefaultMaxTokens)
-	}
-	if int(s.GetMaxTokens()) > r.cfg.MaxOutputTokens {
-		return status.Errorf(codes.InvalidArgument, "max_tokens must be at most %d", r.cfg.MaxOutputTokens)
-	}
-	if int64(len(req.GetPrompt())) > r.cfg.MaxBodyBytes {
-		return status.Errorf(codes.InvalidArgument, "the prompt has %d bytes, the limit is %d", len(req.GetPrompt()), r.cfg.MaxBodyBytes)
-	}
-	tokens := r.cfg.Vocab.Encode(req.GetPrompt())
-	switch {
-	case len(tokens) == 0:
-		return status.Error(codes.InvalidArgument, "the prompt is empty")
-	case len(tokens) > r.cfg.MaxPromptTokens:
-		return status.Errorf(codes.InvalidArgument, "the prompt has %d tokens, the limit is %d", len(tokens), r.cfg.MaxPromptTokens)
-	case len(tokens)+int(s.GetMaxTokens()) > r.cfg.Model.MaxContextTokens:
-		return status.Errorf(codes.InvalidArgument, "prompt (%d tokens) plus max_tokens (%d) exceeds the context length of %d", len(tokens), s.GetMaxTokens(), r.cfg.Model.MaxContextTokens)
-	}
-	// The ticket is always ours; the client's request_id is correlation
-	// (logs, Cancel) and is echoed in every response.
-	id := ticket.NewID()
-	clientID := req.GetRequestId()
-	if clientID != "" {
-		if err := ValidateClientID(clientID); err != nil {
-			return status.Error(codes.InvalidArgument, err.Error())
-		}
-	}
+	id, clientID, tokens := job.ID, job.ClientID, job.Prompt
 	echo := id
 	if clientID != "" {
 		echo = clientID
 	}
 	completion := uint32(0)
-	_, err = r.Run(stream.Context(), Job{ID: id, ClientID: clientID, Prompt: tokens, Sampling: s}, func(c Chunk) error {
+	_, err = r.Run(stream.Context(), job, func(c Chunk) error {
 		completion += uint32(len(c.Tokens))
 		msg := &kvferryv1.RouterServiceGenerateResponse{
 			RequestId: echo, Text: c.Text, Tokens: c.Tokens, PromptTokens: uint32(len(tokens)), CompletionTokens: completion,
@@ -76,6 +48,52 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 		return status.Error(CodeOf(err), Public(err, id).Error())
 	}
 	return nil
+}
+
+// grpcJob checks a RouterService request as the OpenAI parser checks a
+// body (model, sampling ranges, prompt size in bytes then tokens, context,
+// client id) and makes its job; errors are gRPC statuses.
+func (r *Router) grpcJob(req *kvferryv1.RouterServiceGenerateRequest) (Job, error) {
+	if req.GetModel() != r.cfg.ServedModel {
+		return Job{}, status.Errorf(codes.NotFound, "the model %q does not exist; this server serves %q", req.GetModel(), r.cfg.ServedModel)
+	}
+	s := &kvferryv1.SamplingParams{Temperature: 1, TopP: 1}
+	if req.GetSampling() != nil {
+		s = proto.Clone(req.GetSampling()).(*kvferryv1.SamplingParams)
+	}
+	if s.GetMaxTokens() == 0 {
+		s.MaxTokens = uint32(r.cfg.DefaultMaxTokens)
+	}
+	if s.GetTopP() == 0 {
+		s.TopP = 1 // unset in proto3: no nucleus cut
+	}
+	switch t, p := s.GetTemperature(), s.GetTopP(); {
+	case int64(s.GetMaxTokens()) > int64(r.cfg.MaxOutputTokens):
+		return Job{}, status.Errorf(codes.InvalidArgument, "max_tokens must be at most %d", r.cfg.MaxOutputTokens)
+	case !(t >= 0 && t <= 2): // NaN fails too
+		return Job{}, status.Errorf(codes.InvalidArgument, "temperature must be between 0 and 2, got %g", t)
+	case !(p > 0 && p <= 1):
+		return Job{}, status.Errorf(codes.InvalidArgument, "top_p must be in (0, 1], got %g", p)
+	case int64(len(req.GetPrompt())) > r.cfg.MaxBodyBytes:
+		return Job{}, status.Errorf(codes.InvalidArgument, "the prompt has %d bytes, the limit is %d", len(req.GetPrompt()), r.cfg.MaxBodyBytes)
+	}
+	if id := req.GetRequestId(); id != "" {
+		if err := ValidateClientID(id); err != nil {
+			return Job{}, status.Error(codes.InvalidArgument, err.Error())
+		}
+	}
+	tokens := r.cfg.Vocab.Encode(req.GetPrompt())
+	switch {
+	case len(tokens) == 0:
+		return Job{}, status.Error(codes.InvalidArgument, "the prompt is empty")
+	case len(tokens) > r.cfg.MaxPromptTokens:
+		return Job{}, status.Errorf(codes.InvalidArgument, "the prompt has %d tokens, the limit is %d", len(tokens), r.cfg.MaxPromptTokens)
+	case len(tokens)+int(s.GetMaxTokens()) > r.cfg.Model.MaxContextTokens:
+		return Job{}, status.Errorf(codes.InvalidArgument, "prompt (%d tokens) plus max_tokens (%d) exceeds the context length of %d", len(tokens), s.GetMaxTokens(), r.cfg.Model.MaxContextTokens)
+	}
+	// The ticket is always ours; the client's request_id is correlation
+	// (logs, Cancel) and is echoed in every response.
+	return Job{ID: ticket.NewID(), ClientID: req.GetRequestId(), Prompt: tokens, Sampling: s}, nil
 }
 
 // Cancel implements RouterService.

@@ -103,6 +103,27 @@ func (f TLSFiles) DialOption(server identity.Role) (grpc.DialOption, error) {
 	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
 }
 
+// DataConfigs are the TLS configs of the tcp data path (--data-tls): the
+// generation server's listener requires a context server's certificate,
+// the context server's writer requires a generation server's. The
+// listener sends no session tickets, so a pooled connection stays silent
+// (the writer peeks it for a close before reuse).
+func (f TLSFiles) DataConfigs() (server, client *tls.Config, err error) {
+	if f.Cert == "" || f.CA == "" {
+		return nil, nil, errors.New("--data-tls needs --tls-cert, --tls-key and --tls-ca")
+	}
+	if server, err = f.config(true, true); err != nil {
+		return nil, nil, err
+	}
+	server.VerifyConnection = identity.Expect(f.TrustDomain, identity.CtxServer)
+	server.SessionTicketsDisabled = true
+	if client, err = f.config(false, false); err != nil {
+		return nil, nil, err
+	}
+	client.VerifyConnection = identity.Expect(f.TrustDomain, identity.GenServer)
+	return server, client, nil
+}
+
 // Policy is the role check of a server's gRPC services: none without a
 // CA (no verified peers to name), else the interceptors of
 // identity.Policy with services mapping each service to its callers.

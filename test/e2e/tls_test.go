@@ -33,8 +33,8 @@ func tlsFlags(f identity.Files) []string {
 }
 
 // TestTLSAndMTLS runs a full stack with role certificates (make certs'
-// kind): the OpenAI port is HTTPS, router↔servers and generation↔context
-// are mutual TLS checked by role (the router turns ready, and a completion
+// kind): the OpenAI port is HTTPS, router↔servers, generation↔context and
+// the KV data connections (--data-tls) are mutual TLS checked by role (the router turns ready, and a completion
 // equals the reference, only through it). Then it plays the attacks a
 // holder of a stolen or foreign certificate would: each is refused with
 // the precise code, and every block stays accounted for.
@@ -47,7 +47,8 @@ func TestTLSAndMTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := stack.Up(t, binDir, stack.Options{CtxArgs: tlsFlags(files[identity.CtxServer]), GenArgs: tlsFlags(files[identity.GenServer]),
+	// --data-tls: the KV itself crosses in mutual TLS too.
+	s := stack.Up(t, binDir, stack.Options{CtxArgs: append(tlsFlags(files[identity.CtxServer]), "--data-tls"), GenArgs: append(tlsFlags(files[identity.GenServer]), "--data-tls"),
 		ExtraRouterArgs: tlsFlags(files[identity.Router])})
 	pool := fleet.Pool()
 	base := "https" + s.OpenAIURL[len("http"):]

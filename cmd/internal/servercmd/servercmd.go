@@ -7,6 +7,7 @@ package servercmd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -66,6 +67,7 @@ type Config struct {
 	ExhaustionGrace         time.Duration
 	TLS                     serving.TLSFiles
 	EnablePprof             bool
+	DataTLS                 bool
 }
 
 // Ports are a server's default listeners (DESIGN §7).
@@ -93,8 +95,18 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	fs.DurationVar(&c.HealthInterval, "health-interval", time.Second, "how often health is evaluated")
 	fs.DurationVar(&c.ExhaustionGrace, "exhaustion-grace", 5*time.Second, "readiness fails when no block could be allocated for longer than this")
 	RegisterTLS(fs, &c.TLS)
+	fs.BoolVar(&c.DataTLS, "data-tls", false, "tcp transport: mutual TLS on every data connection (generation servers accept only context servers' certificates, context servers write only to generation servers'); needs --tls-cert, --tls-key and --tls-ca, and the same setting on both servers of a pair (a mismatch answers NOT_READY)")
 	RegisterPprof(fs, &c.EnablePprof)
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
+}
+
+// DataTransport is the transport named in transfer requests: --transport,
+// or tcp+tls with --data-tls.
+func (c *Config) DataTransport() string {
+	if c.DataTLS {
+		return kvtransfer.TransportTCPTLS
+	}
+	return c.Transport
 }
 
 // Validate checks the common flags.
@@ -125,6 +137,14 @@ func (c *Config) Validate() error {
 	}
 	if err := c.TLS.Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.DataTLS {
+		if c.Transport != kvtransfer.TransportTCP {
+			errs = append(errs, fmt.Errorf("--data-tls is for --transport=tcp, not %s", c.Transport))
+		}
+		if _, _, err := c.TLS.DataConfigs(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if c.PoisonBudget < 0 {
 		errs = append(errs, fmt.Errorf("--poison-budget must not be negative, got %d", c.PoisonBudget))
@@ -277,8 +297,17 @@ func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
 	case withData && ucx:
 		p.DataEndpoint = p.Receiver.Endpoint()
 	case withData:
-		p.Receiver = kvtransfer.Serve(p.DataLn, spec.BlockBytes(), lg)
 		p.DataEndpoint = Advertised(cfg.AdvertiseHost, p.DataLn)
+		ln := p.DataLn
+		if cfg.DataTLS {
+			srvTLS, _, err := cfg.TLS.DataConfigs()
+			if err != nil {
+				p.Close()
+				return nil, err
+			}
+			ln = tls.NewListener(ln, srvTLS)
+		}
+		p.Receiver = kvtransfer.Serve(ln, spec.BlockBytes(), lg)
 	}
 	return p, nil
 }
@@ -358,7 +387,7 @@ func WarnPlaintext(lg *zap.Logger, tls bool, lns ...net.Listener) {
 			continue
 		}
 		if tcp, ok := ln.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() {
-			lg.Warn("listening beyond loopback without TLS: anyone who reaches this address can call it (set --tls-cert, --tls-key and --tls-ca)",
+			lg.Warn("listening beyond loopback without TLS: anyone who reaches this address can call it (set --tls-cert, --tls-key and --tls-ca; --data-tls for the tcp data port)",
 				zap.String("addr", ln.Addr().String()))
 		}
 	}
@@ -400,7 +429,8 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 	if p.DataEndpoint != "" {
 		data = p.DataEndpoint
 	}
-	WarnPlaintext(p.Logger, cfg.TLS.Enabled(), p.GRPCLn, p.DataLn)
+	WarnPlaintext(p.Logger, cfg.TLS.Enabled(), p.GRPCLn)
+	WarnPlaintext(p.Logger, cfg.DataTLS, p.DataLn)
 	p.Logger.Info("serving",
 		zap.String("grpc", p.GRPCLn.Addr().String()), zap.String("http", p.HTTPLn.Addr().String()),
 		zap.String("data", data), zap.String("transport", cfg.Transport), zap.String("model", p.Spec.Name),

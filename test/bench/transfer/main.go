@@ -4,6 +4,7 @@
 // same-run baseline:
 //
 //	tcp: a raw TCP copy between the same two processes, same write size;
+//	tcp+tls: kvferry's plain tcp (the cost of --data-tls);
 //	shm: copy() of the same bytes inside one process (the memcpy bound);
 //	ucx: ucx_perftest ucp_put_bw between two processes, same UCX_TLS, same
 //	     message size (one block) and count (binary built with -tags ucx).
@@ -20,6 +21,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"io"
@@ -37,12 +39,14 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/serving"
 )
 
 func main() {
 	role := flag.String("role", "", "internal: run as the target (tcp, shm, raw_tcp)")
-	backends := flag.String("backends", "tcp,shm", "backends to measure, in turn")
+	backends := flag.String("backends", "tcp,tcp+tls,shm", "backends to measure, in turn")
 	model := flag.String("model", "llama3-8b", "model preset whose KV geometry is moved")
 	tokens := flag.Int("tokens", 4096, "prompt tokens whose KV is moved")
 	runs := flag.Int("runs", 5, "measured runs per backend and baseline (the median is printed)")
@@ -59,6 +63,15 @@ func main() {
 		}
 		return
 	}
+	certs, err := os.MkdirTemp("", "kvferry-bench-certs")
+	if err != nil {
+		fatal(err)
+	}
+	defer os.RemoveAll(certs)
+	if _, err := identity.WriteDev(certs, identity.DefaultTrustDomain, []string{"127.0.0.1"}, time.Hour); err != nil {
+		fatal(err)
+	}
+	_ = os.Setenv(benchCertsEnv, certs)
 	src := make([][]byte, n)
 	slab := make([]byte, n*size)
 	for i := range slab {
@@ -208,7 +221,13 @@ func backendRun(name string, src [][]byte, n, size int) (run, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	w, err := kvtransfer.NewWriter(name, 30*time.Second, kvtransfer.Hooks{})
+	var w kvtransfer.Writer
+	if name == kvtransfer.TransportTCPTLS {
+		_, clientTLS, terr := benchTLS(identity.CtxServer).DataConfigs()
+		w, err = kvtransfer.NewTLSSender(30*time.Second, clientTLS), terr
+	} else {
+		w, err = kvtransfer.NewWriter(name, 30*time.Second, kvtransfer.Hooks{})
+	}
 	if err != nil {
 		c.stop()
 		return nil, nil, err
@@ -245,6 +264,9 @@ func backendRun(name string, src [][]byte, n, size int) (run, func(), error) {
 // into another process for tcp, copy() in this process for shm.
 func baselineRun(name string, src [][]byte, n, size int) (run, string, func(), error) {
 	switch name {
+	case kvtransfer.TransportTCPTLS:
+		r, stop, err := backendRun(kvtransfer.TransportTCP, src, n, size)
+		return r, kvtransfer.TransportTCP, stop, err
 	case kvtransfer.TransportTCP:
 		c, ep, err := startChild("raw_tcp")
 		if err != nil {
@@ -326,6 +348,16 @@ func perftest(n, size int) (time.Duration, uint64, error) {
 	return 0, 0, fmt.Errorf("ucx_perftest: no Final line in\n%s", out)
 }
 
+// benchTLS is the --tls-* files of role from the certificates the parent
+// wrote (benchCertsEnv names their directory; the child inherits it).
+func benchTLS(role identity.Role) serving.TLSFiles {
+	dir := os.Getenv(benchCertsEnv)
+	return serving.TLSFiles{CA: filepath.Join(dir, "ca.pem"), Cert: filepath.Join(dir, string(role)+".pem"),
+		Key: filepath.Join(dir, string(role)+"-key.pem"), TrustDomain: identity.DefaultTrustDomain}
+}
+
+const benchCertsEnv = "KVFERRY_BENCH_CERTS"
+
 // target serves one backend: it prints its endpoint, then for each
 // "session ID" line registers the whole memory as the session's blocks,
 // answers "registered", and answers "done" when the session completed.
@@ -338,6 +370,17 @@ func target(role string, n, size int) error {
 	case kvtransfer.TransportTCP:
 		mem = make([]byte, n*size)
 		r, err = kvtransfer.Listen("127.0.0.1:0", size, zap.NewNop())
+	case kvtransfer.TransportTCPTLS:
+		mem = make([]byte, n*size)
+		serverTLS, _, terr := benchTLS(identity.GenServer).DataConfigs()
+		if terr != nil {
+			return terr
+		}
+		ln, lerr := net.Listen("tcp", "127.0.0.1:0")
+		if lerr != nil {
+			return lerr
+		}
+		r = kvtransfer.Serve(tls.NewListener(ln, serverTLS), size, zap.NewNop())
 	case kvtransfer.TransportShm:
 		var m *kvtransfer.ShmMemory
 		if m, err = kvtransfer.NewShmMemory(n * size); err != nil {
