@@ -44,8 +44,8 @@ const (
 	// TransportTCPTLS is tcp with every data connection in mutual TLS
 	// (--data-tls): the same frames, encrypted and authenticated.
 	TransportTCPTLS = "tcp+tls"
-	TransportShm = "shm"
-	TransportUCX = "ucx"
+	TransportShm    = "shm"
+	TransportUCX    = "ucx"
 )
 
 // HeaderSize is the size of a frame header in bytes.

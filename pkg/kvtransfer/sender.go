@@ -22,7 +22,7 @@ const maxIdleConnsPerPeer = 2
 type Sender struct {
 	Hooks
 	dialer   net.Dialer
-	tls      *tls.Config // nil: plain tcp
+	tls      *tls.Config   // nil: plain tcp
 	progress time.Duration // a block write that moves nothing for this long fails
 
 	mu     sync.Mutex
