@@ -22,6 +22,7 @@ var allowed = map[string][]string{
 	"pkg/ticket":     {"proto/kvferry/v1"},
 	"pkg/buildinfo":  {},
 	"pkg/flagenv":    {},
+	"pkg/identity":   {},
 }
 
 func TestDependencyDirection(t *testing.T) {
