@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -257,22 +258,27 @@ func (r *Router) Admit() (release func(), err error) {
 
 // Public is err as a client may see it. The router's own answers about
 // the request (bad argument, unknown model, duplicate id, full queues, the
-// client's cancel) pass as they are; a server-side failure loses its
-// detail — dial errors and peers' messages name internal addresses — for
-// a fixed sentence and the request id, under which the detail is logged.
+// client's cancel) pass as they are; a server-side failure keeps its
+// reason (a layout or transport mismatch is the operator's to fix) but
+// every internal address in it — host:port, IP, socket path — is replaced
+// by "<internal>", and the request id is added, under which the full
+// detail is logged.
 func Public(err error, requestID string) *Error {
 	code := CodeOf(err)
 	switch code {
 	case codes.InvalidArgument, codes.NotFound, codes.AlreadyExists, codes.ResourceExhausted, codes.Canceled, codes.Unauthenticated, codes.PermissionDenied:
 		return &Error{Code: code, Msg: err.Error()}
-	case codes.DeadlineExceeded:
-		return &Error{Code: code, Msg: "the request timed out (request id " + requestID + ")"}
-	case codes.Unavailable:
-		return &Error{Code: code, Msg: "no server could serve the request; retry (request id " + requestID + ")"}
-	default:
-		return &Error{Code: code, Msg: "the servers failed the request (request id " + requestID + ")"}
 	}
+	msg := internalAddr.ReplaceAllString(err.Error(), "<internal>")
+	if requestID != "" {
+		msg += " (request id " + requestID + ")"
+	}
+	return &Error{Code: code, Msg: msg}
 }
+
+// internalAddr matches what names a server inside the deployment: an IPv6
+// or IPv4 address (with its port), a host:port, a unix socket path.
+var internalAddr = regexp.MustCompile(`\[[0-9A-Fa-f:.%a-z]+\](:\d+)?|\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b|\b[A-Za-z0-9][A-Za-z0-9.-]*:\d{1,5}\b|(/[^\s"':]+)+\.sock\b`)
 
 // ErrOverloaded is returned when MaxInflight requests are running.
 var ErrOverloaded = &Error{Code: codes.ResourceExhausted, Msg: "too many requests in flight"}

@@ -280,7 +280,9 @@ func TestRandomAborts(t *testing.T) {
 // request rejects attempt 1 (FAILED_PRECONDITION), and the router counts
 // the cancels it fans out.
 func TestStaleAttemptRejected(t *testing.T) {
-	s := stack.Up(t, binDir, stack.Options{})
+	// Slow decode and ignore_eos: the stream is still running when the
+	// client aborts (a short synthetic output could end first).
+	s := stack.Up(t, binDir, stack.Options{DecodeStepTime: 5 * time.Millisecond})
 	cc := kvferryv1.NewContextServiceClient(grpcConn(t, s.CtxGRPC))
 	id := ticket.NewID()
 	toks := executor.Tokenize("the river")
@@ -297,7 +299,8 @@ func TestStaleAttemptRejected(t *testing.T) {
 	// An aborted stream makes the router fan a cancel out to both servers.
 	ctx, cancel := context.WithCancel(testCtx(t))
 	c := client(s)
-	st := c.Completions.NewStreaming(ctx, openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(1000)})
+	st := c.Completions.NewStreaming(ctx, openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the river")}, MaxTokens: openai.Int(1000)},
+		option.WithJSONSet("ignore_eos", true))
 	st.Next()
 	cancel()
 	_ = st.Close()
