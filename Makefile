@@ -34,7 +34,7 @@ export KVFERRY_LLAMA_LIB_DIR ?= $(LLAMA_LIB_DIR)
 # TAGS=ucx builds the ucx transport in (needs libucx-dev: make deps-ucx).
 TAGS ?=
 
-.PHONY: certs all build run deps-llama bench-engine fuzz test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
+.PHONY: bench-serve certs all build run deps-llama bench-engine fuzz test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
@@ -100,6 +100,15 @@ bench-transfer: deps-ucx
 	.bin/bench-transfer -runs 5
 	UCX_TLS=posix,cma .bin/bench-transfer -runs 5 -backends ucx
 	UCX_TLS=tcp UCX_NET_DEVICES=lo .bin/bench-transfer -runs 5 -backends ucx
+
+# bench-serve: kvload (cmd/kvload) against make run's stack, synthetic
+# engine with GPU-like timing and, when present, the llama.cpp engine with
+# the test model: TTFT, inter-token latency and throughput at concurrency
+# 1 to 64, charts and results.json under BENCH_SERVE_OUT.
+BENCH_SERVE_OUT ?= docs/bench
+BENCH_MODEL ?= ../shared/models/stories260K.gguf
+bench-serve: build deps-llama
+	scripts/bench-serve.sh $(BIN) $(BENCH_SERVE_OUT) $(BENCH_MODEL)
 
 # bench-engine: the test model through the whole stack against the same
 # model driven in-process through yzma (the limit), same run: prefill

@@ -24,7 +24,7 @@ import (
 // ShouldHappen bounds waits for things that must happen (start, ready, stop).
 const ShouldHappen = 30 * time.Second
 
-// Build compiles ctxserver, genserver and router into dir with the race
+// Build compiles ctxserver, genserver, router and kvload into dir with the race
 // detector when race is set, and returns dir.
 func Build(ctx context.Context, dir string, race bool) error {
 	root, err := moduleRoot()
@@ -38,7 +38,7 @@ func Build(ctx context.Context, dir string, race bool) error {
 	if buildTags != "" {
 		args = append(args, "-tags", buildTags) // the servers get what the tests were built with
 	}
-	args = append(args, "./cmd/ctxserver", "./cmd/genserver", "./cmd/router")
+	args = append(args, "./cmd/ctxserver", "./cmd/genserver", "./cmd/router", "./cmd/kvload")
 	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
