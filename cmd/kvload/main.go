@@ -3,8 +3,8 @@
 // request rates (open loop, Poisson), with a share of requests cancelled
 // by the client. It measures TTFT, every inter-token gap, end-to-end
 // latency, tokens and outcomes; writes DIR/results.json (schema kvload/1)
-// and PNG charts; and `kvload compare a.json b.json` draws two runs side
-// by side.
+// and PNG charts; `kvload compare a.json b.json` draws two runs side by
+// side, and `kvload plot results.json` redraws a run's charts.
 //
 //	kvload --url http://127.0.0.1:8000/v1 --model tiny --concurrency 1,8,32 --requests 200 --max-tokens 128 --out out
 //	kvload compare out/results.json other/results.json --out cmp
@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -34,9 +35,12 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	var err error
-	if len(os.Args) > 1 && os.Args[1] == "compare" {
+	switch {
+	case len(os.Args) > 1 && os.Args[1] == "compare":
 		err = compare(os.Args[2:], os.Stdout)
-	} else {
+	case len(os.Args) > 1 && os.Args[1] == "plot":
+		err = replot(os.Args[2:], os.Stdout)
+	default:
 		err = run(ctx, os.Args[1:], os.Stdout)
 	}
 	if err != nil {
@@ -255,21 +259,57 @@ func loadName(s loadgen.Summary) string {
 	return fmt.Sprintf("concurrency %d", s.Concurrency)
 }
 
-// compare draws two results side by side.
-func compare(args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("kvload compare", flag.ContinueOnError)
-	out := fs.String("out", "kvload-compare", "directory for the charts")
-	// Flags may come after the two files.
+// filesAndOut parses a subcommand's results files and its --out flag,
+// which may come before, between or after them.
+func filesAndOut(name string, args []string, defaultOut string) ([]string, string, error) {
+	fs := flag.NewFlagSet("kvload "+name, flag.ContinueOnError)
+	out := fs.String("out", defaultOut, "directory for the charts")
 	var files []string
 	for len(args) > 0 {
 		if err := fs.Parse(args); err != nil {
-			return err
+			return nil, "", err
 		}
 		if fs.NArg() == 0 {
 			break
 		}
 		files = append(files, fs.Arg(0))
 		args = fs.Args()[1:]
+	}
+	if *out == "" {
+		return files, "", nil // the caller picks
+	}
+	return files, *out, os.MkdirAll(*out, 0o755)
+}
+
+// replot redraws the charts of a results.json.
+func replot(args []string, stdout io.Writer) error {
+	files, out, err := filesAndOut("plot", args, "")
+	if err != nil {
+		return err
+	}
+	if len(files) != 1 {
+		return errors.New("usage: kvload plot RESULTS.json [--out DIR] (default: the file's directory)")
+	}
+	r, err := loadgen.ReadResults(files[0])
+	if err != nil {
+		return err
+	}
+	if out == "" {
+		out = filepath.Dir(files[0])
+	}
+	paths, err := loadgen.WritePlots(out, r)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, "charts:", strings.Join(paths, " "))
+	return nil
+}
+
+// compare draws two results side by side.
+func compare(args []string, stdout io.Writer) error {
+	files, out, err := filesAndOut("compare", args, "kvload-compare")
+	if err != nil {
+		return err
 	}
 	if len(files) != 2 {
 		return errors.New("usage: kvload compare A.json B.json [--out DIR]")
@@ -285,10 +325,7 @@ func compare(args []string, stdout io.Writer) error {
 	if a.Label == b.Label {
 		a.Label, b.Label = a.Label+" (A)", b.Label+" (B)"
 	}
-	if err := os.MkdirAll(*out, 0o755); err != nil {
-		return err
-	}
-	paths, err := loadgen.WriteCompare(*out, a, b)
+	paths, err := loadgen.WriteCompare(out, a, b)
 	if err != nil {
 		return err
 	}

@@ -38,7 +38,7 @@ func save(path, title, xLabel, yLabel string, lines []series) error {
 	p.X.Label.Text = xLabel
 	p.Y.Label.Text = yLabel
 	p.Add(plotter.NewGrid())
-	p.Legend.Top = true
+	p.Legend.Top, p.Legend.Left = true, true // curves rise to the right
 	for i, s := range lines {
 		if len(s.xy) == 0 {
 			continue
