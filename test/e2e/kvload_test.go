@@ -44,9 +44,18 @@ func TestKvload(t *testing.T) {
 			t.Errorf("chart %s: %v", png, err)
 		}
 	}
-	cmp := exec.Command(filepath.Join(binDir, "kvload"), "compare", filepath.Join(out, "results.json"), filepath.Join(out, "results.json"), "--out", filepath.Join(out, "cmp"))
-	if b, err := cmp.CombinedOutput(); err != nil {
-		t.Fatalf("kvload compare: %v\n%s", err, b)
+	for _, sub := range [][]string{
+		{"compare", filepath.Join(out, "results.json"), filepath.Join(out, "results.json"), "--out", filepath.Join(out, "cmp")},
+		{"plot", filepath.Join(out, "results.json"), "--out", filepath.Join(out, "again")},
+	} {
+		if b, err := exec.Command(filepath.Join(binDir, "kvload"), sub...).CombinedOutput(); err != nil {
+			t.Fatalf("kvload %s: %v\n%s", sub[0], err, b)
+		}
+	}
+	for _, png := range []string{"cmp/compare_throughput.png", "again/ttft_vs_load.png"} {
+		if st, err := os.Stat(filepath.Join(out, png)); err != nil || st.Size() == 0 {
+			t.Errorf("chart %s: %v", png, err)
+		}
 	}
 	checkIdle(t, s)
 }
