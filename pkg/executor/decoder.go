@@ -13,10 +13,14 @@ import (
 // the decoder has members and ends when the last one is gone; the next
 // Join starts it again, so the decoder needs no owner to run or stop it.
 //
-// A sequence is stepped again only once its owner took what the last step
-// produced: a client that reads slowly slows only its own sequence (the
-// stream's flow control reaches the engine), and each token goes out on
-// its own.
+// A sequence is stepped while fewer than maxPending of its tokens wait for
+// its owner: a client that reads slowly stalls only its own sequence (the
+// stream's flow control reaches the engine), and an owner that keeps up
+// is never left out of a step. (Requiring every token to be taken before
+// the next step split the batch in two: the owners that had taken by the
+// time the loop looked were stepped alone, the rest a step later, so each
+// sequence advanced every other step.) An owner takes whatever is ready
+// at once, so a slow moment coalesces tokens into one message.
 //
 // Only the loop touches a member's Sequence after Join: the owner reads
 // the tokens the loop hands over (Take), and Leave hands the Sequence back
@@ -209,12 +213,15 @@ func (d *Decoder) loop() {
 	}
 }
 
-// pickLocked chooses this step's batch: every member whose owner took
-// its last tokens, or maxSeqs of them in turn.
+// maxPending is how many untaken tokens stop a member from being stepped.
+const maxPending = 8
+
+// pickLocked chooses this step's batch: every member whose owner keeps
+// up (fewer than maxPending tokens untaken), or maxSeqs of them in turn.
 func (d *Decoder) pickLocked() []*Member {
 	var ready []*Member
 	for _, m := range d.members {
-		if len(m.pending) == 0 {
+		if len(m.pending) < maxPending {
 			ready = append(ready, m)
 		}
 	}

@@ -2,6 +2,7 @@ package executor
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -113,8 +114,8 @@ func TestDecoderBatchesAndMatchesReference(t *testing.T) {
 	}
 }
 
-// A sequence whose owner does not take its tokens is not stepped: the
-// others go on without it.
+// A sequence whose owner does not take its tokens is stepped until
+// maxPending of them wait, then no more: the others go on without it.
 func TestDecoderWaitsForSlowOwner(t *testing.T) {
 	spec, _ := Preset("tiny")
 	e := NewSynthetic(spec, Timing{})
@@ -125,11 +126,44 @@ func TestDecoderWaitsForSlowOwner(t *testing.T) {
 		t.Fatal("the fast sequence produced nothing")
 	}
 	d.Leave(fast)
-	toks, finish, err := d.Take(slow) // only its first token: never taken, never stepped
-	if err != nil || len(toks) != 1 || finish != FinishNone {
-		t.Fatalf("slow owner: %v %v %v, want its first token only", toks, finish, err)
+	toks, finish, err := d.Take(slow) // maxPending tokens, the first one included
+	if err != nil || len(toks) != maxPending || finish != FinishNone {
+		t.Fatalf("slow owner: %v %v %v, want its first %d tokens only", toks, finish, err, maxPending)
 	}
 	d.Leave(slow)
+}
+
+// Owners that keep up stay in one batch: 8 sequences of 30 tokens take
+// about 30 steps, not 60 (the batch splitting in two cohorts that step by
+// turns). Measured by steps counted, not by time.
+func TestDecoderKeepsOneBatch(t *testing.T) {
+	spec, _ := Preset("tiny")
+	e := NewSynthetic(spec, Timing{DecodeStepTime: 2 * time.Millisecond})
+	var mu sync.Mutex
+	steps := 0
+	d := NewDecoder(e, 0, func(int) { mu.Lock(); steps++; mu.Unlock() })
+	const n, tokens = 8, 30
+	var members []*Member
+	for i := range n {
+		members = append(members, d.Join(startSeq(t, e, fmt.Sprintf("river %d", i), Sampling{MaxTokens: tokens, IgnoreEOS: true})))
+	}
+	var owners sync.WaitGroup
+	for _, m := range members {
+		owners.Go(func() {
+			if toks, _ := drive(t, d, m); len(toks) != tokens {
+				t.Errorf("%d tokens, want %d", len(toks), tokens)
+			}
+			d.Leave(m)
+		})
+	}
+	owners.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	// tokens-1 steps after the first token; a few more while the members
+	// join one by one and the loop starts before the last one is in.
+	if steps > tokens+n {
+		t.Fatalf("%d steps for %d sequences of %d tokens: the batch split", steps, n, tokens)
+	}
 }
 
 // With more sequences than maxSeqs, each step runs maxSeqs of them in
