@@ -217,11 +217,29 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	first, sums, err := s.cfg.Engine.Prefill(pctx, req.GetPromptTokens(), executor.ToSampling(req.GetSampling()), mem, reused)
 
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	resp, err := s.advertiseLocked(pctx, r, req, blocks, hashes, reused, first, sums, err)
+	s.mu.Unlock()
+	if err == nil {
+		s.lg.Debug("prefill advertised", append(reqFields(req.GetTicket()), zap.Int("blocks", len(blocks)))...)
+	}
+	return resp, err
+}
+
+// advertiseLocked ends a prefill the engine returned from: the request's
+// advertisement, its full blocks published to the reuse cache; or, when
+// the engine failed or the request was cancelled meanwhile, its end.
+func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv1.PrefillRequest, blocks []blockpool.ID, hashes []uint64, reused int,
+	first uint32, sums []uint64, err error) (*kvferryv1.PrefillResponse, error) {
 	defer close(r.prefillDone)
 	r.engineRunning = false
-	if err == nil && r.phase != phasePrefilling {
+	switch {
+	case err == nil && r.phase != phasePrefilling:
 		err = context.Canceled // cancelled or superseded while the engine finished
+	case err == nil && pctx.Err() != nil:
+		// The caller gave up (its deadline passed, or it went away) while the
+		// engine finished: nobody will take or release the advertisement, so
+		// it must not hold blocks until the handoff lease runs out.
+		err = pctx.Err()
 	}
 	if err != nil {
 		s.endLocked(r)
@@ -255,10 +273,9 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 			PromptTokens:     uint32(len(req.GetPromptTokens())),
 			BlockChecksums:   sums,
 			ProtocolVersion:  kvtransfer.ProtocolVersion,
-			Transport:        kvtransfer.TransportTCP,
+			Transport:        s.cfg.Writer.Name(), // what this server writes with
 		},
 	}
-	s.lg.Debug("prefill advertised", append(reqFields(req.GetTicket()), zap.Int("blocks", len(blocks)))...)
 	return r.resp, nil
 }
 
@@ -411,8 +428,8 @@ func (s *Server) Cancel(_ context.Context, req *kvferryv1.ContextServiceCancelRe
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	resp := s.cancelLocked(req.GetTicket())
+	s.mu.Unlock()
 	s.cfg.Cancels.RecordOutcome(resp.Outcome.String())
 	s.lg.Info("cancel", append(reqFields(req.GetTicket()), zap.String("outcome", resp.Outcome.String()), zap.Bool("resources_free_now", resp.ResourcesFreeNow))...)
 	return resp, nil
@@ -454,12 +471,13 @@ func (s *Server) Release(_ context.Context, req *kvferryv1.ReleaseRequest) (*kvf
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	r, ok := s.reqs[req.GetTicket().GetRequestId()]
 	if !ok || r.attempt != req.GetTicket().GetAttempt() || !r.refsHeld || r.phase == phaseHandedOff {
+		s.mu.Unlock()
 		return &kvferryv1.ReleaseResponse{Released: false}, nil
 	}
 	s.endLocked(r)
+	s.mu.Unlock()
 	s.lg.Debug("released by router", reqFields(req.GetTicket())...)
 	return &kvferryv1.ReleaseResponse{Released: true}, nil
 }
@@ -669,13 +687,19 @@ func (s *Server) Run(ctx context.Context, interval time.Duration) {
 }
 
 func (s *Server) sweep(now time.Time) {
+	var expired []zap.Field // logged after the lock
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer func() {
+		s.mu.Unlock()
+		for _, f := range expired {
+			s.lg.Info("handoff lease expired", f)
+		}
+	}()
 	ended := map[string]time.Time{}
 	for id, r := range s.reqs {
 		switch {
 		case r.phase == phaseAdvertised && now.After(r.leaseUntil):
-			s.lg.Info("handoff lease expired", zap.String("request_id", id), zap.Uint32("attempt", r.attempt), zap.Int("blocks", len(r.blocks)))
+			expired = append(expired, zap.Dict("request", zap.String("request_id", id), zap.Uint32("attempt", r.attempt), zap.Int("blocks", len(r.blocks))))
 			s.endLocked(r)
 		case (r.phase == phaseEnded || r.phase == phaseHandedOff) && !r.hold.Pinned:
 			ended[id] = r.endedAt

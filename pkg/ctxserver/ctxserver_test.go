@@ -20,6 +20,8 @@ import (
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
+
+	"github.com/kvferry/kvferry/internal/poll"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -558,16 +560,7 @@ func TestDuplicateTransferIsANoOp(t *testing.T) {
 
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	tick := time.NewTicker(time.Millisecond)
-	defer tick.Stop()
-	deadline := time.After(10 * time.Second)
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("timed out waiting for: %s", what)
-		}
-	}
+	poll.Until(t, 10*time.Second, time.Millisecond, what, cond)
 }
 
 // TestCancelOutcomeOrder: still queued answers CANCELLED_BEFORE_ADVERTISE
@@ -645,4 +638,52 @@ func (f *fixture) pushToStalledPeer(t *testing.T, tk *kvferryv1.Ticket, session 
 		t.Fatalf("first event %v %v", m, err)
 	}
 	return st
+}
+
+// stubbornEngine is the synthetic engine whose Prefill runs to the end
+// whatever its context says (llama.cpp within a chunk), once the test
+// opens its gate.
+type stubbornEngine struct {
+	*executor.Synthetic
+	entered, gate chan struct{}
+}
+
+func (e *stubbornEngine) Prefill(_ context.Context, toks []uint32, s executor.Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
+	close(e.entered)
+	<-e.gate
+	return e.Synthetic.Prefill(context.Background(), toks, s, blocks, reused)
+}
+
+// TestPrefillWhoseCallerLeftHoldsNothing: the caller's deadline passes
+// while the engine finishes the prompt anyway; the prefill answers the
+// caller's error and its blocks are free at once, not after the handoff
+// lease (chaos found a canary's timed-out prefill holding them 30 s).
+func TestPrefillWhoseCallerLeftHoldsNothing(t *testing.T) {
+	spec, _ := executor.Preset("tiny")
+	pool, err := blockpool.New(8, spec.BlockBytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng := &stubbornEngine{Synthetic: executor.NewSynthetic(spec, executor.Timing{}), entered: make(chan struct{}), gate: make(chan struct{})}
+	sender := kvtransfer.NewSender(0)
+	defer sender.Close()
+	reg := prometheus.NewRegistry()
+	srv := New(Config{Engine: eng, Pool: pool, Writer: sender, TransferEndpoint: "unused", HandoffLease: time.Hour, TransferDeadline: 10 * time.Second,
+		Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg), Logger: zap.NewNop()})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, err := srv.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: ticket.New(ticket.NewID()), PromptTokens: executor.Tokenize("the quiet river carries light"),
+			Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}})
+		done <- err
+	}()
+	<-eng.entered
+	cancel() // the caller gives up while the engine runs
+	close(eng.gate)
+	if err := <-done; status.Code(err) != codes.Canceled {
+		t.Fatalf("prefill answered %v, want CANCELED", err)
+	}
+	if c := pool.Counts(); c.Free != 8 {
+		t.Fatalf("blocks held after the caller left: %+v", c)
+	}
 }

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/kvferry/kvferry/pkg/blockpool"
+
+	"github.com/kvferry/kvferry/internal/poll"
 )
 
 func admitAsync(a *Admission, ctx context.Context, n int) <-chan error {
@@ -24,16 +26,7 @@ func admitAsync(a *Admission, ctx context.Context, n int) <-chan error {
 // waitFor polls cond on a ticker until it holds or a deadline passes.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	tick := time.NewTicker(time.Millisecond)
-	defer tick.Stop()
-	deadline := time.After(30 * time.Second)
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("timed out waiting for %s", what)
-		}
-	}
+	poll.Until(t, 30*time.Second, time.Millisecond, what, cond)
 }
 
 // A request that does not fit waits, in arrival order, and is admitted

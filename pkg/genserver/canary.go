@@ -156,19 +156,27 @@ func (s *Server) probe(ctx context.Context, endpoint string) error {
 	}
 	ctxClient := kvferryv1.NewContextServiceClient(cc)
 	tk := ticket.New(ticket.NewID())
+	// release frees the probe's blocks on the context server, even when
+	// ctx is done, within its own canary timeout.
+	release := func() {
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), canaryTimeout)
+		defer rcancel()
+		_, _ = ctxClient.Release(rctx, &kvferryv1.ReleaseRequest{Ticket: tk})
+	}
 	sampling := &kvferryv1.SamplingParams{MaxTokens: 1}
 	pre, err := ctxClient.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: s.canaryPrompt, Sampling: sampling})
 	if err != nil {
+		release() // a prefill that finished after our deadline must not wait for its lease
 		return fmt.Errorf("prefill: %w", err)
 	}
 	req := &kvferryv1.GenerateRequest{Ticket: tk, PromptTokens: s.canaryPrompt, FirstToken: pre.GetFirstToken(), Sampling: sampling, Advertisement: pre.GetAdvertisement()}
 	if err := errors.Join(s.validate(req), s.negotiate(req.GetAdvertisement())); err != nil {
-		_, _ = ctxClient.Release(context.WithoutCancel(ctx), &kvferryv1.ReleaseRequest{Ticket: tk})
+		release()
 		return err
 	}
 	blocks, err := s.cfg.Pool.Allocate(ctx, int(pre.GetAdvertisement().GetBlockCount()))
 	if err != nil {
-		_, _ = ctxClient.Release(context.WithoutCancel(ctx), &kvferryv1.ReleaseRequest{Ticket: tk})
+		release()
 		return fmt.Errorf("allocate: %w", err)
 	}
 	r := &request{attempt: 1, cancel: cancel, done: make(chan struct{}), holds: 1}
@@ -185,7 +193,7 @@ func (s *Server) probe(ctx context.Context, endpoint string) error {
 	// receive verifies every block's checksum on receipt.
 	seq, err := s.receive(ctx, req, r, blocks, mem)
 	if err != nil {
-		_, _ = ctxClient.Release(context.WithoutCancel(ctx), &kvferryv1.ReleaseRequest{Ticket: tk})
+		release()
 		return fmt.Errorf("transfer: %w", err)
 	}
 	seq.Close() // the engine imported the KV; nothing decodes it

@@ -22,7 +22,7 @@ func FuzzGenerateRequest(f *testing.F) {
 		Advertisement: &kvferryv1.KVAdvertisement{Ticket: tk, TransferEndpoint: "127.0.0.1:1", BlockCount: 1, BlockChecksums: []uint64{1},
 			Layout: spec.Layout(), ProtocolVersion: kvtransfer.ProtocolVersion, Transport: kvtransfer.TransportTCP}})
 	f.Add(good)
-	s := &Server{spec: spec}
+	s := &Server{spec: spec, cfg: Config{Transport: kvtransfer.TransportTCP}}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var req kvferryv1.GenerateRequest
 		if proto.Unmarshal(b, &req) != nil {

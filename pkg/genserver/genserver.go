@@ -155,8 +155,8 @@ func (s *Server) negotiate(adv *kvferryv1.KVAdvertisement) error {
 	switch {
 	case adv.GetProtocolVersion() != kvtransfer.ProtocolVersion:
 		return fmt.Errorf("protocol version %d, want %d", adv.GetProtocolVersion(), kvtransfer.ProtocolVersion)
-	case adv.GetTransport() != kvtransfer.TransportTCP:
-		return fmt.Errorf("transport %q, want %q", adv.GetTransport(), kvtransfer.TransportTCP)
+	case adv.GetTransport() != s.cfg.Transport:
+		return fmt.Errorf("the context server writes with transport %q, this generation server receives with %q", adv.GetTransport(), s.cfg.Transport)
 	}
 	return executor.LayoutMismatch(adv.GetLayout(), s.spec.Layout())
 }

@@ -472,9 +472,9 @@ func TestReapPoisonsUnprovenQuarantine(t *testing.T) {
 	}
 }
 
-// TestReapDoesNotBlockOnUnfinishedTransfer: the reaper's poll returns at
-// once while a transfer is stuck mid-block (fails if it blocks beyond
-// 100 ms).
+// TestReapDoesNotBlockOnUnfinishedTransfer: the reaper's poll returns
+// while a transfer is stuck mid-block (the transfer is released only after
+// the check, so a Reap that waited for it would never return).
 func TestReapDoesNotBlockOnUnfinishedTransfer(t *testing.T) {
 	p := newPairTimeouts(t, 4, kvtransfer.Timeouts{Progress: shouldHappen, Deadline: shouldHappen, Quarantine: shouldHappen})
 	f := &fakeSender{stalled: make(chan struct{}), wake: make(chan struct{}), woke: make(chan error, 1)}
@@ -490,7 +490,7 @@ func TestReapDoesNotBlockOnUnfinishedTransfer(t *testing.T) {
 	}()
 	select {
 	case <-reaped:
-	case <-time.After(100 * time.Millisecond):
+	case <-time.After(shouldHappen): // the transfer stays stuck until the test wakes it: a blocking Reap never returns
 		t.Fatal("Reap blocked on an unfinished transfer")
 	}
 	cancel()

@@ -12,6 +12,8 @@ import (
 
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
+
+	"github.com/kvferry/kvferry/internal/poll"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -217,16 +219,7 @@ func BenchmarkPushLoopback(b *testing.B) {
 // eventually polls cond every millisecond until it holds or shouldHappen passes.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	tick := time.NewTicker(time.Millisecond)
-	defer tick.Stop()
-	deadline := time.After(shouldHappen)
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("timed out waiting for: %s", what)
-		}
-	}
+	poll.Until(t, shouldHappen, time.Millisecond, what, cond)
 }
 
 // BenchmarkRawTCPLoopback is the same-run baseline for BenchmarkPushLoopback:

@@ -127,7 +127,10 @@ func TestOpenAI(t *testing.T) {
 			if text.String() != want.Text || finish != want.Finish.String() {
 				t.Fatalf("stream %q/%s, reference %q/%s", text.String(), finish, want.Text, want.Finish)
 			}
-			if chunks < len(want.Tokens) {
+			// The first token comes from the prefill, the rest from decode
+			// steps; tokens that are ready together (an engine with no step
+			// time) may share a chunk, but an answer is never one block.
+			if len(want.Tokens) > 1 && chunks < 2 {
 				t.Fatalf("%d chunks for %d tokens: not streamed", chunks, len(want.Tokens))
 			}
 		})

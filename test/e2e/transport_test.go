@@ -31,9 +31,10 @@ func TestShmTransport(t *testing.T) {
 }
 
 // TestTransportMismatch: a context server on tcp and a generation server
-// on shm never move a byte; the transfer answers NOT_READY naming the
-// transports, the client gets an error instead of a hang, and no block is
-// held anywhere.
+// on shm never move a byte: the generation server refuses the
+// advertisement (it names the writer's transport) before allocating, the
+// client gets an error naming both transports instead of a hang, and no
+// block is held anywhere.
 func TestTransportMismatch(t *testing.T) {
 	s := stack.Up(t, binDir, stack.Options{GenArgs: []string{"--transport=shm", "--shm-dir=" + t.TempDir()}})
 	c := client(s)
@@ -42,7 +43,7 @@ func TestTransportMismatch(t *testing.T) {
 		MaxTokens: openai.Int(4),
 	})
 	var apiErr *openai.Error
-	if !errors.As(err, &apiErr) || !strings.Contains(apiErr.Message, `transport "shm" not offered (have "tcp")`) {
+	if !errors.As(err, &apiErr) || !strings.Contains(apiErr.Message, `writes with transport "tcp", this generation server receives with "shm"`) {
 		t.Fatalf("err %v, want an OpenAI error naming the transport mismatch", err)
 	}
 	checkIdle(t, s)

@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kvferry/kvferry/internal/poll"
 )
 
 // ShouldHappen bounds waits for things that must happen (start, ready, stop).
@@ -379,16 +381,7 @@ func (p Pool) Idle() bool { return p.InFlight == 0 && p.Quarantined == 0 && p.Ow
 // Eventually polls cond every 10 ms until it holds or ShouldHappen passes.
 func Eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	deadline := time.After(ShouldHappen)
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("timed out after %s waiting for: %s", ShouldHappen, what)
-		}
-	}
+	poll.Until(t, ShouldHappen, 10*time.Millisecond, what, cond)
 }
 
 // RunWithBinaries is the body of a TestMain that needs the binaries: it
