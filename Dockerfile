@@ -19,7 +19,7 @@ ARG COMMIT=unknown
 ENV CGO_CFLAGS=-Wno-deprecated-declarations
 RUN CGO_ENABLED=1 go build -trimpath \
       -ldflags "-s -w -X github.com/kvferry/kvferry/pkg/buildinfo.Version=${VERSION} -X github.com/kvferry/kvferry/pkg/buildinfo.Commit=${COMMIT}" \
-      -o /out/ ./cmd/ctxserver ./cmd/genserver ./cmd/router
+      -o /out/ ./cmd/ctxserver ./cmd/genserver ./cmd/router ./cmd/kvload
 
 # The llama.cpp shared libraries: the pinned npm package, integrity checked
 # by scripts/deps-llama.sh (the same script make deps-llama runs).
@@ -32,7 +32,7 @@ FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends libffi8 libstdc++6 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 65532 --no-create-home --shell /usr/sbin/nologin nonroot
-COPY --from=build /out/ctxserver /out/genserver /out/router /usr/local/bin/
+COPY --from=build /out/ctxserver /out/genserver /out/router /out/kvload /usr/local/bin/
 COPY --from=llama /opt/kvferry/llama /opt/kvferry/llama
 ENV KVFERRY_LLAMA_LIB_DIR=/opt/kvferry/llama
 USER 65532:65532
