@@ -125,11 +125,11 @@ FUZZ_TARGETS := ./pkg/executor:FuzzStateDecode ./pkg/router:FuzzBearer ./pkg/rou
 	./pkg/kvtransfer:FuzzUCXEndpoint ./pkg/ctxserver:FuzzPrefillRequest ./pkg/ctxserver:FuzzTransferRequest \
 	./pkg/genserver:FuzzGenerateRequest ./pkg/router:FuzzRouterGenerateRequest
 fuzz:
-	@set -e; for t in $(FUZZ_TARGETS); do \
+	@set -e; log=$$(mktemp); for t in $(FUZZ_TARGETS); do \
 	  echo "fuzz $${t#*:} ($(FUZZTIME))"; \
-	  $(GO) test -run xxx -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) $${t%%:*} >/dev/null || \
-	    { $(GO) test -run xxx -fuzz "^$${t#*:}$$" -fuzztime 1x $${t%%:*}; exit 1; }; \
-	done
+	  $(GO) test -run xxx -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) $${t%%:*} >$$log 2>&1 || \
+	    { tail -n 40 $$log; echo "(a found input is saved under $${t%%:*}/testdata/fuzz/$${t#*:}/)"; rm -f $$log; exit 1; }; \
+	done; rm -f $$log
 
 # deps-llama installs the llama.cpp shared libraries (npm package, pinned
 # integrity) into $(LLAMA_LIB_DIR); the llamacpp engine and its tests load

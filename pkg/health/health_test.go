@@ -12,16 +12,16 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/kvferry/kvferry/internal/leakcheck"
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) { leakcheck.VerifyTestMain(m) }
 
 var cfg = Config{ProgressDeadline: 60 * time.Second, TransferDeadline: 60 * time.Second, PoisonBudget: 2, ExhaustionGrace: 5 * time.Second}
 

@@ -10,13 +10,13 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
 	"go.uber.org/zap"
 
+	"github.com/kvferry/kvferry/internal/leakcheck"
 	"github.com/kvferry/kvferry/internal/poll"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) { leakcheck.VerifyTestMain(m) }
 
 // shouldHappen bounds waits for events that must occur.
 const shouldHappen = 10 * time.Second

@@ -3,8 +3,8 @@ package router
 import (
 	"testing"
 
-	"go.uber.org/goleak"
+	"github.com/kvferry/kvferry/internal/leakcheck"
 )
 
 // Every goroutine a test starts (connections, watchers, streams) must end.
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) { leakcheck.VerifyTestMain(m) }
