@@ -83,7 +83,7 @@ func parse(args []string) (config, error) {
 	fs.StringVar(&c.prompts, "prompts", "", "JSONL file of prompts, one {\"prompt\": \"...\", \"max_tokens\": N} a line (max_tokens optional)")
 	fs.StringVar(&c.promptWords, "prompt-words", "uniform:32:256", "prompt length in words when no --prompts: N, fixed:N, uniform:LO:HI or normal:MEAN:SD")
 	fs.StringVar(&c.maxTokens, "max-tokens", "128", "max_tokens of each request: N, fixed:N, uniform:LO:HI or normal:MEAN:SD")
-	fs.Float64Var(&c.abortRate, "abort-rate", 0, "share of requests the client cancels at a random point of the answer (0 to 1)")
+	fs.Float64Var(&c.abortRate, "abort-rate", 0, "share of requests the client cancels, each at a random token position below its max_tokens (an answer that ends before its position completes; with --ignore-eos the share is exact) (0 to 1)")
 	fs.DurationVar(&c.slo.TTFT, "slo-ttft", 0, "goodput: a request must have its first token within this (0: not checked)")
 	fs.DurationVar(&c.slo.ITL, "slo-itl", 0, "goodput: a request's mean inter-token gap must be within this (0: not checked)")
 	fs.Uint64Var(&c.seed, "seed", 1, "seed of prompts, lengths, aborts and arrivals")

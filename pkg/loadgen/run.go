@@ -32,8 +32,10 @@ type Target struct {
 type Workload struct {
 	Prompts Prompts
 	Output  Dist // max_tokens, where the prompt does not set it
-	// AbortRate is the share of requests the client cancels at a random
-	// point of the answer (before its first token up to its last).
+	// AbortRate is the share of requests the client cancels, each before
+	// a token position drawn uniformly below its max_tokens (0: before the
+	// first token). An answer that ends before its position completes, so
+	// the realized share is exact only when answers run to max_tokens.
 	AbortRate float64
 	Seed      uint64
 }
