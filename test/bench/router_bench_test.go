@@ -91,42 +91,74 @@ func BenchmarkRouterOverhead(b *testing.B) {
 	for _, conc := range []int{1, 64} {
 		for _, path := range []string{"direct", "router"} {
 			b.Run(fmt.Sprintf("%s/conc=%d", path, conc), func(b *testing.B) {
-				call := paths[path]
-				lat := make([]time.Duration, 0, b.N)
-				var mu sync.Mutex
-				next := make(chan struct{}, b.N)
-				for range b.N {
-					next <- struct{}{}
-				}
-				close(next)
-				start := time.Now()
-				var wg sync.WaitGroup
-				for range conc {
-					wg.Go(func() {
-						for range next {
-							t0 := time.Now()
-							if err := call(context.Background()); err != nil {
-								b.Error(err)
-								return
-							}
-							d := time.Since(t0)
-							mu.Lock()
-							lat = append(lat, d)
-							mu.Unlock()
-						}
-					})
-				}
-				wg.Wait()
-				el := time.Since(start)
-				sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+				lat, el := load(b, paths[path], conc, b.N)
 				if len(lat) == 0 {
 					return
 				}
-				b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50_ms")
-				b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99_ms")
+				b.ReportMetric(ms(lat[len(lat)/2]), "p50_ms")
+				b.ReportMetric(ms(lat[len(lat)*99/100]), "p99_ms")
 				b.ReportMetric(float64(len(lat))/el.Seconds(), "req/s")
 			})
 		}
+		// Pairs: direct and router rounds alternate, so the machine's drift
+		// (2x over seconds on shared VMs) lands on both; the medians of the
+		// per-pair throughput ratio and added p50 are the overhead.
+		b.Run(fmt.Sprintf("pairs/conc=%d", conc), func(b *testing.B) {
+			const rounds, per = 7, 400
+			var ratios, added []float64
+			for range rounds {
+				dl, de := load(b, paths["direct"], conc, per)
+				rl, re := load(b, paths["router"], conc, per)
+				if len(dl) == 0 || len(rl) == 0 {
+					return
+				}
+				ratios = append(ratios, (float64(len(rl))/re.Seconds())/(float64(len(dl))/de.Seconds()))
+				added = append(added, ms(rl[len(rl)/2])-ms(dl[len(dl)/2]))
+			}
+			b.ReportMetric(median(ratios), "router_x_direct")
+			b.ReportMetric(median(added), "added_p50_ms")
+		})
 	}
 	s.StopAll(b)
+}
+
+// load sends n calls from conc goroutines and returns the sorted
+// latencies and the elapsed time.
+func load(b *testing.B, call func(context.Context) error, conc, n int) ([]time.Duration, time.Duration) {
+	lat := make([]time.Duration, 0, n)
+	var mu sync.Mutex
+	next := make(chan struct{}, n)
+	for range n {
+		next <- struct{}{}
+	}
+	close(next)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range conc {
+		wg.Go(func() {
+			for range next {
+				t0 := time.Now()
+				if err := call(context.Background()); err != nil {
+					b.Error(err)
+					return
+				}
+				d := time.Since(t0)
+				mu.Lock()
+				lat = append(lat, d)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	el := time.Since(start)
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	return lat, el
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func median(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	return s[len(s)/2]
 }
