@@ -45,6 +45,7 @@ type Config struct {
 	LogLevel         string
 	MaxRetries       int
 	MaxInflight      int
+	Routing          string
 	APIKeysFile      string
 	ResolveInterval  time.Duration
 	DNSServer        string
@@ -80,6 +81,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.IntVar(&c.MaxRetries, "max-retries", 1, "attempts after a server failure, only before the first token reached the client")
 	fs.IntVar(&c.MaxInflight, "max-inflight", 512, "requests in flight before the router answers 429 with Retry-After (0: no bound)")
+	fs.StringVar(&c.Routing, "routing", router.DefaultRouting, "routing chain, comma-separated: filters (ready), scorers as NAME[:WEIGHT] (least-inflight, prefix-affinity), at most one picker (max-score)")
 	fs.StringVar(&c.APIKeysFile, "api-keys-file", "", "file of accepted API keys, one per line; when set, the OpenAI API requires Authorization: Bearer <key>")
 }
 
@@ -113,6 +115,9 @@ func (c *Config) Validate() error {
 	}
 	if c.DefaultMaxTokens <= 0 || c.DefaultMaxTokens > c.MaxOutputTokens {
 		errs = append(errs, fmt.Errorf("--default-max-tokens must be between 1 and --max-output-tokens (%d)", c.MaxOutputTokens))
+	}
+	if _, err := router.ParseRouting(c.Routing); err != nil {
+		errs = append(errs, fmt.Errorf("--routing: %w", err))
 	}
 	if c.MaxRetries < 0 || c.MaxInflight < 0 {
 		errs = append(errs, errors.New("--max-retries and --max-inflight must not be negative"))
@@ -194,12 +199,16 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 			}
 		}
 	}
+	routing, err := router.ParseRouting(cfg.Routing)
+	if err != nil {
+		return err
+	}
 	rt, err := router.New(router.Config{
 		CtxServers: ctxSrc, GenServers: genSrc, ResolveInterval: cfg.ResolveInterval,
 		Model: spec, Vocab: vocab, ServedModel: served,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
 		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, StreamWriteTimeout: cfg.StreamWrite, CancelTimeout: cfg.CancelTimeout,
-		MaxRetries: cfg.MaxRetries, MaxInflight: cfg.MaxInflight, APIKeys: keys,
+		MaxRetries: cfg.MaxRetries, MaxInflight: cfg.MaxInflight, APIKeys: keys, Routing: routing,
 		CtxConns: ctxConns, GenConns: genConns, Metrics: metrics.NewRouter(reg), Logger: lg,
 	})
 	if err != nil {

@@ -68,80 +68,138 @@ func (b *backend) result(ok bool, now time.Time) {
 	}
 }
 
-// pickRequest is what the plugins see of a request.
-type pickRequest struct {
-	prefixHash uint64 // hash of the prompt's first block; 0 for none
+// Request is what routing plugins see of a request.
+type Request struct {
+	PrefixHash uint64    // hash of the prompt's first block; 0 for none
+	Now        time.Time // the pick's clock (breakers, plugins with time)
 	exclude    map[*backend]bool
-	now        time.Time
 }
 
-// Filter drops backends that must not get the request.
+// Server is what routing plugins see of a context or generation server.
+type Server interface {
+	Addr() string
+	Role() string // "context" or "generation"
+	Inflight() int64
+	Ready() bool // the last readiness probe answered SERVING
+}
+
+func (b *backend) Addr() string    { return b.addr }
+func (b *backend) Role() string    { return b.role }
+func (b *backend) Inflight() int64 { return b.inflight.Load() }
+func (b *backend) Ready() bool     { return b.ready.Load() }
+
+// Filter drops servers that must not get the request. It returns a
+// subset of servers (plugins never make servers up).
 type Filter interface {
-	Filter(req *pickRequest, bs []*backend) []*backend
+	Filter(req *Request, servers []Server) []Server
 }
 
-// Scorer scores a backend; higher is better.
+// Scorer scores a server for the request; higher is better. A chain adds
+// its scorers' scores, each times its weight.
 type Scorer interface {
-	Score(req *pickRequest, b *backend) float64
+	Score(req *Request, s Server) float64
 }
 
-// filterFunc adapts a predicate to Filter.
-type filterFunc func(req *pickRequest, b *backend) bool
+// Scored is a candidate and its summed score.
+type Scored struct {
+	Server
+	Score float64
+}
 
-func (f filterFunc) Filter(req *pickRequest, bs []*backend) []*backend {
-	out := bs[:0:0]
-	for _, b := range bs {
-		if f(req, b) {
-			out = append(out, b)
+// Picker chooses one of the scored candidates (never empty).
+type Picker interface {
+	Pick(req *Request, candidates []Scored) Server
+}
+
+// FilterFunc adapts a predicate to Filter.
+type FilterFunc func(req *Request, s Server) bool
+
+// Filter keeps the servers the predicate admits.
+func (f FilterFunc) Filter(req *Request, servers []Server) []Server {
+	out := servers[:0:0]
+	for _, s := range servers {
+		if f(req, s) {
+			out = append(out, s)
 		}
 	}
 	return out
 }
 
-var (
-	// notExcluded drops servers that already failed this request.
-	notExcluded = filterFunc(func(req *pickRequest, b *backend) bool { return !req.exclude[b] })
-	// readyOnly drops servers whose readiness probe fails.
-	readyOnly = filterFunc(func(_ *pickRequest, b *backend) bool { return b.ready.Load() })
-)
+// ReadyOnly drops servers whose readiness probe fails.
+var ReadyOnly = FilterFunc(func(_ *Request, s Server) bool { return s.Ready() })
 
-// leastInflight prefers the server with the least work in flight.
-type leastInflight struct{}
+// LeastInflight prefers the server with the least work in flight (its
+// score is minus the requests in flight there).
+type LeastInflight struct{}
 
-func (leastInflight) Score(_ *pickRequest, b *backend) float64 { return -float64(b.inflight.Load()) }
+// Score is minus the server's requests in flight.
+func (LeastInflight) Score(_ *Request, s Server) float64 { return -float64(s.Inflight()) }
 
-// prefixAffinity prefers, among equally loaded servers, the one a shared
-// prompt prefix hashes to (rendezvous hashing), so its reuse cache is hit.
-// Worth half a request in flight: load wins over affinity.
-type prefixAffinity struct{}
+// PrefixAffinity prefers the server a shared prompt prefix hashes to
+// (rendezvous hashing), so its reuse cache is hit: a score in [0, 1).
+// At weight 0.5 (the default) it is worth half a request in flight, so
+// load wins over affinity.
+type PrefixAffinity struct{}
 
-func (prefixAffinity) Score(req *pickRequest, b *backend) float64 {
-	if req.prefixHash == 0 {
+// Score is the server's rendezvous weight for the prompt's prefix.
+func (PrefixAffinity) Score(req *Request, s Server) float64 {
+	if req.PrefixHash == 0 {
 		return 0
 	}
 	h := fnv.New64a()
-	_, _ = h.Write([]byte(b.addr))
-	x := h.Sum64() ^ req.prefixHash
+	_, _ = h.Write([]byte(s.Addr()))
+	x := h.Sum64() ^ req.PrefixHash
 	x ^= x >> 33
 	x *= 0xff51afd7ed558ccd
 	x ^= x >> 33
-	return 0.5 * float64(x>>11) / float64(1<<53)
+	return float64(x>>11) / float64(1<<53)
 }
 
-// policy is a filter chain, scorers and the max-score picker with a
-// round-robin tie break.
+// MaxScore picks the highest score; ties go round robin.
+type MaxScore struct{ next atomic.Uint64 }
+
+// Pick returns the first candidate with the highest score, starting the
+// scan one further each call.
+func (m *MaxScore) Pick(_ *Request, cands []Scored) Server {
+	start := int(m.next.Add(1))
+	best := -1
+	for i := range cands {
+		k := (start + i) % len(cands)
+		if best < 0 || cands[k].Score > cands[best].Score {
+			best = k
+		}
+	}
+	return cands[best].Server
+}
+
+// policy is a routing chain: filters, weighted scorers and a picker, with
+// the router's own rules around them (excluded servers never, the
+// breaker's word last).
 type policy struct {
 	filters []Filter
-	scorers []Scorer
-	next    atomic.Uint64
+	scorers []Weighted
+	picker  Picker
+}
+
+func newPolicy(r Routing) *policy {
+	p := &policy{filters: r.Filters, scorers: r.Scorers, picker: r.Picker}
+	if p.picker == nil {
+		p.picker = &MaxScore{}
+	}
+	return p
 }
 
 // pick chooses a backend and counts it in flight; nil when none passes.
-// If readiness filters everything out, it falls back to the unfiltered
-// (not excluded) set: a router whose probes lag should still try.
-func (p *policy) pick(req *pickRequest, all []*backend) *backend {
-	cands := notExcluded.Filter(req, all)
-	base := cands
+// If the filters drop everything, it falls back to the unfiltered (not
+// excluded) set: a router whose probes lag should still try.
+func (p *policy) pick(req *Request, all []*backend) *backend {
+	var base []Server
+	for _, b := range all {
+		if !req.exclude[b] {
+			base = append(base, b)
+		}
+	}
+	cands := base
 	for _, f := range p.filters {
 		cands = f.Filter(req, cands)
 	}
@@ -150,22 +208,23 @@ func (p *policy) pick(req *pickRequest, all []*backend) *backend {
 	}
 	// The breaker is the last word: an open one is never tried, and a
 	// half-open one admits a single probe.
-	start := int(p.next.Add(1))
-	var best *backend
-	bestScore := 0.0
-	for i := range cands {
-		b := cands[(start+i)%len(cands)]
-		s := 0.0
-		for _, sc := range p.scorers {
-			s += sc.Score(req, b)
+	scored := make([]Scored, 0, len(cands))
+	for _, s := range cands {
+		b, ok := s.(*backend)
+		if !ok || !b.admitPeek(req.Now) {
+			continue
 		}
-		if best == nil || s > bestScore {
-			if b.admitPeek(req.now) {
-				best, bestScore = b, s
-			}
+		sum := 0.0
+		for _, w := range p.scorers {
+			sum += w.Weight * w.Score(req, s)
 		}
+		scored = append(scored, Scored{Server: s, Score: sum})
 	}
-	if best == nil || !best.admit(req.now) {
+	if len(scored) == 0 {
+		return nil
+	}
+	best, ok := p.picker.Pick(req, scored).(*backend)
+	if !ok || !best.admit(req.Now) {
 		return nil
 	}
 	best.add(1)

@@ -14,39 +14,44 @@ func backends(addrs ...string) []*backend {
 	return out
 }
 
-func newPolicy() *policy {
-	return &policy{filters: []Filter{readyOnly}, scorers: []Scorer{leastInflight{}, prefixAffinity{}}}
+func defaultPolicy(t *testing.T) *policy {
+	t.Helper()
+	r, err := ParseRouting(DefaultRouting)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return newPolicy(r)
 }
 
 func TestPickLeastInflightAndReadiness(t *testing.T) {
 	bs := backends("a:1", "b:1", "c:1")
-	p := newPolicy()
+	p := defaultPolicy(t)
 	now := time.Now()
 	bs[0].inflight.Store(2)
 	bs[1].inflight.Store(1)
 	bs[2].ready.Store(false)
-	if got := p.pick(&pickRequest{now: now}, bs); got != bs[1] {
+	if got := p.pick(&Request{Now: now}, bs); got != bs[1] {
 		t.Fatalf("picked %s, want b:1 (least in flight among ready)", got.addr)
 	}
 	// Nothing ready: fall back to trying anyway.
 	for _, b := range bs {
 		b.ready.Store(false)
 	}
-	if got := p.pick(&pickRequest{now: now}, bs); got == nil {
+	if got := p.pick(&Request{Now: now}, bs); got == nil {
 		t.Fatal("no pick when no backend is ready")
 	}
-	if got := p.pick(&pickRequest{now: now, exclude: map[*backend]bool{bs[0]: true, bs[1]: true, bs[2]: true}}, bs); got != nil {
+	if got := p.pick(&Request{Now: now, exclude: map[*backend]bool{bs[0]: true, bs[1]: true, bs[2]: true}}, bs); got != nil {
 		t.Fatalf("picked %s although every backend is excluded", got.addr)
 	}
 }
 
 func TestPrefixAffinityIsStable(t *testing.T) {
 	bs := backends("a:1", "b:1", "c:1", "d:1")
-	p := newPolicy()
-	first := p.pick(&pickRequest{prefixHash: 42, now: time.Now()}, bs)
+	p := defaultPolicy(t)
+	first := p.pick(&Request{PrefixHash: 42, Now: time.Now()}, bs)
 	first.inflight.Add(-1)
 	for range 10 {
-		got := p.pick(&pickRequest{prefixHash: 42, now: time.Now()}, bs)
+		got := p.pick(&Request{PrefixHash: 42, Now: time.Now()}, bs)
 		got.inflight.Add(-1)
 		if got != first {
 			t.Fatalf("prefix 42 went to %s, then %s", first.addr, got.addr)
@@ -56,13 +61,13 @@ func TestPrefixAffinityIsStable(t *testing.T) {
 
 func TestBreaker(t *testing.T) {
 	bs := backends("a:1", "b:1")
-	p := newPolicy()
+	p := defaultPolicy(t)
 	t0 := time.Now()
 	for range breakerThreshold {
 		bs[0].result(false, t0)
 	}
 	for range 5 {
-		got := p.pick(&pickRequest{now: t0.Add(time.Second)}, bs)
+		got := p.pick(&Request{Now: t0.Add(time.Second)}, bs)
 		if got != bs[1] {
 			t.Fatalf("open breaker still picked: %s", got.addr)
 		}
@@ -71,14 +76,14 @@ func TestBreaker(t *testing.T) {
 	// After the cooldown one probe goes through (half-open), no second.
 	bs[1].inflight.Store(100) // make a:1 preferred
 	later := t0.Add(breakerCooldown + time.Second)
-	if got := p.pick(&pickRequest{now: later}, bs); got != bs[0] {
+	if got := p.pick(&Request{Now: later}, bs); got != bs[0] {
 		t.Fatalf("half-open probe went to %v", got)
 	}
-	if got := p.pick(&pickRequest{now: later}, bs); got != bs[1] {
+	if got := p.pick(&Request{Now: later}, bs); got != bs[1] {
 		t.Fatalf("second request during the probe went to %v", got)
 	}
 	bs[0].result(true, later)
-	if got := p.pick(&pickRequest{now: later}, bs); got != bs[0] {
+	if got := p.pick(&Request{Now: later}, bs); got != bs[0] {
 		t.Fatalf("closed breaker not picked: %v", got)
 	}
 	// A failed probe reopens at once.

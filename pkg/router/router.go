@@ -61,6 +61,8 @@ type Config struct {
 	// APIKeys, when enabled, are the bearer tokens the public surfaces
 	// accept (nil: none required).
 	APIKeys *Keys
+	// Routing is the plugin chain that picks servers (zero: DefaultRouting).
+	Routing Routing
 	// CtxConns and GenConns reach context and generation servers; with mTLS
 	// each checks the server's certificate names that role.
 	CtxConns *serving.ConnCache
@@ -105,8 +107,14 @@ func New(cfg Config) (*Router, error) {
 	if cfg.Vocab == nil {
 		cfg.Vocab = executor.SyntheticVocabulary
 	}
-	r := &Router{cfg: cfg, lg: cfg.Logger, active: map[string]*active{}, created: time.Now().Unix(),
-		policy: &policy{filters: []Filter{readyOnly}, scorers: []Scorer{leastInflight{}, prefixAffinity{}}}}
+	routing := cfg.Routing
+	if routing.Filters == nil && routing.Scorers == nil && routing.Picker == nil {
+		var err error
+		if routing, err = ParseRouting(DefaultRouting); err != nil {
+			return nil, err
+		}
+	}
+	r := &Router{cfg: cfg, lg: cfg.Logger, active: map[string]*active{}, created: time.Now().Unix(), policy: newPolicy(routing)}
 	return r, nil
 }
 
@@ -364,14 +372,14 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	usage = Usage{PromptTokens: len(job.Prompt)}
 	t := &kvferryv1.Ticket{RequestId: job.ID, Attempt: attempt}
 	fields := []zap.Field{zap.String("request_id", t.GetRequestId()), zap.Uint32("attempt", t.GetAttempt())}
-	req := &pickRequest{prefixHash: prefixHash(r.cfg.Model, job.Prompt), exclude: exclude, now: time.Now()}
+	req := &Request{PrefixHash: prefixHash(r.cfg.Model, job.Prompt), Now: time.Now(), exclude: exclude}
 	ctxs, gens := r.servers()
 	c := r.policy.pick(req, ctxs)
 	if c == nil {
 		return usage, false, nil, fail(codes.Unavailable, "no context server available")
 	}
 	defer c.add(-1)
-	req.prefixHash = 0 // affinity is for the reuse cache, which lives on context servers
+	req.PrefixHash = 0 // affinity is for the reuse cache, which lives on context servers
 	g := r.policy.pick(req, gens)
 	if g == nil {
 		c.abandon() // its half-open probe slot, if it took one, goes unused

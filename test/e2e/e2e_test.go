@@ -388,6 +388,8 @@ func TestBadFlags(t *testing.T) {
 		{"genserver", []string{"--model=gpt-9"}, "unknown model"},
 		{"router", []string{"--ctx-servers="}, "--ctx-servers"},
 		{"router", []string{"--no-such-flag"}, "no-such-flag"},
+		{"router", []string{"--routing=ready,fastest"}, `unknown plugin "fastest"`},
+		{"genserver", []string{"--data-tls"}, "--data-tls needs --tls-cert"},
 	} {
 		t.Run(tc.bin+" "+tc.args[0], func(t *testing.T) {
 			cmd := exec.CommandContext(testCtx(t), filepath.Join(binDir, tc.bin), tc.args...)
