@@ -239,9 +239,9 @@ func (r *Router) RecordCancelOutcome(role, outcome string) {
 	r.cancelOutcomes.WithLabelValues(role, strings.ToLower(strings.TrimPrefix(outcome, "CANCEL_OUTCOME_"))).Inc()
 }
 
-// BackendInflight returns the gauge of one server's requests in flight.
-func (r *Router) BackendInflight(role, server string) prometheus.Gauge {
-	return r.backendInflight.WithLabelValues(role, server)
+// RecordBackendInflight sets one server's requests in flight.
+func (r *Router) RecordBackendInflight(role, server string, n int64) {
+	r.backendInflight.WithLabelValues(role, server).Set(float64(n))
 }
 
 // ForgetBackend deletes the series of a server discovery removed.

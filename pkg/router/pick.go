@@ -12,7 +12,7 @@ type backend struct {
 	addr     string
 	role     string
 	inflight atomic.Int64
-	gauge    interface{ Set(float64) } // the exported in-flight gauge; may be nil
+	record   func(n int64) // exports the in-flight count; may be nil
 	ready    atomic.Bool               // from the health loop; true until first checked
 
 	mu       sync.Mutex // guards the breaker
@@ -234,8 +234,8 @@ func (p *policy) pick(req *Request, all []*backend) *backend {
 // add moves the in-flight count and its gauge.
 func (b *backend) add(n int64) {
 	v := b.inflight.Add(n)
-	if b.gauge != nil {
-		b.gauge.Set(float64(v))
+	if b.record != nil {
+		b.record(v)
 	}
 }
 
