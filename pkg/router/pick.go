@@ -13,7 +13,7 @@ type backend struct {
 	role     string
 	inflight atomic.Int64
 	record   func(n int64) // exports the in-flight count; may be nil
-	ready    atomic.Bool               // from the health loop; true until first checked
+	ready    atomic.Bool   // from the health loop; true until first checked
 
 	mu       sync.Mutex // guards the breaker
 	failures int        // consecutive
