@@ -158,7 +158,8 @@ func (r *Router) setServers(role string, set *[]*backend, addrs []string) {
 		b, ok := old[a]
 		if !ok {
 			b = &backend{addr: a, role: role, record: func(n int64) { r.cfg.Metrics.RecordBackendInflight(role, a, n) }}
-			b.record(0)         // the series exists from the server's discovery on
+			// The series exists from the server's discovery on.
+			b.record(0)
 			b.ready.Store(true) // until the health loop says otherwise
 			r.lg.Info("server added", zap.String("role", role), zap.String("peer", a))
 		}
