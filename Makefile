@@ -116,7 +116,8 @@ bench-serve: build deps-llama
 bench-engine: deps-llama
 	$(GO) test -run xxx -bench LlamaEngine -benchtime 20x -count 3 ./test/bench/
 
-# fuzz runs every fuzz target for FUZZTIME each (CI: 5s); their seed
+# fuzz runs every fuzz target for FUZZTIME each (a duration, or Nx inputs;
+# CI: 10000x, since a duration can fail on Go's deadline race); their seed
 # corpora (testdata/fuzz) also run as plain tests in make test.
 FUZZTIME ?= 10s
 FUZZ_TARGETS := ./pkg/executor:FuzzStateDecode ./pkg/router:FuzzBearer ./pkg/router:FuzzCompletionRequest \
@@ -128,7 +129,7 @@ fuzz:
 	@set -e; log=$$(mktemp); for t in $(FUZZ_TARGETS); do \
 	  echo "fuzz $${t#*:} ($(FUZZTIME))"; \
 	  $(GO) test -run xxx -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) $${t%%:*} >$$log 2>&1 || \
-	    { tail -n 40 $$log; echo "(a found input is saved under $${t%%:*}/testdata/fuzz/$${t#*:}/)"; rm -f $$log; exit 1; }; \
+	    { tail -n 40 $$log; echo "(a found input, if any, is saved under $${t%%:*}/testdata/fuzz/$${t#*:}/)"; rm -f $$log; exit 1; }; \
 	done; rm -f $$log
 
 # deps-llama installs the llama.cpp shared libraries (npm package, pinned
