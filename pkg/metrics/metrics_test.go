@@ -31,6 +31,7 @@ func contractRegistry(t *testing.T) (*prometheus.Registry, *blockpool.Pool, *Tra
 	NewQuarantine(reg)
 	NewCanary(reg)
 	NewScheduler(reg)
+	NewGPU(reg)
 	return reg, pool, NewTransfer(reg), NewCancel(reg), NewRouter(reg)
 }
 

@@ -12,7 +12,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"sync"
 	"time"
 
@@ -20,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -34,39 +34,17 @@ type Monitor struct {
 	events  nvml.EventSet // nil when events are unsupported
 	xids    []uint64      // critical XID events seen, per device
 
-	gauges gauges
+	gauges *metrics.GPU
 
 	mu   sync.Mutex
 	snap []*kvferryv1.GpuStatus
-}
-
-type gauges struct {
-	present                                      prometheus.Gauge
-	memTotal, memUsed, temp, util, ecc, xidTotal *prometheus.GaugeVec
-}
-
-func newGauges(reg prometheus.Registerer) gauges {
-	vec := func(name, help string) *prometheus.GaugeVec {
-		return prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "kvferry", Subsystem: "gpu", Name: name, Help: help}, []string{"gpu"})
-	}
-	g := gauges{
-		present:  prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "kvferry", Subsystem: "gpu", Name: "devices", Help: "Number of NVIDIA GPUs NVML reports; 0 without the NVIDIA library."}),
-		memTotal: vec("memory_total_bytes", "GPU memory in total."),
-		memUsed:  vec("memory_used_bytes", "GPU memory in use."),
-		temp:     vec("temperature_celsius", "GPU core temperature."),
-		util:     vec("utilization_ratio", "Fraction of the last sample period the GPU was busy."),
-		ecc:      vec("ecc_uncorrected_errors", "Uncorrected ECC errors since the driver loaded (volatile counter)."),
-		xidTotal: vec("critical_xid_events", "Critical XID events seen since this process started."),
-	}
-	reg.MustRegister(g.present, g.memTotal, g.memUsed, g.temp, g.util, g.ecc, g.xidTotal)
-	return g
 }
 
 // New initialises NVML through lib (nvml.New() in production). A missing
 // library means no GPU: logged once at info. Any other failure is logged as
 // a warning and also means no GPU is watched.
 func New(lib nvml.Interface, reg prometheus.Registerer, lg *zap.Logger) *Monitor {
-	m := &Monitor{lib: lib, lg: lg, gauges: newGauges(reg)}
+	m := &Monitor{lib: lib, lg: lg, gauges: metrics.NewGPU(reg)}
 	switch ret := lib.Init(); ret {
 	case nvml.SUCCESS:
 	case nvml.ERROR_LIBRARY_NOT_FOUND:
@@ -101,7 +79,7 @@ func New(lib nvml.Interface, reg prometheus.Registerer, lg *zap.Logger) *Monitor
 		}
 	}
 	m.xids = make([]uint64, len(m.devices))
-	m.gauges.present.Set(float64(len(m.devices)))
+	m.gauges.RecordDevices(len(m.devices))
 	lg.Info("GPUs found", zap.Int("gpus", len(m.devices)))
 	return m
 }
@@ -192,13 +170,7 @@ func (m *Monitor) read(i int, d nvml.Device) *kvferryv1.GpuStatus {
 	if len(errs) > 0 {
 		m.lg.Debug("NVML query failed", zap.Int("gpu", i), zap.Error(errors.Join(errs...)))
 	}
-	label := strconv.Itoa(i)
-	m.gauges.memTotal.WithLabelValues(label).Set(float64(g.MemoryTotalBytes))
-	m.gauges.memUsed.WithLabelValues(label).Set(float64(g.MemoryUsedBytes))
-	m.gauges.temp.WithLabelValues(label).Set(float64(g.TemperatureCelsius))
-	m.gauges.util.WithLabelValues(label).Set(float64(g.UtilizationPercent) / 100)
-	m.gauges.ecc.WithLabelValues(label).Set(float64(g.EccUncorrectedErrors))
-	m.gauges.xidTotal.WithLabelValues(label).Set(float64(g.CriticalXidEvents))
+	m.gauges.RecordGPU(i, g)
 	return g
 }
 

@@ -6,7 +6,6 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 )
 
@@ -86,7 +85,7 @@ func TestHealthyThenECCThenXID(t *testing.T) {
 	if !g.GetHealthy() || g.GetName() != "NVIDIA H100 80GB HBM3" || g.GetMemoryTotalBytes() != 80<<30 || g.GetTemperatureCelsius() != 41 || g.GetUtilizationPercent() != 37 {
 		t.Fatalf("gpu 0: %+v", g)
 	}
-	if got := testutil.ToFloat64(m.gauges.util.WithLabelValues("0")); got != 0.37 {
+	if got := gauge(t, reg, "kvferry_gpu_utilization_ratio", "0"); got != 0.37 {
 		t.Fatalf("utilization gauge %v", got)
 	}
 
@@ -103,7 +102,30 @@ func TestHealthyThenECCThenXID(t *testing.T) {
 	if snap[0].GetHealthy() || snap[0].GetCriticalXidEvents() != 1 {
 		t.Fatalf("after XID 79: %+v", snap[0])
 	}
-	if got := testutil.ToFloat64(m.gauges.xidTotal.WithLabelValues("0")); got != 1 {
+	if got := gauge(t, reg, "kvferry_gpu_critical_xid_events", "0"); got != 1 {
 		t.Fatalf("xid gauge %v", got)
 	}
+}
+
+// gauge reads one GPU gauge from the registry, as a scrape would.
+func gauge(t *testing.T, reg *prometheus.Registry, name, gpu string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "gpu" && l.GetValue() == gpu {
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	t.Fatalf("no %s{gpu=%q}", name, gpu)
+	return 0
 }
