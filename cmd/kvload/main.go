@@ -175,9 +175,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	runner := loadgen.NewRunner(c.target, loadgen.Workload{Prompts: prompts, Output: output, AbortRate: c.abortRate, Seed: c.seed})
+	defer runner.Close()
 	res := loadgen.Results{Schema: loadgen.Schema, Label: c.label, Settings: loadgen.Settings{
 		URL: c.target.URL, Model: c.target.Model, Chat: c.target.Chat, Prompts: promptDesc, Output: output.String(),
-		IgnoreEOS: c.target.IgnoreEOS, AbortRate: c.abortRate, Requests: c.requests, SLOTTFTMs: ms(c.slo.TTFT), SLOITLMs: ms(c.slo.ITL),
+		IgnoreEOS: c.target.IgnoreEOS, AbortRate: c.abortRate, Requests: c.requests, SLOTTFTMs: loadgen.Millis(c.slo.TTFT), SLOITLMs: loadgen.Millis(c.slo.ITL),
 		Seed: c.seed, Started: time.Now().UTC().Format(time.RFC3339), Version: buildinfo.Version,
 	}}
 	if c.duration > 0 {
@@ -192,14 +193,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	tty := loadgen.IsTerminal(os.Stderr)
 	for _, l := range levels {
-		name := fmt.Sprintf("c=%d", l.Concurrency)
-		if l.Rate > 0 {
-			name = fmt.Sprintf("%g req/s", l.Rate)
-		}
 		var onRecord func(loadgen.Record)
 		var prog *loadgen.Progress
 		if tty {
-			prog = loadgen.NewProgress(os.Stderr, name, l.Requests, 200*time.Millisecond)
+			prog = loadgen.NewProgress(os.Stderr, l.Name(), l.Requests, 200*time.Millisecond)
 			onRecord = prog.Add
 		}
 		recs, wall, err := runner.Run(ctx, l, onRecord)
@@ -230,33 +227,20 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	return ctx.Err()
 }
 
-func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-
 // printTable writes one row a level.
 func printTable(w io.Writer, r loadgen.Results) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "load\tok\taborted\terrors\tttft p50\tttft p99\titl p50\titl p99\tlatency p50\ttok/s\treq/s\tgoodput/s\t")
 	for _, s := range r.Runs {
-		load := fmt.Sprintf("c=%d", s.Concurrency)
-		if s.Rate > 0 {
-			load = fmt.Sprintf("%g/s", s.Rate)
-		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.1f\t%.1f\t%.2f\t%.2f\t%.0f\t%.1f\t%.2f\t%.2f\t\n", load, s.Completed, s.Aborted, s.Errors,
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.1f\t%.1f\t%.2f\t%.2f\t%.0f\t%.1f\t%.2f\t%.2f\t\n", s.Load().Name(), s.Completed, s.Aborted, s.Errors,
 			s.TTFT.P50, s.TTFT.P99, s.ITL.P50, s.ITL.P99, s.Latency.P50, s.OutputTokensPerS, s.RequestsPerS, s.GoodputPerS)
 	}
 	_ = tw.Flush()
 	for _, s := range r.Runs {
 		for kind, n := range s.ErrorsByKind {
-			fmt.Fprintf(w, "errors at %s: %s × %d\n", loadName(s), kind, n)
+			fmt.Fprintf(w, "errors at %s: %s × %d\n", s.Load().Name(), kind, n)
 		}
 	}
-}
-
-func loadName(s loadgen.Summary) string {
-	if s.Rate > 0 {
-		return fmt.Sprintf("%g req/s", s.Rate)
-	}
-	return fmt.Sprintf("concurrency %d", s.Concurrency)
 }
 
 // filesAndOut parses a subcommand's results files and its --out flag,

@@ -687,19 +687,19 @@ func (s *Server) Run(ctx context.Context, interval time.Duration) {
 }
 
 func (s *Server) sweep(now time.Time) {
-	var expired []zap.Field // logged after the lock
+	var expired [][]zap.Field // logged after the lock
 	s.mu.Lock()
 	defer func() {
 		s.mu.Unlock()
-		for _, f := range expired {
-			s.lg.Info("handoff lease expired", f)
+		for _, fields := range expired {
+			s.lg.Info("handoff lease expired", fields...)
 		}
 	}()
 	ended := map[string]time.Time{}
 	for id, r := range s.reqs {
 		switch {
 		case r.phase == phaseAdvertised && now.After(r.leaseUntil):
-			expired = append(expired, zap.Dict("request", zap.String("request_id", id), zap.Uint32("attempt", r.attempt), zap.Int("blocks", len(r.blocks))))
+			expired = append(expired, []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", r.attempt), zap.Int("blocks", len(r.blocks))})
 			s.endLocked(r)
 		case (r.phase == phaseEnded || r.phase == phaseHandedOff) && !r.hold.Pinned:
 			ended[id] = r.endedAt

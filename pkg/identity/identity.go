@@ -186,11 +186,7 @@ func CheckEndpoint(ctx context.Context, hostport string) error {
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "data endpoint %q: %v", hostport, err)
 	}
-	if ip := net.ParseIP(host); ip != nil {
-		if slices.ContainsFunc(leaf.IPAddresses, ip.Equal) {
-			return nil
-		}
-	} else if leaf.VerifyHostname(host) == nil {
+	if leaf.VerifyHostname(host) == nil { // an IP host is checked against the IP SANs
 		return nil
 	}
 	return status.Errorf(codes.PermissionDenied, "%v: %s", ErrEndpointNotVouched, host)

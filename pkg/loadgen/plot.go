@@ -18,13 +18,6 @@ func loadOf(s Summary) (float64, string) {
 	return float64(s.Concurrency), "concurrency"
 }
 
-func levelName(s Summary) string {
-	if s.Rate > 0 {
-		return fmt.Sprintf("%g req/s", s.Rate)
-	}
-	return fmt.Sprintf("c=%d", s.Concurrency)
-}
-
 // series is one named line.
 type series struct {
 	name string
@@ -85,7 +78,7 @@ func WritePlots(dir string, r Results) ([]string, error) {
 	for _, c := range cdfs {
 		var lines []series
 		for _, s := range r.Runs {
-			lines = append(lines, cdfSeries(levelName(s), c.pick(s.CDF)))
+			lines = append(lines, cdfSeries(s.Load().Name(), c.pick(s.CDF)))
 		}
 		path := filepath.Join(dir, c.file)
 		if err := save(path, r.Label+": "+c.title+" (CDF)", "ms", "share of requests", lines); err != nil {

@@ -62,9 +62,9 @@ func (p *Progress) Add(r Record) {
 	p.done++
 	switch r.Outcome {
 	case OutcomeOK:
-		p.ttft = append(p.ttft, ms(r.TTFT))
+		p.ttft = append(p.ttft, Millis(r.TTFT))
 		for _, g := range r.Gaps {
-			p.itl = append(p.itl, ms(g))
+			p.itl = append(p.itl, Millis(g))
 		}
 	case OutcomeAborted:
 	default:

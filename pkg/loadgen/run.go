@@ -51,6 +51,14 @@ type Load struct {
 	Duration    time.Duration
 }
 
+// Name is the level as tables and charts call it: "c=8" or "4 req/s".
+func (l Load) Name() string {
+	if l.Rate > 0 {
+		return fmt.Sprintf("%g req/s", l.Rate)
+	}
+	return fmt.Sprintf("c=%d", l.Concurrency)
+}
+
 // Outcomes of a request besides the error kinds (http_429, timeout,
 // transport, ...).
 const (
@@ -71,6 +79,7 @@ type Record struct {
 
 // Runner makes requests to one target.
 type Runner struct {
+	hc     *http.Client
 	client openai.Client
 	target Target
 	work   Workload
@@ -85,8 +94,11 @@ func NewRunner(t Target, w Workload) *Runner {
 	} else {
 		opts = append(opts, option.WithAPIKey("none"))
 	}
-	return &Runner{client: openai.NewClient(opts...), target: t, work: w}
+	return &Runner{hc: hc, client: openai.NewClient(opts...), target: t, work: w}
 }
+
+// Close closes the runner's idle connections (and their goroutines).
+func (r *Runner) Close() { r.hc.CloseIdleConnections() }
 
 // Run runs one load level until it ends (its requests issued, or its
 // duration passed and the requests in flight finished) or ctx is done, calling onRecord
@@ -173,15 +185,13 @@ func (r *Runner) do(ctx context.Context, rng *rand.Rand, level time.Time) Record
 	if rng.Float64() < r.work.AbortRate {
 		abortAt = rng.IntN(maxTokens)
 	}
-	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	rctx, cancel := context.WithCancel(ctx) // ctx done: the run was interrupted
 	defer cancel()
 	if r.target.Timeout > 0 {
 		var tcancel context.CancelFunc
 		rctx, tcancel = context.WithTimeout(rctx, r.target.Timeout)
 		defer tcancel()
 	}
-	stopAtEnd := context.AfterFunc(ctx, cancel) // the run was interrupted: stop
-	defer stopAtEnd()
 	var opts []option.RequestOption
 	if r.target.IgnoreEOS {
 		opts = append(opts, option.WithJSONSet("ignore_eos", true))

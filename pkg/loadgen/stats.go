@@ -52,6 +52,9 @@ type Summary struct {
 	CDF              CDF         `json:"cdf"`
 }
 
+// Load is the level the summary measured.
+func (s Summary) Load() Load { return Load{Concurrency: s.Concurrency, Rate: s.Rate} }
+
 // Summarize computes a level's figures from its records and wall time.
 func Summarize(l Load, recs []Record, wall time.Duration, slo SLO) Summary {
 	s := Summary{Concurrency: l.Concurrency, Rate: l.Rate, Requests: len(recs), ErrorsByKind: map[string]int{}, DurationS: wall.Seconds()}
@@ -71,11 +74,11 @@ func Summarize(l Load, recs []Record, wall time.Duration, slo SLO) Summary {
 			s.ErrorsByKind[r.Outcome]++
 			continue
 		}
-		ttft = append(ttft, ms(r.TTFT))
-		lat = append(lat, ms(r.Latency))
+		ttft = append(ttft, Millis(r.TTFT))
+		lat = append(lat, Millis(r.Latency))
 		var sum time.Duration
 		for _, g := range r.Gaps {
-			itl = append(itl, ms(g))
+			itl = append(itl, Millis(g))
 			sum += g
 		}
 		meanITL := time.Duration(0)
@@ -97,7 +100,8 @@ func Summarize(l Load, recs []Record, wall time.Duration, slo SLO) Summary {
 	return s
 }
 
-func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+// Millis is d in (fractional) milliseconds, the unit of every figure.
+func Millis(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 // summarize sorts xs and returns its percentiles and 101 quantiles
 // (nearest rank); zeros and no quantiles when xs is empty.
