@@ -12,6 +12,7 @@ import (
 
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
 	"github.com/kvferry/kvferry/pkg/ctxserver"
+	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
@@ -25,16 +26,20 @@ type Config struct {
 	HandoffLease   time.Duration
 	PrefixReuse    bool
 	TransportFault string
+	MaxBatchTokens int
 }
 
 // Validate checks the configuration.
 func (c *Config) Validate() error {
-	var leaseErr error
+	var leaseErr, batchErr error
 	if c.HandoffLease <= 0 {
 		leaseErr = fmt.Errorf("--handoff-lease must be positive, got %s", c.HandoffLease)
 	}
+	if c.MaxBatchTokens < c.PrefillChunk {
+		batchErr = fmt.Errorf("--max-batch-tokens (%d) must be at least --prefill-chunk-tokens (%d)", c.MaxBatchTokens, c.PrefillChunk)
+	}
 	_, faultErr := kvtransfer.ParseFault(c.TransportFault, time.Now())
-	return servercmd.OneLine(c.Config.Validate(), leaseErr, faultErr)
+	return servercmd.OneLine(c.Config.Validate(), leaseErr, batchErr, faultErr)
 }
 
 func main() {
@@ -43,6 +48,7 @@ func main() {
 	cfg.Register(fs, servercmd.Ports{GRPC: 9100, HTTP: 9101, Data: 9102})
 	fs.DurationVar(&cfg.HandoffLease, "handoff-lease", 30*time.Second, "release prefilled blocks no generation server took within this long (a backstop: the router releases at once)")
 	fs.BoolVar(&cfg.PrefixReuse, "prefix-reuse", true, "serve full KV blocks of a known prompt prefix from the reuse cache (evicted least recently used when the pool needs room)")
+	fs.IntVar(&cfg.MaxBatchTokens, "max-batch-tokens", executor.DefaultMaxBatchTokens, "most prompt tokens one prefill step runs, every prompt of the batch together (prompts that arrive together are prefilled together)")
 	fs.StringVar(&cfg.TransportFault, "transport-fault", "", "inject a transport fault, for tests and drills: stall|delay|error|partial|corrupt|lose-notify|lose-abort-ack[:after=N,for=DURATION,rate=F,delay=DURATION]")
 	os.Exit(servercmd.Main(fs, "ctxserver: the kvferry context (prefill) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
@@ -95,6 +101,9 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	srv := ctxserver.New(ctxserver.Config{
 		Engine:           p.Engine,
 		Admission:        p.Admission,
+		PrefillChunk:     cfg.PrefillChunk,
+		MaxBatchTokens:   cfg.MaxBatchTokens,
+		Scheduler:        p.Scheduler,
 		Pool:             p.Pool,
 		Writer:           writer,
 		Fault:            fault,

@@ -61,6 +61,12 @@ type Config struct {
 	// Admission, when set, queues a prompt that cannot get its blocks
 	// until they free up (nil: a full pool answers RESOURCE_EXHAUSTED).
 	Admission *executor.Admission
+	// PrefillChunk and MaxBatchTokens bound one prompt's and all prompts'
+	// tokens in a prefill step (≤ 0: executor's defaults); Scheduler, when
+	// set, records the steps.
+	PrefillChunk   int
+	MaxBatchTokens int
+	Scheduler      *metrics.Scheduler
 	// CheckEndpoint, when set, must admit a TransferRequest's data
 	// endpoint before anything is pinned or dialled (with mTLS:
 	// identity.CheckEndpoint, so KV goes only to an address the calling
@@ -71,33 +77,20 @@ type Config struct {
 	Logger        *zap.Logger
 }
 
-// phase is where a request is on the context server.
-type phase int
-
-const (
-	phasePrefilling phase = iota
-	phaseAdvertised
-	phaseTransferring
-	phaseHandedOff // the generation side has every block; ours are released
-	phaseEnded     // cancelled, released, superseded, expired or failed
-)
-
-func (p phase) String() string {
-	return [...]string{"prefilling", "advertised", "transferring", "handed_off", "ended"}[p]
-}
-
+// request is a request on the context server: the shared lifecycle
+// (executor.Request: attempt, stage, holds, cancel and end times) and what
+// this server keeps beside it. Its holds are the request's references on
+// its blocks (one) and a transfer's pin (one).
 type request struct {
-	attempt uint32
-	// fingerprint identifies what was asked (prompt and sampling): a
-	// duplicate of the ticket must be the same request.
-	fingerprint [sha256.Size]byte
-	phase       phase
-	blocks      []blockpool.ID
+	executor.Request
+	blocks []blockpool.ID
 
 	refsHeld      bool            // the request's one reference on each block
 	hold          kvtransfer.Hold // a transfer's pin on each block
 	engineRunning bool            // the engine is writing the blocks; its caller drops the refs
 
+	// prefillCancel stops the wait for blocks and the prefill; prefillDone
+	// is closed when Prefill has returned.
 	prefillCancel context.CancelFunc
 	prefillDone   chan struct{}
 	resp          *kvferryv1.PrefillResponse
@@ -107,10 +100,6 @@ type request struct {
 	session        uint64
 	transferCancel context.CancelFunc
 	transferDone   chan struct{}
-
-	cancelAt     time.Time // when a cancel arrived; zero if none
-	freeObserved bool
-	endedAt      time.Time
 }
 
 // Server implements ContextService and TransferService.
@@ -120,10 +109,8 @@ type Server struct {
 
 	cfg  Config
 	spec executor.ModelSpec
-	// maxTombstones bounds remembered ended requests (ticket.MaxTombstones).
-	maxTombstones int
-	// waiting are Prefills queued for blocks, by request id (under mu).
-	waiting map[string]*waiter
+	// prefiller batches the prompts being prefilled into engine steps.
+	prefiller *executor.Prefiller
 	// prefixKeys keys the reuse cache (keyed SHA-256: uncraftable).
 	prefixKeys *executor.PrefixKeys
 	// cachedTokens holds, by block id, the tokens a published block was
@@ -132,9 +119,8 @@ type Server struct {
 	cachedTokens [][]uint32
 	lg           *zap.Logger
 
-	mu       sync.Mutex
-	reqs     map[string]*request
-	draining bool
+	mu   sync.Mutex
+	reqs *executor.Table[*request]
 }
 
 var (
@@ -144,8 +130,15 @@ var (
 
 // New returns a context server.
 func New(cfg Config) *Server {
-	return &Server{cfg: cfg, spec: cfg.Engine.Model(), maxTombstones: ticket.MaxTombstones, prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), cachedTokens: make([][]uint32, cfg.Pool.Capacity()),
-		lg: cfg.Logger, reqs: map[string]*request{}}
+	onStep := func(prompts, tokens int) {
+		cfg.Progress.Touch(time.Now())
+		if cfg.Scheduler != nil {
+			cfg.Scheduler.RecordPrefillBatch(prompts, tokens)
+		}
+	}
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), prefiller: executor.NewPrefiller(cfg.Engine, cfg.PrefillChunk, cfg.MaxBatchTokens, onStep),
+		prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), cachedTokens: make([][]uint32, cfg.Pool.Capacity()),
+		lg: cfg.Logger, reqs: executor.NewTable[*request]()}
 }
 
 func reqFields(t *kvferryv1.Ticket) []zap.Field {
@@ -161,13 +154,41 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	id, attempt := req.GetTicket().GetRequestId(), req.GetTicket().GetAttempt()
+	fp := fingerprint(req)
 
-	// Wait for the blocks in arrival order, holding nothing; once admitted,
-	// allocate and let the next one in.
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s.mu.Lock()
+	prev, arrival, err := s.reqs.Arrive(id, attempt, fp)
+	if err != nil {
+		s.mu.Unlock()
+		return nil, executor.ArriveStatus(err)
+	}
+	switch arrival {
+	case executor.ArriveDuplicate:
+		s.mu.Unlock()
+		return s.duplicatePrefill(ctx, prev)
+	case executor.ArriveSupersedes:
+		s.endLocked(prev)
+	}
+	r := &request{prefillCancel: cancel, prefillDone: make(chan struct{})}
+	s.reqs.Add(id, attempt, fp, false, r)
+	s.mu.Unlock()
+	defer close(r.prefillDone) // after every change to r below
+
+	// Wait for the blocks in arrival order, holding nothing (a Cancel by
+	// ticket ends the wait through pctx); once admitted, allocate and let
+	// the next one in.
 	admitted := func() {}
 	if s.cfg.Admission != nil {
-		done, err := s.admit(ctx, req.GetTicket(), s.spec.BlocksFor(len(req.GetPromptTokens())))
+		done, err := s.cfg.Admission.Admit(pctx, s.spec.BlocksFor(len(req.GetPromptTokens())))
 		if err != nil {
+			s.mu.Lock()
+			r.End(time.Now())
+			s.mu.Unlock()
+			if ctx.Err() == nil && pctx.Err() != nil {
+				err = context.Canceled // cancelled by ticket while it waited
+			}
 			return nil, executor.AdmitStatus(err)
 		}
 		admitted = sync.OnceFunc(done)
@@ -175,38 +196,23 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	}
 
 	s.mu.Lock()
-	if s.draining {
+	if r.Done() { // cancelled or superseded as it was admitted
 		s.mu.Unlock()
-		return nil, status.Error(codes.Unavailable, "context server is draining")
+		return nil, status.Error(codes.Canceled, "prefill: cancelled")
 	}
-	if old, ok := s.reqs[id]; ok {
-		switch {
-		case attempt < old.attempt:
-			s.mu.Unlock()
-			return nil, status.Errorf(codes.FailedPrecondition, "stale attempt %d: attempt %d already seen", attempt, old.attempt)
-		case attempt == old.attempt:
-			s.mu.Unlock()
-			if old.fingerprint != fingerprint(req) {
-				return nil, status.Errorf(codes.AlreadyExists, "ticket %s attempt %d is another request's (a different prompt or sampling)", id, attempt)
-			}
-			return s.duplicatePrefill(ctx, old)
-		default:
-			s.endLocked(old) // a newer attempt supersedes the old one
-		}
-	}
-	blocks, hashes, reused, err := s.allocateLocked(ctx, req.GetPromptTokens())
+	blocks, hashes, reused, err := s.allocateLocked(pctx, req.GetPromptTokens())
 	admitted()
 	if err != nil {
+		r.End(time.Now())
 		s.mu.Unlock()
 		if errors.Is(err, blockpool.ErrExhausted) {
 			return nil, status.Error(codes.ResourceExhausted, err.Error())
 		}
 		return nil, status.FromContextError(err).Err()
 	}
-	pctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	r := &request{attempt: attempt, fingerprint: fingerprint(req), phase: phasePrefilling, blocks: blocks, refsHeld: true, engineRunning: true, prefillCancel: cancel, prefillDone: make(chan struct{})}
-	s.reqs[id] = r
+	r.blocks, r.refsHeld, r.engineRunning = blocks, true, true
+	r.Hold()
+	s.advanceLocked(r, executor.StagePrefilling)
 	s.cfg.Progress.Begin(time.Now())
 	s.mu.Unlock()
 
@@ -214,7 +220,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	for i, b := range blocks {
 		mem[i] = s.cfg.Pool.Bytes(b)
 	}
-	first, sums, err := s.cfg.Engine.Prefill(pctx, req.GetPromptTokens(), executor.ToSampling(req.GetSampling()), mem, reused)
+	first, sums, err := s.prefiller.Prefill(pctx, req.GetPromptTokens(), executor.ToSampling(req.GetSampling()), mem, reused)
 
 	s.mu.Lock()
 	resp, err := s.advertiseLocked(pctx, r, req, blocks, hashes, reused, first, sums, err)
@@ -230,10 +236,9 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 // the engine failed or the request was cancelled meanwhile, its end.
 func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv1.PrefillRequest, blocks []blockpool.ID, hashes []uint64, reused int,
 	first uint32, sums []uint64, err error) (*kvferryv1.PrefillResponse, error) {
-	defer close(r.prefillDone)
 	r.engineRunning = false
 	switch {
-	case err == nil && r.phase != phasePrefilling:
+	case err == nil && r.Stage() != executor.StagePrefilling:
 		err = context.Canceled // cancelled or superseded while the engine finished
 	case err == nil && pctx.Err() != nil:
 		// The caller gave up (its deadline passed, or it went away) while the
@@ -259,7 +264,7 @@ func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv
 			s.cachedTokens[blocks[j]] = slices.Clone(s.blockTokens(req.GetPromptTokens(), j))
 		}
 	}
-	r.phase = phaseAdvertised
+	s.advanceLocked(r, executor.StageAdvertised)
 	s.cfg.Progress.Touch(time.Now())
 	r.leaseUntil = time.Now().Add(s.cfg.HandoffLease)
 	r.resp = &kvferryv1.PrefillResponse{
@@ -318,41 +323,17 @@ func (s *Server) allocateLocked(ctx context.Context, tokens []uint32) ([]blockpo
 	return blocks, hashes, reused, nil
 }
 
-// waiter is a Prefill queued for blocks: not in the request table yet,
-// holding nothing, but cancellable by ticket.
-type waiter struct {
-	attempt uint32
-	cancel  context.CancelFunc
-}
-
-// admit queues the Prefill for its blocks, cancellable by Cancel(ticket)
-// while it waits.
-func (s *Server) admit(ctx context.Context, t *kvferryv1.Ticket, n int) (func(), error) {
-	wctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	id := t.GetRequestId()
-	w := &waiter{attempt: t.GetAttempt(), cancel: cancel}
-	s.mu.Lock()
-	if s.waiting == nil {
-		s.waiting = map[string]*waiter{}
+// advanceLocked moves r along the lifecycle; a move it does not allow is
+// a bookkeeping bug, logged (the request's state is unchanged).
+func (s *Server) advanceLocked(r *request, to executor.Stage) {
+	if err := r.Advance(to, time.Now()); err != nil {
+		s.lg.Error("request stage", zap.Error(err))
 	}
-	s.waiting[id] = w
-	s.mu.Unlock()
-	done, err := s.cfg.Admission.Admit(wctx, n)
-	s.mu.Lock()
-	if s.waiting[id] == w {
-		delete(s.waiting, id)
-	}
-	s.mu.Unlock()
-	if err != nil && ctx.Err() == nil && wctx.Err() != nil {
-		err = context.Canceled // cancelled by ticket while it waited
-	}
-	return done, err
 }
 
 // fingerprint is a collision-resistant digest of a Prefill's prompt and
 // sampling.
-func fingerprint(req *kvferryv1.PrefillRequest) [sha256.Size]byte {
+func fingerprint(req *kvferryv1.PrefillRequest) executor.Fingerprint {
 	h := sha256.New()
 	var b [4]byte
 	for _, t := range req.GetPromptTokens() {
@@ -361,7 +342,7 @@ func fingerprint(req *kvferryv1.PrefillRequest) [sha256.Size]byte {
 	}
 	sp := req.GetSampling()
 	fmt.Fprintf(h, "|%d|%g|%g|%d", sp.GetMaxTokens(), sp.GetTemperature(), sp.GetTopP(), sp.GetSeed())
-	var out [sha256.Size]byte
+	var out executor.Fingerprint
 	h.Sum(out[:0])
 	return out
 }
@@ -376,10 +357,10 @@ func (s *Server) duplicatePrefill(ctx context.Context, r *request) (*kvferryv1.P
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if r.phase == phaseAdvertised || r.phase == phaseTransferring {
+	if st := r.Stage(); st == executor.StageAdvertised || st == executor.StageTransferring {
 		return r.resp, nil
 	}
-	return nil, status.Errorf(codes.FailedPrecondition, "request already %s", r.phase)
+	return nil, status.Errorf(codes.FailedPrecondition, "request already %s", r.Stage())
 }
 
 // dropRefsLocked drops the request's references: the single release path.
@@ -394,31 +375,28 @@ func (s *Server) dropRefsLocked(r *request) {
 	if err := s.cfg.Pool.Release(r.blocks); err != nil {
 		s.lg.Error("release blocks", zap.Error(err)) // a bookkeeping bug; the invariant test catches it
 	}
-	s.observeFreeLocked(r)
+	s.dropHoldLocked(r)
 }
 
-func (s *Server) observeFreeLocked(r *request) {
-	if !r.cancelAt.IsZero() && !r.freeObserved && !r.refsHeld && !r.hold.Pinned && !r.engineRunning {
-		r.freeObserved = true
-		s.cfg.Cancels.RecordCancelToFree(time.Since(r.cancelAt))
+// dropHoldLocked gives one of the request's holds back; the last one after
+// a cancel observes cancel-to-free.
+func (s *Server) dropHoldLocked(r *request) {
+	if d, ok := r.Drop(time.Now()); ok {
+		s.cfg.Cancels.RecordCancelToFree(d)
 	}
 }
 
-// endLocked ends a request wherever it is: stops its prefill or transfer and
-// drops its references. Pinned blocks stay IN_FLIGHT until the push returns.
+// endLocked ends a request wherever it is: stops its wait, prefill or
+// transfer and drops its references. Pinned blocks stay IN_FLIGHT until
+// the push returns.
 func (s *Server) endLocked(r *request) {
-	switch r.phase {
-	case phasePrefilling:
+	switch r.Stage() {
+	case executor.StageQueued, executor.StagePrefilling:
 		r.prefillCancel()
-	case phaseTransferring:
+	case executor.StageTransferring:
 		r.transferCancel()
 	}
-	if r.phase != phaseHandedOff {
-		r.phase = phaseEnded
-	}
-	if r.endedAt.IsZero() {
-		r.endedAt = time.Now()
-	}
+	r.End(time.Now())
 	s.dropRefsLocked(r)
 }
 
@@ -436,33 +414,21 @@ func (s *Server) Cancel(_ context.Context, req *kvferryv1.ContextServiceCancelRe
 }
 
 func (s *Server) cancelLocked(t *kvferryv1.Ticket) *kvferryv1.ContextServiceCancelResponse {
-	if w, ok := s.waiting[t.GetRequestId()]; ok && w.attempt == t.GetAttempt() {
-		w.cancel() // still queued for blocks: it holds nothing
-		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE, ResourcesFreeNow: true}
-	}
-	r, ok := s.reqs[t.GetRequestId()]
-	if !ok || r.attempt != t.GetAttempt() {
+	r, ok := s.reqs.Get(t.GetRequestId(), t.GetAttempt())
+	if !ok {
 		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_NOT_FOUND, ResourcesFreeNow: true}
 	}
-	var outcome kvferryv1.CancelOutcome
-	switch r.phase {
-	case phasePrefilling:
-		outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE
-	case phaseAdvertised, phaseTransferring:
-		outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT
-		if s.cfg.BackendHealthy != nil && !s.cfg.BackendHealthy() {
-			outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_BACKEND_UNHEALTHY
-		}
-	default:
-		return &kvferryv1.ContextServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE, ResourcesFreeNow: !r.refsHeld && !r.hold.Pinned}
+	c := r.Cancel(time.Now(), s.cfg.BackendHealthy == nil || s.cfg.BackendHealthy())
+	if c.HasFreed {
+		s.cfg.Cancels.RecordCancelToFree(c.Freed)
 	}
-	if r.cancelAt.IsZero() {
-		r.cancelAt = time.Now()
+	if c.Stop {
+		s.endLocked(r)
 	}
-	s.endLocked(r)
-	// A prefill still running frees its blocks when the engine returns;
-	// a transfer's pins go when the push returns.
-	return &kvferryv1.ContextServiceCancelResponse{Outcome: outcome, ResourcesFreeNow: !r.refsHeld && !r.hold.Pinned}
+	// A queued request holds nothing; a prefill still running frees its
+	// blocks when the engine returns; a transfer's pin goes when the push
+	// returns.
+	return &kvferryv1.ContextServiceCancelResponse{Outcome: c.Outcome, ResourcesFreeNow: r.Holds() == 0}
 }
 
 // Release implements ContextService: the router gives up the handoff.
@@ -471,8 +437,8 @@ func (s *Server) Release(_ context.Context, req *kvferryv1.ReleaseRequest) (*kvf
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	s.mu.Lock()
-	r, ok := s.reqs[req.GetTicket().GetRequestId()]
-	if !ok || r.attempt != req.GetTicket().GetAttempt() || !r.refsHeld || r.phase == phaseHandedOff {
+	r, ok := s.reqs.Get(req.GetTicket().GetRequestId(), req.GetTicket().GetAttempt())
+	if !ok || !r.refsHeld || r.Stage() == executor.StageHandedOff {
 		s.mu.Unlock()
 		return &kvferryv1.ReleaseResponse{Released: false}, nil
 	}
@@ -523,22 +489,22 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	}
 	fields := reqFields(req.GetTicket())
 	s.mu.Lock()
-	r, ok := s.reqs[req.GetTicket().GetRequestId()]
+	r, ok := s.reqs.Current(req.GetTicket().GetRequestId())
 	switch {
 	case !ok:
 		s.mu.Unlock()
 		return notReady(stream, "unknown ticket")
-	case r.attempt != req.GetTicket().GetAttempt():
+	case r.Attempt() != req.GetTicket().GetAttempt():
 		s.mu.Unlock()
-		return notReady(stream, fmt.Sprintf("attempt %d, current attempt is %d", req.GetTicket().GetAttempt(), r.attempt))
-	case r.session == req.GetSessionId() && (r.phase == phaseTransferring || r.phase == phaseHandedOff):
+		return notReady(stream, fmt.Sprintf("attempt %d, current attempt is %d", req.GetTicket().GetAttempt(), r.Attempt()))
+	case r.session == req.GetSessionId() && (r.Stage() == executor.StageTransferring || r.Stage() == executor.StageHandedOff):
 		// A duplicate of the transfer request (a retried RPC): a no-op that
 		// reports the current state.
 		s.mu.Unlock()
 		return s.duplicateTransfer(stream, r)
-	case r.phase != phaseAdvertised:
+	case r.Stage() != executor.StageAdvertised:
 		s.mu.Unlock()
-		return notReady(stream, "request is "+r.phase.String())
+		return notReady(stream, "request is "+r.Stage().String())
 	}
 	if reason := s.negotiate(req, r); reason != "" {
 		s.mu.Unlock()
@@ -549,6 +515,7 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 		s.mu.Unlock()
 		return status.Error(codes.Internal, err.Error())
 	}
+	r.Hold()
 	// The push is synchronous and enforces its own timers (progress per
 	// block write, the deadline through tctx); its return is the proof, so
 	// this session is never ticked and never in doubt.
@@ -556,7 +523,8 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	sess.Start(time.Now())
 	tctx, cancel := context.WithTimeout(ctx, s.cfg.TransferDeadline)
 	defer cancel()
-	r.phase, r.session = phaseTransferring, req.GetSessionId()
+	s.advanceLocked(r, executor.StageTransferring)
+	r.session = req.GetSessionId()
 	r.transferCancel, r.transferDone = cancel, make(chan struct{})
 	src, dst := make([][]byte, len(r.blocks)), make([]kvtransfer.Desc, len(r.blocks))
 	for i, b := range r.blocks {
@@ -579,9 +547,8 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	s.mu.Lock()
 	outcome := kvtransfer.OutcomeCompleted
 	switch {
-	case err == nil && r.phase == phaseTransferring:
-		r.phase = phaseHandedOff
-		r.endedAt = time.Now()
+	case err == nil && r.Stage() == executor.StageTransferring:
+		s.advanceLocked(r, executor.StageHandedOff)
 	case err == nil:
 		err = context.Canceled // cancelled after the last byte; the router decides
 		outcome = kvtransfer.OutcomeCancelled
@@ -592,20 +559,23 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	default:
 		outcome = kvtransfer.OutcomeFailed
 	}
-	if _, aerr := r.hold.Apply(s.cfg.Pool, sess.Returned(time.Now(), outcome)); aerr != nil {
-		s.lg.Error("apply session actions", append(fields, zap.Error(aerr))...)
-	}
+	eff, aerr := r.hold.Apply(s.cfg.Pool, sess.Returned(time.Now(), outcome))
 	close(r.transferDone)
-	if r.phase == phaseHandedOff {
+	if eff.Released {
+		s.dropHoldLocked(r)
+	}
+	if r.Stage() == executor.StageHandedOff {
 		s.dropRefsLocked(r)
 	}
-	if err != nil && r.phase == phaseTransferring {
+	if err != nil && r.Stage() == executor.StageTransferring {
 		// The generation side did not take the blocks; they stay advertised
 		// for the router to retry or release, under the same lease.
-		r.phase = phaseAdvertised
+		s.advanceLocked(r, executor.StageAdvertised)
 	}
-	s.observeFreeLocked(r)
 	s.mu.Unlock()
+	if aerr != nil {
+		s.lg.Error("apply session actions", append(fields, zap.Error(aerr))...)
+	}
 	s.cfg.Transfers.RecordTransfer(metrics.SideSender, outcome.String(), sent, time.Since(start))
 
 	if err != nil {
@@ -634,7 +604,7 @@ func (s *Server) duplicateTransfer(stream kvferryv1.TransferService_TransferServ
 		return status.FromContextError(stream.Context().Err()).Err()
 	}
 	s.mu.Lock()
-	handedOff := r.phase == phaseHandedOff
+	handedOff := r.Stage() == executor.StageHandedOff
 	s.mu.Unlock()
 	if handedOff {
 		return stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_COMPLETED})
@@ -649,13 +619,13 @@ func (s *Server) AbortTransfer(ctx context.Context, req *kvferryv1.AbortTransfer
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	s.mu.Lock()
-	r, ok := s.reqs[req.GetTicket().GetRequestId()]
-	if !ok || r.attempt != req.GetTicket().GetAttempt() {
+	r, ok := s.reqs.Get(req.GetTicket().GetRequestId(), req.GetTicket().GetAttempt())
+	if !ok {
 		s.mu.Unlock()
 		return &kvferryv1.AbortTransferResponse{NoMoreWrites: true, Found: false}, nil
 	}
 	var done chan struct{}
-	if r.phase == phaseTransferring && r.session == req.GetSessionId() {
+	if r.Stage() == executor.StageTransferring && r.session == req.GetSessionId() {
 		r.transferCancel()
 		done = r.transferDone
 	}
@@ -675,10 +645,6 @@ func (s *Server) AbortTransfer(ctx context.Context, req *kvferryv1.AbortTransfer
 	return &kvferryv1.AbortTransferResponse{NoMoreWrites: true, Found: true}, nil
 }
 
-// tombstoneTTL is how long an ended request is remembered so that late
-// duplicates and stale attempts are recognised: well past any retry.
-const tombstoneTTL = 10 * time.Minute
-
 // Run expires handoff leases and forgets old ended requests every interval
 // until ctx is done. The lease is only the backstop; the router releases at
 // once when the generation leg fails.
@@ -695,32 +661,29 @@ func (s *Server) sweep(now time.Time) {
 			s.lg.Info("handoff lease expired", fields...)
 		}
 	}()
-	ended := map[string]time.Time{}
-	for id, r := range s.reqs {
-		switch {
-		case r.phase == phaseAdvertised && now.After(r.leaseUntil):
-			expired = append(expired, []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", r.attempt), zap.Int("blocks", len(r.blocks))})
+	for id, r := range s.reqs.All() {
+		if r.Stage() == executor.StageAdvertised && now.After(r.leaseUntil) {
+			expired = append(expired, []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", r.Attempt()), zap.Int("blocks", len(r.blocks))})
 			s.endLocked(r)
-		case (r.phase == phaseEnded || r.phase == phaseHandedOff) && !r.hold.Pinned:
-			ended[id] = r.endedAt
 		}
 	}
-	for _, id := range ticket.Forget(ended, now, tombstoneTTL, s.maxTombstones) {
-		delete(s.reqs, id)
-	}
+	s.reqs.Sweep(now)
 }
 
-// Drain refuses new prefills, waits (until ctx is done) for prefills and
-// transfers in progress, then releases every advertised request's blocks.
+// Drain refuses new prefills, ends those still queued for blocks (they
+// hold nothing), waits (until ctx is done) for prefills and transfers in
+// progress, then releases every advertised request's blocks.
 func (s *Server) Drain(ctx context.Context) error {
 	s.mu.Lock()
-	s.draining = true
 	var waits []chan struct{}
-	for _, r := range s.reqs {
-		switch r.phase {
-		case phasePrefilling:
+	for _, r := range s.reqs.Drain() {
+		switch r.Stage() {
+		case executor.StageQueued:
+			r.prefillCancel()
 			waits = append(waits, r.prefillDone)
-		case phaseTransferring:
+		case executor.StagePrefilling:
+			waits = append(waits, r.prefillDone)
+		case executor.StageTransferring:
 			waits = append(waits, r.transferDone)
 		}
 	}
@@ -730,8 +693,8 @@ func (s *Server) Drain(ctx context.Context) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, r := range s.reqs {
-		if r.phase == phaseAdvertised {
+	for _, r := range s.reqs.All() {
+		if r.Stage() == executor.StageAdvertised {
 			s.endLocked(r)
 		}
 	}

@@ -487,7 +487,7 @@ func TestCancelDuringTransferWithReuseTerminatesOnce(t *testing.T) {
 func TestCancelWhileQueuedAnswersEveryWaiter(t *testing.T) {
 	spec, _ := executor.Preset("tiny")
 	f := newFixture(t, 16)
-	f.srv.cfg.Engine = executor.NewSynthetic(spec, executor.Timing{PrefillTokensPerSecond: 1}) // a prefill that never ends by itself
+	f.setEngine(executor.NewSynthetic(spec, executor.Timing{PrefillTokensPerSecond: 1})) // a prefill that never ends by itself
 	tk := ticket.New(ticket.NewID())
 	req := &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: bigPrompt(20), Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}}
 	errs := make(chan error, 2)
@@ -557,6 +557,12 @@ func TestDuplicateTransferIsANoOp(t *testing.T) {
 	recv.Finish(rs, func() {})
 }
 
+// setEngine swaps the server's engine (and its prefill loop) for e.
+func (f *fixture) setEngine(e executor.Engine) {
+	f.srv.cfg.Engine = e
+	f.srv.prefiller = executor.NewPrefiller(e, 0, 0, nil)
+}
+
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	poll.Until(t, 10*time.Second, time.Millisecond, what, cond)
@@ -575,7 +581,7 @@ func TestCancelOutcomeOrder(t *testing.T) {
 	if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_BACKEND_UNHEALTHY {
 		t.Fatalf("advertised, backend unhealthy: %v", resp.GetOutcome())
 	}
-	f.srv.cfg.Engine = executor.NewSynthetic(spec, executor.Timing{PrefillTokensPerSecond: 1})
+	f.setEngine(executor.NewSynthetic(spec, executor.Timing{PrefillTokensPerSecond: 1}))
 	queued := ticket.New(ticket.NewID())
 	errs := make(chan error, 1)
 	go func() {
@@ -639,18 +645,18 @@ func (f *fixture) pushToStalledPeer(t *testing.T, tk *kvferryv1.Ticket, session 
 	return st
 }
 
-// stubbornEngine is the synthetic engine whose Prefill runs to the end
-// whatever its context says (llama.cpp within a chunk), once the test
+// stubbornEngine is the synthetic engine whose prefill step runs to the
+// end whatever its context says (llama.cpp within a step), once the test
 // opens its gate.
 type stubbornEngine struct {
 	*executor.Synthetic
 	entered, gate chan struct{}
 }
 
-func (e *stubbornEngine) Prefill(_ context.Context, toks []uint32, s executor.Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
+func (e *stubbornEngine) PrefillStep(_ context.Context, batch []*executor.Prompt, counts []int) error {
 	close(e.entered)
 	<-e.gate
-	return e.Synthetic.Prefill(context.Background(), toks, s, blocks, reused)
+	return e.Synthetic.PrefillStep(context.Background(), batch, counts)
 }
 
 // TestPrefillWhoseCallerLeftHoldsNothing: the caller's deadline passes

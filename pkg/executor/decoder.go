@@ -2,6 +2,7 @@ package executor
 
 import (
 	"context"
+	"slices"
 	"sync"
 )
 
@@ -131,11 +132,8 @@ func (d *Decoder) allLeftLocked() bool {
 }
 
 func (d *Decoder) removeLocked(m *Member) {
-	for i, x := range d.members {
-		if x == m {
-			d.members = append(d.members[:i], d.members[i+1:]...)
-			return
-		}
+	if i := slices.Index(d.members, m); i >= 0 {
+		d.members = slices.Delete(d.members, i, i+1)
 	}
 }
 

@@ -61,7 +61,7 @@ func driveNotify(t *testing.T, d *Decoder, m *Member, first func()) ([]uint32, F
 func startSeq(t *testing.T, e Engine, prompt string, s Sampling) *Sequence {
 	toks := Tokenize(prompt)
 	blocks := newBlocks(e.Model(), len(toks))
-	first, sums, err := e.Prefill(context.Background(), toks, s, blocks, 0)
+	first, sums, err := Prefill(context.Background(), e, toks, s, blocks, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

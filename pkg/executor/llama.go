@@ -68,7 +68,6 @@ func flashAttention(s string) (llama.FlashAttentionType, error) {
 const (
 	DefaultLlamaContextTokens = 4096
 	DefaultLlamaSlots         = 8
-	DefaultPrefillChunk       = 512
 )
 
 var (
@@ -364,36 +363,110 @@ func toLlama(tokens []uint32) []llama.Token {
 	return out
 }
 
-// Prefill implements Engine: import the reused prefix blocks, run the rest
-// of the prompt, sample the first token, export the new rows into blocks.
+// Prefill runs one prompt alone (see the package's Prefill).
 func (e *Llama) Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
-	if err := e.checkBlocks(len(tokens), blocks, reused); err != nil {
-		return 0, nil, err
+	return Prefill(ctx, e, tokens, s, blocks, reused)
+}
+
+// BeginPrefill implements Engine: wait for a free sequence and import the
+// reused prefix blocks into it.
+func (e *Llama) BeginPrefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (*Prompt, error) {
+	p, err := newPrompt(e.spec, tokens, s, blocks, reused)
+	if err != nil {
+		return nil, err
 	}
 	seq, err := e.acquire(ctx)
 	if err != nil {
-		return 0, nil, err
+		return nil, err
 	}
-	defer e.releaseSlot(seq)
-	first, err := e.prefillSeq(ctx, seq, tokens, s, blocks, reused)
+	e.mu.Lock()
+	e.forget(seq)
+	if p.pos > 0 {
+		err = e.importLocked(seq, blocks, p.pos)
+	}
+	e.mu.Unlock()
 	if err != nil {
-		return 0, nil, err
+		e.releaseSlot(seq)
+		return nil, err
 	}
-	return first, Checksums(blocks), nil
+	p.slot, p.close = int(seq), func() { e.releaseSlot(seq) }
+	return p, nil
 }
 
-func (e *Llama) checkBlocks(n int, blocks [][]byte, reused int) error {
-	if want := e.spec.BlocksFor(n); n == 0 || len(blocks) != want {
-		return fmt.Errorf("%w: %d tokens need %d blocks, got %d", ErrBlocks, n, want, len(blocks))
+// PrefillStep implements Engine: the chunks of every prompt of the batch
+// in one llama_decode (several when they exceed the context's batch),
+// logits only for a prompt's last token; a prompt that finishes samples
+// its first token and exports its new rows into its blocks.
+func (e *Llama) PrefillStep(ctx context.Context, batch []*Prompt, counts []int) error {
+	if _, err := checkStep(batch, counts); err != nil {
+		return err
 	}
-	if reused < 0 || reused > n/e.spec.BlockTokens {
-		return fmt.Errorf("%w: %d reused blocks of %d full ones", ErrBlocks, reused, n/e.spec.BlockTokens)
+	if err := ctx.Err(); err != nil {
+		return err
 	}
-	for i, b := range blocks {
-		if len(b) != e.spec.BlockBytes() {
-			return fmt.Errorf("%w: block %d has %d bytes, want %d", ErrBlocks, i, len(b), e.spec.BlockBytes())
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	capTokens := int(llama.NBatch(e.lctx))
+	var group []int // indexes of batch in the llama batch now
+	flush := func() error {
+		if len(group) == 0 {
+			return nil
 		}
+		if rc, err := llama.Decode(e.lctx, e.batch); err != nil || rc != 0 {
+			return fmt.Errorf("llama_decode: rc %d: %v", rc, err)
+		}
+		row := int32(0)
+		for _, i := range group {
+			p := batch[i]
+			row += int32(counts[i])
+			p.pos += counts[i]
+			if p.Remaining() == 0 {
+				if err := e.finishPromptLocked(p, row-1); err != nil {
+					return err
+				}
+			}
+		}
+		group = group[:0]
+		_ = e.batch.Clear()
+		return nil
 	}
+	_ = e.batch.Clear()
+	used := 0
+	for i, p := range batch {
+		n := counts[i]
+		if n > capTokens {
+			return fmt.Errorf("%w: a chunk of %d tokens exceeds the engine's batch of %d", ErrBlocks, n, capTokens)
+		}
+		if used+n > capTokens {
+			if err := flush(); err != nil {
+				return err
+			}
+			used = 0
+		}
+		last := p.pos+n == len(p.tokens)
+		for k := range n {
+			at := p.pos + k
+			if err := e.batch.Add(llama.Token(p.tokens[at]), llama.Pos(at), []llama.SeqId{llama.SeqId(p.slot)}, last && k == n-1); err != nil {
+				return err
+			}
+		}
+		group = append(group, i)
+		used += n
+	}
+	return flush()
+}
+
+// finishPromptLocked samples a finished prompt's first token from batch
+// row idx and exports the rows past its reused prefix into its blocks.
+func (e *Llama) finishPromptLocked(p *Prompt, idx int32) error {
+	seq := llama.SeqId(p.slot)
+	first := e.sampleLocked(idx, p.sampling, len(p.tokens))
+	st := make([]byte, llama.StateSeqGetSize(e.lctx, seq))
+	n := llama.StateSeqGetData(e.lctx, st, seq)
+	if err := e.layout.decodeState(st[:n], p.blocks, e.blocks, len(p.tokens), p.reused*e.spec.BlockTokens); err != nil {
+		return err
+	}
+	p.first, p.sums, p.finished = first, Checksums(p.blocks), true
 	return nil
 }
 
@@ -474,7 +547,7 @@ func (e *Llama) sampleLocked(idx int32, s Sampling, pos int) uint32 {
 // StartDecode implements Engine: wait for a free sequence, import the
 // received blocks into it.
 func (e *Llama) StartDecode(ctx context.Context, blocks [][]byte, sums []uint64, promptTokens int, first uint32, s Sampling) (*Sequence, error) {
-	if err := e.checkBlocks(promptTokens, blocks, 0); err != nil {
+	if err := checkBlocks(e.spec, promptTokens, blocks, 0); err != nil {
 		return nil, err
 	}
 	seq, err := e.acquire(ctx)

@@ -10,9 +10,12 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/hybridgroup/yzma/pkg/llama"
 	"pgregory.net/rapid"
+
+	"github.com/kvferry/kvferry/internal/poll"
 )
 
 // The test model and its known output (shared/models/README.md).
@@ -504,23 +507,41 @@ func TestLlamaBatchedDecodeEqualsReference(t *testing.T) {
 		s      Sampling
 		m      *Member
 	}
-	var runs []*run
+	// The prompts are prefilled together: three tokens of each a step, at
+	// most eight a step, so steps mix prompts and chunks.
+	held := newHeldPrefill(ctxE)
+	f := NewPrefiller(held, 3, 8, nil)
+	runs := make([]*run, 4)
+	var prefills sync.WaitGroup
 	for i, p := range testPrompts[:4] {
 		s := Sampling{MaxTokens: 24}
 		if i%2 == 1 {
 			s = Sampling{MaxTokens: 24, Temperature: 0.8, TopP: 0.95, Seed: uint64(i)}
 		}
-		toks := ctxE.Vocabulary().Encode(p)
-		blocks := newBlocks(ctxE.Model(), len(toks))
-		first, sums, err := ctxE.Prefill(context.Background(), toks, s, blocks, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sq, err := genE.StartDecode(context.Background(), blocks, sums, len(toks), first, s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		runs = append(runs, &run{prompt: p, s: s, m: d.Join(sq)})
+		prefills.Go(func() {
+			toks := ctxE.Vocabulary().Encode(p)
+			blocks := newBlocks(ctxE.Model(), len(toks))
+			first, sums, err := f.Prefill(context.Background(), toks, s, blocks, 0)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			sq, err := genE.StartDecode(context.Background(), blocks, sums, len(toks), first, s)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			runs[i] = &run{prompt: p, s: s, m: d.Join(sq)}
+		})
+	}
+	poll.Until(t, 30*time.Second, time.Millisecond, "every prompt waits in the prefill loop", func() bool { return f.Waiting() == 4 })
+	close(held.gate)
+	prefills.Wait()
+	if t.Failed() {
+		return
+	}
+	if got := held.largest(); got < 2 {
+		t.Fatalf("the largest prefill step ran %d prompts: nothing was batched", got)
 	}
 	got := make([][]uint32, len(runs))
 	var owners sync.WaitGroup

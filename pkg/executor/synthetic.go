@@ -44,17 +44,23 @@ func (f FinishReason) String() string {
 	return ""
 }
 
-// Engine is the seam for model execution. Prefill writes a prompt's KV into
-// pool blocks and returns the first token; a Sequence decodes from KV blocks.
+// Engine is the seam for model execution. A prefill writes a prompt's KV
+// into pool blocks and returns the first token, in steps that batch
+// prompts (Prefiller); a Sequence decodes from KV blocks, in steps that
+// batch sequences (Decoder).
 type Engine interface {
 	Model() ModelSpec
 	// Vocabulary is the model's tokenizer.
 	Vocabulary() Vocabulary
-	// Prefill writes the KV of tokens into blocks (BlocksFor(len(tokens))
-	// blocks of BlockBytes each), returns one checksum per block and the
-	// first generated token. The first reused blocks already hold their KV
-	// (prefix reuse): they are read, never written.
-	Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (first uint32, checksums []uint64, err error)
+	// BeginPrefill prepares the prefill of tokens into blocks
+	// (BlocksFor(len(tokens)) blocks of BlockBytes each). The first reused
+	// blocks already hold their KV (prefix reuse): they are read, never
+	// written. It may wait, while ctx lives, for engine capacity.
+	BeginPrefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (*Prompt, error)
+	// PrefillStep runs the next counts[i] tokens of each prompt of the
+	// batch in one engine step. A prompt whose last token ran is Finished:
+	// its blocks hold its KV, its first token and checksums are set.
+	PrefillStep(ctx context.Context, batch []*Prompt, counts []int) error
 	// StartDecode builds the decode state from received KV blocks whose
 	// checksums (Checksums) the caller verified. It may wait, while ctx
 	// lives, for engine capacity (a free llama.cpp sequence). The caller
@@ -99,24 +105,74 @@ func (e *Synthetic) Model() ModelSpec { return e.spec }
 // ErrBlocks is returned when the caller's blocks do not fit the prompt.
 var ErrBlocks = errors.New("executor: blocks do not match the prompt")
 
-// Prefill implements Engine.
+// Prefill runs one prompt alone (see the package's Prefill).
 func (e *Synthetic) Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
-	if want := e.spec.BlocksFor(len(tokens)); len(tokens) == 0 || len(blocks) != want {
-		return 0, nil, fmt.Errorf("%w: %d tokens need %d blocks, got %d", ErrBlocks, len(tokens), want, len(blocks))
+	return Prefill(ctx, e, tokens, s, blocks, reused)
+}
+
+// BeginPrefill implements Engine.
+func (e *Synthetic) BeginPrefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (*Prompt, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
 	}
-	if reused < 0 || reused > len(tokens)/e.spec.BlockTokens {
-		return 0, nil, fmt.Errorf("%w: %d reused blocks of %d full ones", ErrBlocks, reused, len(tokens)/e.spec.BlockTokens)
+	return newPrompt(e.spec, tokens, s, blocks, reused)
+}
+
+// PrefillStep implements Engine. A step costs the time of every token it
+// runs (prefill is compute-bound: batching prompts shares the step, not
+// the arithmetic); the tokens served from the reuse cache cost nothing.
+func (e *Synthetic) PrefillStep(ctx context.Context, batch []*Prompt, counts []int) error {
+	total, err := checkStep(batch, counts)
+	if err != nil {
+		return err
 	}
 	if e.timing.PrefillTokensPerSecond > 0 {
-		// Only the tokens not served from the reuse cache cost time.
-		d := time.Duration(float64(len(tokens)-reused*e.spec.BlockTokens) / e.timing.PrefillTokensPerSecond * float64(time.Second))
-		if err := wait(ctx, d); err != nil {
-			return 0, nil, err
+		if err := wait(ctx, time.Duration(float64(total)/e.timing.PrefillTokensPerSecond*float64(time.Second))); err != nil {
+			return err
+		}
+	} else if err := ctx.Err(); err != nil {
+		return err
+	}
+	for i, p := range batch {
+		p.pos += counts[i]
+		if p.Remaining() == 0 {
+			writeKV(e.spec, p.tokens, p.blocks, p.reused)
+			p.sums = Checksums(p.blocks)
+			p.first, p.finished = firstToken(Digest(p.sums), p.sampling), true
 		}
 	}
-	writeKV(e.spec, tokens, blocks, reused)
-	sums := Checksums(blocks)
-	return firstToken(Digest(sums), s), sums, nil
+	return nil
+}
+
+// checkStep checks a prefill step's plan and returns its token count.
+func checkStep(batch []*Prompt, counts []int) (int, error) {
+	if len(counts) != len(batch) {
+		return 0, fmt.Errorf("%w: %d counts for %d prompts", ErrBlocks, len(counts), len(batch))
+	}
+	total := 0
+	for i, p := range batch {
+		if counts[i] <= 0 || counts[i] > p.Remaining() || p.finished {
+			return 0, fmt.Errorf("%w: %d tokens of a prompt with %d left", ErrBlocks, counts[i], p.Remaining())
+		}
+		total += counts[i]
+	}
+	return total, nil
+}
+
+// checkBlocks checks a prompt of n tokens against its blocks.
+func checkBlocks(spec ModelSpec, n int, blocks [][]byte, reused int) error {
+	if want := spec.BlocksFor(n); n == 0 || len(blocks) != want {
+		return fmt.Errorf("%w: %d tokens need %d blocks, got %d", ErrBlocks, n, want, len(blocks))
+	}
+	if reused < 0 || reused > n/spec.BlockTokens {
+		return fmt.Errorf("%w: %d reused blocks of %d full ones", ErrBlocks, reused, n/spec.BlockTokens)
+	}
+	for i, b := range blocks {
+		if len(b) != spec.BlockBytes() {
+			return fmt.Errorf("%w: block %d has %d bytes, want %d", ErrBlocks, i, len(b), spec.BlockBytes())
+		}
+	}
+	return nil
 }
 
 // Vocabulary implements Engine.

@@ -179,7 +179,8 @@ func (s *Server) probe(ctx context.Context, endpoint string) error {
 		release()
 		return fmt.Errorf("allocate: %w", err)
 	}
-	r := &request{attempt: 1, cancel: cancel, done: make(chan struct{}), holds: 1}
+	r := &request{cancel: cancel, done: make(chan struct{})} // not in the table: no ticket of a client's
+	r.Hold()
 	defer func() {
 		if err := s.cfg.Pool.Release(blocks); err != nil {
 			s.lg.Error("release canary blocks", zap.Error(err))

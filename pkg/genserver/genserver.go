@@ -70,22 +70,13 @@ type Config struct {
 	Logger   *zap.Logger
 }
 
-type phase int
-
-const (
-	phaseTransferring phase = iota
-	phaseDecoding
-	phaseDone
-)
-
+// request is a request on the generation server: the shared lifecycle
+// (executor.Request) and its handler's cancel and end. Its holds are its
+// references on the destination blocks (one) and the transfer's pin (one).
 type request struct {
-	attempt  uint32
-	phase    phase
-	cancel   context.CancelFunc
-	done     chan struct{}
-	endedAt  time.Time
-	cancelAt time.Time
-	holds    int // references and pin still held on the blocks (0, 1 or 2)
+	executor.Request
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the handler has returned
 }
 
 // Server implements GenerationService.
@@ -94,8 +85,6 @@ type Server struct {
 
 	cfg  Config
 	spec executor.ModelSpec
-	// maxTombstones bounds remembered finished requests (ticket.MaxTombstones).
-	maxTombstones int
 	// canaryPrompt is canaryText in the engine's tokens.
 	canaryPrompt []uint32
 	// decoder steps every decoding request's sequence in one batch.
@@ -103,9 +92,8 @@ type Server struct {
 	lg      *zap.Logger
 
 	mu         sync.Mutex
-	reqs       map[string]*request
+	reqs       *executor.Table[*request]
 	quarantine map[*transfer]struct{} // receive sessions in doubt, for the reaper
-	draining   bool
 
 	canary canary // its own lock
 }
@@ -114,7 +102,7 @@ var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
 
 // New returns a generation server.
 func New(cfg Config) *Server {
-	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), maxTombstones: ticket.MaxTombstones, canaryPrompt: cfg.Engine.Vocabulary().Encode(canaryText), lg: cfg.Logger, reqs: map[string]*request{}, quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
+	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(canaryText), lg: cfg.Logger, reqs: executor.NewTable[*request](), quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
 	s.decoder = executor.NewDecoder(cfg.Engine, cfg.MaxBatchSeqs, func(n int) {
 		if cfg.Progress != nil {
 			cfg.Progress.Touch(time.Now())
@@ -161,30 +149,43 @@ func (s *Server) negotiate(adv *kvferryv1.KVAdvertisement) error {
 	return executor.LayoutMismatch(adv.GetLayout(), s.spec.Layout())
 }
 
-// admit records the request, rejecting stale attempts and duplicates.
+// admit records the request, rejecting stale attempts and duplicates; a
+// newer attempt supersedes (cancels) the one running.
 func (s *Server) admit(t *kvferryv1.Ticket, cancel context.CancelFunc) (*request, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.draining {
-		return nil, status.Error(codes.Unavailable, "generation server is draining")
+	// Every attempt is one request here: the same attempt twice is a
+	// duplicate whatever it asks.
+	prev, arrival, err := s.reqs.Arrive(t.GetRequestId(), t.GetAttempt(), executor.Fingerprint{})
+	switch {
+	case err != nil:
+		return nil, executor.ArriveStatus(err)
+	case arrival == executor.ArriveDuplicate:
+		return nil, status.Errorf(codes.AlreadyExists, "attempt %d is already %s", t.GetAttempt(), prev.Stage())
+	case arrival == executor.ArriveSupersedes:
+		prev.cancel() // its handler ends it
 	}
-	if old, ok := s.reqs[t.GetRequestId()]; ok {
-		switch {
-		case t.GetAttempt() < old.attempt:
-			return nil, status.Errorf(codes.FailedPrecondition, "stale attempt %d: attempt %d already seen", t.GetAttempt(), old.attempt)
-		case t.GetAttempt() == old.attempt:
-			state := "running"
-			if old.phase == phaseDone {
-				state = "done"
-			}
-			return nil, status.Errorf(codes.AlreadyExists, "attempt %d is already %s", old.attempt, state)
-		default:
-			old.cancel() // the newer attempt supersedes
-		}
-	}
-	r := &request{attempt: t.GetAttempt(), cancel: cancel, done: make(chan struct{})}
-	s.reqs[t.GetRequestId()] = r
+	r := &request{cancel: cancel, done: make(chan struct{})}
+	s.reqs.Add(t.GetRequestId(), t.GetAttempt(), executor.Fingerprint{}, true, r)
 	return r, nil
+}
+
+// advance moves r along the lifecycle; a move it does not allow is a
+// bookkeeping bug, logged (the request's state is unchanged).
+func (s *Server) advance(r *request, to executor.Stage) {
+	s.mu.Lock()
+	err := r.Advance(to, time.Now())
+	s.mu.Unlock()
+	if err != nil {
+		s.lg.Error("request stage", zap.Error(err))
+	}
+}
+
+// hold records one more hold on the request's blocks.
+func (s *Server) hold(r *request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r.Hold()
 }
 
 // dropHold records that the request let go of its references or its pin;
@@ -196,9 +197,8 @@ func (s *Server) dropHold(r *request) {
 }
 
 func (s *Server) dropHoldLocked(r *request) {
-	r.holds--
-	if r.holds == 0 && !r.cancelAt.IsZero() {
-		s.cfg.Cancels.RecordCancelToFree(time.Since(r.cancelAt))
+	if d, ok := r.Drop(time.Now()); ok {
+		s.cfg.Cancels.RecordCancelToFree(d)
 	}
 }
 
@@ -221,7 +221,7 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 	defer s.cfg.Progress.End()
 	defer func() {
 		s.mu.Lock()
-		r.phase, r.endedAt = phaseDone, time.Now()
+		r.End(time.Now())
 		close(r.done)
 		s.mu.Unlock()
 	}()
@@ -245,9 +245,8 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 		}
 		return status.FromContextError(err).Err()
 	}
-	s.mu.Lock()
-	r.holds = 1
-	s.mu.Unlock()
+	s.hold(r)
+	s.advance(r, executor.StageTransferring)
 	defer func() {
 		if err := s.cfg.Pool.Release(blocks); err != nil {
 			s.lg.Error("release blocks", zap.Error(err))
@@ -262,9 +261,7 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 	if err != nil {
 		return err
 	}
-	s.mu.Lock()
-	r.phase = phaseDecoding
-	s.mu.Unlock()
+	s.advance(r, executor.StageDecoding)
 	return s.decode(ctx, stream, seq)
 }
 
@@ -366,9 +363,7 @@ func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r 
 	if err := tr.hold.Pin(s.cfg.Pool); err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	s.mu.Lock()
-	r.holds++
-	s.mu.Unlock()
+	s.hold(r)
 	sid := kvtransfer.NewSessionID() // 128 random bits: the data port cannot be written by guessing
 	session := sid.ID
 	tracked := s.cfg.Sessions.Add(time.Now())
@@ -567,33 +562,24 @@ func (s *Server) Cancel(_ context.Context, req *kvferryv1.GenerationServiceCance
 	if err := ticket.Validate(req.GetTicket()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	healthy := s.cfg.BackendHealthy == nil || s.cfg.BackendHealthy()
 	s.mu.Lock()
 	resp := &kvferryv1.GenerationServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_NOT_FOUND, ResourcesFreeNow: true}
-	if r, ok := s.reqs[req.GetTicket().GetRequestId()]; ok && r.attempt == req.GetTicket().GetAttempt() {
-		switch {
-		case r.phase == phaseDone:
-			resp = &kvferryv1.GenerationServiceCancelResponse{Outcome: kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE, ResourcesFreeNow: r.holds == 0}
-		default:
-			if r.cancelAt.IsZero() {
-				r.cancelAt = time.Now()
-			}
-			r.cancel()
-			outcome := kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT
-			if s.cfg.BackendHealthy != nil && !s.cfg.BackendHealthy() {
-				outcome = kvferryv1.CancelOutcome_CANCEL_OUTCOME_BACKEND_UNHEALTHY
-			}
-			resp = &kvferryv1.GenerationServiceCancelResponse{Outcome: outcome, ResourcesFreeNow: r.holds == 0}
+	if r, ok := s.reqs.Get(req.GetTicket().GetRequestId(), req.GetTicket().GetAttempt()); ok {
+		c := r.Cancel(time.Now(), healthy)
+		if c.HasFreed {
+			s.cfg.Cancels.RecordCancelToFree(c.Freed)
 		}
+		if c.Stop {
+			r.cancel() // its handler ends it and gives its holds back
+		}
+		resp = &kvferryv1.GenerationServiceCancelResponse{Outcome: c.Outcome, ResourcesFreeNow: r.Holds() == 0}
 	}
 	s.mu.Unlock()
 	s.cfg.Cancels.RecordOutcome(resp.Outcome.String())
 	s.lg.Info("cancel", zap.String("request_id", req.GetTicket().GetRequestId()), zap.Uint32("attempt", req.GetTicket().GetAttempt()), zap.String("outcome", resp.Outcome.String()))
 	return resp, nil
 }
-
-// tombstoneTTL is how long a finished request is remembered so that late
-// duplicates and stale attempts are recognised.
-const tombstoneTTL = 10 * time.Minute
 
 // Run reaps quarantined sessions and forgets old finished requests every
 // interval until ctx is done.
@@ -608,27 +594,16 @@ func (s *Server) sweep(now time.Time) {
 	s.Reap(now)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	ended := map[string]time.Time{}
-	for id, r := range s.reqs {
-		if r.phase == phaseDone && r.holds == 0 {
-			ended[id] = r.endedAt
-		}
-	}
-	for _, id := range ticket.Forget(ended, now, tombstoneTTL, s.maxTombstones) {
-		delete(s.reqs, id)
-	}
+	s.reqs.Sweep(now)
 }
 
 // Drain refuses new requests and waits, until ctx is done, for the running
 // ones to finish.
 func (s *Server) Drain(ctx context.Context) error {
 	s.mu.Lock()
-	s.draining = true
 	var waits []chan struct{}
-	for _, r := range s.reqs {
-		if r.phase != phaseDone {
-			waits = append(waits, r.done)
-		}
+	for _, r := range s.reqs.Drain() {
+		waits = append(waits, r.done)
 	}
 	s.mu.Unlock()
 	if err := serving.WaitAll(ctx, waits); err != nil {

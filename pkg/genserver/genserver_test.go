@@ -446,7 +446,10 @@ func TestReapPoisonsUnprovenQuarantine(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), hold: kvtransfer.Hold{Blocks: blocks}, r: &request{holds: 2}, requestID: "test"}
+	r := &request{}
+	r.Hold() // the references
+	r.Hold() // the pin
+	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), hold: kvtransfer.Hold{Blocks: blocks}, r: r, requestID: "test"}
 	if err := tr.hold.Pin(s.cfg.Pool); err != nil {
 		t.Fatal(err)
 	}

@@ -363,13 +363,15 @@ func (c *Canary) RecordCanary(result string, d time.Duration) {
 	c.duration.Observe(d.Seconds())
 }
 
-// Scheduler holds the scheduler's metrics: the decode loop's batches and
-// the admission queue in front of the pool.
+// Scheduler holds the scheduler's metrics: the decode loop's batches, the
+// prefill loop's batches and the admission queue in front of the pool.
 type Scheduler struct {
-	batch   prometheus.Histogram
-	running prometheus.Gauge
-	wait    prometheus.Histogram
-	waiting prometheus.Gauge
+	batch          prometheus.Histogram
+	running        prometheus.Gauge
+	prefillPrompts prometheus.Histogram
+	prefillTokens  prometheus.Histogram
+	wait           prometheus.Histogram
+	waiting        prometheus.Gauge
 }
 
 // NewScheduler registers the scheduler's metrics.
@@ -383,6 +385,14 @@ func NewScheduler(reg prometheus.Registerer) *Scheduler {
 			Namespace: namespace, Subsystem: "scheduler", Name: "running_sequences",
 			Help: "Sequences in the decode loop.",
 		}),
+		prefillPrompts: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "scheduler", Name: "prefill_batch_prompts",
+			Help: "Prompts per engine prefill step (prompts batched together).", Buckets: prometheus.ExponentialBuckets(1, 2, 8),
+		}),
+		prefillTokens: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "scheduler", Name: "prefill_batch_tokens",
+			Help: "Prompt tokens per engine prefill step (at most --max-batch-tokens).", Buckets: prometheus.ExponentialBuckets(1, 4, 8),
+		}),
 		wait: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: namespace, Subsystem: "scheduler", Name: "queue_seconds",
 			Help: "Time from arrival to admission (the blocks were available and it was the request's turn).", Buckets: prometheus.ExponentialBuckets(0.0001, 4, 12),
@@ -392,7 +402,7 @@ func NewScheduler(reg prometheus.Registerer) *Scheduler {
 			Help: "Requests waiting for KV blocks.",
 		}),
 	}
-	reg.MustRegister(s.batch, s.running, s.wait, s.waiting)
+	reg.MustRegister(s.batch, s.running, s.prefillPrompts, s.prefillTokens, s.wait, s.waiting)
 	return s
 }
 
@@ -401,6 +411,12 @@ func NewScheduler(reg prometheus.Registerer) *Scheduler {
 func (s *Scheduler) RecordBatch(n, running int) {
 	s.batch.Observe(float64(n))
 	s.running.Set(float64(running))
+}
+
+// RecordPrefillBatch observes one prefill step over prompts and tokens.
+func (s *Scheduler) RecordPrefillBatch(prompts, tokens int) {
+	s.prefillPrompts.Observe(float64(prompts))
+	s.prefillTokens.Observe(float64(tokens))
 }
 
 // RecordQueue observes one admission's wait (wait < 0: none, only the

@@ -17,7 +17,7 @@ const module = "github.com/kvferry/kvferry/"
 // test/.
 var allowed = map[string][]string{
 	"pkg/blockpool":  {},
-	"pkg/executor":   {"proto/kvferry/v1"},
+	"pkg/executor":   {"pkg/ticket", "proto/kvferry/v1"},
 	"pkg/kvtransfer": {"pkg/blockpool", "proto/kvferry/v1"},
 	"pkg/ticket":     {"proto/kvferry/v1"},
 	"pkg/buildinfo":  {},

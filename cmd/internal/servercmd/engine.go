@@ -34,12 +34,15 @@ func (e *EngineFlags) Register(fs *flag.FlagSet) {
 	fs.IntVar(&e.ContextTokens, "context-tokens", 0, fmt.Sprintf("llamacpp engine: tokens one sequence holds, prompt plus output (0: the model's training context, at most %d); the same on the router and every server", executor.DefaultLlamaContextTokens))
 	fs.IntVar(&e.Slots, "llama-slots", executor.DefaultLlamaSlots, "llamacpp engine: sequences the engine holds at once (concurrent decodes on a generation server)")
 	fs.IntVar(&e.Threads, "llama-threads", 0, "llamacpp engine: CPU threads (0: llama.cpp's default for this machine)")
-	fs.IntVar(&e.PrefillChunk, "prefill-chunk-tokens", executor.DefaultPrefillChunk, "llamacpp engine: prompt tokens per prefill step; the engine is let go between steps, so a long prompt does not stall others (chunked prefill)")
+	fs.IntVar(&e.PrefillChunk, "prefill-chunk-tokens", executor.DefaultPrefillChunk, "context server: most tokens of one prompt in a prefill step; a long prompt runs in such chunks, batched with other prompts, so it does not stall them (chunked prefill)")
 	fs.StringVar(&e.FlashAttn, "llama-flash-attn", "auto", "llamacpp engine: flash attention auto, on or off (the same on context and generation servers is not required: the blocks are the same)")
 }
 
 // Validate checks the engine flags.
 func (e *EngineFlags) Validate() error {
+	if e.PrefillChunk <= 0 {
+		return fmt.Errorf("--prefill-chunk-tokens must be positive, got %d", e.PrefillChunk)
+	}
 	switch e.Engine {
 	case executor.EngineSynthetic:
 		if _, err := executor.Preset(e.Model); err != nil {
@@ -56,9 +59,6 @@ func (e *EngineFlags) Validate() error {
 		case "auto", "on", "off":
 		default:
 			return fmt.Errorf("--llama-flash-attn must be auto, on or off, got %q", e.FlashAttn)
-		}
-		if e.PrefillChunk <= 0 {
-			return fmt.Errorf("--prefill-chunk-tokens must be positive, got %d", e.PrefillChunk)
 		}
 		if e.ContextTokens < 0 || e.Slots <= 0 || e.Threads < 0 {
 			return errors.New("--context-tokens and --llama-threads must not be negative, --llama-slots must be positive")
