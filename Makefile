@@ -56,11 +56,13 @@ run: build $(if $(filter llamacpp,$(RUN_ENGINE)),deps-llama)
 
 # make test runs every test: the unit tests of every package and the
 # multi-process end-to-end suite, all under the race detector, then the
-# transfer-lifecycle simulation over 2,000 seeds without it (it is one
-# goroutine; -race only slows it).
+# transfer-lifecycle simulation over 2,000 seeds and the scheduler
+# simulation over 1,000 without it (each is one goroutine; -race only
+# slows them).
 test: deps-llama
 	$(GO) test -race -count=1 -timeout 20m ./...
 	$(GO) test -count=1 -run TestSimulation ./pkg/kvtransfer/ -seeds 2000
+	$(GO) test -count=1 -run TestSchedulerSimulation ./pkg/executor/ -sched-seeds 1000
 
 test-unit: deps-llama
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test/)
@@ -68,10 +70,11 @@ test-unit: deps-llama
 test-e2e: deps-llama
 	$(GO) test -race -count=1 -v ./test/e2e/...
 
-# sim runs the deterministic transfer-lifecycle simulation over SEEDS seeds
-# (make test runs 2,000). A failure prints the seed and the replay command.
+# sim runs the deterministic transfer-lifecycle and scheduler simulations
+# over SEEDS seeds each (make test runs 2,000 and 1,000). A failure prints the seed and the replay command.
 sim:
 	$(GO) test -count=1 -timeout 60m -run TestSimulation -v ./pkg/kvtransfer/ -seeds $(SEEDS)
+	$(GO) test -count=1 -timeout 60m -run TestSchedulerSimulation -v ./pkg/executor/ -sched-seeds $(SEEDS)
 
 # chaos: every chaos scenario at full size, on tcp then shm (make test runs
 # the short gate on both).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -27,24 +28,81 @@ type Blocks interface {
 	Freed() <-chan struct{}
 }
 
+// Queue is the admission order, without I/O: who waits for blocks, in
+// arrival order, at most max of them, and whether an admitted request is
+// allocating now. Only the head may be admitted, and only when its blocks
+// are available — so a long prompt is never starved by short ones that
+// arrive after it. Admission drives it with goroutines and channels; the
+// scheduler simulation drives it on a virtual clock.
+type Queue[T comparable] struct {
+	max     int
+	waiting []T  // head first
+	busy    bool // an admitted request is allocating: the next waits for Done
+}
+
+// NewQueue returns an empty queue of at most max waiting.
+func NewQueue[T comparable](max int) *Queue[T] { return &Queue[T]{max: max} }
+
+// Arrive places a request needing n blocks when available are: admitted at
+// once (nobody waits, nobody allocates, the blocks are there: the caller
+// allocates, then calls Done), queued, or refused with ErrQueueFull.
+func (q *Queue[T]) Arrive(x T, n, available int) (admitted bool, err error) {
+	if len(q.waiting) == 0 && !q.busy && available >= n {
+		q.busy = true
+		return true, nil
+	}
+	if len(q.waiting) >= q.max {
+		return false, fmt.Errorf("%w (%d waiting)", ErrQueueFull, q.max)
+	}
+	q.waiting = append(q.waiting, x)
+	return false, nil
+}
+
+// Head is the request whose turn it is, if any: the first waiting one
+// while nobody allocates.
+func (q *Queue[T]) Head() (T, bool) {
+	if len(q.waiting) == 0 || q.busy {
+		var zero T
+		return zero, false
+	}
+	return q.waiting[0], true
+}
+
+// Admit admits the head (its blocks are available): it leaves the queue
+// and allocates; Done ends its allocation.
+func (q *Queue[T]) Admit() {
+	q.waiting = q.waiting[1:]
+	q.busy = true
+}
+
+// Done ends an admitted request's allocation: the next head's turn.
+func (q *Queue[T]) Done() { q.busy = false }
+
+// Leave removes a waiting request (its wait ended: cancelled, deadline).
+func (q *Queue[T]) Leave(x T) {
+	if i := slices.Index(q.waiting, x); i >= 0 {
+		q.waiting = slices.Delete(q.waiting, i, i+1)
+	}
+}
+
+// Len is the number waiting.
+func (q *Queue[T]) Len() int { return len(q.waiting) }
+
 // Admission is a server's waiting queue in front of block allocation: a
 // request that cannot get its blocks waits, in arrival order, until they
 // are available, its context ends, or — with MaxQueue requests already
 // waiting — is refused at once. A waiting request holds nothing: it
 // allocates only when admitted, so a cancel while waiting leaves nothing
-// behind. Only the head of the queue may allocate, so a long prompt is
-// never starved by short ones that arrive after it.
+// behind. The order is a Queue's.
 type Admission struct {
-	pool     Blocks
-	maxQueue int
+	pool Blocks
 	// observe, when set, is called with each admitted request's wait and
 	// the number still waiting, and with wait < 0 when only the number
 	// waiting changed (metrics).
 	observe func(wait time.Duration, waiting int)
 
 	mu    sync.Mutex
-	queue []*turn // head first
-	busy  bool    // an admitted request is allocating: the next waits for Done
+	queue *Queue[*turn]
 }
 
 type turn struct {
@@ -53,14 +111,14 @@ type turn struct {
 
 // NewAdmission returns the queue in front of pool (maxQueue ≥ 0 waiting).
 func NewAdmission(pool Blocks, maxQueue int, observe func(wait time.Duration, waiting int)) *Admission {
-	return &Admission{pool: pool, maxQueue: maxQueue, observe: observe}
+	return &Admission{pool: pool, observe: observe, queue: NewQueue[*turn](maxQueue)}
 }
 
 // Waiting is the number of requests in the queue.
 func (a *Admission) Waiting() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return len(a.queue)
+	return a.queue.Len()
 }
 
 // Admit waits until n blocks are available and it is this request's turn.
@@ -73,21 +131,17 @@ func (a *Admission) Admit(ctx context.Context, n int) (done func(), err error) {
 	start := time.Now()
 	t := &turn{head: make(chan struct{})}
 	a.mu.Lock()
-	if len(a.queue) == 0 && !a.busy && a.pool.Available() >= n {
-		a.busy = true // the fast path: nobody waits, the blocks are there
+	admitted, err := a.queue.Arrive(t, n, a.pool.Available())
+	if err != nil || admitted {
 		a.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
 		a.record(start)
 		return a.release, nil
 	}
-	if len(a.queue) >= a.maxQueue {
-		a.mu.Unlock()
-		return nil, fmt.Errorf("%w (%d waiting)", ErrQueueFull, a.maxQueue)
-	}
-	a.queue = append(a.queue, t)
-	if len(a.queue) == 1 && !a.busy {
-		close(t.head)
-	}
-	waiting := len(a.queue)
+	a.signalHeadLocked()
+	waiting := a.queue.Len()
 	a.mu.Unlock()
 	if a.observe != nil {
 		a.observe(-1, waiting)
@@ -113,8 +167,7 @@ func (a *Admission) Admit(ctx context.Context, n int) (done func(), err error) {
 		}
 	}
 	a.mu.Lock()
-	a.queue = a.queue[1:] // t is the head
-	a.busy = true
+	a.queue.Admit() // t is the head
 	a.mu.Unlock()
 	a.record(start)
 	return a.release, nil
@@ -126,14 +179,19 @@ func (a *Admission) record(start time.Time) {
 	}
 }
 
+// signalHeadLocked tells the head, if any, that it is its turn.
+func (a *Admission) signalHeadLocked() {
+	if h, ok := a.queue.Head(); ok {
+		closeOnce(h.head)
+	}
+}
+
 // release ends an admitted request's allocation and hands the head on.
 func (a *Admission) release() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.busy = false
-	if len(a.queue) > 0 {
-		closeOnce(a.queue[0].head)
-	}
+	a.queue.Done()
+	a.signalHeadLocked()
 }
 
 // leave removes a waiting turn (its context ended); if it was the head,
@@ -141,17 +199,10 @@ func (a *Admission) release() {
 func (a *Admission) leave(t *turn) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for i, x := range a.queue {
-		if x == t {
-			a.queue = append(a.queue[:i], a.queue[i+1:]...)
-			break
-		}
-	}
-	if len(a.queue) > 0 && !a.busy {
-		closeOnce(a.queue[0].head)
-	}
+	a.queue.Leave(t)
+	a.signalHeadLocked()
 	if a.observe != nil {
-		a.observe(-1, len(a.queue))
+		a.observe(-1, a.queue.Len())
 	}
 }
 

@@ -1,6 +1,7 @@
 package executor
 
 import (
+	"cmp"
 	"context"
 	"slices"
 	"sync"
@@ -34,7 +35,7 @@ type Decoder struct {
 
 	mu      sync.Mutex
 	members []*Member     // running, in join order
-	next    int           // round-robin start when more than maxSeqs run
+	steps   uint64        // decode steps so far
 	running bool          // the loop goroutine exists
 	wake    chan struct{} // cap 1: a member became steppable, joined or left
 	// batch is the step running now; cancelStep interrupts it when every
@@ -45,14 +46,15 @@ type Decoder struct {
 
 // Member is one sequence in the decoder.
 type Member struct {
-	seq     *Sequence
-	ready   chan struct{} // cap 1: new tokens, an end or an error to Take
-	pending []uint32      // generated, not yet taken
-	finish  FinishReason
-	err     error
-	sent    int  // tokens of seq handed over so far
-	inStep  bool // the loop is stepping it now
-	left    bool
+	seq      *Sequence
+	ready    chan struct{} // cap 1: new tokens, an end or an error to Take
+	pending  []uint32      // generated, not yet taken
+	finish   FinishReason
+	err      error
+	sent     int    // tokens of seq handed over so far
+	lastStep uint64 // the step it was last stepped at, or joined at
+	inStep   bool   // the loop is stepping it now
+	left     bool
 }
 
 // NewDecoder returns a decoder over engine stepping at most maxSeqs
@@ -68,6 +70,7 @@ func (d *Decoder) Join(seq *Sequence) *Member {
 	m := &Member{seq: seq, ready: make(chan struct{}, 1)}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	m.lastStep = d.steps
 	m.collectLocked(nil)
 	if m.finish != FinishNone {
 		return m // nothing to step
@@ -215,22 +218,43 @@ func (d *Decoder) loop() {
 const maxPending = 8
 
 // pickLocked chooses this step's batch: every member whose owner keeps
-// up (fewer than maxPending tokens untaken), or maxSeqs of them in turn.
+// up (fewer than maxPending tokens untaken), or the maxSeqs of them that
+// waited longest.
 func (d *Decoder) pickLocked() []*Member {
 	var ready []*Member
+	var last []uint64
 	for _, m := range d.members {
 		if len(m.pending) < maxPending {
 			ready = append(ready, m)
+			last = append(last, m.lastStep)
 		}
 	}
-	n := len(ready)
-	if d.maxSeqs <= 0 || n <= d.maxSeqs {
-		return ready
+	picked := PickBatch(last, d.maxSeqs)
+	d.steps++
+	batch := make([]*Member, len(picked))
+	for i, k := range picked {
+		batch[i] = ready[k]
+		batch[i].lastStep = d.steps
 	}
-	batch := make([]*Member, 0, d.maxSeqs)
-	for i := range d.maxSeqs {
-		batch = append(batch, ready[(d.next+i)%n])
-	}
-	d.next = (d.next + d.maxSeqs) % n
 	return batch
+}
+
+// PickBatch chooses a decode step from the ready sequences, given the step
+// each was last stepped at (or joined at): all of them when they fit in
+// maxSeqs (0: no bound), else the maxSeqs that waited longest, the
+// earlier joined first on a tie. A sequence therefore waits at most
+// ⌈n/maxSeqs⌉ steps with n running, whoever joins or leaves meanwhile (a
+// round-robin index into a list that members leave skips some of them).
+func PickBatch(last []uint64, maxSeqs int) []int {
+	idx := make([]int, len(last))
+	for i := range idx {
+		idx[i] = i
+	}
+	if maxSeqs <= 0 || len(last) <= maxSeqs {
+		return idx
+	}
+	slices.SortStableFunc(idx, func(a, b int) int { return cmp.Compare(last[a], last[b]) })
+	picked := idx[:maxSeqs]
+	slices.Sort(picked) // in join order
+	return picked
 }
