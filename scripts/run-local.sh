@@ -19,16 +19,21 @@ stop() {
 }
 trap stop INT TERM EXIT
 
+srv_eng=()
 if [ "$engine" = llamacpp ]; then
   [ -f "$model_path" ] || { echo "make run RUN_ENGINE=llamacpp needs RUN_MODEL_PATH=FILE.gguf (got '$model_path')" >&2; exit 1; }
   eng=(--engine=llamacpp --model-path="$model_path")
+  # The two servers share this host: each gets half its CPUs (llama.cpp's
+  # threads spin, and oversubscribed they slow each other down severalfold).
+  threads=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
+  srv_eng=(--llama-threads="${KVFERRY_LLAMA_THREADS:-$threads}")
   model=$(basename "$model_path" .gguf)
   prompt="Once upon a time"
 else
   eng=(--model="$model")
   prompt="the quiet river carries light"
 fi
-common=("${eng[@]}" --prefill-tokens-per-second="$tps" --decode-step-time="$step")
+common=("${eng[@]}" "${srv_eng[@]}" --prefill-tokens-per-second="$tps" --decode-step-time="$step")
 "$bin/ctxserver" "${common[@]}" >"$logs/ctxserver.log" 2>&1 & pids+=($!)
 "$bin/genserver" "${common[@]}" >"$logs/genserver.log" 2>&1 & pids+=($!)
 "$bin/router" "${eng[@]}" >"$logs/router.log" 2>&1 & pids+=($!)

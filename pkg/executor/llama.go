@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -40,7 +41,10 @@ type LlamaConfig struct {
 	// Slots is how many sequences the engine holds at once (the generation
 	// server's concurrent decodes); 0 means DefaultLlamaSlots.
 	Slots int
-	// Threads for llama.cpp; 0 means its default for this machine.
+	// Threads for llama.cpp; 0 means the CPUs this process may use
+	// (GOMAXPROCS: a container's CPU limit). llama.cpp's own default (4)
+	// oversubscribes small machines, and its threads spin: two servers of
+	// 4 threads each on 2 cores ran 2–8× slower under load than 1 each.
 	Threads int
 	// PrefillChunk is the most prompt tokens one llama_decode of a prefill
 	// runs before the engine is let go for others (0: DefaultPrefillChunk).
@@ -211,9 +215,11 @@ func NewLlama(cfg LlamaConfig) (*Llama, error) {
 	// room, which changes floating-point accumulation).
 	cp.KVUnified = 0
 	cp.TypeK, cp.TypeV = llama.GGMLTypeF16, llama.GGMLTypeF16
-	if cfg.Threads > 0 {
-		cp.NThreads, cp.NThreadsBatch = int32(cfg.Threads), int32(cfg.Threads)
+	threads := cfg.Threads
+	if threads <= 0 {
+		threads = runtime.GOMAXPROCS(0)
 	}
+	cp.NThreads, cp.NThreadsBatch = int32(threads), int32(threads)
 	if cp.FlashAttentionType, err = flashAttention(cfg.FlashAttention); err != nil {
 		return nil, err
 	}

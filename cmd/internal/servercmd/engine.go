@@ -33,7 +33,7 @@ func (e *EngineFlags) Register(fs *flag.FlagSet) {
 	fs.StringVar(&e.ServedName, "served-model-name", "", "the model name clients use (default: the synthetic preset's name, or the GGUF file's name without .gguf)")
 	fs.IntVar(&e.ContextTokens, "context-tokens", 0, fmt.Sprintf("llamacpp engine: tokens one sequence holds, prompt plus output (0: the model's training context, at most %d); the same on the router and every server", executor.DefaultLlamaContextTokens))
 	fs.IntVar(&e.Slots, "llama-slots", executor.DefaultLlamaSlots, "llamacpp engine: sequences the engine holds at once (concurrent decodes on a generation server)")
-	fs.IntVar(&e.Threads, "llama-threads", 0, "llamacpp engine: CPU threads (0: llama.cpp's default for this machine)")
+	fs.IntVar(&e.Threads, "llama-threads", 0, "llamacpp engine: CPU threads (0: the CPUs this process may use, GOMAXPROCS; give each server its share when several share a host)")
 	fs.IntVar(&e.PrefillChunk, "prefill-chunk-tokens", executor.DefaultPrefillChunk, "context server: most tokens of one prompt in a prefill step; a long prompt runs in such chunks, batched with other prompts, so it does not stall them (chunked prefill)")
 	fs.StringVar(&e.FlashAttn, "llama-flash-attn", "auto", "llamacpp engine: flash attention auto, on or off (the same on context and generation servers is not required: the blocks are the same)")
 }
