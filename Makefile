@@ -34,7 +34,7 @@ export KVFERRY_LLAMA_LIB_DIR ?= $(LLAMA_LIB_DIR)
 # TAGS=ucx builds the ucx transport in (needs libucx-dev: make deps-ucx).
 TAGS ?=
 
-.PHONY: bench-serve certs all build run deps-llama bench-engine fuzz test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
+.PHONY: deps-llama-cuda gpu-check bench-serve certs all build run deps-llama bench-engine fuzz test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
@@ -140,6 +140,25 @@ fuzz:
 # them from there.
 deps-llama:
 	@scripts/deps-llama.sh $(LLAMA_LIB_DIR)
+
+# deps-llama-cuda: llama.cpp with the CUDA backend, built from the source of
+# the CPU libraries (scripts/deps-llama-cuda.sh) into LLAMA_CUDA_LIB_DIR,
+# where a CUDA toolkit exists; elsewhere it fetches the source only (build
+# it on the GPU machine with the script's build step). Servers use it with
+# --llama-lib-dir=$(LLAMA_CUDA_LIB_DIR).
+LLAMA_CUDA_SRC ?= .llama/cuda-src.tar.xz
+LLAMA_CUDA_LIB_DIR ?= .llama/lib-cuda
+LLAMA_CUDA_SM ?= 90
+deps-llama-cuda: deps-llama
+	@scripts/deps-llama-cuda.sh source $(LLAMA_CUDA_SRC)
+	@if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then \
+	  KVFERRY_LLAMA_LIB_DIR=$(LLAMA_LIB_DIR) scripts/deps-llama-cuda.sh build $(LLAMA_CUDA_SRC) $(LLAMA_CUDA_LIB_DIR) $(LLAMA_CUDA_SM); \
+	else echo "deps-llama-cuda: no CUDA toolkit here; on a GPU machine: scripts/deps-llama-cuda.sh build $(LLAMA_CUDA_SRC) DIR"; fi
+
+# gpu-check: on a GPU machine, the engine on CPU and GPU in every pairing,
+# outputs compared, then kvload at 1, 8, 32, 64 (scripts/gpu-check.sh).
+gpu-check: build deps-llama-cuda
+	scripts/gpu-check.sh $(BIN) $(BENCH_MODEL) $(LLAMA_LIB_DIR) $(LLAMA_CUDA_LIB_DIR) docs/bench/gpu
 
 # deps-ucx installs UCX (headers, libraries, ucx_perftest) when missing.
 deps-ucx:

@@ -41,6 +41,9 @@ type LlamaConfig struct {
 	// Slots is how many sequences the engine holds at once (the generation
 	// server's concurrent decodes); 0 means DefaultLlamaSlots.
 	Slots int
+	// GPULayers is how many layers live on a GPU when the libraries have a
+	// GPU backend: -1 every one, 0 none (the CPU only).
+	GPULayers int
 	// Threads for llama.cpp; 0 means the CPUs this process may use
 	// (GOMAXPROCS: a container's CPU limit). llama.cpp's own default (4)
 	// oversubscribes small machines, and its threads spin: two servers of
@@ -182,6 +185,10 @@ func NewLlama(cfg LlamaConfig) (*Llama, error) {
 		return nil, fmt.Errorf("model: %w", err)
 	}
 	mp := llama.ModelDefaultParams()
+	mp.NGpuLayers = int32(cfg.GPULayers)
+	if cfg.GPULayers == 0 {
+		mp.SetCPUOnly()
+	}
 	model, err := llama.ModelLoadFromFile(cfg.ModelPath, mp)
 	if err != nil {
 		return nil, fmt.Errorf("load model %s: %w", cfg.ModelPath, err)
@@ -293,6 +300,17 @@ func (e *Llama) probe() (stateLayout, error) {
 	st := make([]byte, llama.StateSeqGetSize(e.lctx, 0))
 	n := llama.StateSeqGetData(e.lctx, st, 0)
 	return probeLayout(st[:n], 1)
+}
+
+// Devices names the compute devices the loaded libraries offer (the CPU,
+// and each GPU of a GPU backend), as "name (description)".
+func (e *Llama) Devices() []string {
+	var out []string
+	for i := range llama.GGMLBackendDeviceCount() {
+		d := llama.GGMLBackendDeviceGet(i)
+		out = append(out, fmt.Sprintf("%s (%s)", llama.GGMLBackendDeviceName(d), llama.GGMLBackendDeviceDescription(d)))
+	}
+	return out
 }
 
 // Close frees llama.cpp's resources.

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 
+	"go.uber.org/zap"
+
 	"github.com/kvferry/kvferry/pkg/executor"
 )
 
@@ -20,6 +22,7 @@ type EngineFlags struct {
 	ContextTokens int
 	Slots         int
 	Threads       int
+	GPULayers     int
 	FlashAttn     string
 	PrefillChunk  int
 }
@@ -33,6 +36,7 @@ func (e *EngineFlags) Register(fs *flag.FlagSet) {
 	fs.StringVar(&e.ServedName, "served-model-name", "", "the model name clients use (default: the synthetic preset's name, or the GGUF file's name without .gguf)")
 	fs.IntVar(&e.ContextTokens, "context-tokens", 0, fmt.Sprintf("llamacpp engine: tokens one sequence holds, prompt plus output (0: the model's training context, at most %d); the same on the router and every server", executor.DefaultLlamaContextTokens))
 	fs.IntVar(&e.Slots, "llama-slots", executor.DefaultLlamaSlots, "llamacpp engine: sequences the engine holds at once (concurrent decodes on a generation server)")
+	fs.IntVar(&e.GPULayers, "gpu-layers", -1, "llamacpp engine: model layers on the GPU when the libraries have a GPU backend (--llama-lib-dir of a CUDA build): -1 all, 0 none")
 	fs.IntVar(&e.Threads, "llama-threads", 0, "llamacpp engine: CPU threads (0: the CPUs this process may use, GOMAXPROCS; give each server its share when several share a host)")
 	fs.IntVar(&e.PrefillChunk, "prefill-chunk-tokens", executor.DefaultPrefillChunk, "context server: most tokens of one prompt in a prefill step; a long prompt runs in such chunks, batched with other prompts, so it does not stall them (chunked prefill)")
 	fs.StringVar(&e.FlashAttn, "llama-flash-attn", "auto", "llamacpp engine: flash attention auto, on or off (the same on context and generation servers is not required: the blocks are the same)")
@@ -60,8 +64,8 @@ func (e *EngineFlags) Validate() error {
 		default:
 			return fmt.Errorf("--llama-flash-attn must be auto, on or off, got %q", e.FlashAttn)
 		}
-		if e.ContextTokens < 0 || e.Slots <= 0 || e.Threads < 0 {
-			return errors.New("--context-tokens and --llama-threads must not be negative, --llama-slots must be positive")
+		if e.ContextTokens < 0 || e.Slots <= 0 || e.Threads < 0 || e.GPULayers < -1 {
+			return errors.New("--context-tokens and --llama-threads must not be negative, --llama-slots must be positive, --gpu-layers at least -1")
 		}
 	default:
 		return fmt.Errorf("--engine must be %s or %s, got %q", executor.EngineSynthetic, executor.EngineLlamaCpp, e.Engine)
@@ -71,17 +75,18 @@ func (e *EngineFlags) Validate() error {
 
 // LlamaConfig is the llama.cpp engine's configuration.
 func (e *EngineFlags) LlamaConfig() executor.LlamaConfig {
-	return executor.LlamaConfig{ModelPath: e.ModelPath, LibDir: e.LibDir, ServedName: e.ServedName, ContextTokens: e.ContextTokens, Slots: e.Slots, Threads: e.Threads, FlashAttention: e.FlashAttn, PrefillChunk: e.PrefillChunk}
+	return executor.LlamaConfig{ModelPath: e.ModelPath, LibDir: e.LibDir, ServedName: e.ServedName, ContextTokens: e.ContextTokens, Slots: e.Slots, Threads: e.Threads, GPULayers: e.GPULayers, FlashAttention: e.FlashAttn, PrefillChunk: e.PrefillChunk}
 }
 
 // NewEngine builds the engine the flags name; the synthetic one with the
 // given timing. close frees what it holds.
-func (e *EngineFlags) NewEngine(timing executor.Timing) (engine executor.Engine, close func(), err error) {
+func (e *EngineFlags) NewEngine(timing executor.Timing, lg *zap.Logger) (engine executor.Engine, close func(), err error) {
 	if e.Engine == executor.EngineLlamaCpp {
 		l, err := executor.NewLlama(e.LlamaConfig())
 		if err != nil {
 			return nil, nil, err
 		}
+		lg.Info("llama.cpp engine", zap.String("lib_dir", e.LibDir), zap.Strings("devices", l.Devices()), zap.Int("gpu_layers", e.GPULayers))
 		return l, l.Close, nil
 	}
 	spec, err := executor.Preset(e.Model)

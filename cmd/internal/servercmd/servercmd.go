@@ -210,7 +210,7 @@ type Parts struct {
 // closed.
 func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
 	withData := role == identity.GenServer
-	engine, closeEngine, err := cfg.NewEngine(executor.Timing{PrefillTokensPerSecond: cfg.PrefillTokensPerSecond, DecodeStepTime: cfg.DecodeStepTime})
+	engine, closeEngine, err := cfg.NewEngine(executor.Timing{PrefillTokensPerSecond: cfg.PrefillTokensPerSecond, DecodeStepTime: cfg.DecodeStepTime}, lg)
 	if err != nil {
 		return nil, err
 	}

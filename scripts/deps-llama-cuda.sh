@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# deps-llama-cuda: llama.cpp's shared libraries with the CUDA backend, built
+# from the exact source of the CPU libraries deps-llama installs (the npm
+# package node-llama-cpp@3.22.1 carries it as llama/gitRelease.bundle; its
+# integrity is pinned here and checked before anything is extracted).
+#
+#   deps-llama-cuda.sh source TAR          the source, as a 4 MB tar.xz (needs npm)
+#   deps-llama-cuda.sh build TAR DIR [SM]  the libraries into DIR (needs a CUDA
+#                                          toolkit and cmake; SM: CUDA
+#                                          architectures, 90 = Hopper)
+#
+# The two steps can run on different machines: a GPU machine often has no
+# network. DIR gets the CPU libraries' build metadata, so a mixed fleet's
+# advertisements name the same llama.cpp release. About 250 s on 16 cores.
+set -euo pipefail
+pkg="node-llama-cpp@3.22.1"
+integrity="sha512-bltIipuWmc123H7tMIgDGKSsSrhmhlQYeVUC48XTjVW7XGJJiJJyCdlTMzQ/LiWoPkGDpcL4FviDpgw7qfTiDw=="
+# What the library build needs of the source tree.
+parts=(CMakeLists.txt cmake ggml src include common vendor licenses)
+
+source_tar() {
+  local out=$1 work
+  [ -f "$out" ] && return 0
+  command -v npm >/dev/null || { echo "deps-llama-cuda: npm is needed (apt-get install npm)" >&2; exit 1; }
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' RETURN
+  (cd "$work" && npm pack --silent "$pkg" >/dev/null)
+  local tgz got
+  tgz=$(ls "$work"/*.tgz)
+  got=$(node -e 'process.stdout.write("sha512-" + require("crypto").createHash("sha512").update(require("fs").readFileSync(process.argv[1])).digest("base64"))' "$tgz")
+  if [ "$got" != "$integrity" ]; then
+    echo "deps-llama-cuda: $pkg has integrity $got, want $integrity: refusing it" >&2
+    exit 1
+  fi
+  tar -xzf "$tgz" -C "$work" package/llama/gitRelease.bundle
+  git clone -q "$work/package/llama/gitRelease.bundle" "$work/src" 2>/dev/null
+  mkdir -p "$(dirname "$out")"
+  tar -cJf "$out" -C "$work/src" "${parts[@]}"
+  echo "deps-llama-cuda: llama.cpp source in $out"
+}
+
+build() {
+  local tar=$1 dir=$2 sm=${3:-90} work gen=()
+  export PATH=$PATH:/usr/local/cuda/bin
+  command -v nvcc >/dev/null || { echo "deps-llama-cuda: no CUDA toolkit (nvcc) here: build on a GPU machine" >&2; exit 1; }
+  command -v cmake >/dev/null || { echo "deps-llama-cuda: cmake is needed" >&2; exit 1; }
+  command -v ninja >/dev/null && gen=(-G Ninja)
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' RETURN
+  tar -xJf "$tar" -C "$work"
+  cmake -S "$work" -B "$work/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="$sm" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_COMMON=OFF >"$work/cmake.log" 2>&1 || { tail -n 30 "$work/cmake.log" >&2; exit 1; }
+  cmake --build "$work/build" -j"$(nproc)" --target llama >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log" >&2; exit 1; }
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  find "$work/build" -name '*.so*' -exec cp -a {} "$dir/" \;
+  local meta="${KVFERRY_LLAMA_LIB_DIR:-.llama/lib}/_nlcBuildMetadata.json"
+  [ -f "$meta" ] && cp "$meta" "$dir/"
+  echo "deps-llama-cuda: llama.cpp CUDA libraries (sm_$sm) in $dir"
+}
+
+case "${1:-}" in
+  source) source_tar "${2:?TAR}" ;;
+  build) build "${2:?TAR}" "${3:?DIR}" "${4:-90}" ;;
+  *) echo "usage: $0 source TAR | build TAR DIR [SM]" >&2; exit 2 ;;
+esac
