@@ -120,8 +120,8 @@ func TestDecoderWaitsForSlowOwner(t *testing.T) {
 	spec, _ := Preset("tiny")
 	e := NewSynthetic(spec, Timing{})
 	d := NewDecoder(e, 0, nil)
-	slow := d.Join(startSeq(t, e, "the river", Sampling{MaxTokens: 40}))
-	fast := d.Join(startSeq(t, e, "the bridge", Sampling{MaxTokens: 40}))
+	slow := d.Join(startSeq(t, e, "the river", Sampling{MaxTokens: 3 * maxPending, IgnoreEOS: true}))
+	fast := d.Join(startSeq(t, e, "the bridge", Sampling{MaxTokens: 3 * maxPending}))
 	if toks, _ := drive(t, d, fast); len(toks) == 0 {
 		t.Fatal("the fast sequence produced nothing")
 	}

@@ -1,6 +1,7 @@
 package executor
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -169,7 +171,7 @@ type Llama struct {
 	mem   llama.Memory
 	batch llama.Batch
 
-	slots chan llama.SeqId // free sequence ids
+	slots *seqSlots // free sequence ids
 }
 
 var _ Engine = (*Llama)(nil)
@@ -239,10 +241,7 @@ func NewLlama(cfg LlamaConfig) (*Llama, error) {
 	}
 	e.batch = llama.BatchInit(int32(cp.NBatch), 0, 1)
 	e.vocab = newLlamaVocab(model)
-	e.slots = make(chan llama.SeqId, slots)
-	for i := range slots {
-		e.slots <- llama.SeqId(i)
-	}
+	e.slots = newSeqSlots(slots)
 	if e.layout, err = e.probe(); err != nil {
 		return nil, err
 	}
@@ -364,19 +363,61 @@ func (e *Llama) forget(seq llama.SeqId) {
 
 // acquire takes a free sequence id, waiting for one while ctx lives.
 func (e *Llama) acquire(ctx context.Context) (llama.SeqId, error) {
-	select {
-	case s := <-e.slots:
-		return s, nil
-	case <-ctx.Done():
-		return 0, ctx.Err()
-	}
+	return e.slots.acquire(ctx)
 }
 
 func (e *Llama) releaseSlot(seq llama.SeqId) {
 	e.mu.Lock()
 	e.forget(seq)
 	e.mu.Unlock()
-	e.slots <- seq
+	e.slots.release(seq)
+}
+
+// seqSlots hands out llama.cpp sequence ids, the lowest free one first.
+// With a sequence-split KV cache (KVUnified off) llama.cpp runs in one
+// micro-batch only sequences whose ids follow each other in the batch
+// (llama_batch_allocr::split_equal, sequential): running sequences on
+// dense low ids, added in id order, make one llama_decode one
+// micro-batch instead of one per sequence — a step of 32 sequences cost 32
+// steps of one before.
+type seqSlots struct {
+	mu    sync.Mutex
+	free  []bool
+	freed chan struct{} // closed when an id is released
+}
+
+func newSeqSlots(n int) *seqSlots {
+	free := make([]bool, n)
+	for i := range free {
+		free[i] = true
+	}
+	return &seqSlots{free: free, freed: make(chan struct{})}
+}
+
+func (s *seqSlots) acquire(ctx context.Context) (llama.SeqId, error) {
+	for {
+		s.mu.Lock()
+		if i := slices.Index(s.free, true); i >= 0 {
+			s.free[i] = false
+			s.mu.Unlock()
+			return llama.SeqId(i), nil
+		}
+		freed := s.freed
+		s.mu.Unlock()
+		select {
+		case <-freed:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+}
+
+func (s *seqSlots) release(seq llama.SeqId) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.free[seq] = true
+	close(s.freed)
+	s.freed = make(chan struct{})
 }
 
 func toLlama(tokens []uint32) []llama.Token {
@@ -456,7 +497,13 @@ func (e *Llama) PrefillStep(ctx context.Context, batch []*Prompt, counts []int) 
 	}
 	_ = e.batch.Clear()
 	used := 0
-	for i, p := range batch {
+	order := make([]int, len(batch)) // in sequence id order (see seqSlots)
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortFunc(order, func(a, b int) int { return cmp.Compare(batch[a].slot, batch[b].slot) })
+	for _, i := range order {
+		p := batch[i]
 		n := counts[i]
 		if n > capTokens {
 			return fmt.Errorf("%w: a chunk of %d tokens exceeds the engine's batch of %d", ErrBlocks, n, capTokens)
@@ -621,7 +668,7 @@ func (e *Llama) Step(ctx context.Context, batch []*Sequence) error {
 	defer e.mu.Unlock()
 	_ = e.batch.Clear()
 	var run []*Sequence
-	for _, sq := range batch {
+	for _, sq := range slices.SortedFunc(slices.Values(batch), bySlot) {
 		if sq.finish != FinishNone {
 			continue
 		}
@@ -642,6 +689,9 @@ func (e *Llama) Step(ctx context.Context, batch []*Sequence) error {
 	}
 	return nil
 }
+
+// bySlot orders sequences by llama.cpp sequence id (see seqSlots).
+func bySlot(a, b *Sequence) int { return cmp.Compare(a.slot, b.slot) }
 
 // Generate is the aggregated run: prefill and decode of one prompt in one
 // sequence of this process, no transfer and no state conversion — the

@@ -267,7 +267,7 @@ func stateRoundTrip(t *testing.T, e *Llama) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() { e.slots <- seq }()
+	defer e.slots.release(seq)
 	if err := e.decode(toks, 0, 0, false); err != nil {
 		t.Fatal(err)
 	}

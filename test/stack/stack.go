@@ -387,8 +387,14 @@ func Eventually(t testing.TB, what string, cond func() bool) {
 // RunWithBinaries is the body of a TestMain that needs the binaries: it
 // builds them (with the race detector when race is set) into a temporary
 // directory, stores its path in *bin, runs the tests and removes the
-// directory. It returns the exit code for os.Exit.
+// directory. It returns the exit code for os.Exit. With KVFERRY_BIN_DIR
+// set it uses the binaries there instead (a compiled benchmark run on a
+// machine without Go).
 func RunWithBinaries(m *testing.M, race bool, bin *string) int {
+	if dir := os.Getenv("KVFERRY_BIN_DIR"); dir != "" {
+		*bin = dir
+		return m.Run()
+	}
 	dir, err := os.MkdirTemp("", "kvferry-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
