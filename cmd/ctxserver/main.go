@@ -10,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/kvferry/kvferry/cmd/internal/cli"
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
 	"github.com/kvferry/kvferry/pkg/ctxserver"
 	"github.com/kvferry/kvferry/pkg/executor"
@@ -39,7 +40,7 @@ func (c *Config) Validate() error {
 		batchErr = fmt.Errorf("--max-batch-tokens (%d) must be at least --prefill-chunk-tokens (%d)", c.MaxBatchTokens, c.PrefillChunk)
 	}
 	_, faultErr := kvtransfer.ParseFault(c.TransportFault, time.Now())
-	return servercmd.OneLine(c.Config.Validate(), leaseErr, batchErr, faultErr)
+	return cli.OneLine(c.Config.Validate(), leaseErr, batchErr, faultErr)
 }
 
 func main() {
@@ -50,7 +51,7 @@ func main() {
 	fs.BoolVar(&cfg.PrefixReuse, "prefix-reuse", true, "serve full KV blocks of a known prompt prefix from the reuse cache (evicted least recently used when the pool needs room)")
 	fs.IntVar(&cfg.MaxBatchTokens, "max-batch-tokens", executor.DefaultMaxBatchTokens, "most prompt tokens one prefill step runs, every prompt of the batch together (prompts that arrive together are prefilled together)")
 	fs.StringVar(&cfg.TransportFault, "transport-fault", "", "inject a transport fault, for tests and drills: stall|delay|error|partial|corrupt|lose-notify|lose-abort-ack[:after=N,for=DURATION,rate=F,delay=DURATION]")
-	os.Exit(servercmd.Main(fs, "ctxserver: the kvferry context (prefill) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
+	os.Exit(cli.Main(fs, "ctxserver: the kvferry context (prefill) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }
 

@@ -10,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/kvferry/kvferry/cmd/internal/cli"
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
 	"github.com/kvferry/kvferry/pkg/genserver"
 	"github.com/kvferry/kvferry/pkg/health"
@@ -36,7 +37,7 @@ func (c *Config) Validate() error {
 	if c.MaxBatchSeqs < 0 {
 		batchErr = fmt.Errorf("--max-batch-seqs must not be negative, got %d", c.MaxBatchSeqs)
 	}
-	return servercmd.OneLine(c.Config.Validate(), canaryErr, batchErr)
+	return cli.OneLine(c.Config.Validate(), canaryErr, batchErr)
 }
 
 func main() {
@@ -45,7 +46,7 @@ func main() {
 	cfg.Register(fs, servercmd.Ports{GRPC: 9200, HTTP: 9201, Data: 9202})
 	fs.DurationVar(&cfg.CanaryInterval, "canary-interval", 10*time.Second, "how often the pair canary pulls a one-block KV from each recently seen context server (0 disables)")
 	fs.IntVar(&cfg.MaxBatchSeqs, "max-batch-seqs", 0, "most sequences one decode step runs (continuous batching; 0: every decoding request)")
-	os.Exit(servercmd.Main(fs, "genserver: the kvferry generation (decode) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
+	os.Exit(cli.Main(fs, "genserver: the kvferry generation (decode) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }
 

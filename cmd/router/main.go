@@ -16,7 +16,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
-	"github.com/kvferry/kvferry/cmd/internal/servercmd"
+	"github.com/kvferry/kvferry/cmd/internal/cli"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/metrics"
@@ -33,7 +33,7 @@ type Config struct {
 	AdminAddr  string
 	CtxServers string
 	GenServers string
-	servercmd.EngineFlags
+	cli.EngineFlags
 	MaxBodyBytes     int64
 	MaxPromptTokens  int
 	MaxOutputTokens  int
@@ -67,8 +67,8 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.K8sService, "k8s-service", "", "discover servers from Kubernetes EndpointSlices: ctx=SERVICE,gen=SERVICE (overrides --ctx-servers / --gen-servers for the roles named; in-cluster credentials)")
 	fs.StringVar(&c.K8sNamespace, "k8s-namespace", "", "namespace of the --k8s-service Services (default: the pod's own)")
 	fs.StringVar(&c.K8sPortName, "k8s-port-name", "grpc", "EndpointSlice port name of the servers' gRPC port")
-	servercmd.RegisterTLS(fs, &c.TLS)
-	servercmd.RegisterPprof(fs, &c.EnablePprof)
+	cli.RegisterTLS(fs, &c.TLS)
+	cli.RegisterPprof(fs, &c.EnablePprof)
 	c.EngineFlags.Register(fs) // the router tokenizes with the servers' model (vocabulary only)
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 4<<20, "largest request body accepted (413 above)")
 	fs.IntVar(&c.MaxPromptTokens, "max-prompt-tokens", 8000, "largest prompt accepted, in tokens")
@@ -130,14 +130,14 @@ func (c *Config) Validate() error {
 	if c.RequestTimeout <= 0 || c.CancelTimeout <= 0 || c.ShutdownGrace <= 0 || c.StreamWrite <= 0 {
 		errs = append(errs, errors.New("--request-timeout, --cancel-timeout, --shutdown-grace and --stream-write-timeout must be positive"))
 	}
-	return servercmd.OneLine(errs...)
+	return cli.OneLine(errs...)
 }
 
 func main() {
 	var cfg Config
 	fs := flag.NewFlagSet("router", flag.ContinueOnError)
 	cfg.register(fs)
-	os.Exit(servercmd.Main(fs, "router: the kvferry front door (OpenAI HTTP, gRPC RouterService).", os.Args[1:], cfg.Validate, &cfg.LogLevel,
+	os.Exit(cli.Main(fs, "router: the kvferry front door (OpenAI HTTP, gRPC RouterService).", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }
 
@@ -268,7 +268,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		return serving.ServeGRPC(ctx, gs, grpcLn, cfg.ShutdownGrace, checker.SetDraining)
 	})
 	g.Go("admin", func(ctx context.Context) error {
-		return serving.ServeHTTP(ctx, servercmd.AdminHandler(checker, reg, cfg.EnablePprof), adminLn, cfg.ShutdownGrace)
+		return serving.ServeHTTP(ctx, cli.AdminHandler(checker, reg, cfg.EnablePprof), adminLn, cfg.ShutdownGrace)
 	})
 	g.Go("health", func(ctx context.Context) error { checker.Run(ctx, healthInterval); return nil })
 	g.Go("discovery", func(ctx context.Context) error { rt.Discover(ctx); return nil })
@@ -278,7 +278,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 			return nil
 		})
 	}
-	servercmd.WarnPlaintext(lg, cfg.TLS.Enabled(), httpLn, grpcLn)
+	cli.WarnPlaintext(lg, cfg.TLS.Enabled(), httpLn, grpcLn)
 	lg.Info("serving", zap.String("openai", httpLn.Addr().String()), zap.String("grpc", grpcLn.Addr().String()),
 		zap.String("admin", adminLn.Addr().String()), zap.String("model", served),
 		zap.String("ctx_servers", ctxSrc.String()), zap.String("gen_servers", genSrc.String()))

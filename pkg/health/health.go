@@ -26,7 +26,6 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/protobuf/encoding/protojson"
 
-	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
@@ -70,9 +69,17 @@ type Config struct {
 // ready pair of backends); it returns ok, or a reason and a sentence.
 type ReadyCheck func(ctx context.Context) (ok bool, reason, message string)
 
+// Pool is what the evaluator reads of a block pool: its counts by state,
+// and how many blocks are allocatable now. (An interface, so that health
+// — which the router links too — does not link the block pool.)
+type Pool interface {
+	Counts() *kvferryv1.PoolCounts
+	Available() int
+}
+
 // Sources are what the evaluator reads; any may be nil.
 type Sources struct {
-	Pool                *blockpool.Pool
+	Pool                Pool
 	Progress            *Progress
 	Sessions            *Sessions
 	QuarantinedSessions func() int
@@ -185,12 +192,9 @@ func (c *Checker) Evaluate(ctx context.Context, now time.Time) *kvferryv1.GetHea
 	}
 	if pool := c.src.Pool; pool != nil {
 		n := pool.Counts()
-		h.Pool = &kvferryv1.PoolCounts{
-			Capacity: uint64(n.Capacity), Free: uint64(n.Free), Owned: uint64(n.Owned),
-			InFlight: uint64(n.InFlight), Quarantined: uint64(n.Quarantined), Poisoned: uint64(n.Poisoned),
-		}
-		h.QuarantinedBlocks, h.PoisonedBlocks = uint64(n.Quarantined), uint64(n.Poisoned)
-		if n.Poisoned > c.cfg.PoisonBudget {
+		h.Pool = n
+		h.QuarantinedBlocks, h.PoisonedBlocks = n.GetQuarantined(), n.GetPoisoned()
+		if n.GetPoisoned() > uint64(c.cfg.PoisonBudget) {
 			fail(false, ReasonPoisonBudgetExceeded, "%d poisoned blocks, budget %d: a transport never honoured an abort", n.Poisoned, c.cfg.PoisonBudget)
 		}
 	}

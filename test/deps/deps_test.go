@@ -65,3 +65,29 @@ func contains(xs []string, x string) bool {
 	}
 	return false
 }
+
+// notLinked lists, per command, kvferry packages its binary must not link
+// (directly or not): the router never touches KV memory, so it links no
+// transport, no server skeleton and no NVML.
+var notLinked = map[string][]string{
+	"cmd/router": {"pkg/kvtransfer", "pkg/health/gpu", "cmd/internal/servercmd", "pkg/ctxserver", "pkg/genserver", "pkg/loadgen"},
+	"cmd/kvload": {"pkg/kvtransfer", "pkg/blockpool", "pkg/router", "cmd/internal/servercmd"},
+}
+
+func TestCommandsLinkOnlyWhatTheyRun(t *testing.T) {
+	for cmd, forbidden := range notLinked {
+		out, err := exec.Command("go", "list", "-deps", module+cmd).Output()
+		if err != nil {
+			t.Fatalf("go list -deps %s: %v", cmd, err)
+		}
+		deps := strings.Fields(string(out))
+		if !contains(deps, module+cmd) {
+			t.Fatalf("go list -deps %s did not list the command itself: output changed?", cmd)
+		}
+		for _, f := range forbidden {
+			if contains(deps, module+f) {
+				t.Errorf("%s links %s", cmd, f)
+			}
+		}
+	}
+}

@@ -1,8 +1,7 @@
-// Package servercmd is what the kvferry commands share: Main (flags,
-// environment, logger, signals) for all three, and for ctxserver and
-// genserver
-// their common flags, validation, and the process skeleton (listeners,
-// admin HTTP, gRPC with health, graceful shutdown).
+// Package servercmd is what ctxserver and genserver share on top of cli:
+// their common flags and validation, and the process skeleton (engine,
+// block pool, transport, listeners, admin HTTP, gRPC with health, graceful
+// shutdown). The router does not link it: it never touches KV memory.
 package servercmd
 
 import (
@@ -11,29 +10,22 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
-	"net/http"
-	"net/http/pprof"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strconv"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/kvferry/kvferry/cmd/internal/cli"
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/executor"
-	"github.com/kvferry/kvferry/pkg/flagenv"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/health/gpu"
 	"github.com/kvferry/kvferry/pkg/identity"
@@ -45,7 +37,7 @@ import (
 
 // Config holds the flags both servers take.
 type Config struct {
-	EngineFlags
+	cli.EngineFlags
 	PoolBlocks              int
 	MaxQueue                int
 	GRPCAddr                string
@@ -94,9 +86,9 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	fs.IntVar(&c.PoisonBudget, "poison-budget", 16, "liveness fails when more blocks than this are poisoned")
 	fs.DurationVar(&c.HealthInterval, "health-interval", time.Second, "how often health is evaluated")
 	fs.DurationVar(&c.ExhaustionGrace, "exhaustion-grace", 5*time.Second, "readiness fails when no block could be allocated for longer than this")
-	RegisterTLS(fs, &c.TLS)
+	cli.RegisterTLS(fs, &c.TLS)
 	fs.BoolVar(&c.DataTLS, "data-tls", false, "tcp transport: mutual TLS on every data connection (generation servers accept only context servers' certificates, context servers write only to generation servers'); needs --tls-cert, --tls-key and --tls-ca, and the same setting on both servers of a pair (a mismatch answers NOT_READY)")
-	RegisterPprof(fs, &c.EnablePprof)
+	cli.RegisterPprof(fs, &c.EnablePprof)
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
 }
 
@@ -158,23 +150,7 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
 		}
 	}
-	return OneLine(errs...)
-}
-
-// Parse parses args into fs (with the environment fallback) and validates
-// with validate. The error is one line, fit for a user.
-func Parse(fs *flag.FlagSet, args []string, lookup func(string) (string, bool), validate func() error) error {
-	fs.SetOutput(io.Discard) // errors are returned, usage is printed by the caller on -help
-	if err := fs.Parse(args); err != nil {
-		return err // flag.ErrHelp for -help, else one line naming the flag
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments: %v", fs.Args())
-	}
-	if err := flagenv.Apply(fs, lookup); err != nil {
-		return err
-	}
-	return validate()
+	return cli.OneLine(errs...)
 }
 
 // Parts are what a server's run builds from the common config.
@@ -347,7 +323,7 @@ func Advertised(advertiseHost string, ln net.Listener) string {
 // progress, sessions) plus the server's own, and registers it on the gRPC
 // server. Call it once, before Serve.
 func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
-	extra.Pool, extra.Progress, extra.Sessions, extra.GPUs = p.Pool, p.Progress, p.Sessions, p.GPU.Snapshot
+	extra.Pool, extra.Progress, extra.Sessions, extra.GPUs = healthPool{p.Pool}, p.Progress, p.Sessions, p.GPU.Snapshot
 	p.Health = health.New(p.Registry, health.Config{
 		ProgressDeadline: cfg.ProgressDeadline, TransferDeadline: cfg.TransferDeadline,
 		PoisonBudget: cfg.PoisonBudget, ExhaustionGrace: cfg.ExhaustionGrace,
@@ -356,47 +332,20 @@ func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
 	return p.Health
 }
 
+// healthPool is the block pool as health reads it.
+type healthPool struct{ *blockpool.Pool }
+
+func (p healthPool) Counts() *kvferryv1.PoolCounts {
+	n := p.Pool.Counts()
+	return &kvferryv1.PoolCounts{
+		Capacity: uint64(n.Capacity), Free: uint64(n.Free), Owned: uint64(n.Owned),
+		InFlight: uint64(n.InFlight), Quarantined: uint64(n.Quarantined), Poisoned: uint64(n.Poisoned),
+	}
+}
+
 // gpuPollInterval is how often NVML is read: ECC and XID faults reach
 // readiness within it, and NVML queries stay cheap.
 const gpuPollInterval = 5 * time.Second
-
-// AdminHandler serves /livez, /readyz, /health (the full snapshot as JSON)
-// and /metrics, and with enablePprof /debug/pprof/.
-func AdminHandler(h *health.Checker, reg *prometheus.Registry, enablePprof bool) http.Handler {
-	mux := http.NewServeMux()
-	h.Routes(mux)
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	if enablePprof {
-		// Profiles on the admin port only, never the public one, and only
-		// when asked for: they expose memory contents and cost CPU.
-		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
-		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
-	}
-	return mux
-}
-
-// WarnPlaintext logs a warning when a listener beyond loopback serves
-// without TLS: internal surfaces then trust the whole network.
-func WarnPlaintext(lg *zap.Logger, tls bool, lns ...net.Listener) {
-	if tls {
-		return
-	}
-	for _, ln := range lns {
-		if ln == nil {
-			continue
-		}
-		if tcp, ok := ln.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() {
-			lg.Warn("listening beyond loopback without TLS: anyone who reaches this address can call it (set --tls-cert, --tls-key and --tls-ca; --data-tls for the tcp data port)",
-				zap.String("addr", ln.Addr().String()))
-		}
-	}
-}
-
-// RegisterPprof adds --enable-pprof.
-func RegisterPprof(fs *flag.FlagSet, enable *bool) {
-	fs.BoolVar(enable, "enable-pprof", false, "serve Go profiles on the admin port at /debug/pprof/ (off by default: they expose memory contents)")
-}
 
 // Serve runs the gRPC and admin HTTP servers plus the extra runnables until
 // ctx is done or one fails. Then health turns NOT_SERVING for readiness at
@@ -410,7 +359,7 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 	defer stopAdmin()
 	adminErr := make(chan error, 1)
 	go func() {
-		err := serving.ServeHTTP(adminCtx, AdminHandler(p.Health, p.Registry, cfg.EnablePprof), p.HTTPLn, cfg.ShutdownGrace)
+		err := serving.ServeHTTP(adminCtx, cli.AdminHandler(p.Health, p.Registry, cfg.EnablePprof), p.HTTPLn, cfg.ShutdownGrace)
 		if err != nil {
 			stopRun() // the admin server failed: stop the process
 		}
@@ -429,8 +378,8 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 	if p.DataEndpoint != "" {
 		data = p.DataEndpoint
 	}
-	WarnPlaintext(p.Logger, cfg.TLS.Enabled(), p.GRPCLn)
-	WarnPlaintext(p.Logger, cfg.DataTLS, p.DataLn)
+	cli.WarnPlaintext(p.Logger, cfg.TLS.Enabled(), p.GRPCLn)
+	cli.WarnPlaintext(p.Logger, cfg.DataTLS, p.DataLn)
 	p.Logger.Info("serving",
 		zap.String("grpc", p.GRPCLn.Addr().String()), zap.String("http", p.HTTPLn.Addr().String()),
 		zap.String("data", data), zap.String("transport", cfg.Transport), zap.String("model", p.Spec.Name),
@@ -467,56 +416,4 @@ var callers = map[identity.Role]map[string][]identity.Role{
 		kvferryv1.HealthService_ServiceDesc.ServiceName:     {identity.Any},
 		healthpb.Health_ServiceDesc.ServiceName:             {identity.Any},
 	},
-}
-
-// RegisterTLS adds --tls-cert, --tls-key, --tls-ca and --tls-trust-domain.
-func RegisterTLS(fs *flag.FlagSet, t *serving.TLSFiles) {
-	fs.StringVar(&t.Cert, "tls-cert", "", "PEM certificate: serve gRPC (and the router's OpenAI port) over TLS and present it to peers")
-	fs.StringVar(&t.Key, "tls-key", "", "PEM private key of --tls-cert")
-	fs.StringVar(&t.CA, "tls-ca", "", "PEM CA bundle: verify peers with it; servers then require client certificates (mTLS) naming a role that may call the service (URI SAN spiffe://TRUST-DOMAIN/kvferry/ROLE)")
-	fs.StringVar(&t.TrustDomain, "tls-trust-domain", identity.DefaultTrustDomain, "SPIFFE trust domain of the role URIs in certificates (make certs writes them)")
-}
-
-// OneLine joins errors into one line for the user.
-func OneLine(errs ...error) error {
-	var msgs []string
-	for _, e := range errs {
-		if e != nil {
-			msgs = append(msgs, e.Error())
-		}
-	}
-	if len(msgs) == 0 {
-		return nil
-	}
-	return errors.New(strings.Join(msgs, "; "))
-}
-
-// Main is the whole main of a command: parse flags (with -help printing
-// every flag and its variable), build the logger, run under SIGINT/SIGTERM.
-// It returns the exit code: 0, 1 for a failed run, 2 for bad flags.
-func Main(fs *flag.FlagSet, what string, args []string, validate func() error, logLevel *string, run func(ctx context.Context, lg *zap.Logger) error) int {
-	fs.Usage = flagenv.Usage(fs, what)
-	if err := Parse(fs, args, os.LookupEnv, validate); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.SetOutput(os.Stdout)
-			fs.Usage()
-			return 0
-		}
-		fmt.Fprintf(os.Stderr, "%s: %v (see --help)\n", fs.Name(), strings.ReplaceAll(err.Error(), "\n", "; "))
-		return 2
-	}
-	lg, err := serving.NewLogger(*logLevel)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "%s: %v\n", fs.Name(), err)
-		return 2
-	}
-	lg = lg.With(zap.String("component", fs.Name()))
-	defer func() { _ = lg.Sync() }()
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx, lg); err != nil {
-		lg.Error("exit", zap.Error(err))
-		return 1
-	}
-	return 0
 }
