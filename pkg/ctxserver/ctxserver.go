@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvferry/kvferry/internal/loglock"
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/health"
@@ -119,7 +120,9 @@ type Server struct {
 	cachedTokens [][]uint32
 	lg           *zap.Logger
 
-	mu   sync.Mutex
+	// mu guards the request table; a line logged under it is written
+	// after the unlock (mu.Later): no I/O under the lock, logs included.
+	mu   loglock.Mutex
 	reqs *executor.Table[*request]
 }
 
@@ -258,7 +261,7 @@ func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv
 	for j := reused; j < len(hashes); j++ {
 		ok, err := s.cfg.Pool.Publish(blocks[j], hashes[j])
 		if err != nil {
-			s.lg.Error("publish block", zap.Error(err))
+			s.mu.Later(func() { s.lg.Error("publish block", zap.Error(err)) })
 		}
 		if ok {
 			s.cachedTokens[blocks[j]] = slices.Clone(s.blockTokens(req.GetPromptTokens(), j))
@@ -302,7 +305,7 @@ func (s *Server) allocateLocked(ctx context.Context, tokens []uint32) ([]blockpo
 		blocks = s.cfg.Pool.Lookup(hashes)
 		for i, id := range blocks {
 			if !slices.Equal(s.cachedTokens[id], s.blockTokens(tokens, i)) {
-				s.lg.Warn("prefix cache hit with other tokens: not reused", zap.Int("block", i))
+				s.mu.Later(func() { s.lg.Warn("prefix cache hit with other tokens: not reused", zap.Int("block", i)) })
 				_ = s.cfg.Pool.Release(blocks[i:])
 				blocks = blocks[:i]
 				break
@@ -324,10 +327,11 @@ func (s *Server) allocateLocked(ctx context.Context, tokens []uint32) ([]blockpo
 }
 
 // advanceLocked moves r along the lifecycle; a move it does not allow is
-// a bookkeeping bug, logged (the request's state is unchanged).
+// a bookkeeping bug, logged after the lock (the request's state is
+// unchanged).
 func (s *Server) advanceLocked(r *request, to executor.Stage) {
 	if err := r.Advance(to, time.Now()); err != nil {
-		s.lg.Error("request stage", zap.Error(err))
+		s.mu.Later(func() { s.lg.Error("request stage", zap.Error(err)) })
 	}
 }
 
@@ -373,7 +377,8 @@ func (s *Server) dropRefsLocked(r *request) {
 	r.refsHeld = false
 	s.cfg.Progress.End()
 	if err := s.cfg.Pool.Release(r.blocks); err != nil {
-		s.lg.Error("release blocks", zap.Error(err)) // a bookkeeping bug; the invariant test catches it
+		// A bookkeeping bug; the invariant test catches it.
+		s.mu.Later(func() { s.lg.Error("release blocks", zap.Error(err)) })
 	}
 	s.dropHoldLocked(r)
 }
@@ -653,17 +658,12 @@ func (s *Server) Run(ctx context.Context, interval time.Duration) {
 }
 
 func (s *Server) sweep(now time.Time) {
-	var expired [][]zap.Field // logged after the lock
 	s.mu.Lock()
-	defer func() {
-		s.mu.Unlock()
-		for _, fields := range expired {
-			s.lg.Info("handoff lease expired", fields...)
-		}
-	}()
+	defer s.mu.Unlock()
 	for id, r := range s.reqs.All() {
 		if r.Stage() == executor.StageAdvertised && now.After(r.leaseUntil) {
-			expired = append(expired, []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", r.Attempt()), zap.Int("blocks", len(r.blocks))})
+			fields := []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", r.Attempt()), zap.Int("blocks", len(r.blocks))}
+			s.mu.Later(func() { s.lg.Info("handoff lease expired", fields...) })
 			s.endLocked(r)
 		}
 	}

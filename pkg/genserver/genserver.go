@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvferry/kvferry/internal/loglock"
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/health"
@@ -91,7 +92,9 @@ type Server struct {
 	decoder *executor.Decoder
 	lg      *zap.Logger
 
-	mu         sync.Mutex
+	// mu guards the table and the transfers; a line logged under it is
+	// written after the unlock (mu.Later).
+	mu         loglock.Mutex
 	reqs       *executor.Table[*request]
 	quarantine map[*transfer]struct{} // receive sessions in doubt, for the reaper
 
@@ -322,7 +325,7 @@ type transfer struct {
 func (s *Server) stepLocked(tr *transfer, as kvtransfer.Actions) {
 	eff, err := tr.hold.Apply(s.cfg.Pool, as)
 	if err != nil {
-		s.lg.Error("apply session actions", zap.String("request_id", tr.requestID), zap.Error(err))
+		s.mu.Later(func() { s.lg.Error("apply session actions", zap.String("request_id", tr.requestID), zap.Error(err)) })
 	}
 	if eff.Quarantined {
 		s.quarantine[tr] = struct{}{}
@@ -335,8 +338,10 @@ func (s *Server) stepLocked(tr *transfer, as kvtransfer.Actions) {
 	if eff.Poisoned {
 		delete(s.quarantine, tr)
 		s.cfg.Quarantines.RecordPoison(metrics.SideReceiver, len(tr.hold.Blocks))
-		s.lg.Error("blocks poisoned: quiescence never proven before the quarantine deadline",
-			zap.String("request_id", tr.requestID), zap.Int("blocks", len(tr.hold.Blocks)))
+		id, n := tr.requestID, len(tr.hold.Blocks)
+		s.mu.Later(func() {
+			s.lg.Error("blocks poisoned: quiescence never proven before the quarantine deadline", zap.String("request_id", id), zap.Int("blocks", n))
+		})
 	}
 }
 
@@ -347,179 +352,6 @@ func (s *Server) step(tr *transfer, event func(*kvtransfer.Session, time.Time) k
 	as := event(tr.sess, time.Now())
 	s.stepLocked(tr, as)
 	return as
-}
-
-// receive pins the destination blocks, has the context server push into
-// them and waits for the data path's DONE notification, the sender's
-// failure, cancellation, no progress for ProgressTimeout or the transfer
-// deadline — the session decides which, and when the blocks may leave
-// IN_FLIGHT. On every exit the receiver session is finished: its reader
-// proves the blocks quiet, which returns quarantined ones.
-func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r *request, blocks []blockpool.ID, mem [][]byte) (*executor.Sequence, error) {
-	adv := req.GetAdvertisement()
-	id := req.GetTicket().GetRequestId()
-	fields := []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", req.GetTicket().GetAttempt()), zap.String("peer", adv.GetTransferEndpoint())}
-	tr := &transfer{sess: kvtransfer.NewSession(s.cfg.Timeouts), hold: kvtransfer.Hold{Blocks: blocks}, r: r, requestID: id}
-	if err := tr.hold.Pin(s.cfg.Pool); err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
-	s.hold(r)
-	sid := kvtransfer.NewSessionID() // 128 random bits: the data port cannot be written by guessing
-	session := sid.ID
-	tracked := s.cfg.Sessions.Add(time.Now())
-	defer s.cfg.Sessions.Remove(tracked)
-	rs, err := s.cfg.Receiver.Register(sid, mem, func(now time.Time) {
-		// Every landed block is progress, for this session and globally.
-		s.cfg.Progress.Touch(now)
-		s.cfg.Sessions.Touch(tracked, now)
-	})
-	if err != nil {
-		s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Cancel(now) })
-		return nil, status.Errorf(codes.Internal, "register session: %v", err)
-	}
-	start := time.Now()
-	// end finishes the receiver session (its transport proves quiescence,
-	// which returns quarantined blocks) and records the outcome, once: a
-	// failure ends it before asking the sender to stop, so that a sender
-	// slow to answer never delays the proof.
-	end := sync.OnceFunc(func() {
-		s.cfg.Receiver.Finish(rs, func() {
-			s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
-				return ss.Prove(now, kvtransfer.ProofTransportTerminal)
-			})
-		})
-		moved, _ := s.cfg.Receiver.Progress(rs)
-		s.mu.Lock()
-		outcome := tr.sess.Outcome()
-		s.mu.Unlock()
-		s.cfg.Transfers.RecordTransfer(metrics.SideReceiver, outcome.String(), moved, time.Since(start))
-		if outcome != kvtransfer.OutcomeCompleted {
-			s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome.String()), zap.Int64("bytes", moved))...)
-		}
-	})
-	defer end()
-	// The descriptors leave with the request: from now on the peer may write.
-	s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Start(now) })
-
-	cc, err := s.cfg.Conns.Get(adv.GetTransferEndpoint())
-	if err != nil {
-		s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Fail(now, 0) })
-		return nil, status.Error(codes.Unavailable, err.Error())
-	}
-	client := kvferryv1.NewTransferServiceClient(cc)
-	tctx, tcancel := context.WithCancel(serving.WithRequestID(ctx, id))
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer tcancel()
-	// fail ends the session with an event, asks the sender to stop and
-	// returns cause.
-	fail := func(event func(*kvtransfer.Session, time.Time) kvtransfer.Actions, cause error) (*executor.Sequence, error) {
-		if as := s.step(tr, event); as.Has(kvtransfer.ActAbort) {
-			end()
-			s.abort(ctx, client, req.GetTicket(), session)
-		}
-		return nil, cause
-	}
-	failNow := func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Fail(now, 0) }
-	cancelNow := func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Cancel(now) }
-
-	dests := make([]*kvferryv1.BlockDescriptor, len(blocks))
-	for i, b := range blocks {
-		dests[i] = &kvferryv1.BlockDescriptor{Index: uint32(b), Offset: s.cfg.Pool.Offset(b), Length: uint64(s.cfg.Pool.BlockSize())}
-	}
-	tstream, err := client.Transfer(tctx, &kvferryv1.TransferRequest{
-		Ticket: req.GetTicket(), SessionId: session, SessionKey: sid.Key, ProtocolVersion: kvtransfer.ProtocolVersion,
-		Layout: s.spec.Layout(), Transport: s.cfg.Transport, DataEndpoint: s.cfg.DataEndpoint, Destinations: dests,
-	})
-	if err != nil {
-		return fail(failNow, status.Errorf(codes.Unavailable, "transfer: %v", err))
-	}
-	first, err := tstream.Recv()
-	if err != nil {
-		if ctx.Err() != nil {
-			return fail(cancelNow, status.FromContextError(ctx.Err()).Err())
-		}
-		return fail(failNow, status.Errorf(status.Code(err), "transfer: %v", err))
-	}
-	if first.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_READY {
-		// NOT_READY: the sender will not write; the receive blocks are
-		// released normally once the reader confirms it.
-		return fail(failNow, status.Errorf(codes.FailedPrecondition, "context server not ready: %s", first.GetReason()))
-	}
-
-	// The sender's terminal event arrives on the stream; read it off the
-	// handler's goroutine. Buffered by one so the reader never blocks; it
-	// ends when the stream does (tcancel above), and wg waits for it.
-	events := make(chan error, 1)
-	wg.Go(func() {
-		m, err := tstream.Recv()
-		switch {
-		case err != nil:
-		case m.GetEvent() == kvferryv1.TransferEvent_TRANSFER_EVENT_FAILED:
-			err = fmt.Errorf("sender failed: %s", m.GetReason())
-		}
-		events <- err
-	})
-	tick := time.NewTicker(tickInterval(s.cfg.Timeouts))
-	defer tick.Stop()
-	var seen int64
-	for {
-		select {
-		case <-rs.Done():
-			if err := s.cfg.Receiver.Err(rs); err != nil {
-				code := codes.DataLoss
-				if errors.Is(err, kvtransfer.ErrBadDescriptor) {
-					code = codes.InvalidArgument // the peer named a block outside this session
-				}
-				return fail(failNow, status.Errorf(code, "transfer: %v", err))
-			}
-			// Verify on receipt: every block's checksum, before the engine
-			// reads a byte of it.
-			sums := executor.Checksums(mem)
-			for i, want := range adv.GetBlockChecksums() {
-				if sums[i] != want {
-					quiet := func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
-						return ss.Fail(now, kvtransfer.ProofTransportTerminal) // the reader is done with it
-					}
-					return fail(quiet, status.Errorf(codes.DataLoss, "block %d checksum %#x, advertised %#x", i, sums[i], want))
-				}
-			}
-			s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Complete(now) })
-			s.cfg.Progress.Touch(time.Now())
-			seq, err := s.cfg.Engine.StartDecode(ctx, mem, sums, len(req.GetPromptTokens()), req.GetFirstToken(), executor.ToSampling(req.GetSampling()))
-			if err != nil {
-				if ctx.Err() != nil {
-					return nil, status.FromContextError(ctx.Err()).Err()
-				}
-				return nil, status.Errorf(codes.Internal, "decode state: %v", err)
-			}
-			return seq, nil
-		case err := <-events:
-			if err != nil {
-				if ctx.Err() != nil {
-					return fail(cancelNow, status.FromContextError(ctx.Err()).Err())
-				}
-				return fail(failNow, status.Errorf(codes.Unavailable, "transfer: %v", err))
-			}
-			events = nil // COMPLETED: the DONE frame follows on the data path
-		case <-ctx.Done():
-			return fail(cancelNow, status.FromContextError(ctx.Err()).Err())
-		case <-tick.C:
-			moved, last := s.cfg.Receiver.Progress(rs)
-			delta := moved - seen
-			seen = moved
-
-			as := s.step(tr, func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
-				ss.Progress(last, delta)
-				return ss.Tick(now)
-			})
-			if as.Has(kvtransfer.ActNotify) {
-				end()
-				s.abort(ctx, client, req.GetTicket(), session)
-				return nil, status.Errorf(codes.DeadlineExceeded, "transfer timed out: no progress for %s or past the %s deadline", s.cfg.Timeouts.Progress, s.cfg.Timeouts.Deadline)
-			}
-		}
-	}
 }
 
 // tickInterval is how often a receive checks its timers: an eighth of the

@@ -1,16 +1,20 @@
 package kvtransfer
 
 import (
+	"context"
 	"errors"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+
+	"github.com/kvferry/kvferry/internal/poll"
 )
 
 // The pool memfd is sealed: nobody holding it can shrink it under a
@@ -51,30 +55,60 @@ func TestShmSocketMode(t *testing.T) {
 	}
 }
 
-// lyingReceiver answers one writer with a HELLO carrying fd and claiming
-// size bytes.
-func lyingReceiver(t *testing.T, fd int, size uint64) string {
-	path := filepath.Join(t.TempDir(), "liar.sock")
+// fakeReceiver listens on a unix socket and runs serve for each writer
+// that connects, until the test ends (which closes every connection).
+func fakeReceiver(t *testing.T, name string, serve func(c *net.UnixConn)) string {
+	path := filepath.Join(t.TempDir(), name)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	t.Cleanup(func() { _ = ln.Close(); <-done })
-	go func() {
-		defer close(done)
-		c, err := ln.AcceptUnix()
-		if err != nil {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []*net.UnixConn
+	t.Cleanup(func() {
+		_ = ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			_ = c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.AcceptUnix()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Go(func() { serve(c) })
+		}
+	})
+	return path
+}
+
+// untilHangUp reads until the writer hangs up (or the test closes c).
+func untilHangUp(c *net.UnixConn) {
+	var b [1]byte
+	for {
+		if _, err := c.Read(b[:]); err != nil {
 			return
 		}
-		defer c.Close()
+	}
+}
+
+// lyingReceiver answers a writer with a HELLO carrying fd and claiming
+// size bytes.
+func lyingReceiver(t *testing.T, fd int, size uint64) string {
+	return fakeReceiver(t, "liar.sock", func(c *net.UnixConn) {
 		var hb [HeaderSize]byte
 		Header{Kind: FrameHello, Session: size}.Encode(hb[:])
 		_, _, _ = c.WriteMsgUnix(hb[:], unix.UnixRights(fd), nil)
-		var b [1]byte
-		_, _ = c.Read(b[:]) // until the writer hangs up
-	}()
-	return path
+		untilHangUp(c)
+	})
 }
 
 // A receiver that hands out a memfd it could shrink, or lies about its
@@ -104,10 +138,71 @@ func TestShmWriterRefusesUnsafePool(t *testing.T) {
 		{"size larger than the memfd", small.fd, 1 << 20, "holds 4096 bytes"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := dialShm(lyingReceiver(t, tc.fd, tc.size), 5*time.Second)
+			_, err := dialShm(context.Background(), lyingReceiver(t, tc.fd, tc.size), 5*time.Second)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("dial: %v, want an error containing %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// silentReceiver accepts writers and never says HELLO: a peer that hangs.
+func silentReceiver(t *testing.T) string { return fakeReceiver(t, "silent.sock", untilHangUp) }
+
+// A peer that never answers its dial holds up only the writes to it: a
+// write to a live receiver goes through while that dial waits (one dial
+// lock for every peer made it wait the whole progress timeout), and the
+// stuck write returns as soon as its caller leaves.
+func TestShmDeadPeerDoesNotStallOthers(t *testing.T) {
+	const size = 4096
+	live := newTarget(t, backend{name: TransportShm}, 4*size, size)
+	w := NewShmWriter(time.Minute, Hooks{}) // the dead dial would wait a minute
+	defer w.Close()
+
+	dead := silentReceiver(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	stuck := make(chan error, 1)
+	go func() {
+		_, err := w.Write(ctx, dead, SessionID{ID: 1}, [][]byte{make([]byte, size)}, []Desc{{Length: size}})
+		stuck <- err
+	}()
+	// Let the dead dial start (it never ends by itself within the test).
+	poll.Until(t, shouldHappen, time.Millisecond, "the dial to the dead peer is in flight", func() bool {
+		w.dials.mu.Lock()
+		defer w.dials.mu.Unlock()
+		return len(w.dials.calls) == 1
+	})
+
+	src := patterned(2, size, 7)
+	mem, dst := live.blocks(0, 2, size)
+	rs, err := live.r.Register(SessionID{ID: 2}, mem, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := w.Write(context.Background(), live.endpoint, SessionID{ID: 2}, src, dst)
+		wrote <- err
+	}()
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(shouldHappen):
+		t.Fatal("the write to a live receiver waited behind the dead peer's dial")
+	}
+	<-rs.Done()
+	sameBlocks(t, mem, src)
+	live.r.Finish(rs, func() {})
+
+	cancel()
+	select {
+	case err := <-stuck:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("the stuck write answered %v, want context.Canceled", err)
+		}
+	case <-time.After(shouldHappen):
+		t.Fatal("the write to the dead peer ignored its context")
 	}
 }

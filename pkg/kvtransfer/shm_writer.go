@@ -20,7 +20,7 @@ type ShmWriter struct {
 	Hooks
 	progress time.Duration
 
-	dialMu sync.Mutex // serialises dials; never held with mu across one
+	dials  dialGroup[*shmPeer] // one dial per endpoint; never under mu
 	mu     sync.Mutex
 	peers  map[string]*shmPeer
 	closed bool
@@ -66,7 +66,7 @@ func (w *ShmWriter) Write(ctx context.Context, endpoint string, sid SessionID, s
 	if len(src) != len(dst) {
 		return 0, checkDescs(src, dst, 0)
 	}
-	p, err := w.peer(endpoint)
+	p, err := w.peer(ctx, endpoint)
 	if err != nil {
 		return 0, err
 	}
@@ -166,15 +166,31 @@ func (p *shmPeer) write(h Header, progress time.Duration) error {
 
 // peer returns the live link to endpoint, dialling and mapping it when
 // there is none, with one more user counted.
-func (w *ShmWriter) peer(endpoint string) (*shmPeer, error) {
-	// One dial at a time, outside mu: a slow receiver must not hold up
-	// writes to the others.
-	w.dialMu.Lock()
-	defer w.dialMu.Unlock()
-	if p, err := w.live(endpoint); p != nil || err != nil {
-		return p, err
+// peer returns the live link to endpoint with one more user, dialling it
+// when there is none: one dial per endpoint, bounded by ctx and the
+// progress timeout, and never in the way of writes to other endpoints.
+func (w *ShmWriter) peer(ctx context.Context, endpoint string) (*shmPeer, error) {
+	for {
+		if p, err := w.live(endpoint); p != nil || err != nil {
+			return p, err
+		}
+		p, dialed, err := w.dials.do(ctx, endpoint, func() (*shmPeer, error) { return w.dial(ctx, endpoint) })
+		switch {
+		case dialed:
+			return p, err
+		case ctx.Err() != nil:
+			return nil, ctx.Err()
+		case err != nil && !isContextErr(err):
+			return nil, err // the dial this caller waited for failed
+		}
+		// Another caller's dial ended (or its caller left): look again.
 	}
-	p, err := dialShm(endpoint, w.progress)
+}
+
+// dial connects to endpoint and adds the link, with this caller as its
+// first user.
+func (w *ShmWriter) dial(ctx context.Context, endpoint string) (*shmPeer, error) {
+	p, err := dialShm(ctx, endpoint, w.progress)
 	if err != nil {
 		return nil, err
 	}
@@ -189,6 +205,10 @@ func (w *ShmWriter) peer(endpoint string) (*shmPeer, error) {
 	w.peers[endpoint] = p
 	w.wg.Go(func() { p.readLoop() })
 	return p, nil
+}
+
+func isContextErr(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
 var errClosed = errors.New("kvtransfer: writer closed")
@@ -213,18 +233,33 @@ func (w *ShmWriter) live(endpoint string) (*shmPeer, error) {
 	return p, nil
 }
 
-// dialShm connects to a receiver and maps the memory its HELLO hands over.
-func dialShm(endpoint string, timeout time.Duration) (*shmPeer, error) {
-	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: endpoint, Net: "unix"})
+// dialShm connects to a receiver and maps the memory its HELLO hands over,
+// within timeout (0: none) and while ctx lives.
+func dialShm(ctx context.Context, endpoint string, timeout time.Duration) (*shmPeer, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", endpoint)
 	if err != nil {
 		return nil, fmt.Errorf("kvtransfer: dial shm %s: %w", endpoint, err)
 	}
-	if timeout > 0 {
-		_ = c.SetReadDeadline(time.Now().Add(timeout))
+	c := conn.(*net.UnixConn)
+	deadline, ok := ctx.Deadline()
+	if timeout > 0 && (!ok || time.Now().Add(timeout).Before(deadline)) {
+		deadline, ok = time.Now().Add(timeout), true
 	}
+	if ok {
+		_ = c.SetReadDeadline(deadline)
+	}
+	// A caller that leaves ends the wait for the HELLO at once.
+	stop := context.AfterFunc(ctx, func() { _ = c.SetReadDeadline(time.Unix(1, 0)) })
 	var hb [HeaderSize]byte
 	oob := make([]byte, unix.CmsgSpace(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(hb[:], oob)
+	if !stop() && err == nil {
+		err = ctx.Err() // it left as the HELLO came: the deadline may be in the past now
+	}
+	if ctx.Err() != nil {
+		err = ctx.Err()
+	}
 	_ = c.SetReadDeadline(time.Time{})
 	fd := -1
 	if err == nil {

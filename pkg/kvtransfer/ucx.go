@@ -675,24 +675,20 @@ func (x *UCXWriter) onMsg(from uint64, frame, addr []byte) {
 	}
 }
 
+// peer returns the live endpoint to a receiver, connecting when there is
+// none. A write to a connected peer never waits for a connect to another
+// one.
 func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
+	if p, err := x.livePeer(endpoint); p != nil || err != nil {
+		return p, err
+	}
 	// One connect at a time, without x.mu: the pump's onMsg takes x.mu, and
-	// the connect waits for the pump's rounds.
+	// the connect waits for the pump's rounds. (Connects share the worker's
+	// lock anyway; Close waits for the one in flight.)
 	x.dialMu.Lock()
 	defer x.dialMu.Unlock()
-	x.mu.Lock()
-	closed, p := x.closed, x.peers[endpoint]
-	x.mu.Unlock()
-	if closed {
-		return nil, errClosed
-	}
-	if p != nil {
-		x.w.mu.Lock()
-		dead := p.dead
-		x.w.mu.Unlock()
-		if !dead {
-			return p, nil
-		}
+	if p, err := x.livePeer(endpoint); p != nil || err != nil {
+		return p, err // connected while this one waited
 	}
 	p, err := x.connect(endpoint)
 	if err != nil {
@@ -702,6 +698,26 @@ func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
 	x.peers[endpoint] = p
 	x.byID[p.id] = p
 	x.mu.Unlock()
+	return p, nil
+}
+
+// livePeer is the endpoint's live peer, if any.
+func (x *UCXWriter) livePeer(endpoint string) (*ucxPeer, error) {
+	x.mu.Lock()
+	closed, p := x.closed, x.peers[endpoint]
+	x.mu.Unlock()
+	if closed {
+		return nil, errClosed
+	}
+	if p == nil {
+		return nil, nil
+	}
+	x.w.mu.Lock()
+	dead := p.dead
+	x.w.mu.Unlock()
+	if dead {
+		return nil, nil
+	}
 	return p, nil
 }
 
