@@ -85,6 +85,8 @@ type Sources struct {
 	QuarantinedSessions func() int
 	Canary              func() *kvferryv1.CanaryStatus
 	GPUs                func() (present bool, gpus []*kvferryv1.GpuStatus)
+	// EngineDevices names the devices the model engine runs on.
+	EngineDevices []string
 	Ready               ReadyCheck
 }
 
@@ -221,6 +223,7 @@ func (c *Checker) Evaluate(ctx context.Context, now time.Time) *kvferryv1.GetHea
 			fail(true, ReasonCanaryFailing, "the pair canary fails against every recently seen context server")
 		}
 	}
+	h.EngineDevices = c.src.EngineDevices
 	if c.src.GPUs != nil {
 		h.GpuPresent, h.Gpus = c.src.GPUs()
 		for _, g := range h.Gpus {

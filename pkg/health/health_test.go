@@ -45,10 +45,20 @@ func newFixture(t *testing.T) *fixture {
 	f := &fixture{pool: pool, progress: NewProgress(t0), sessions: NewSessions(), reg: prometheus.NewRegistry()}
 	f.c = New(f.reg, cfg, Sources{
 		Pool: testPool{pool}, Progress: f.progress, Sessions: f.sessions,
-		Canary: func() *kvferryv1.CanaryStatus { return f.canary },
-		GPUs:   func() (bool, []*kvferryv1.GpuStatus) { return len(f.gpus) > 0, f.gpus },
+		Canary:        func() *kvferryv1.CanaryStatus { return f.canary },
+		GPUs:          func() (bool, []*kvferryv1.GpuStatus) { return len(f.gpus) > 0, f.gpus },
+		EngineDevices: []string{"CUDA0 (NVIDIA H200)", "CPU (test)"},
 	})
 	return f
+}
+
+// The snapshot names the devices the engine runs on.
+func TestSnapshotNamesEngineDevices(t *testing.T) {
+	f := newFixture(t)
+	h := f.expect(t, at(0), true, true, ReasonOK)
+	if got := h.GetEngineDevices(); len(got) != 2 || got[0] != "CUDA0 (NVIDIA H200)" {
+		t.Fatalf("engine devices %v, want the engine's CUDA0 and CPU", got)
+	}
 }
 
 func (f *fixture) expect(t *testing.T, now time.Time, live, ready bool, reason string) *kvferryv1.GetHealthResponse {

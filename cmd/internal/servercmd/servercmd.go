@@ -324,6 +324,9 @@ func Advertised(advertiseHost string, ln net.Listener) string {
 // server. Call it once, before Serve.
 func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
 	extra.Pool, extra.Progress, extra.Sessions, extra.GPUs = healthPool{p.Pool}, p.Progress, p.Sessions, p.GPU.Snapshot
+	if d, ok := p.Engine.(interface{ Devices() []string }); ok {
+		extra.EngineDevices = d.Devices() // the llama.cpp engine's CPU and GPUs
+	}
 	p.Health = health.New(p.Registry, health.Config{
 		ProgressDeadline: cfg.ProgressDeadline, TransferDeadline: cfg.TransferDeadline,
 		PoisonBudget: cfg.PoisonBudget, ExhaustionGrace: cfg.ExhaustionGrace,

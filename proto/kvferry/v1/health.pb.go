@@ -172,8 +172,12 @@ type GetHealthResponse struct {
 	Gpus       []*GpuStatus `protobuf:"bytes,19,rep,name=gpus,proto3" json:"gpus,omitempty"`
 	// evaluated_unix_nanos is when this snapshot was computed.
 	EvaluatedUnixNanos int64 `protobuf:"varint,20,opt,name=evaluated_unix_nanos,json=evaluatedUnixNanos,proto3" json:"evaluated_unix_nanos,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// engine_devices names the compute devices the model engine runs on, as
+	// "name (description)" (llama.cpp: "CUDA0 (NVIDIA H200)", "CPU (...)");
+	// empty for the synthetic engine.
+	EngineDevices []string `protobuf:"bytes,21,rep,name=engine_devices,json=engineDevices,proto3" json:"engine_devices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetHealthResponse) Reset() {
@@ -344,6 +348,13 @@ func (x *GetHealthResponse) GetEvaluatedUnixNanos() int64 {
 		return x.EvaluatedUnixNanos
 	}
 	return 0
+}
+
+func (x *GetHealthResponse) GetEngineDevices() []string {
+	if x != nil {
+		return x.EngineDevices
+	}
+	return nil
 }
 
 // CanaryStatus is the pair canary of a generation server: a one-block KV
@@ -625,7 +636,7 @@ const file_kvferry_v1_health_proto_rawDesc = "" +
 	"\x05owned\x18\x03 \x01(\x04R\x05owned\x12\x1b\n" +
 	"\tin_flight\x18\x04 \x01(\x04R\binFlight\x12 \n" +
 	"\vquarantined\x18\x05 \x01(\x04R\vquarantined\x12\x1a\n" +
-	"\bpoisoned\x18\x06 \x01(\x04R\bpoisoned\"\xea\x06\n" +
+	"\bpoisoned\x18\x06 \x01(\x04R\bpoisoned\"\x91\a\n" +
 	"\x11GetHealthResponse\x12\x18\n" +
 	"\ahealthy\x18\x01 \x01(\bR\ahealthy\x12\x12\n" +
 	"\x04live\x18\x02 \x01(\bR\x04live\x12\x14\n" +
@@ -648,7 +659,8 @@ const file_kvferry_v1_health_proto_rawDesc = "" +
 	"\vgpu_present\x18\x12 \x01(\bR\n" +
 	"gpuPresent\x12)\n" +
 	"\x04gpus\x18\x13 \x03(\v2\x15.kvferry.v1.GpuStatusR\x04gpus\x120\n" +
-	"\x14evaluated_unix_nanos\x18\x14 \x01(\x03R\x12evaluatedUnixNanos\"p\n" +
+	"\x14evaluated_unix_nanos\x18\x14 \x01(\x03R\x12evaluatedUnixNanos\x12%\n" +
+	"\x0eengine_devices\x18\x15 \x03(\tR\rengineDevices\"p\n" +
 	"\fCanaryStatus\x12\x18\n" +
 	"\aenabled\x18\x01 \x01(\bR\aenabled\x12\x18\n" +
 	"\afailing\x18\x02 \x01(\bR\afailing\x12,\n" +
