@@ -455,6 +455,17 @@ func (p *Pool) State(id ID) State {
 	return p.blocks[id].state()
 }
 
+// ByState returns the number of blocks in each state, by the state's name
+// (for gauges that must not depend on this package's types).
+func (p *Pool) ByState() map[string]int {
+	c := p.Counts()
+	out := make(map[string]int, len(States()))
+	for _, st := range States() {
+		out[st.String()] = c.Of(st)
+	}
+	return out
+}
+
 // Counts returns the number of blocks in each state.
 func (p *Pool) Counts() Counts {
 	p.mu.Lock()

@@ -87,7 +87,7 @@ type Sources struct {
 	GPUs                func() (present bool, gpus []*kvferryv1.GpuStatus)
 	// EngineDevices names the devices the model engine runs on.
 	EngineDevices []string
-	Ready               ReadyCheck
+	Ready         ReadyCheck
 }
 
 // Status is the probe answer.

@@ -12,7 +12,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/buildinfo"
 )
 
@@ -37,15 +36,25 @@ func NewRegistry(tls bool) *prometheus.Registry {
 // poolCollector reads a pool's counts at scrape time, so the gauges can
 // never drift from the pool.
 type poolCollector struct {
-	pool     *blockpool.Pool
+	pool     PoolGauges
 	capacity *prometheus.Desc
 	blocks   *prometheus.Desc
 	cached   *prometheus.Desc
 }
 
+// PoolGauges is what the pool gauges read at scrape time (blockpool.Pool
+// is one): an interface, so that this package — which the router links —
+// does not link the block pool.
+type PoolGauges interface {
+	Capacity() int
+	Cached() int
+	// ByState is the number of blocks in each state, by state name.
+	ByState() map[string]int
+}
+
 // RegisterPool exports kvferry_blockpool_capacity_blocks and
 // kvferry_blockpool_blocks{state}.
-func RegisterPool(reg prometheus.Registerer, pool *blockpool.Pool) {
+func RegisterPool(reg prometheus.Registerer, pool PoolGauges) {
 	reg.MustRegister(&poolCollector{
 		pool:     pool,
 		capacity: prometheus.NewDesc(namespace+"_blockpool_capacity_blocks", "Number of KV blocks in the pool.", nil, nil),
@@ -61,11 +70,10 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
-	counts := c.pool.Counts()
-	ch <- prometheus.MustNewConstMetric(c.capacity, prometheus.GaugeValue, float64(counts.Capacity))
+	ch <- prometheus.MustNewConstMetric(c.capacity, prometheus.GaugeValue, float64(c.pool.Capacity()))
 	ch <- prometheus.MustNewConstMetric(c.cached, prometheus.GaugeValue, float64(c.pool.Cached()))
-	for _, s := range blockpool.States() {
-		ch <- prometheus.MustNewConstMetric(c.blocks, prometheus.GaugeValue, float64(counts.Of(s)), s.String())
+	for state, n := range c.pool.ByState() {
+		ch <- prometheus.MustNewConstMetric(c.blocks, prometheus.GaugeValue, float64(n), state)
 	}
 }
 

@@ -70,7 +70,7 @@ func contains(xs []string, x string) bool {
 // (directly or not): the router never touches KV memory, so it links no
 // transport, no server skeleton and no NVML.
 var notLinked = map[string][]string{
-	"cmd/router": {"pkg/kvtransfer", "pkg/health/gpu", "cmd/internal/servercmd", "pkg/ctxserver", "pkg/genserver", "pkg/loadgen"},
+	"cmd/router": {"pkg/kvtransfer", "pkg/blockpool", "pkg/health/gpu", "cmd/internal/servercmd", "pkg/ctxserver", "pkg/genserver", "pkg/loadgen"},
 	"cmd/kvload": {"pkg/kvtransfer", "pkg/blockpool", "pkg/router", "cmd/internal/servercmd"},
 }
 
