@@ -15,7 +15,7 @@ import (
 // the decoder has members and ends when the last one is gone; the next
 // Join starts it again, so the decoder needs no owner to run or stop it.
 //
-// A sequence is stepped while fewer than maxPending (64) of its tokens wait for
+// A sequence is stepped while fewer than maxPending (8) of its tokens wait for
 // its owner: a client that reads slowly stalls only its own sequence (the
 // stream's flow control reaches the engine), and an owner that keeps up
 // is never left out of a step. (Requiring every token to be taken before
@@ -214,14 +214,14 @@ func (d *Decoder) loop() {
 	}
 }
 
-// maxPending is how many untaken tokens stop a member from being stepped.
-// Enough that owners who keep up never sit a step out: on an H200 a step
-// of the test model takes a fraction of a millisecond, less than an owner
-// needs to send a message, and with 8 the members whose owners were
-// sending sat out, so steps ran 2.3 sequences on average at 32 running
-// (4,300 tokens/s); a client that stops reading still stalls only its own
-// sequence, 64 tokens ahead of it.
-const maxPending = 64
+// maxPending is how many untaken tokens stop a member from being stepped:
+// a client that stops reading stalls only its own sequence, 8 tokens ahead
+// of it, and a fast engine's answer still streams (at least one message
+// per 8 tokens). (64 was tried on the H200 when steps ran 2.9 sequences on
+// average; it changed nothing there — the cause was llama.cpp's
+// micro-batching, see seqSlots — and let an instant engine answer 22
+// tokens in one message, which the end-to-end streaming test caught.)
+const maxPending = 8
 
 // pickLocked chooses this step's batch: every member whose owner keeps
 // up (fewer than maxPending tokens untaken), or the maxSeqs of them that
