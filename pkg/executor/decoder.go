@@ -228,19 +228,26 @@ const maxPending = 8
 // waited longest.
 func (d *Decoder) pickLocked() []*Member {
 	var ready []*Member
-	var last []uint64
 	for _, m := range d.members {
 		if len(m.pending) < maxPending {
 			ready = append(ready, m)
-			last = append(last, m.lastStep)
 		}
 	}
-	picked := PickBatch(last, d.maxSeqs)
 	d.steps++
-	batch := make([]*Member, len(picked))
-	for i, k := range picked {
-		batch[i] = ready[k]
-		batch[i].lastStep = d.steps
+	batch := ready
+	if d.maxSeqs > 0 && len(ready) > d.maxSeqs {
+		last := make([]uint64, len(ready))
+		for i, m := range ready {
+			last[i] = m.lastStep
+		}
+		picked := PickBatch(last, d.maxSeqs)
+		batch = make([]*Member, len(picked))
+		for i, k := range picked {
+			batch[i] = ready[k]
+		}
+	}
+	for _, m := range batch {
+		m.lastStep = d.steps
 	}
 	return batch
 }

@@ -69,12 +69,14 @@ type Config struct {
 // ready pair of backends); it returns ok, or a reason and a sentence.
 type ReadyCheck func(ctx context.Context) (ok bool, reason, message string)
 
-// Pool is what the evaluator reads of a block pool: its counts by state,
-// and how many blocks are allocatable now. (An interface, so that health
-// — which the router links too — does not link the block pool.)
+// Pool is what the evaluator reads of a block pool (blockpool.Pool is
+// one): its blocks by state name, its capacity, and how many blocks are
+// allocatable now. (An interface, so that health — which the router links
+// too — does not link the block pool.)
 type Pool interface {
-	Counts() *kvferryv1.PoolCounts
+	Capacity() int
 	Available() int
+	ByState() map[string]int
 }
 
 // Sources are what the evaluator reads; any may be nil.
@@ -193,7 +195,9 @@ func (c *Checker) Evaluate(ctx context.Context, now time.Time) *kvferryv1.GetHea
 		h.QuarantinedSessions = uint64(c.src.QuarantinedSessions())
 	}
 	if pool := c.src.Pool; pool != nil {
-		n := pool.Counts()
+		by := pool.ByState()
+		n := &kvferryv1.PoolCounts{Capacity: uint64(pool.Capacity()), Free: uint64(by["free"]), Owned: uint64(by["owned"]),
+			InFlight: uint64(by["in_flight"]), Quarantined: uint64(by["quarantined"]), Poisoned: uint64(by["poisoned"])}
 		h.Pool = n
 		h.QuarantinedBlocks, h.PoisonedBlocks = n.GetQuarantined(), n.GetPoisoned()
 		if n.GetPoisoned() > uint64(c.cfg.PoisonBudget) {

@@ -44,7 +44,7 @@ func newFixture(t *testing.T) *fixture {
 	pool, _ := blockpool.New(8, 16)
 	f := &fixture{pool: pool, progress: NewProgress(t0), sessions: NewSessions(), reg: prometheus.NewRegistry()}
 	f.c = New(f.reg, cfg, Sources{
-		Pool: testPool{pool}, Progress: f.progress, Sessions: f.sessions,
+		Pool: pool, Progress: f.progress, Sessions: f.sessions,
 		Canary:        func() *kvferryv1.CanaryStatus { return f.canary },
 		GPUs:          func() (bool, []*kvferryv1.GpuStatus) { return len(f.gpus) > 0, f.gpus },
 		EngineDevices: []string{"CUDA0 (NVIDIA H200)", "CPU (test)"},
@@ -238,13 +238,4 @@ func gaugeOf(t *testing.T, reg *prometheus.Registry, name string) prometheus.Col
 	}
 	t.Fatalf("no %s", name)
 	return nil
-}
-
-// testPool is a blockpool.Pool as health reads it.
-type testPool struct{ *blockpool.Pool }
-
-func (p testPool) Counts() *kvferryv1.PoolCounts {
-	n := p.Pool.Counts()
-	return &kvferryv1.PoolCounts{Capacity: uint64(n.Capacity), Free: uint64(n.Free), Owned: uint64(n.Owned),
-		InFlight: uint64(n.InFlight), Quarantined: uint64(n.Quarantined), Poisoned: uint64(n.Poisoned)}
 }

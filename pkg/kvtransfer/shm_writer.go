@@ -254,9 +254,9 @@ func dialShm(ctx context.Context, endpoint string, timeout time.Duration) (*shmP
 	var hb [HeaderSize]byte
 	oob := make([]byte, unix.CmsgSpace(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(hb[:], oob)
-	if !stop() && err == nil {
-		err = ctx.Err() // it left as the HELLO came: the deadline may be in the past now
-	}
+	// A caller that left (even as the HELLO came, so that the deadline may
+	// now be in the past) fails the dial: stop returns false only then.
+	stop()
 	if ctx.Err() != nil {
 		err = ctx.Err()
 	}

@@ -323,7 +323,7 @@ func Advertised(advertiseHost string, ln net.Listener) string {
 // progress, sessions) plus the server's own, and registers it on the gRPC
 // server. Call it once, before Serve.
 func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
-	extra.Pool, extra.Progress, extra.Sessions, extra.GPUs = healthPool{p.Pool}, p.Progress, p.Sessions, p.GPU.Snapshot
+	extra.Pool, extra.Progress, extra.Sessions, extra.GPUs = p.Pool, p.Progress, p.Sessions, p.GPU.Snapshot
 	if d, ok := p.Engine.(interface{ Devices() []string }); ok {
 		extra.EngineDevices = d.Devices() // the llama.cpp engine's CPU and GPUs
 	}
@@ -333,17 +333,6 @@ func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
 	}, extra)
 	p.Health.Register(p.GRPC)
 	return p.Health
-}
-
-// healthPool is the block pool as health reads it.
-type healthPool struct{ *blockpool.Pool }
-
-func (p healthPool) Counts() *kvferryv1.PoolCounts {
-	n := p.Pool.Counts()
-	return &kvferryv1.PoolCounts{
-		Capacity: uint64(n.Capacity), Free: uint64(n.Free), Owned: uint64(n.Owned),
-		InFlight: uint64(n.InFlight), Quarantined: uint64(n.Quarantined), Poisoned: uint64(n.Poisoned),
-	}
 }
 
 // gpuPollInterval is how often NVML is read: ECC and XID faults reach
