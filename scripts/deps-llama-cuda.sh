@@ -45,6 +45,11 @@ build() {
   command -v nvcc >/dev/null || { echo "deps-llama-cuda: no CUDA toolkit (nvcc) here: build on a GPU machine" >&2; exit 1; }
   command -v cmake >/dev/null || { echo "deps-llama-cuda: cmake is needed" >&2; exit 1; }
   command -v ninja >/dev/null && gen=(-G Ninja)
+  # Without the CPU libraries' metadata the libraries would advertise
+  # "llama.cpp unknown", and a mixed fleet would refuse every transfer
+  # between them (kv layout mismatch): check before the long build.
+  local meta="${KVFERRY_LLAMA_LIB_DIR:-.llama/lib}/_nlcBuildMetadata.json"
+  [ -f "$meta" ] || { echo "deps-llama-cuda: no $meta: run make deps-llama first, or set KVFERRY_LLAMA_LIB_DIR to the CPU libraries" >&2; exit 1; }
   work=$(mktemp -d)
   trap 'rm -rf "$work"' RETURN
   tar -xJf "$tar" -C "$work"
@@ -57,8 +62,7 @@ build() {
   rm -rf "$dir"
   mkdir -p "$dir"
   find "$work/build" -name '*.so*' -exec cp -a {} "$dir/" \;
-  local meta="${KVFERRY_LLAMA_LIB_DIR:-.llama/lib}/_nlcBuildMetadata.json"
-  [ -f "$meta" ] && cp "$meta" "$dir/"
+  cp "$meta" "$dir/"
   echo "deps-llama-cuda: llama.cpp CUDA libraries (sm_$sm) in $dir"
 }
 

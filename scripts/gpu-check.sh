@@ -53,10 +53,14 @@ outputs() {
   done
 }
 
-# devices LOGDIR: what each server's engine runs on, from its start log.
+# devices LOGDIR: what each server's engine runs on, from its start log,
+# and which GPUs NVML says it computes on (kvferry_gpu_engine).
 devices() {
+  local port=(9101 9201) i=0
   for s in ctxserver genserver; do
-    printf '%s: %s\n' "$s" "$(grep -o '"devices":\[[^]]*\]' "$1/$s.log" | head -n 1)"
+    printf '%s: %s; NVML: %s\n' "$s" "$(grep -o '"devices":\[[^]]*\]' "$1/$s.log" | head -n 1)" \
+      "$(curl -fsS "http://127.0.0.1:${port[$i]}/metrics" | grep '^kvferry_gpu_engine' | tr '\n' ' ')"
+    i=$((i + 1))
   done
 }
 

@@ -164,6 +164,8 @@ type Llama struct {
 	blocks blockLayout
 	ctxLen int // tokens one sequence may hold
 	chunk  int // prefill tokens per llama_decode
+	// gpuLayers is LlamaConfig.GPULayers: 0 keeps the engine off any GPU.
+	gpuLayers int
 
 	mu    sync.Mutex // guards the llama.cpp context, the batch and mem
 	model llama.Model
@@ -195,7 +197,7 @@ func NewLlama(cfg LlamaConfig) (*Llama, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load model %s: %w", cfg.ModelPath, err)
 	}
-	e := &Llama{model: model}
+	e := &Llama{model: model, gpuLayers: cfg.GPULayers}
 	ok := false
 	defer func() {
 		if !ok {
@@ -308,6 +310,22 @@ func (e *Llama) Devices() []string {
 	for i := range llama.GGMLBackendDeviceCount() {
 		d := llama.GGMLBackendDeviceGet(i)
 		out = append(out, fmt.Sprintf("%s (%s)", llama.GGMLBackendDeviceName(d), llama.GGMLBackendDeviceDescription(d)))
+	}
+	return out
+}
+
+// GPUs names the GPUs the engine computes on (each GPU device's
+// description, e.g. "NVIDIA H200"), in the backend's order; none when the
+// libraries have no GPU backend or GPULayers is 0.
+func (e *Llama) GPUs() []string {
+	if e.gpuLayers == 0 {
+		return nil
+	}
+	var out []string
+	for i := range llama.GGMLBackendDeviceCount() {
+		if d := llama.GGMLBackendDeviceGet(i); llama.GGMLBackendDevType(d) == llama.GGMLBackendDeviceTypeGPU {
+			out = append(out, llama.GGMLBackendDeviceDescription(d))
+		}
 	}
 	return out
 }

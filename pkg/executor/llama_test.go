@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -59,7 +60,7 @@ func testLlamaConfig(t testing.TB) LlamaConfig {
 	if lib == "" {
 		lib = filepath.Join(root, ".llama", "lib")
 	}
-	return LlamaConfig{ModelPath: model, LibDir: lib, Slots: 4}
+	return LlamaConfig{ModelPath: model, LibDir: lib, Slots: 4, GPULayers: -1} // a GPU when the libraries have one, as the servers
 }
 
 // enginePair is two engines on the test model, made once per process: a
@@ -430,18 +431,25 @@ func TestTextStreamHoldsSplitCharacters(t *testing.T) {
 
 func utf8ValidString(s string) bool { return strings.ToValidUTF8(s, "\uFFFD") == s }
 
+// prefilled1000 is the context engine, a ~1,000-token story prompt and its
+// blocks, prefilled cold.
+func prefilled1000(b *testing.B) (*Llama, []uint32, [][]byte) {
+	e, _ := testEngines(b)
+	text := strings.Repeat("Once upon a time there was a little dog who liked to run in the park. ", 60)
+	toks := e.Vocabulary().Encode(text)[:1000]
+	blocks := newBlocks(e.Model(), len(toks))
+	if _, _, err := e.Prefill(context.Background(), toks, Sampling{}, blocks, 0); err != nil {
+		b.Fatal(err)
+	}
+	return e, toks, blocks
+}
+
 // BenchmarkLlamaPrefixReuse: prefill of a ~1,000-token prompt on the test
 // model cold, and with every full block but the last served from the
 // reuse cache (imported as state), same run.
 func BenchmarkLlamaPrefixReuse(b *testing.B) {
-	e, _ := testEngines(b)
+	e, toks, cached := prefilled1000(b)
 	spec := e.Model()
-	text := strings.Repeat("Once upon a time there was a little dog who liked to run in the park. ", 60)
-	toks := e.Vocabulary().Encode(text)[:1000]
-	cached := newBlocks(spec, len(toks))
-	if _, _, err := e.Prefill(context.Background(), toks, Sampling{}, cached, 0); err != nil {
-		b.Fatal(err)
-	}
 	full := len(toks)/spec.BlockTokens - 1
 	for _, reused := range []int{0, full} {
 		b.Run(fmt.Sprintf("reused=%d/%d", reused, spec.BlocksFor(len(toks))), func(b *testing.B) {
@@ -457,6 +465,54 @@ func BenchmarkLlamaPrefixReuse(b *testing.B) {
 			b.ReportMetric(float64(len(toks))*float64(b.N)/b.Elapsed().Seconds(), "prompt-tok/s")
 		})
 	}
+}
+
+// BenchmarkLlamaKVStaging: what a host-staged transfer pays on each side
+// for a ~1,000-token sequence: export (llama.cpp's state out of the
+// context — VRAM on a GPU — into kvferry's blocks) and import (blocks into
+// a sequence). Reports ms per MiB of block rows and MiB/s.
+func BenchmarkLlamaKVStaging(b *testing.B) {
+	e, toks, blocks := prefilled1000(b)
+	spec := e.Model()
+	seq, err := e.acquire(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.releaseSlot(seq)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.importLocked(seq, blocks, len(toks)); err != nil {
+		b.Fatal(err)
+	}
+	mib := float64(len(toks)*e.blocks.bytesPerToken()) / (1 << 20)
+	report := func(b *testing.B) {
+		per := b.Elapsed().Seconds() / float64(b.N)
+		b.ReportMetric(per*1000/mib, "ms/MiB")
+		b.ReportMetric(mib/per, "MiB/s")
+	}
+	b.Run("export", func(b *testing.B) {
+		out := newBlocks(spec, len(toks))
+		for b.Loop() {
+			st := make([]byte, llama.StateSeqGetSize(e.lctx, seq))
+			n := llama.StateSeqGetData(e.lctx, st, seq)
+			if err := e.layout.decodeState(st[:n], out, e.blocks, len(toks), 0); err != nil {
+				b.Fatal(err)
+			}
+		}
+		report(b)
+		if !slices.Equal(Checksums(out), Checksums(blocks)) {
+			b.Fatal("exported blocks differ from the prefill's")
+		}
+	})
+	b.Run("import", func(b *testing.B) {
+		for b.Loop() {
+			e.forget(seq)
+			if err := e.importLocked(seq, blocks, len(toks)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		report(b)
+	})
 }
 
 // Without flash attention llama.cpp keeps V transposed in its state: the

@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -230,11 +231,8 @@ func (c *Checker) Evaluate(ctx context.Context, now time.Time) *kvferryv1.GetHea
 	h.EngineDevices = c.src.EngineDevices
 	if c.src.GPUs != nil {
 		h.GpuPresent, h.Gpus = c.src.GPUs()
-		for _, g := range h.Gpus {
-			if !g.GetHealthy() {
-				fail(true, ReasonGPUFault, "GPU %d (%s): %s", g.GetIndex(), g.GetName(), g.GetReason())
-				break
-			}
+		if g := faultyGPU(h.Gpus); g != nil {
+			fail(true, ReasonGPUFault, "GPU %d (%s): %s", g.GetIndex(), g.GetName(), g.GetReason())
 		}
 	}
 	if c.src.Ready != nil && h.Ready {
@@ -294,4 +292,17 @@ func writeStatus(w http.ResponseWriter, h *kvferryv1.GetHealthResponse, ok bool)
 		w.WriteHeader(http.StatusServiceUnavailable)
 	}
 	_ = json.NewEncoder(w).Encode(Status{Live: h.GetLive(), Ready: h.GetReady(), Reason: h.GetReason(), Message: h.GetMessage()})
+}
+
+// faultyGPU is the first unhealthy GPU that decides readiness: the
+// engine's GPUs when any GPU is the engine's (a fault on a GPU this server
+// does not compute on is shown, not acted on), else every GPU.
+func faultyGPU(gpus []*kvferryv1.GpuStatus) *kvferryv1.GpuStatus {
+	engineOnly := slices.ContainsFunc(gpus, (*kvferryv1.GpuStatus).GetEngine)
+	for _, g := range gpus {
+		if !g.GetHealthy() && (g.GetEngine() || !engineOnly) {
+			return g
+		}
+	}
+	return nil
 }

@@ -150,6 +150,17 @@ func TestExhaustionCanaryGPUAndDraining(t *testing.T) {
 	if !h.GetGpuPresent() || !strings.Contains(h.GetMessage(), "ECC") {
 		t.Fatalf("gpu snapshot: %+v", h)
 	}
+	// A fault on a GPU the engine does not compute on is shown, not acted
+	// on; on the engine's GPU it fails readiness.
+	f.gpus = []*kvferryv1.GpuStatus{
+		{Index: 0, Name: "H100", Healthy: false, Reason: "uncorrected ECC errors: 2"},
+		{Index: 1, Name: "H100", Healthy: true, Engine: true},
+	}
+	f.expect(t, at(10*time.Second), true, true, ReasonOK)
+	f.gpus[1].Healthy, f.gpus[1].Reason = false, "1 critical XID events"
+	if h := f.expect(t, at(11*time.Second), true, false, ReasonGPUFault); !strings.Contains(h.GetMessage(), "GPU 1") {
+		t.Fatalf("engine GPU fault: %q", h.GetMessage())
+	}
 	f.gpus = nil
 
 	f.c.SetDraining()

@@ -11,8 +11,8 @@ import (
 // GPU is the NVML gauges: how many devices, and each one's memory,
 // temperature, utilisation and error counts, labelled by index.
 type GPU struct {
-	devices                                      prometheus.Gauge
-	memTotal, memUsed, temp, util, ecc, xidTotal *prometheus.GaugeVec
+	devices                                              prometheus.Gauge
+	memTotal, memUsed, temp, util, ecc, xidTotal, engine *prometheus.GaugeVec
 }
 
 // NewGPU registers the GPU gauges.
@@ -28,8 +28,9 @@ func NewGPU(reg prometheus.Registerer) *GPU {
 		util:     vec("utilization_ratio", "Fraction of the last sample period the GPU was busy."),
 		ecc:      vec("ecc_uncorrected_errors", "Uncorrected ECC errors since the driver loaded (volatile counter)."),
 		xidTotal: vec("critical_xid_events", "Critical XID events seen since this process started."),
+		engine:   vec("engine", "1 when the serving engine computes on this GPU (then only the engine's GPUs decide readiness)."),
 	}
-	reg.MustRegister(g.devices, g.memTotal, g.memUsed, g.temp, g.util, g.ecc, g.xidTotal)
+	reg.MustRegister(g.devices, g.memTotal, g.memUsed, g.temp, g.util, g.ecc, g.xidTotal, g.engine)
 	return g
 }
 
@@ -45,4 +46,9 @@ func (g *GPU) RecordGPU(index int, s *kvferryv1.GpuStatus) {
 	g.util.WithLabelValues(label).Set(float64(s.GetUtilizationPercent()) / 100)
 	g.ecc.WithLabelValues(label).Set(float64(s.GetEccUncorrectedErrors()))
 	g.xidTotal.WithLabelValues(label).Set(float64(s.GetCriticalXidEvents()))
+	engine := 0.0
+	if s.GetEngine() {
+		engine = 1
+	}
+	g.engine.WithLabelValues(label).Set(engine)
 }

@@ -33,7 +33,7 @@ func BenchmarkLlamaEngine(b *testing.B) {
 	// One thread, as each server of the stack has (stack.Options.Llama):
 	// prefill runs on the context server's, decode on the generation
 	// server's.
-	cfg := executor.LlamaConfig{ModelPath: stack.TestModelPath(b), LibDir: stack.LlamaLibDir(b), Slots: 2, Threads: 1}
+	cfg := executor.LlamaConfig{ModelPath: stack.TestModelPath(b), LibDir: stack.LlamaLibDir(b), Slots: 2, Threads: 1, GPULayers: -1}
 	e, err := executor.NewLlama(cfg)
 	if err != nil {
 		b.Fatal(err)
@@ -123,7 +123,7 @@ func BenchmarkLlamaConcurrency(b *testing.B) {
 	// One process with the machine's CPUs (two here) against two servers
 	// of one thread each; flash attention off on both (llama.cpp's CPU kernel is slow for
 	// this model's 8-wide heads).
-	cfg := executor.LlamaConfig{ModelPath: stack.TestModelPath(b), LibDir: stack.LlamaLibDir(b), Slots: 64, FlashAttention: "off"}
+	cfg := executor.LlamaConfig{ModelPath: stack.TestModelPath(b), LibDir: stack.LlamaLibDir(b), Slots: 64, FlashAttention: "off", GPULayers: -1}
 	e, err := executor.NewLlama(cfg)
 	if err != nil {
 		b.Fatal(err)

@@ -327,6 +327,9 @@ func (p *Parts) StartHealth(cfg Config, extra health.Sources) *health.Checker {
 	if d, ok := p.Engine.(interface{ Devices() []string }); ok {
 		extra.EngineDevices = d.Devices() // the llama.cpp engine's CPU and GPUs
 	}
+	if d, ok := p.Engine.(interface{ GPUs() []string }); ok {
+		p.GPU.UseByEngine(d.GPUs()) // NVML's view of them: gauges and readiness
+	}
 	p.Health = health.New(p.Registry, health.Config{
 		ProgressDeadline: cfg.ProgressDeadline, TransferDeadline: cfg.TransferDeadline,
 		PoisonBudget: cfg.PoisonBudget, ExhaustionGrace: cfg.ExhaustionGrace,

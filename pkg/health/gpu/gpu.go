@@ -33,6 +33,7 @@ type Monitor struct {
 	devices []nvml.Device
 	events  nvml.EventSet // nil when events are unsupported
 	xids    []uint64      // critical XID events seen, per device
+	engine  []bool        // the serving engine computes on the device (UseByEngine)
 
 	gauges *metrics.GPU
 
@@ -79,9 +80,42 @@ func New(lib nvml.Interface, reg prometheus.Registerer, lg *zap.Logger) *Monitor
 		}
 	}
 	m.xids = make([]uint64, len(m.devices))
+	m.engine = make([]bool, len(m.devices))
 	m.gauges.RecordDevices(len(m.devices))
 	lg.Info("GPUs found", zap.Int("gpus", len(m.devices)))
 	return m
+}
+
+// UseByEngine marks the GPUs the serving engine computes on, given their
+// names as the engine's backend reports them (llama.cpp's CUDA device
+// descriptions, in CUDA order). Each name takes the first unmarked NVML
+// device of that name, so identical GPUs are matched in NVML's (PCI) order
+// — exact when CUDA_DEVICE_ORDER=PCI_BUS_ID, which CUDA uses for identical
+// devices anyway. Call it before Run. It returns the engine names no NVML
+// device matched (logged too).
+func (m *Monitor) UseByEngine(names []string) []string {
+	var unmatched []string
+	for _, name := range names {
+		if i := m.unmarked(name); i >= 0 {
+			m.engine[i] = true
+		} else {
+			unmatched = append(unmatched, name)
+		}
+	}
+	if len(unmatched) > 0 {
+		m.lg.Warn("engine GPUs NVML does not report", zap.Strings("gpus", unmatched))
+	}
+	return unmatched
+}
+
+// unmarked is the first device named name not yet the engine's, or -1.
+func (m *Monitor) unmarked(name string) int {
+	for i, d := range m.devices {
+		if n, ret := d.GetName(); ret == nvml.SUCCESS && n == name && !m.engine[i] {
+			return i
+		}
+	}
+	return -1
 }
 
 // Present reports whether NVML is loaded.
@@ -134,7 +168,7 @@ func (m *Monitor) drainEvents() {
 }
 
 func (m *Monitor) read(i int, d nvml.Device) *kvferryv1.GpuStatus {
-	g := &kvferryv1.GpuStatus{Index: uint32(i), Healthy: true, CriticalXidEvents: m.xids[i]}
+	g := &kvferryv1.GpuStatus{Index: uint32(i), Healthy: true, CriticalXidEvents: m.xids[i], Engine: m.engine[i]}
 	var errs []error
 	check := func(what string, ret nvml.Return) bool {
 		if ret == nvml.SUCCESS {

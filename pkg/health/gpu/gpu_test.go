@@ -1,6 +1,8 @@
 package gpu
 
 import (
+	"slices"
+	"strconv"
 	"testing"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
@@ -104,6 +106,29 @@ func TestHealthyThenECCThenXID(t *testing.T) {
 	}
 	if got := gauge(t, reg, "kvferry_gpu_critical_xid_events", "0"); got != 1 {
 		t.Fatalf("xid gauge %v", got)
+	}
+}
+
+// The engine's GPUs, named as llama.cpp describes them, are matched to
+// NVML devices by name in order; the gauge and the snapshot mark them.
+func TestUseByEngine(t *testing.T) {
+	gpus := []*fakeGPU{newFakeGPU("NVIDIA H200"), newFakeGPU("NVIDIA L4"), newFakeGPU("NVIDIA H200")}
+	var events []nvml.EventData
+	reg := prometheus.NewRegistry()
+	m := New(fakeLib(gpus, &events), reg, zap.NewNop())
+	defer m.Shutdown()
+	if missing := m.UseByEngine([]string{"NVIDIA H200", "NVIDIA H200", "NVIDIA H200", "NVIDIA A100"}); !slices.Equal(missing, []string{"NVIDIA H200", "NVIDIA A100"}) {
+		t.Fatalf("unmatched %q", missing)
+	}
+	m.Poll()
+	_, snap := m.Snapshot()
+	for i, want := range []bool{true, false, true} {
+		if snap[i].GetEngine() != want {
+			t.Fatalf("gpu %d engine %v, want %v", i, snap[i].GetEngine(), want)
+		}
+		if got := gauge(t, reg, "kvferry_gpu_engine", strconv.Itoa(i)); got != map[bool]float64{true: 1}[want] {
+			t.Fatalf("gpu %d engine gauge %v", i, got)
+		}
 	}
 }
 

@@ -518,8 +518,12 @@ type GpuStatus struct {
 	CriticalXidEvents    uint64                 `protobuf:"varint,8,opt,name=critical_xid_events,json=criticalXidEvents,proto3" json:"critical_xid_events,omitempty"`
 	Healthy              bool                   `protobuf:"varint,9,opt,name=healthy,proto3" json:"healthy,omitempty"`
 	Reason               string                 `protobuf:"bytes,10,opt,name=reason,proto3" json:"reason,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// The serving engine computes on this GPU (the llama.cpp engine's CUDA
+	// devices, matched to NVML by name in order). When any GPU is the
+	// engine's, only the engine's GPUs decide readiness.
+	Engine        bool `protobuf:"varint,11,opt,name=engine,proto3" json:"engine,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GpuStatus) Reset() {
@@ -622,6 +626,13 @@ func (x *GpuStatus) GetReason() string {
 	return ""
 }
 
+func (x *GpuStatus) GetEngine() bool {
+	if x != nil {
+		return x.Engine
+	}
+	return false
+}
+
 var File_kvferry_v1_health_proto protoreflect.FileDescriptor
 
 const file_kvferry_v1_health_proto_rawDesc = "" +
@@ -672,7 +683,7 @@ const file_kvferry_v1_health_proto_rawDesc = "" +
 	"\x05error\x18\x03 \x01(\tR\x05error\x12&\n" +
 	"\x0flast_unix_nanos\x18\x04 \x01(\x03R\rlastUnixNanos\x121\n" +
 	"\x14consecutive_failures\x18\x05 \x01(\x04R\x13consecutiveFailures\x12)\n" +
-	"\x10duration_seconds\x18\x06 \x01(\x01R\x0fdurationSeconds\"\x89\x03\n" +
+	"\x10duration_seconds\x18\x06 \x01(\x01R\x0fdurationSeconds\"\xa1\x03\n" +
 	"\tGpuStatus\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12,\n" +
@@ -684,7 +695,8 @@ const file_kvferry_v1_health_proto_rawDesc = "" +
 	"\x13critical_xid_events\x18\b \x01(\x04R\x11criticalXidEvents\x12\x18\n" +
 	"\ahealthy\x18\t \x01(\bR\ahealthy\x12\x16\n" +
 	"\x06reason\x18\n" +
-	" \x01(\tR\x06reason2Y\n" +
+	" \x01(\tR\x06reason\x12\x16\n" +
+	"\x06engine\x18\v \x01(\bR\x06engine2Y\n" +
 	"\rHealthService\x12H\n" +
 	"\tGetHealth\x12\x1c.kvferry.v1.GetHealthRequest\x1a\x1d.kvferry.v1.GetHealthResponseB7Z5github.com/kvferry/kvferry/proto/kvferry/v1;kvferryv1b\x06proto3"
 
