@@ -123,6 +123,7 @@ var _ kvferryv1.HealthServiceServer = (*Checker)(nil)
 // not ready, so no traffic arrives before the sources were looked at.
 func New(reg prometheus.Registerer, cfg Config, src Sources) *Checker {
 	c := &Checker{cfg: cfg, src: src, grpc: grpchealth.NewServer(), gauges: metrics.NewHealth(reg)}
+	c.gauges.RecordPoisonBudget(cfg.PoisonBudget)
 	c.publish(&kvferryv1.GetHealthResponse{Live: true, Reason: ReasonStarting, Message: "not evaluated yet"})
 	return c
 }

@@ -168,6 +168,34 @@ func Expect(trustDomain string, role Role) func(tls.ConnectionState) error {
 	}
 }
 
+// ExpectServer is a client's whole check of the server it dialled, for a
+// tls.Config with InsecureSkipVerify (which turns off only Go's own check):
+// the server's chain must verify against roots for server use, and its
+// leaf must name role in trustDomain. The identity of a kvferry peer is its
+// role URI, not the address it was dialled at (SPIFFE's rule for X.509
+// identities): pods are dialled by IPs that churn, which a certificate
+// issued per role — cert-manager's Certificate shared by a Deployment —
+// cannot name. Where a peer's address matters, for the KV data endpoint, it
+// is checked against the certificate (CheckEndpoint).
+func ExpectServer(roots *x509.CertPool, trustDomain string, role Role) func(tls.ConnectionState) error {
+	check := Expect(trustDomain, role)
+	return func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("identity: the server presented no certificate")
+		}
+		inter := x509.NewCertPool()
+		for _, c := range cs.PeerCertificates[1:] {
+			inter.AddCert(c)
+		}
+		chains, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+		if err != nil {
+			return fmt.Errorf("identity: the server's certificate: %w", err)
+		}
+		cs.VerifiedChains = chains
+		return check(cs)
+	}
+}
+
 // ErrEndpointNotVouched: a data endpoint the caller's certificate does not
 // name.
 var ErrEndpointNotVouched = errors.New("identity: the data endpoint is not an address of the caller's certificate")

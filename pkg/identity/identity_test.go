@@ -119,3 +119,53 @@ func TestCheckEndpointWithoutPeer(t *testing.T) {
 		t.Fatalf("no peer: %v", err)
 	}
 }
+
+// TestExpectServer: a client checks the server by chain and role, not by
+// the address it dialled (a per-role certificate names no pod IP), and
+// still refuses a server of another role or another CA.
+func TestExpectServer(t *testing.T) {
+	ca, err := identity.NewCA("t", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := identity.NewCA("other", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen := identity.URI(td, identity.GenServer)
+	for _, c := range []struct {
+		name   string
+		server tls.Certificate
+		expect identity.Role
+		ok     bool
+	}{
+		{"the role, at an address the certificate does not name", keyPair(t, ca, []*url.URL{gen}, "genserver.example"), identity.GenServer, true},
+		{"another role", keyPair(t, ca, []*url.URL{gen}, "genserver.example"), identity.CtxServer, false},
+		{"another CA", keyPair(t, other, []*url.URL{gen}, "127.0.0.1"), identity.GenServer, false},
+		{"another trust domain", keyPair(t, ca, []*url.URL{identity.URI("evil.example", identity.GenServer)}, "127.0.0.1"), identity.GenServer, false},
+	} {
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{c.server}, MinVersion: tls.VersionTLS12})
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			if conn, err := ln.Accept(); err == nil {
+				_ = conn.(*tls.Conn).Handshake()
+				_ = conn.Close()
+			}
+		}()
+		conn, err := tls.Dial("tcp", ln.Addr().String(), &tls.Config{
+			InsecureSkipVerify: true, VerifyConnection: identity.ExpectServer(ca.Pool(), td, c.expect), MinVersion: tls.VersionTLS12,
+		})
+		if err == nil {
+			_ = conn.Close()
+		}
+		if (err == nil) != c.ok {
+			t.Errorf("%s: handshake error %v, want ok=%v", c.name, err, c.ok)
+		}
+		_ = ln.Close()
+		<-done
+	}
+}

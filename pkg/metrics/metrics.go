@@ -271,19 +271,24 @@ func (r *Router) RecordInterToken(d time.Duration) { r.interToken.Observe(d.Seco
 
 // Health holds the health gauges.
 type Health struct {
-	live, ready, sinceProgress prometheus.Gauge
+	live, ready, sinceProgress, poisonBudget prometheus.Gauge
 }
 
-// NewHealth registers kvferry_health_live, _ready and _seconds_since_progress.
+// NewHealth registers kvferry_health_live, _ready, _seconds_since_progress
+// and _poison_budget_blocks.
 func NewHealth(reg prometheus.Registerer) *Health {
 	h := &Health{
 		live:          prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Subsystem: "health", Name: "live", Help: "1 when the process is live, else 0."}),
 		ready:         prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Subsystem: "health", Name: "ready", Help: "1 when the process is ready for traffic, else 0."}),
 		sinceProgress: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Subsystem: "health", Name: "seconds_since_progress", Help: "Seconds since the last global progress while work was pending; 0 when idle."}),
+		poisonBudget:  prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Subsystem: "health", Name: "poison_budget_blocks", Help: "Poisoned blocks past which liveness fails (--poison-budget); 0 where no pool is held."}),
 	}
-	reg.MustRegister(h.live, h.ready, h.sinceProgress)
+	reg.MustRegister(h.live, h.ready, h.sinceProgress, h.poisonBudget)
 	return h
 }
+
+// RecordPoisonBudget sets the poisoned-block budget the checker enforces.
+func (h *Health) RecordPoisonBudget(blocks int) { h.poisonBudget.Set(float64(blocks)) }
 
 // RecordHealth sets the health gauges.
 func (h *Health) RecordHealth(live, ready bool, sinceProgress time.Duration) {

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -144,6 +145,24 @@ func TestBuildInfoTLS(t *testing.T) {
 		}
 		if !found {
 			t.Errorf("build_info lacks tls=%v", tls)
+		}
+	}
+}
+
+// TestFamilyNames: every constructor's families are listed, labelled ones
+// before their first series, and the collectors' own.
+func TestFamilyNames(t *testing.T) {
+	names := FamilyNames()
+	for _, want := range []string{"kvferry_gpu_memory_used_bytes", "kvferry_router_backend_inflight_requests", "kvferry_blockpool_blocks",
+		"kvferry_cancel_to_free_seconds", "kvferry_health_poison_budget_blocks", "kvferry_build_info", "go_goroutines", "process_cpu_seconds_total"} {
+		if !slices.Contains(names, want) {
+			t.Errorf("FamilyNames lacks %s", want)
+		}
+	}
+	reg, _, _, _, _ := contractRegistry(t)
+	for _, mf := range mustGather(t, reg) {
+		if !slices.Contains(names, mf.GetName()) {
+			t.Errorf("FamilyNames lacks %s, which the contract registry exports", mf.GetName())
 		}
 	}
 }

@@ -2,10 +2,15 @@ package cli
 
 import (
 	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/kvferry/kvferry/pkg/executor"
 )
 
 // addrListener is a listener that only has an address: WarnPlaintext
@@ -34,6 +39,27 @@ func TestWarnPlaintext(t *testing.T) {
 		WarnPlaintext(zap.New(core), tc.tls, tc.ln, nil)
 		if logs.Len() != tc.want {
 			t.Errorf("%s: %d warnings, want %d", tc.name, logs.Len(), tc.want)
+		}
+	}
+}
+
+// --model-sha256 stops a process whose GGUF file is not the one named.
+func TestModelSHA256(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "m.gguf")
+	if err := os.WriteFile(path, []byte("not really a model"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sum, err := executor.FileSHA256(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		sum  string
+		want bool
+	}{{"", true}, {sum, true}, {strings.ToUpper(sum), true}, {strings.Repeat("0", 64), false}} {
+		e := EngineFlags{Engine: executor.EngineLlamaCpp, ModelPath: path, ModelSHA256: tc.sum, FlashAttn: "auto", Slots: 1, PrefillChunk: 1}
+		if err := e.Validate(); (err == nil) != tc.want {
+			t.Errorf("--model-sha256=%q: %v", tc.sum, err)
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 
 	"go.uber.org/zap"
 
@@ -17,6 +18,7 @@ type EngineFlags struct {
 	Engine        string
 	Model         string // synthetic preset
 	ModelPath     string // llamacpp GGUF file
+	ModelSHA256   string // when set, the GGUF file must have this sha256
 	LibDir        string
 	ServedName    string
 	ContextTokens int
@@ -32,6 +34,7 @@ func (e *EngineFlags) Register(fs *flag.FlagSet) {
 	fs.StringVar(&e.Engine, "engine", executor.EngineSynthetic, "model engine: synthetic (embedded, no model file) or llamacpp (a GGUF model through llama.cpp)")
 	fs.StringVar(&e.Model, "model", "tiny", "synthetic engine: model preset: "+fmt.Sprint(executor.PresetNames()))
 	fs.StringVar(&e.ModelPath, "model-path", "", "llamacpp engine: the GGUF model file (the same file on the router and every server)")
+	fs.StringVar(&e.ModelSHA256, "model-sha256", "", "llamacpp engine: the GGUF file's expected sha256 (hex); a file that differs stops the process at start (a model volume that changed under a fleet)")
 	fs.StringVar(&e.LibDir, "llama-lib-dir", ".llama/lib", "llamacpp engine: folder of the llama.cpp shared libraries (make deps-llama)")
 	fs.StringVar(&e.ServedName, "served-model-name", "", "the model name clients use (default: the synthetic preset's name, or the GGUF file's name without .gguf)")
 	fs.IntVar(&e.ContextTokens, "context-tokens", 0, fmt.Sprintf("llamacpp engine: tokens one sequence holds, prompt plus output (0: the model's training context, at most %d); the same on the router and every server", executor.DefaultLlamaContextTokens))
@@ -58,6 +61,15 @@ func (e *EngineFlags) Validate() error {
 		}
 		if _, err := os.Stat(e.ModelPath); err != nil {
 			return fmt.Errorf("--model-path: %w", err)
+		}
+		if e.ModelSHA256 != "" {
+			sum, err := executor.FileSHA256(e.ModelPath)
+			if err != nil {
+				return fmt.Errorf("--model-path: %w", err)
+			}
+			if !strings.EqualFold(sum, e.ModelSHA256) {
+				return fmt.Errorf("--model-path %s has sha256 %s, --model-sha256 says %s", e.ModelPath, sum, e.ModelSHA256)
+			}
 		}
 		switch e.FlashAttn {
 		case "auto", "on", "off":

@@ -1,0 +1,386 @@
+// Package chart checks the Helm chart in deploy/helm/kvferry without a
+// cluster: it renders the chart with Helm's Go SDK for every values file in
+// its ci/ folder, decodes every object strictly (client-go's scheme, the
+// prometheus-operator and cert-manager types: an unknown field or a wrong
+// type fails), checks that every flag and KVFERRY_ variable a container
+// sets exists on the binary it runs, parses every PromQL expression of the
+// alerts and the dashboard, checks that each names only metric families a
+// kvferry process exports, and runs the alerts against sample series.
+package chart
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+
+	cmv1 "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
+	monv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
+	"helm.sh/helm/v3/pkg/chart/loader"
+	"helm.sh/helm/v3/pkg/chartutil"
+	"helm.sh/helm/v3/pkg/engine"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/client-go/kubernetes/scheme"
+	"sigs.k8s.io/yaml"
+
+	"github.com/kvferry/kvferry/test/stack"
+)
+
+const (
+	releaseName = "kvferry"
+	namespace   = "serving"
+)
+
+var binDir string
+
+func TestMain(m *testing.M) { os.Exit(stack.RunWithBinaries(m, false, &binDir)) }
+
+// rendered is one values file's manifests, decoded.
+type rendered struct {
+	values  string
+	objects []runtime.Object
+}
+
+func chartDir(t testing.TB) string {
+	t.Helper()
+	dir, err := filepath.Abs(filepath.Join("..", "..", "deploy", "helm", "kvferry"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// decoder decodes strictly: unknown fields, duplicate fields and wrong
+// types are errors.
+func decoder(t testing.TB) runtime.Decoder {
+	t.Helper()
+	sch := runtime.NewScheme()
+	for _, add := range []func(*runtime.Scheme) error{scheme.AddToScheme, monv1.AddToScheme, cmv1.AddToScheme} {
+		if err := add(sch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return serializer.NewCodecFactory(sch, serializer.EnableStrict).UniversalDeserializer()
+}
+
+// render renders the chart with one values file, as helm install would
+// into namespace, and decodes every object.
+func render(t testing.TB, valuesFile string) rendered {
+	t.Helper()
+	ch, err := loader.Load(chartDir(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	vals, err := chartutil.ReadValuesFile(valuesFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caps := chartutil.DefaultCapabilities.Copy()
+	caps.KubeVersion = chartutil.KubeVersion{Version: "v1.31.0", Major: "1", Minor: "31"}
+	rv, err := chartutil.ToRenderValues(ch, vals, chartutil.ReleaseOptions{Name: releaseName, Namespace: namespace, IsInstall: true, Revision: 1}, caps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := engine.Render(ch, rv)
+	if err != nil {
+		t.Fatalf("%s: %v", filepath.Base(valuesFile), err)
+	}
+	dec := decoder(t)
+	names := make([]string, 0, len(files))
+	for n := range files {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	out := rendered{values: filepath.Base(valuesFile)}
+	for _, name := range names {
+		if !strings.HasSuffix(name, ".yaml") {
+			continue // NOTES.txt, helpers
+		}
+		for i, doc := range strings.Split(files[name], "\n---") {
+			if strings.TrimSpace(stripComments(doc)) == "" {
+				continue
+			}
+			js, err := yaml.YAMLToJSONStrict([]byte(doc))
+			if err != nil {
+				t.Fatalf("%s: %s document %d is not YAML: %v\n%s", out.values, name, i, err, doc)
+			}
+			obj, _, err := dec.Decode(js, nil, nil)
+			if err != nil {
+				t.Fatalf("%s: %s document %d: %v\n%s", out.values, name, i, err, doc)
+			}
+			out.objects = append(out.objects, obj)
+		}
+	}
+	return out
+}
+
+func stripComments(doc string) string {
+	var b strings.Builder
+	for _, line := range strings.Split(doc, "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(line), "#") {
+			b.WriteString(line + "\n")
+		}
+	}
+	return b.String()
+}
+
+func valuesFiles(t testing.TB) []string {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(chartDir(t), "ci", "*-values.yaml"))
+	if err != nil || len(files) < 4 {
+		t.Fatalf("values files in ci/: %v, %v", files, err)
+	}
+	return files
+}
+
+func renderAll(t *testing.T) []rendered {
+	t.Helper()
+	var out []rendered
+	for _, f := range valuesFiles(t) {
+		out = append(out, render(t, f))
+	}
+	return out
+}
+
+func objectsOf[T runtime.Object](r rendered) []T {
+	var out []T
+	for _, o := range r.objects {
+		if v, ok := o.(T); ok {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+func deployment(t *testing.T, r rendered, suffix string) *appsv1.Deployment {
+	t.Helper()
+	for _, d := range objectsOf[*appsv1.Deployment](r) {
+		if d.Name == releaseName+"-"+suffix {
+			return d
+		}
+	}
+	t.Fatalf("%s: no Deployment %s-%s", r.values, releaseName, suffix)
+	return nil
+}
+
+// TestRenderAndShape: each values file renders to strictly valid objects
+// of the shape it asks for.
+func TestRenderAndShape(t *testing.T) {
+	for _, r := range renderAll(t) {
+		kinds := map[string]int{}
+		for _, o := range r.objects {
+			kinds[fmt.Sprintf("%T", o)]++
+		}
+		t.Logf("%s: %v", r.values, kinds)
+		switch r.values {
+		case "default-values.yaml":
+			if n := *deployment(t, r, "router").Spec.Replicas; n != 2 {
+				t.Errorf("default: %d routers", n)
+			}
+			if kinds["*v1.PodDisruptionBudget"] != 3 || kinds["*v1.Role"] != 1 || kinds["*v1.Certificate"] != 0 || kinds["*v1.NetworkPolicy"] != 0 {
+				t.Errorf("default: kinds %v", kinds)
+			}
+		case "shm-pair-values.yaml":
+			d := deployment(t, r, "pair")
+			var names []string
+			for _, c := range d.Spec.Template.Spec.Containers {
+				names = append(names, c.Name)
+			}
+			if !slices.Equal(names, []string{"router", "ctxserver", "genserver"}) || *d.Spec.Replicas != 2 {
+				t.Errorf("shm pair: containers %v, replicas %d", names, *d.Spec.Replicas)
+			}
+			var shm *corev1.Volume
+			for i, v := range d.Spec.Template.Spec.Volumes {
+				if v.Name == "shm" {
+					shm = &d.Spec.Template.Spec.Volumes[i]
+				}
+			}
+			if shm == nil || shm.EmptyDir == nil || shm.EmptyDir.Medium != corev1.StorageMediumMemory {
+				t.Errorf("shm pair: the shared volume is %+v, want an emptyDir of medium Memory", shm)
+			}
+			for _, c := range d.Spec.Template.Spec.Containers[1:] {
+				if !slices.Contains(c.Args, "--transport=shm") || !slices.Contains(c.Args, "--shm-dir=/run/kvferry") {
+					t.Errorf("shm pair: %s args %v", c.Name, c.Args)
+				}
+			}
+		case "mtls-netpol-values.yaml":
+			certs := objectsOf[*cmv1.Certificate](r)
+			if len(certs) != 3 || kinds["*v1.NetworkPolicy"] != 3 || kinds["*v1.ServiceMonitor"] != 1 || kinds["*v1.PrometheusRule"] != 1 {
+				t.Errorf("mtls: kinds %v", kinds)
+			}
+			for _, c := range certs {
+				role := strings.TrimPrefix(c.Name, releaseName+"-")
+				if !slices.Equal(c.Spec.URIs, []string{"spiffe://prod.example/kvferry/" + role}) {
+					t.Errorf("certificate %s: URIs %v", c.Name, c.Spec.URIs)
+				}
+			}
+		case "pairs-3x5-values.yaml":
+			if c, g := *deployment(t, r, "ctx").Spec.Replicas, *deployment(t, r, "gen").Spec.Replicas; c != 3 || g != 5 {
+				t.Errorf("3x5: %d context, %d generation servers", c, g)
+			}
+		default:
+			t.Errorf("no shape check for %s", r.values)
+		}
+		for _, d := range objectsOf[*appsv1.Deployment](r) {
+			checkPod(t, r.values, d)
+		}
+	}
+}
+
+// checkPod: every container is probed on its admin port (startup probe
+// for model load), runs as non-root, and the grace period outlasts the
+// shutdown grace the container is given.
+func checkPod(t *testing.T, values string, d *appsv1.Deployment) {
+	t.Helper()
+	spec := d.Spec.Template.Spec
+	for _, c := range spec.Containers {
+		if c.LivenessProbe == nil || c.LivenessProbe.HTTPGet == nil || c.LivenessProbe.HTTPGet.Path != "/livez" ||
+			c.ReadinessProbe == nil || c.ReadinessProbe.HTTPGet == nil || c.ReadinessProbe.HTTPGet.Path != "/readyz" || c.StartupProbe == nil {
+			t.Errorf("%s: %s/%s probes", values, d.Name, c.Name)
+		}
+		if c.SecurityContext == nil || c.SecurityContext.RunAsNonRoot == nil || !*c.SecurityContext.RunAsNonRoot {
+			t.Errorf("%s: %s/%s may run as root", values, d.Name, c.Name)
+		}
+		for _, a := range c.Args {
+			if g, ok := strings.CutPrefix(a, "--shutdown-grace="); ok {
+				var secs int64
+				if _, err := fmt.Sscanf(g, "%ds", &secs); err != nil {
+					t.Fatalf("%s: %s: --shutdown-grace=%s", values, d.Name, g)
+				}
+				if spec.TerminationGracePeriodSeconds == nil || *spec.TerminationGracePeriodSeconds <= secs {
+					t.Errorf("%s: %s: grace period %v is not above --shutdown-grace=%s", values, d.Name, spec.TerminationGracePeriodSeconds, g)
+				}
+			}
+		}
+	}
+}
+
+var usageFlag = regexp.MustCompile(`(?m)^\s+--?([a-z0-9][a-z0-9-]*)`)
+
+// binaryFlags runs a kvferry binary with -h and returns its flags.
+func binaryFlags(t *testing.T, name string) map[string]bool {
+	t.Helper()
+	var out bytes.Buffer
+	cmd := exec.Command(filepath.Join(binDir, name), "-h")
+	cmd.Stdout, cmd.Stderr = &out, &out
+	_ = cmd.Run() // -h exits non-zero after the usage
+	flags := map[string]bool{}
+	for _, m := range usageFlag.FindAllStringSubmatch(out.String(), -1) {
+		flags[m[1]] = true
+	}
+	if len(flags) < 10 {
+		t.Fatalf("%s -h listed %d flags:\n%s", name, len(flags), out.String())
+	}
+	return flags
+}
+
+var flagInShell = regexp.MustCompile(`--([a-z0-9-]+)=`)
+
+// TestFlagsExist: every flag a container passes and every KVFERRY_
+// variable it sets is one its binary has (a renamed flag fails here, not
+// in a cluster at 3 am).
+func TestFlagsExist(t *testing.T) {
+	known := map[string]map[string]bool{}
+	for _, b := range []string{"router", "ctxserver", "genserver"} {
+		known[b] = binaryFlags(t, b)
+	}
+	checked := 0
+	for _, r := range renderAll(t) {
+		for _, d := range objectsOf[*appsv1.Deployment](r) {
+			for _, c := range d.Spec.Template.Spec.Containers {
+				bin := c.Name
+				flags, ok := known[bin]
+				if !ok {
+					t.Fatalf("%s: container %s runs no kvferry binary", r.values, c.Name)
+				}
+				var names []string
+				for _, a := range c.Args {
+					if !strings.HasPrefix(a, "--") {
+						t.Errorf("%s: %s: argument %q is not a flag", r.values, c.Name, a)
+						continue
+					}
+					names = append(names, strings.SplitN(strings.TrimPrefix(a, "--"), "=", 2)[0])
+				}
+				if len(c.Command) > 0 && c.Command[0] == "/bin/sh" {
+					for _, m := range flagInShell.FindAllStringSubmatch(strings.Join(c.Command, " "), -1) {
+						names = append(names, m[1])
+					}
+				} else if len(c.Command) != 1 || c.Command[0] != "/usr/local/bin/"+bin {
+					t.Errorf("%s: container %s runs %v", r.values, c.Name, c.Command)
+				}
+				for _, e := range c.Env {
+					if n, ok := strings.CutPrefix(e.Name, "KVFERRY_"); ok {
+						names = append(names, strings.ReplaceAll(strings.ToLower(n), "_", "-"))
+					}
+				}
+				for _, n := range names {
+					checked++
+					if !flags[n] {
+						t.Errorf("%s: %s sets --%s, which %s does not have", r.values, d.Name, n, bin)
+					}
+				}
+			}
+		}
+	}
+	if checked < 50 {
+		t.Fatalf("only %d flags checked", checked)
+	}
+}
+
+// TestDockerfile: the images the chart runs (cpu, the default, and cuda)
+// hold the binaries where the chart's commands look, the llama.cpp
+// libraries where the binaries' default --llama-lib-dir points, and run as
+// the chart's non-root user.
+func TestDockerfile(t *testing.T) {
+	src, err := os.ReadFile(filepath.Join("..", "..", "Dockerfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stages := map[string][]string{}
+	var cur string
+	for _, line := range strings.Split(string(src), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 4 && f[0] == "FROM" && strings.EqualFold(f[len(f)-2], "AS") {
+			cur = f[len(f)-1]
+			continue
+		}
+		if cur != "" && len(f) > 0 && !strings.HasPrefix(f[0], "#") {
+			stages[cur] = append(stages[cur], strings.Join(f, " "))
+		}
+	}
+	last := ""
+	for _, line := range strings.Split(string(src), "\n") {
+		if f := strings.Fields(line); len(f) >= 4 && f[0] == "FROM" {
+			last = f[len(f)-1]
+		}
+	}
+	if last != "cpu" {
+		t.Errorf("the default (last) stage is %q, want cpu", last)
+	}
+	for _, stage := range []string{"cpu", "cuda"} {
+		lines := stages[stage]
+		has := func(prefix, sub string) bool {
+			return slices.ContainsFunc(lines, func(l string) bool { return strings.HasPrefix(l, prefix) && strings.Contains(l, sub) })
+		}
+		for _, bin := range []string{"router", "ctxserver", "genserver"} {
+			if !has("COPY", "/out/"+bin) || !has("COPY", "/usr/local/bin/") {
+				t.Errorf("stage %s: %s is not copied to /usr/local/bin", stage, bin)
+			}
+		}
+		if !has("COPY", "/opt/kvferry/llama") || !has("ENV", "KVFERRY_LLAMA_LIB_DIR=/opt/kvferry/llama") {
+			t.Errorf("stage %s: the llama.cpp libraries are not at the binaries' --llama-lib-dir", stage)
+		}
+		if !slices.Contains(lines, "USER 65532:65532") {
+			t.Errorf("stage %s: not USER 65532:65532 (the chart's runAsUser)", stage)
+		}
+	}
+}
