@@ -25,6 +25,8 @@ import (
 	"helm.sh/helm/v3/pkg/chart/loader"
 	"helm.sh/helm/v3/pkg/chartutil"
 	"helm.sh/helm/v3/pkg/engine"
+	"helm.sh/helm/v3/pkg/lint"
+	"helm.sh/helm/v3/pkg/lint/support"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -170,6 +172,62 @@ func deployment(t *testing.T, r rendered, suffix string) *appsv1.Deployment {
 	}
 	t.Fatalf("%s: no Deployment %s-%s", r.values, releaseName, suffix)
 	return nil
+}
+
+// TestHelmLint: helm lint's own rules (Chart.yaml, values, templates,
+// Kubernetes names and API versions) pass for every values file, warnings
+// included; infos (the missing icon) are logged.
+func TestHelmLint(t *testing.T) {
+	for _, f := range valuesFiles(t) {
+		vals, err := chartutil.ReadValuesFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kv := chartutil.KubeVersion{Version: "v1.31.0", Major: "1", Minor: "31"}
+		for _, m := range lint.AllWithKubeVersion(chartDir(t), vals, namespace, &kv).Messages {
+			if m.Severity >= support.WarningSev {
+				t.Errorf("%s: %s", filepath.Base(f), m)
+			} else {
+				t.Logf("%s: %s", filepath.Base(f), m)
+			}
+		}
+	}
+}
+
+// TestValuesSchema: values.schema.json refuses what helm install would
+// refuse — a misspelt key, a wrong type, a transport or engine that does
+// not exist — and takes every values file in ci/.
+func TestValuesSchema(t *testing.T) {
+	ch, err := loader.Load(chartDir(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := func(user string) error {
+		vals, err := chartutil.ReadValues([]byte(user))
+		if err != nil {
+			t.Fatal(err)
+		}
+		merged, err := chartutil.CoalesceValues(ch, vals)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return chartutil.ValidateAgainstSchema(ch, merged)
+	}
+	for _, f := range valuesFiles(t) {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := check(string(b)); err != nil {
+			t.Errorf("%s: %v", filepath.Base(f), err)
+		}
+	}
+	for _, bad := range []string{"ctxsever: {replicas: 3}", "transport: rdma", "model: {engine: vllm}", "genserver: {replicas: many}",
+		"health: {shutdownGrace: 1m}", "model: {sha256: abc}", "router: {extraArgs: [max-inflight=3]}"} {
+		if err := check(bad); err == nil {
+			t.Errorf("%q: accepted", bad)
+		}
+	}
 }
 
 // TestRenderAndShape: each values file renders to strictly valid objects
