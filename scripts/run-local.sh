@@ -8,14 +8,22 @@ set -euo pipefail
 bin=$1 model=$2 tps=$3 step=$4 engine=${5:-synthetic} model_path=${6:-}
 logs=${KVFERRY_RUN_LOGS:-$(mktemp -d -t kvferry-run-XXXXXX)}
 pids=()
+# The servers run in their own sessions (setsid), so a Ctrl-C on the
+# terminal reaches this script only: it stops them one way, gracefully
+# (SIGTERM: drain, release every block), instead of racing the signal.
 stop() {
   trap - INT TERM EXIT
   echo
-  echo "stopping kvferry..."
+  echo "stopping kvferry (router, ctxserver, genserver)..."
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  echo "stopped; logs in $logs"
-  exit 0
+  local bad=0
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || bad=1; done
+  if [ "$bad" = 0 ]; then
+    echo "kvferry stopped cleanly; logs in $logs"
+    exit 0
+  fi
+  echo "kvferry stopped, but a process exited with an error; see $logs" >&2
+  exit 1
 }
 trap stop INT TERM EXIT
 
@@ -34,9 +42,9 @@ else
   prompt="the quiet river carries light"
 fi
 common=("${eng[@]}" "${srv_eng[@]}" --prefill-tokens-per-second="$tps" --decode-step-time="$step")
-"$bin/ctxserver" "${common[@]}" >"$logs/ctxserver.log" 2>&1 & pids+=($!)
-"$bin/genserver" "${common[@]}" >"$logs/genserver.log" 2>&1 & pids+=($!)
-"$bin/router" "${eng[@]}" >"$logs/router.log" 2>&1 & pids+=($!)
+setsid "$bin/ctxserver" "${common[@]}" >"$logs/ctxserver.log" 2>&1 & pids+=($!)
+setsid "$bin/genserver" "${common[@]}" >"$logs/genserver.log" 2>&1 & pids+=($!)
+setsid "$bin/router" "${eng[@]}" >"$logs/router.log" 2>&1 & pids+=($!)
 
 for _ in $(seq 1 300); do
   if curl -fsS http://127.0.0.1:8002/readyz >/dev/null 2>&1; then
