@@ -12,12 +12,12 @@ import (
 
 	"github.com/kvferry/kvferry/cmd/internal/cli"
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
+	"github.com/kvferry/kvferry/pkg/connpool"
 	"github.com/kvferry/kvferry/pkg/genserver"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
-	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -69,7 +69,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	conns := serving.NewConnCache(creds)
+	conns := connpool.New(creds)
 	defer conns.Close()
 	var checker *health.Checker
 	srv := genserver.New(genserver.Config{

@@ -17,11 +17,13 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/kvferry/kvferry/cmd/internal/cli"
+	"github.com/kvferry/kvferry/pkg/connpool"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/router"
 	"github.com/kvferry/kvferry/pkg/router/discovery"
+	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -173,7 +175,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	ctxConns, genConns := serving.NewConnCache(ctxCreds), serving.NewConnCache(genCreds)
+	ctxConns, genConns := connpool.New(ctxCreds), connpool.New(genCreds)
 	defer ctxConns.Close()
 	defer genConns.Close()
 	resolver := discovery.Resolver(cfg.DNSServer)
@@ -260,7 +262,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		return err
 	}
 
-	g, gctx := serving.NewGroup(ctx)
+	g, gctx := routine.NewGroup(ctx)
 	g.Go("openai", func(ctx context.Context) error {
 		return serving.ServeHTTP(ctx, rt.Handler(), httpLn, cfg.ShutdownGrace, httpTLS)
 	})

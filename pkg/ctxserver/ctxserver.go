@@ -30,7 +30,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
-	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -654,7 +654,7 @@ func (s *Server) AbortTransfer(ctx context.Context, req *kvferryv1.AbortTransfer
 // until ctx is done. The lease is only the backstop; the router releases at
 // once when the generation leg fails.
 func (s *Server) Run(ctx context.Context, interval time.Duration) {
-	serving.Every(ctx, interval, s.sweep)
+	routine.Every(ctx, interval, s.sweep)
 }
 
 func (s *Server) sweep(now time.Time) {
@@ -688,7 +688,7 @@ func (s *Server) Drain(ctx context.Context) error {
 		}
 	}
 	s.mu.Unlock()
-	if err := serving.WaitAll(ctx, waits); err != nil {
+	if err := routine.WaitAll(ctx, waits); err != nil {
 		return fmt.Errorf("drain: %w", err)
 	}
 	s.mu.Lock()

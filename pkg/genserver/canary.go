@@ -10,7 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -124,7 +124,7 @@ func (s *Server) RunCanary(ctx context.Context) {
 	if s.cfg.CanaryInterval <= 0 {
 		return
 	}
-	serving.Every(ctx, s.cfg.CanaryInterval, func(now time.Time) { s.CanaryRound(ctx, now) })
+	routine.Every(ctx, s.cfg.CanaryInterval, func(now time.Time) { s.CanaryRound(ctx, now) })
 }
 
 // CanaryRound probes every recent peer once.

@@ -24,11 +24,12 @@ import (
 
 	"github.com/kvferry/kvferry/internal/loglock"
 	"github.com/kvferry/kvferry/pkg/blockpool"
+	"github.com/kvferry/kvferry/pkg/connpool"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
-	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -42,7 +43,7 @@ type Config struct {
 	// what writers dial: host:port for tcp, a unix socket path for shm.
 	Transport    string
 	DataEndpoint string
-	Conns        *serving.ConnCache
+	Conns        *connpool.Cache
 	// Timeouts are the receive sessions' progress timeout, deadline from
 	// transfer start, and quarantine deadline.
 	Timeouts kvtransfer.Timeouts
@@ -416,7 +417,7 @@ func (s *Server) Cancel(_ context.Context, req *kvferryv1.GenerationServiceCance
 // Run reaps quarantined sessions and forgets old finished requests every
 // interval until ctx is done.
 func (s *Server) Run(ctx context.Context, interval time.Duration) {
-	serving.Every(ctx, interval, s.sweep)
+	routine.Every(ctx, interval, s.sweep)
 }
 
 func (s *Server) sweep(now time.Time) {
@@ -438,7 +439,7 @@ func (s *Server) Drain(ctx context.Context) error {
 		waits = append(waits, r.done)
 	}
 	s.mu.Unlock()
-	if err := serving.WaitAll(ctx, waits); err != nil {
+	if err := routine.WaitAll(ctx, waits); err != nil {
 		return fmt.Errorf("drain: %w", err)
 	}
 	return nil

@@ -19,11 +19,11 @@ import (
 
 	"github.com/kvferry/kvferry/internal/leakcheck"
 	"github.com/kvferry/kvferry/pkg/blockpool"
+	"github.com/kvferry/kvferry/pkg/connpool"
 	"github.com/kvferry/kvferry/pkg/ctxserver"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
-	"github.com/kvferry/kvferry/pkg/serving"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -114,7 +114,7 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = recv.Close() })
-	conns := serving.NewConnCache()
+	conns := connpool.New()
 	t.Cleanup(conns.Close)
 	greg := prometheus.NewRegistry()
 	quarantines := metrics.NewQuarantine(greg)

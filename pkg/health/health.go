@@ -28,7 +28,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/kvferry/kvferry/pkg/metrics"
-	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/routine"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -144,7 +144,7 @@ func (c *Checker) SetDraining() {
 // Run evaluates every interval until ctx is done.
 func (c *Checker) Run(ctx context.Context, interval time.Duration) {
 	c.Evaluate(ctx, time.Now())
-	serving.Every(ctx, interval, func(now time.Time) { c.Evaluate(ctx, now) })
+	routine.Every(ctx, interval, func(now time.Time) { c.Evaluate(ctx, now) })
 }
 
 // Shutdown sets every gRPC health service NOT_SERVING for good.

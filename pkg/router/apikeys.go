@@ -18,7 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/kvferry/kvferry/pkg/identity"
-	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/routine"
 )
 
 // Keys are the API keys the public surfaces (OpenAI HTTP and the gRPC
@@ -106,7 +106,7 @@ func parseKeys(b []byte) ([]string, error) {
 // API.
 func (k *Keys) WatchFile(ctx context.Context, path string, interval time.Duration, lg *zap.Logger) {
 	last, _ := os.ReadFile(path)
-	serving.Every(ctx, interval, func(time.Time) {
+	routine.Every(ctx, interval, func(time.Time) {
 		b, err := os.ReadFile(path)
 		if err != nil {
 			lg.Warn("API key file unreadable; keeping the keys in force", zap.String("path", path), zap.Error(err))

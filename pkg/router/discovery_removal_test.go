@@ -8,10 +8,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 
+	"github.com/kvferry/kvferry/pkg/connpool"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/router/discovery"
-	"github.com/kvferry/kvferry/pkg/serving"
 )
 
 // answers is a discovery source whose answer the test sets.
@@ -27,7 +27,7 @@ func TestRemovedServerIsForgotten(t *testing.T) {
 	tiny, _ := executor.Preset("tiny")
 	reg := prometheus.NewRegistry()
 	ctxs := &answers{addrs: []string{"127.0.0.1:1", "127.0.0.1:3"}}
-	ctxConns, genConns := serving.NewConnCache(), serving.NewConnCache()
+	ctxConns, genConns := connpool.New(), connpool.New()
 	defer ctxConns.Close()
 	defer genConns.Close()
 	r, err := New(Config{CtxServers: ctxs, GenServers: discovery.Static{"127.0.0.1:2"}, Model: tiny, ServedModel: "tiny",

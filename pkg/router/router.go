@@ -20,10 +20,12 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvferry/kvferry/pkg/connpool"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/router/discovery"
+	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -65,8 +67,8 @@ type Config struct {
 	Routing Routing
 	// CtxConns and GenConns reach context and generation servers; with mTLS
 	// each checks the server's certificate names that role.
-	CtxConns *serving.ConnCache
-	GenConns *serving.ConnCache
+	CtxConns *connpool.Cache
+	GenConns *connpool.Cache
 	Metrics  *metrics.Router
 	Logger   *zap.Logger
 }
@@ -180,7 +182,7 @@ func (r *Router) setServers(role string, set *[]*backend, addrs []string) {
 func (r *Router) conn(b *backend) (*grpc.ClientConn, error) { return r.cache(b.role).Get(b.addr) }
 
 // cache is the connection cache of a role.
-func (r *Router) cache(role string) *serving.ConnCache {
+func (r *Router) cache(role string) *connpool.Cache {
 	if role == roleContext {
 		return r.cfg.CtxConns
 	}
@@ -199,7 +201,7 @@ func (r *Router) Discover(ctx context.Context) {
 	if r.cfg.ResolveInterval <= 0 {
 		return
 	}
-	serving.Every(ctx, r.cfg.ResolveInterval, func(time.Time) {
+	routine.Every(ctx, r.cfg.ResolveInterval, func(time.Time) {
 		if err := r.Resolve(ctx); err != nil {
 			r.lg.Warn("discovery failed; keeping the last known servers", zap.Error(err))
 		}

@@ -12,10 +12,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvferry/kvferry/pkg/connpool"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/router/discovery"
-	"github.com/kvferry/kvferry/pkg/serving"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -90,7 +90,7 @@ func runFixture(t *testing.T, gen *stubGen) (*Router, *stubCtx) {
 	ctxAddr := serve(t, func(s *grpc.Server) { kvferryv1.RegisterContextServiceServer(s, c) })
 	genAddr := serve(t, func(s *grpc.Server) { kvferryv1.RegisterGenerationServiceServer(s, gen) })
 	tiny, _ := executor.Preset("tiny")
-	ctxConns, genConns := serving.NewConnCache(), serving.NewConnCache()
+	ctxConns, genConns := connpool.New(), connpool.New()
 	t.Cleanup(func() { ctxConns.Close(); genConns.Close() })
 	r, err := New(Config{CtxServers: discovery.Static{ctxAddr}, GenServers: discovery.Static{genAddr}, Model: tiny, ServedModel: "tiny",
 		MaxBodyBytes: 1 << 16, MaxPromptTokens: 500, MaxOutputTokens: 64, DefaultMaxTokens: 16,

@@ -1,6 +1,7 @@
-// Package serving is the process plumbing the three binaries share: the gRPC
-// server with its interceptor chain and graceful stop, the HTTP servers, a
-// cache of client connections, the run group and the logger.
+// Package serving is the server side of the three binaries: the gRPC server
+// with its interceptor chain (recovery, logging, request ids) and graceful
+// stop, the HTTP servers, TLS files and the logger. Client connections are
+// package connpool's, owned goroutines package routine's.
 package serving
 
 import (
@@ -11,15 +12,12 @@ import (
 	"net"
 	"net/http"
 	"runtime/debug"
-	"sync"
 	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -37,9 +35,9 @@ const MaxMessageBytes = 4 << 20
 // one connection: above its --max-inflight default of 512 twice over).
 const MaxConcurrentStreams = 2048
 
-// keepaliveTime is how often an idle client pings; the server's enforcement
+// KeepaliveTime is how often an idle client pings; the server's enforcement
 // minimum is below it so that the two policies match.
-const keepaliveTime = 30 * time.Second
+const KeepaliveTime = 30 * time.Second
 
 // RequestIDKey is the gRPC metadata key that carries a request id.
 const RequestIDKey = "x-request-id"
@@ -66,8 +64,8 @@ func NewGRPCServer(lg *zap.Logger, extra ...grpc.ServerOption) *grpc.Server {
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxSendMsgSize(MaxMessageBytes),
 		grpc.MaxConcurrentStreams(MaxConcurrentStreams),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: keepaliveTime / 2, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * keepaliveTime, Timeout: 10 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: KeepaliveTime / 2, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * KeepaliveTime, Timeout: 10 * time.Second}),
 		grpc.ChainUnaryInterceptor(unaryRecovery(lg), unaryLogging(lg)),
 		grpc.ChainStreamInterceptor(streamRecovery(lg), streamLogging(lg)),
 	}, extra...)...)
@@ -201,147 +199,6 @@ func ServeHTTP(ctx context.Context, h http.Handler, ln net.Listener, grace time.
 	}
 	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("http serve: %w", err)
-	}
-	return nil
-}
-
-// Group runs named runnables; the first to fail cancels the others, and
-// Wait returns that error prefixed with the runnable's name.
-type Group struct {
-	g   *errgroup.Group
-	ctx context.Context
-}
-
-// NewGroup returns a group whose context is derived from ctx.
-func NewGroup(ctx context.Context) (*Group, context.Context) {
-	g, gctx := errgroup.WithContext(ctx)
-	return &Group{g: g, ctx: gctx}, gctx
-}
-
-// Go starts fn under name.
-func (g *Group) Go(name string, fn func(ctx context.Context) error) {
-	g.g.Go(func() error {
-		if err := fn(g.ctx); err != nil {
-			return fmt.Errorf("%s: %w", name, err)
-		}
-		return nil
-	})
-}
-
-// Wait waits for every runnable.
-func (g *Group) Wait() error { return g.g.Wait() }
-
-// ConnCache holds one client connection per address, created on first use.
-type ConnCache struct {
-	creds grpc.DialOption
-
-	mu       sync.Mutex
-	conns    map[string]*grpc.ClientConn
-	retiring map[*grpc.ClientConn]*time.Timer
-	closed   bool
-}
-
-// NewConnCache returns an empty cache dialling in plaintext, or with creds
-// when given (TLSFiles.DialOption).
-func NewConnCache(creds ...grpc.DialOption) *ConnCache {
-	c := &ConnCache{conns: map[string]*grpc.ClientConn{}, retiring: map[*grpc.ClientConn]*time.Timer{}, creds: grpc.WithTransportCredentials(insecure.NewCredentials())}
-	if len(creds) > 0 {
-		c.creds = creds[0]
-	}
-	return c
-}
-
-// Get returns the connection to addr. grpc.NewClient does not dial, so this
-// never blocks.
-func (c *ConnCache) Get(addr string) (*grpc.ClientConn, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return nil, errors.New("serving: connection cache closed")
-	}
-	if cc, ok := c.conns[addr]; ok {
-		return cc, nil
-	}
-	cc, err := grpc.NewClient(addr,
-		c.creds,
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes)),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: keepaliveTime, Timeout: 10 * time.Second, PermitWithoutStream: true}),
-	)
-	if err != nil {
-		return nil, fmt.Errorf("serving: client for %s: %w", addr, err)
-	}
-	c.conns[addr] = cc
-	return cc, nil
-}
-
-// Forget drops the connection to addr (a server discovery removed) and
-// closes it after grace, so that requests still running on it finish.
-// A later Get dials afresh.
-func (c *ConnCache) Forget(addr string, grace time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	cc, ok := c.conns[addr]
-	if !ok || c.closed {
-		return
-	}
-	delete(c.conns, addr)
-	c.retiring[cc] = time.AfterFunc(grace, func() {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if _, ok := c.retiring[cc]; ok {
-			delete(c.retiring, cc)
-			_ = cc.Close()
-		}
-	})
-}
-
-// Len is the number of cached connections (not counting retiring ones).
-func (c *ConnCache) Len() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.conns)
-}
-
-// Close closes every connection, retiring ones included. Safe to call
-// twice.
-func (c *ConnCache) Close() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.closed = true
-	for cc, t := range c.retiring {
-		t.Stop()
-		_ = cc.Close()
-		delete(c.retiring, cc)
-	}
-	for addr, cc := range c.conns {
-		_ = cc.Close()
-		delete(c.conns, addr)
-	}
-}
-
-// Every calls fn with the tick time every interval until ctx is done. It is
-// the body of the periodic runnables (lease sweep, reaper, health).
-func Every(ctx context.Context, interval time.Duration, fn func(now time.Time)) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			fn(now)
-		}
-	}
-}
-
-// WaitAll waits until every channel is closed or ctx is done.
-func WaitAll(ctx context.Context, chans []chan struct{}) error {
-	for _, c := range chans {
-		select {
-		case <-c:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
 	}
 	return nil
 }

@@ -31,6 +31,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/serving"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -360,7 +361,7 @@ func Serve(ctx context.Context, cfg Config, p *Parts, extra map[string]func(cont
 		}
 		adminErr <- err
 	}()
-	g, gctx := serving.NewGroup(runCtx)
+	g, gctx := routine.NewGroup(runCtx)
 	g.Go("grpc", func(ctx context.Context) error {
 		return serving.ServeGRPC(ctx, p.GRPC, p.GRPCLn, cfg.ShutdownGrace, p.Health.SetDraining)
 	})

@@ -20,7 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kvferry/kvferry/pkg/metrics"
-	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/routine"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -127,7 +127,7 @@ func (m *Monitor) Run(ctx context.Context, interval time.Duration) {
 		return
 	}
 	m.Poll()
-	serving.Every(ctx, interval, func(time.Time) { m.Poll() })
+	routine.Every(ctx, interval, func(time.Time) { m.Poll() })
 }
 
 // Poll reads every GPU once, drains pending XID events and publishes.

@@ -1,0 +1,105 @@
+// Package connpool holds a process's gRPC client connections: one per
+// peer address, created on first use, retired after a grace when discovery
+// drops the peer.
+package connpool
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/kvferry/kvferry/pkg/serving"
+)
+
+// Cache holds one client connection per address, created on first use.
+type Cache struct {
+	creds grpc.DialOption
+
+	mu       sync.Mutex
+	conns    map[string]*grpc.ClientConn
+	retiring map[*grpc.ClientConn]*time.Timer
+	closed   bool
+}
+
+// New returns an empty cache dialling in plaintext, or with creds
+// when given (TLSFiles.DialOption).
+func New(creds ...grpc.DialOption) *Cache {
+	c := &Cache{conns: map[string]*grpc.ClientConn{}, retiring: map[*grpc.ClientConn]*time.Timer{}, creds: grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if len(creds) > 0 {
+		c.creds = creds[0]
+	}
+	return c
+}
+
+// Get returns the connection to addr. grpc.NewClient does not dial, so this
+// never blocks.
+func (c *Cache) Get(addr string) (*grpc.ClientConn, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, errors.New("connpool: closed")
+	}
+	if cc, ok := c.conns[addr]; ok {
+		return cc, nil
+	}
+	cc, err := grpc.NewClient(addr,
+		c.creds,
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(serving.MaxMessageBytes), grpc.MaxCallSendMsgSize(serving.MaxMessageBytes)),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: serving.KeepaliveTime, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("connpool: client for %s: %w", addr, err)
+	}
+	c.conns[addr] = cc
+	return cc, nil
+}
+
+// Forget drops the connection to addr (a server discovery removed) and
+// closes it after grace, so that requests still running on it finish.
+// A later Get dials afresh.
+func (c *Cache) Forget(addr string, grace time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cc, ok := c.conns[addr]
+	if !ok || c.closed {
+		return
+	}
+	delete(c.conns, addr)
+	c.retiring[cc] = time.AfterFunc(grace, func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if _, ok := c.retiring[cc]; ok {
+			delete(c.retiring, cc)
+			_ = cc.Close()
+		}
+	})
+}
+
+// Len is the number of cached connections (not counting retiring ones).
+func (c *Cache) Len() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.conns)
+}
+
+// Close closes every connection, retiring ones included. Safe to call
+// twice.
+func (c *Cache) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	for cc, t := range c.retiring {
+		t.Stop()
+		_ = cc.Close()
+		delete(c.retiring, cc)
+	}
+	for addr, cc := range c.conns {
+		_ = cc.Close()
+		delete(c.conns, addr)
+	}
+}
