@@ -111,13 +111,17 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		TransferEndpoint: servercmd.Advertised(cfg.AdvertiseHost, p.GRPCLn),
 		HandoffLease:     cfg.HandoffLease,
 		TransferDeadline: cfg.TransferDeadline,
-		PrefixReuse:      cfg.PrefixReuse,
-		Progress:         p.Progress,
-		BackendHealthy:   func() bool { return checker.Healthy() },
-		CheckEndpoint:    checkEndpoint,
-		Transfers:        metrics.NewTransfer(p.Registry),
-		Cancels:          metrics.NewCancel(p.Registry),
-		Logger:           lg,
+		// A writer stuck past the deadline gets as long as a receiver's
+		// unproven session before its blocks are poisoned.
+		QuarantineDeadline: cfg.QuarantineDeadline,
+		PrefixReuse:        cfg.PrefixReuse,
+		Progress:           p.Progress,
+		BackendHealthy:     func() bool { return checker.Healthy() },
+		CheckEndpoint:      checkEndpoint,
+		Transfers:          metrics.NewTransfer(p.Registry),
+		Quarantines:        metrics.NewQuarantine(p.Registry),
+		Cancels:            metrics.NewCancel(p.Registry),
+		Logger:             lg,
 	})
 	checker = p.StartHealth(cfg.Config, health.Sources{})
 	kvferryv1.RegisterContextServiceServer(p.GRPC, srv)

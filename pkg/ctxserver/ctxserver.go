@@ -50,6 +50,9 @@ type Config struct {
 	TransferEndpoint string
 	HandoffLease     time.Duration
 	TransferDeadline time.Duration
+	// QuarantineDeadline poisons the blocks of a push whose writer did not
+	// return this long after its session timed out (0: TransferDeadline).
+	QuarantineDeadline time.Duration
 	// BackendHealthy tells Cancel whether an in-flight cancel can be
 	// trusted to take effect (nil: always). Health evaluation supplies it.
 	BackendHealthy func() bool
@@ -74,6 +77,7 @@ type Config struct {
 	// generation server's certificate names).
 	CheckEndpoint func(ctx context.Context, endpoint string) error
 	Transfers     *metrics.Transfer
+	Quarantines   *metrics.Quarantine // nil: not recorded
 	Cancels       *metrics.Cancel
 	Logger        *zap.Logger
 }
@@ -99,6 +103,8 @@ type request struct {
 	leaseUntil time.Time
 
 	session        uint64
+	send           *kvtransfer.Session // the push's lifecycle, ticked by the sweep
+	sendStart      time.Time
 	transferCancel context.CancelFunc
 	transferDone   chan struct{}
 }
@@ -521,11 +527,15 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 		return status.Error(codes.Internal, err.Error())
 	}
 	r.Hold()
-	// The push is synchronous and enforces its own timers (progress per
-	// block write, the deadline through tctx); its return is the proof, so
-	// this session is never ticked and never in doubt.
-	sess := kvtransfer.NewSession(kvtransfer.Timeouts{Progress: s.cfg.TransferDeadline, Deadline: s.cfg.TransferDeadline, Quarantine: s.cfg.TransferDeadline})
-	sess.Start(time.Now())
+	// The push is synchronous and bounds itself (progress per block, the
+	// deadline through tctx); its return proves the blocks are read no
+	// more. The session is ticked by the sweep all the same: a writer stuck
+	// below us past the deadline ends the session TIMED_OUT in doubt — its
+	// blocks quarantined, not reused while it may still read them — and
+	// its late return proves them quiet, or the quarantine deadline
+	// poisons them, which health counts against its budget.
+	r.send, r.sendStart = kvtransfer.NewSession(s.sendTimeouts()), time.Now()
+	r.send.Start(r.sendStart)
 	tctx, cancel := context.WithTimeout(ctx, s.cfg.TransferDeadline)
 	defer cancel()
 	s.advanceLocked(r, executor.StageTransferring)
@@ -550,25 +560,18 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 		s.cfg.Progress.Touch(time.Now())
 	}
 	s.mu.Lock()
-	outcome := kvtransfer.OutcomeCompleted
 	switch {
-	case err == nil && r.Stage() == executor.StageTransferring:
+	case err == nil && r.Stage() == executor.StageTransferring && r.send.Outcome() == kvtransfer.OutcomeNone:
 		s.advanceLocked(r, executor.StageHandedOff)
 	case err == nil:
-		err = context.Canceled // cancelled after the last byte; the router decides
-		outcome = kvtransfer.OutcomeCancelled
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, kvtransfer.ErrNoProgress):
-		outcome = kvtransfer.OutcomeTimedOut
-	case errors.Is(err, context.Canceled):
-		outcome = kvtransfer.OutcomeCancelled
-	default:
-		outcome = kvtransfer.OutcomeFailed
+		err = context.Canceled // cancelled (or timed out by the sweep) after the last byte; the router decides
 	}
-	eff, aerr := r.hold.Apply(s.cfg.Pool, sess.Returned(time.Now(), outcome))
+	// The first outcome decided stands: the sweep's, when the writer
+	// overstayed; then this return only proves the blocks quiet.
+	as := r.send.Returned(time.Now(), kvtransfer.WriteOutcome(err))
+	outcome := r.send.Outcome()
+	s.sendStepLocked(req.GetTicket().GetRequestId(), r, as)
 	close(r.transferDone)
-	if eff.Released {
-		s.dropHoldLocked(r)
-	}
 	if r.Stage() == executor.StageHandedOff {
 		s.dropRefsLocked(r)
 	}
@@ -578,10 +581,9 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 		s.advanceLocked(r, executor.StageAdvertised)
 	}
 	s.mu.Unlock()
-	if aerr != nil {
-		s.lg.Error("apply session actions", append(fields, zap.Error(aerr))...)
+	if as.Has(kvtransfer.ActNotify) {
+		s.cfg.Transfers.RecordTransfer(metrics.SideSender, outcome.String(), sent, time.Since(start))
 	}
-	s.cfg.Transfers.RecordTransfer(metrics.SideSender, outcome.String(), sent, time.Since(start))
 
 	if err != nil {
 		s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome.String()), zap.Int64("bytes", sent), zap.Error(err))...)
@@ -661,6 +663,21 @@ func (s *Server) sweep(now time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for id, r := range s.reqs.All() {
+		if r.send != nil {
+			if as := r.send.Tick(now); as != 0 {
+				if as.Has(kvtransfer.ActAbort) {
+					r.transferCancel() // the writer's context: it stops between blocks, if it can
+				}
+				if as.Has(kvtransfer.ActNotify) {
+					s.cfg.Transfers.RecordTransfer(metrics.SideSender, r.send.Outcome().String(), 0, now.Sub(r.sendStart))
+					fields := []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", r.Attempt()), zap.Int("blocks", len(r.blocks))}
+					s.mu.Later(func() {
+						s.lg.Warn("push timed out with its writer still running: blocks quarantined until it returns", fields...)
+					})
+				}
+				s.sendStepLocked(id, r, as)
+			}
+		}
 		if r.Stage() == executor.StageAdvertised && now.After(r.leaseUntil) {
 			fields := []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", r.Attempt()), zap.Int("blocks", len(r.blocks))}
 			s.mu.Later(func() { s.lg.Info("handoff lease expired", fields...) })
@@ -668,6 +685,42 @@ func (s *Server) sweep(now time.Time) {
 		}
 	}
 	s.reqs.Sweep(now)
+}
+
+// sendTimeouts are a push session's limits: the deadline (the writer
+// bounds its own per-block progress), and how long a writer that overstayed
+// it may take to return before its blocks are poisoned.
+func (s *Server) sendTimeouts() kvtransfer.Timeouts {
+	q := s.cfg.QuarantineDeadline
+	if q <= 0 {
+		q = s.cfg.TransferDeadline
+	}
+	return kvtransfer.Timeouts{Progress: s.cfg.TransferDeadline, Deadline: s.cfg.TransferDeadline, Quarantine: q}
+}
+
+// sendStepLocked carries out a push session's pool actions and keeps the
+// request's holds and the quarantine metrics in step.
+func (s *Server) sendStepLocked(id string, r *request, as kvtransfer.Actions) {
+	eff, err := r.hold.Apply(s.cfg.Pool, as)
+	if err != nil {
+		fields := []zap.Field{zap.String("request_id", id), zap.Error(err)}
+		s.mu.Later(func() { s.lg.Error("apply session actions", fields...) })
+	}
+	if eff.Quarantined && s.cfg.Quarantines != nil {
+		s.cfg.Quarantines.RecordQuarantine(metrics.SideSender)
+	}
+	if eff.Released {
+		s.dropHoldLocked(r)
+	}
+	if eff.Poisoned {
+		if s.cfg.Quarantines != nil {
+			s.cfg.Quarantines.RecordPoison(metrics.SideSender, len(r.blocks))
+		}
+		fields := []zap.Field{zap.String("request_id", id), zap.Int("blocks", len(r.blocks))}
+		s.mu.Later(func() {
+			s.lg.Error("blocks poisoned: the push's writer never returned before the quarantine deadline", fields...)
+		})
+	}
 }
 
 // Drain refuses new prefills, ends those still queued for blocks (they

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -690,5 +691,97 @@ func TestPrefillWhoseCallerLeftHoldsNothing(t *testing.T) {
 	}
 	if c := pool.Counts(); c.Free != 8 {
 		t.Fatalf("blocks held after the caller left: %+v", c)
+	}
+}
+
+// stuckWriter is a transport stuck below us: its Write ignores its context
+// and returns only when the test releases it.
+type stuckWriter struct {
+	entered chan context.Context
+	release chan struct{}
+}
+
+func (w *stuckWriter) Name() string { return kvtransfer.TransportTCP }
+func (w *stuckWriter) Close()       {}
+func (w *stuckWriter) Write(ctx context.Context, _ string, _ kvtransfer.SessionID, src [][]byte, _ []kvtransfer.Desc) (int64, error) {
+	w.entered <- ctx
+	<-w.release
+	return 0, ctx.Err()
+}
+
+// TestStuckWriterQuarantinesThenProvesOrPoisons: the push session is
+// ticked like the receiver's. A writer that overstays the deadline ends
+// the session TIMED_OUT in doubt: its context is cancelled and its blocks
+// are quarantined, not reused while it may still read them. Its late
+// return proves them quiet; a writer that never returns gets its blocks
+// poisoned at the quarantine deadline.
+func TestStuckWriterQuarantinesThenProvesOrPoisons(t *testing.T) {
+	f := newFixture(t, 64)
+	w := &stuckWriter{entered: make(chan context.Context, 1), release: make(chan struct{})}
+	f.srv.cfg.Writer = w
+	reg := prometheus.NewRegistry()
+	f.srv.cfg.Quarantines = metrics.NewQuarantine(reg)
+	push := func(tk *kvferryv1.Ticket) (context.Context, <-chan *kvferryv1.TransferResponse, int) {
+		n := int(f.prefill(t, tk, 20).GetAdvertisement().GetBlockCount())
+		dests := make([]*kvferryv1.BlockDescriptor, n)
+		for i := range dests {
+			dests[i] = &kvferryv1.BlockDescriptor{Index: uint32(i), Length: uint64(f.spec.BlockBytes())}
+		}
+		st, err := f.client.Transfer(context.Background(), &kvferryv1.TransferRequest{Ticket: tk, SessionId: 1, ProtocolVersion: kvtransfer.ProtocolVersion,
+			Layout: f.spec.Layout(), Transport: kvtransfer.TransportTCP, DataEndpoint: "127.0.0.1:1", Destinations: dests})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m, err := st.Recv(); err != nil || m.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_READY {
+			t.Fatalf("first event %v %v", m, err)
+		}
+		last := make(chan *kvferryv1.TransferResponse, 1)
+		go func() {
+			m, _ := st.Recv()
+			last <- m
+		}()
+		return <-w.entered, last, n
+	}
+
+	// A writer that returns late: quarantined, then proven quiet.
+	wctx, last, n := push(ticket.New(ticket.NewID()))
+	start := time.Now()
+	f.srv.sweep(start.Add(5 * time.Second))
+	if c := f.counts(); c.InFlight != n || c.Quarantined != 0 {
+		t.Fatalf("before the deadline: %+v", c)
+	}
+	f.srv.sweep(start.Add(11 * time.Second)) // TransferDeadline is 10 s
+	if c := f.counts(); c.Quarantined != n || c.InFlight != 0 {
+		t.Fatalf("after the deadline, writer still inside: %+v, want %d quarantined", c, n)
+	}
+	if wctx.Err() == nil {
+		t.Fatal("the stuck writer's context was not cancelled")
+	}
+	w.release <- struct{}{}
+	if m := <-last; m.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_FAILED {
+		t.Fatalf("last event %v", m)
+	}
+	if c := f.counts(); c.Quarantined != 0 || c.Poisoned != 0 || c.InFlight != 0 {
+		t.Fatalf("after the writer returned: %+v", c)
+	}
+
+	// A writer that never returns: poisoned at the quarantine deadline
+	// (TransferDeadline again, QuarantineDeadline unset).
+	_, last, n = push(ticket.New(ticket.NewID()))
+	start = time.Now()
+	f.srv.sweep(start.Add(11 * time.Second))
+	f.srv.sweep(start.Add(22 * time.Second))
+	if c := f.counts(); c.Poisoned != n || c.Quarantined != 0 {
+		t.Fatalf("past the quarantine deadline: %+v, want %d poisoned", c, n)
+	}
+	if got := testutil.ToFloat64(f.srv.cfg.Quarantines.QuarantinedCounter(metrics.SideSender)); got != 2 {
+		t.Fatalf("sender quarantines counted %v, want 2", got)
+	}
+	w.release <- struct{}{} // its late return proves nothing: poisoned stays poisoned
+	if m := <-last; m.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_FAILED {
+		t.Fatalf("last event %v", m)
+	}
+	if c := f.counts(); c.Poisoned != n {
+		t.Fatalf("after the late return: %+v", c)
 	}
 }

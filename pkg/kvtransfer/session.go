@@ -1,6 +1,8 @@
 package kvtransfer
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -257,4 +259,19 @@ func (s *Session) end(now time.Time, o Outcome, proof Proof) Actions {
 	}
 	s.disp = DispInDoubt
 	return ActNotify | ActAbort | ActQuarantine
+}
+
+// WriteOutcome is the outcome a Writer.Write that returned err reports:
+// completed, timed out (its deadline or no progress), cancelled, or
+// failed. A sender feeds it to Session.Returned.
+func WriteOutcome(err error) Outcome {
+	switch {
+	case err == nil:
+		return OutcomeCompleted
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, ErrNoProgress):
+		return OutcomeTimedOut
+	case errors.Is(err, context.Canceled):
+		return OutcomeCancelled
+	}
+	return OutcomeFailed
 }
