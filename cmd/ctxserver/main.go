@@ -17,6 +17,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -39,7 +40,7 @@ func (c *Config) Validate() error {
 	if c.MaxBatchTokens < c.PrefillChunk {
 		batchErr = fmt.Errorf("--max-batch-tokens (%d) must be at least --prefill-chunk-tokens (%d)", c.MaxBatchTokens, c.PrefillChunk)
 	}
-	_, faultErr := kvtransfer.ParseFault(c.TransportFault, time.Now())
+	_, faultErr := fault.Parse(c.TransportFault, time.Now())
 	return cli.OneLine(c.Config.Validate(), leaseErr, batchErr, faultErr)
 }
 
@@ -82,14 +83,16 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		return err
 	}
 	defer p.Close()
-	fault, err := kvtransfer.ParseFault(cfg.TransportFault, time.Now())
+	injected, err := fault.Parse(cfg.TransportFault, time.Now())
 	if err != nil {
 		return err
 	}
-	if fault != nil {
+	hooks := kvtransfer.Hooks{OnBlock: p.Progress.Touch}
+	if injected != nil {
 		lg.Warn("transport fault injected", zap.String("fault", cfg.TransportFault))
+		hooks.Fault = injected
 	}
-	writer, err := newWriter(cfg, kvtransfer.Hooks{Fault: fault, OnBlock: p.Progress.Touch})
+	writer, err := newWriter(cfg, hooks)
 	if err != nil {
 		return err
 	}
@@ -107,7 +110,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		Scheduler:        p.Scheduler,
 		Pool:             p.Pool,
 		Writer:           writer,
-		Fault:            fault,
+		Fault:            injected,
 		TransferEndpoint: servercmd.Advertised(cfg.AdvertiseHost, p.GRPCLn),
 		HandoffLease:     cfg.HandoffLease,
 		TransferDeadline: cfg.TransferDeadline,

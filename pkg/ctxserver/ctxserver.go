@@ -29,6 +29,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/ticket"
@@ -44,7 +45,7 @@ type Config struct {
 	Writer kvtransfer.Writer
 	// Fault is the writer's injected fault (nil: none); lose-abort-ack
 	// also mutes AbortTransfer.
-	Fault *kvtransfer.Fault
+	Fault *fault.Fault
 	// TransferEndpoint is the host:port generation servers dial for
 	// TransferService (this server's gRPC address as they see it).
 	TransferEndpoint string

@@ -19,6 +19,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/blockpool"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
@@ -605,7 +606,7 @@ func TestLoseAbortAckDrill(t *testing.T) {
 	const tokens = 24 * 16
 	f := newFixtureModel(t, "llama3-8b", 32, false)
 	var err error
-	if f.srv.cfg.Fault, err = kvtransfer.ParseFault("lose-abort-ack", time.Now()); err != nil {
+	if f.srv.cfg.Fault, err = fault.Parse("lose-abort-ack", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	tk := ticket.New(ticket.NewID())

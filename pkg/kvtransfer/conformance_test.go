@@ -19,6 +19,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+
+	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
 )
 
 // The conformance suite: every backend runs the same table. A backend is a
@@ -284,7 +286,7 @@ func TestConformanceReceiverAbort(t *testing.T) {
 		first := make(chan struct{})
 		var once sync.Once
 		w := newWriter(t, b, 0, Hooks{
-			Fault:   &Fault{Kind: FaultDelay, Rate: 1, Delay: 5 * time.Millisecond, After: 1, start: time.Now()},
+			Fault:   mustFault(t, "delay:after=1,delay=5ms"),
 			OnBlock: func(time.Time) { once.Do(func() { close(first) }) },
 		})
 		mem, dst := tg.blocks(0, n, size)
@@ -322,13 +324,13 @@ func TestConformanceReceiverAbort(t *testing.T) {
 // until its link closes.
 func TestConformanceReleaseFails(t *testing.T) {
 	const n, size = 4, 8 << 10
-	for _, kind := range []string{FaultStall, FaultLoseAbortAck} {
+	for _, kind := range []string{fault.KindStall, fault.KindLoseAbortAck} {
 		forEachBackend(t, func(t *testing.T, b backend) {
 			t.Run(kind, func(t *testing.T) {
 				tg := newTarget(t, b, n*size, size)
-				f := &Fault{Kind: FaultStall, Rate: 1, After: 2, start: time.Now()}
-				if kind == FaultLoseAbortAck {
-					f = &Fault{Kind: FaultLoseAbortAck, Rate: 1, start: time.Now()}
+				f := mustFault(t, "stall:after=2")
+				if kind == fault.KindLoseAbortAck {
+					f = mustFault(t, "lose-abort-ack")
 				}
 				ctx, cancel := context.WithCancel(context.Background())
 				defer cancel()
@@ -336,7 +338,7 @@ func TestConformanceReleaseFails(t *testing.T) {
 				reached := make(chan struct{})
 				w := newWriter(t, b, 0, Hooks{Fault: f, OnBlock: func(time.Time) {
 					if written.Add(1) == 2 {
-						if kind == FaultLoseAbortAck {
+						if kind == fault.KindLoseAbortAck {
 							cancel() // the writer stops before block 3, and says nothing
 						}
 						close(reached)
@@ -355,7 +357,7 @@ func TestConformanceReleaseFails(t *testing.T) {
 				writerReturned := sync.OnceFunc(func() { <-done })
 				defer writerReturned()
 				<-reached
-				if kind == FaultLoseAbortAck {
+				if kind == fault.KindLoseAbortAck {
 					writerReturned()
 				}
 				q := make(quiesced)
@@ -372,10 +374,10 @@ func TestConformanceReleaseFails(t *testing.T) {
 					t.Fatal("proof while the writer may still write")
 				}
 				switch kind {
-				case FaultStall:
+				case fault.KindStall:
 					cancel() // the stall ends: the writer stops and says DONE
 					writerReturned()
-				case FaultLoseAbortAck:
+				case fault.KindLoseAbortAck:
 					if b.noDeathProof {
 						// Nothing but the writer's word proves it: the
 						// session stays in doubt (the reaper poisons it at
@@ -558,7 +560,11 @@ func init() {
 // own within a test's time: the parent kills it.
 func runChildWriter(name, endpoint string) int {
 	const n, size = 40, 4096
-	w, err := NewWriter(name, 0, Hooks{Fault: &Fault{Kind: FaultDelay, Rate: 1, Delay: time.Second, After: 1, start: time.Now()}})
+	f, err := fault.Parse("delay:after=1,delay=1s", time.Now())
+	if err != nil {
+		return 2
+	}
+	w, err := NewWriter(name, 0, Hooks{Fault: f})
 	if err != nil {
 		return 2
 	}

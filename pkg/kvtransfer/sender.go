@@ -147,7 +147,8 @@ func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session 
 	return n, nil
 }
 
-func writeSession(ctx context.Context, c net.Conn, sid SessionID, src [][]byte, progress time.Duration, fault *Fault, onBlock func(time.Time)) (int64, error) {
+func writeSession(ctx context.Context, c net.Conn, sid SessionID, src [][]byte, progress time.Duration, fault Injector, onBlock func(time.Time)) (int64, error) {
+	fault = injector(fault)
 	session := sid.ID
 	// One header and one vector for the whole session: a vectored write
 	// makes them escape, and per block that would be an allocation each.
@@ -156,7 +157,7 @@ func writeSession(ctx context.Context, c net.Conn, sid SessionID, src [][]byte, 
 	var bufs net.Buffers
 	var sent int64
 	for i, b := range src {
-		if err := fault.before(ctx, session, i); err != nil {
+		if err := fault.Before(ctx, session, i); err != nil {
 			return sent, err
 		}
 		if progress > 0 {
@@ -168,7 +169,7 @@ func writeSession(ctx context.Context, c net.Conn, sid SessionID, src [][]byte, 
 			return sent, err
 		}
 		Header{Kind: FrameData, Session: session, Key: sid.Key, Index: uint32(i), Length: uint32(len(b))}.Encode(hdr)
-		bufs = append(vec[:0], hdr, fault.payload(session, i, b))
+		bufs = append(vec[:0], hdr, fault.Payload(session, i, b))
 		if _, err := bufs.WriteTo(c); err != nil {
 			return sent, fmt.Errorf("kvtransfer: write block %d: %w", i, err)
 		}
@@ -177,10 +178,10 @@ func writeSession(ctx context.Context, c net.Conn, sid SessionID, src [][]byte, 
 			onBlock(time.Now())
 		}
 	}
-	if fault.losesNotify(session) {
+	if fault.LosesNotify(session) {
 		return sent, nil // the notification is lost; the sender believes it sent it
 	}
-	if err := fault.before(ctx, session, len(src)); err != nil {
+	if err := fault.Before(ctx, session, len(src)); err != nil {
 		return sent, err // a partial fault after every block: the DONE never goes
 	}
 	Header{Kind: FrameDone, Session: session, Key: sid.Key, Index: uint32(len(src))}.Encode(hdr)

@@ -43,7 +43,7 @@ func (w *ShmWriter) Name() string { return TransportShm }
 type shmPeer struct {
 	c        *net.UnixConn
 	mem      []byte
-	fault    *Fault
+	fault    Injector
 	progress time.Duration // bounds every frame write
 	wmu      sync.Mutex    // frame writes
 
@@ -109,14 +109,14 @@ func (w *ShmWriter) copySession(ctx context.Context, p *shmPeer, ss *writerSessi
 	}
 	var sent int64
 	for i, b := range src {
-		if err := w.Fault.before(ctx, session, i); err != nil {
+		if err := injector(w.Fault).Before(ctx, session, i); err != nil {
 			return i, sent, err
 		}
 		if err := p.stopped(ctx, ss); err != nil {
 			return i, sent, err
 		}
 		d := dst[i]
-		copy(p.mem[d.Offset:d.Offset+d.Length], w.Fault.payload(session, i, b))
+		copy(p.mem[d.Offset:d.Offset+d.Length], injector(w.Fault).Payload(session, i, b))
 		if err := p.write(Header{Kind: FrameLanded, Session: session, Index: uint32(i), Length: uint32(len(b))}, w.progress); err != nil {
 			return i + 1, sent, err
 		}
@@ -125,7 +125,7 @@ func (w *ShmWriter) copySession(ctx context.Context, p *shmPeer, ss *writerSessi
 			w.OnBlock(time.Now())
 		}
 	}
-	if err := w.Fault.before(ctx, session, len(src)); err != nil {
+	if err := injector(w.Fault).Before(ctx, session, len(src)); err != nil {
 		return len(src), sent, err // a partial fault after every block
 	}
 	return len(src), sent, nil

@@ -14,6 +14,7 @@ import (
 
 	"github.com/kvferry/kvferry/internal/leakcheck"
 	"github.com/kvferry/kvferry/internal/poll"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
 )
 
 func TestMain(m *testing.M) { leakcheck.VerifyTestMain(m) }
@@ -330,34 +331,6 @@ func stalledPeer(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-func TestParseFault(t *testing.T) {
-	now := time.Unix(100, 0)
-	for _, tc := range []struct {
-		spec string
-		want *Fault
-		ok   bool
-	}{
-		{"", nil, true},
-		{"stall", &Fault{Kind: FaultStall, Rate: 1, Delay: 100 * time.Millisecond, start: now}, true},
-		{"stall:after=2,for=5s", &Fault{Kind: FaultStall, After: 2, For: 5 * time.Second, Rate: 1, Delay: 100 * time.Millisecond, start: now}, true},
-		{"delay:delay=300ms,rate=0.5", &Fault{Kind: FaultDelay, Rate: 0.5, Delay: 300 * time.Millisecond, start: now}, true},
-		{"corrupt:after=1", &Fault{Kind: FaultCorrupt, After: 1, Rate: 1, Delay: 100 * time.Millisecond, start: now}, true},
-		{"melt", nil, false},
-		{"stall:after=-1", nil, false},
-		{"stall:rate=2", nil, false},
-		{"stall:for", nil, false},
-		{"stall:colour=red", nil, false},
-	} {
-		got, err := ParseFault(tc.spec, now)
-		if (err == nil) != tc.ok {
-			t.Fatalf("%q: err %v", tc.spec, err)
-		}
-		if tc.ok && (got == nil) != (tc.want == nil) || got != nil && tc.want != nil && *got != *tc.want {
-			t.Fatalf("%q: got %+v, want %+v", tc.spec, got, tc.want)
-		}
-	}
-}
-
 // TestStallFaultHealsAfterWindow: a stall holds the push without writing
 // until its window ends, then the push completes.
 func TestStallFaultHealsAfterWindow(t *testing.T) {
@@ -365,7 +338,7 @@ func TestStallFaultHealsAfterWindow(t *testing.T) {
 	r := newReceiver(t, size)
 	snd := NewSender(0)
 	defer snd.Close()
-	snd.Fault, _ = ParseFault("stall:after=1,for=300ms", time.Now())
+	snd.Fault = mustFault(t, "stall:after=1,for=300ms")
 	dst := [][]byte{make([]byte, size), make([]byte, size)}
 	s, _ := r.Register(SessionID{ID: 5}, dst, nil)
 	done := make(chan error, 1)
@@ -410,15 +383,12 @@ func TestFaultKinds(t *testing.T) {
 			r := newReceiver(t, size)
 			snd := NewSender(0)
 			defer snd.Close()
-			var err error
-			if snd.Fault, err = ParseFault(tc.spec, time.Now()); err != nil {
-				t.Fatal(err)
-			}
+			snd.Fault = mustFault(t, tc.spec)
 			src := randomBlocks(3, size, 9)
 			orig := randomBlocks(3, size, 9)
 			dst := [][]byte{make([]byte, size), make([]byte, size), make([]byte, size)}
 			s, _ := r.Register(SessionID{ID: 42}, dst, nil)
-			_, err = snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 42}, src)
+			_, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 42}, src)
 			if (err != nil) != tc.pushErr {
 				t.Fatalf("push error %v, want error %v", err, tc.pushErr)
 			}
@@ -480,4 +450,14 @@ func benchCopy(b *testing.B, dst []byte) {
 			copy(dst[off:off+block], src[off:off+block])
 		}
 	}
+}
+
+// mustFault parses a --transport-fault spec.
+func mustFault(t testing.TB, spec string) *fault.Fault {
+	t.Helper()
+	f, err := fault.Parse(spec, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
 }

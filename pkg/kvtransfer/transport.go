@@ -31,10 +31,39 @@ type Desc struct {
 	Length uint64
 }
 
+// Injector injects faults into a writer's sessions, for tests and drills
+// (package fault implements it). Writers call it before each block (wait
+// or fail), for each block's bytes (corrupt a copy), and for their DONE
+// and ABORT_ACK words (lose them). A nil Injector injects nothing.
+type Injector interface {
+	Active(session uint64, i int) bool
+	Before(ctx context.Context, session uint64, i int) error
+	Payload(session uint64, i int, b []byte) []byte
+	LosesNotify(session uint64) bool
+	LosesAbortAck() bool
+}
+
+// noFault is the Injector of a writer without one.
+type noFault struct{}
+
+func (noFault) Active(uint64, int) bool                   { return false }
+func (noFault) Before(context.Context, uint64, int) error { return nil }
+func (noFault) Payload(_ uint64, _ int, b []byte) []byte  { return b }
+func (noFault) LosesNotify(uint64) bool                   { return false }
+func (noFault) LosesAbortAck() bool                       { return false }
+
+// injector is i, or one that injects nothing.
+func injector(i Injector) Injector {
+	if i == nil {
+		return noFault{}
+	}
+	return i
+}
+
 // Hooks are shared by every writer.
 type Hooks struct {
 	// Fault, when set, is injected into every session (tests, drills).
-	Fault *Fault
+	Fault Injector
 	// OnBlock, when set, is called after each block is written (health's
 	// progress clock); it must not block.
 	OnBlock func(now time.Time)
@@ -114,12 +143,13 @@ func awaitBind(ctx context.Context, bind <-chan FrameKind, progress time.Duratio
 // and ended with err sends DONE — its word that nothing more is written.
 // A drill can lose the word: lose-notify on success, lose-abort-ack when
 // the session was aborted or cancelled.
-func saysDone(f *Fault, session uint64, err error, aborted bool) bool {
+func saysDone(f Injector, session uint64, err error, aborted bool) bool {
+	f = injector(f)
 	switch {
 	case err == errNotBound:
 		return false // never granted: nothing to release
 	case err == nil:
-		return !f.losesNotify(session)
+		return !f.LosesNotify(session)
 	case aborted && f.LosesAbortAck():
 		return false
 	}
@@ -148,7 +178,8 @@ func newWriterSession() *writerSession { return &writerSession{bind: make(chan F
 // owed — an ABORT for a session nothing is being written for, unless a
 // drill loses acknowledgements — and false in valid for a frame no
 // receiver sends.
-func onReceiverFrame(h Header, ss *writerSession, f *Fault) (ackOwed, valid bool) {
+func onReceiverFrame(h Header, ss *writerSession, f Injector) (ackOwed, valid bool) {
+	f = injector(f)
 	switch h.Kind {
 	case FrameBindOK, FrameBindRefused:
 		if ss != nil {

@@ -257,14 +257,14 @@ func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *writerSessio
 	}
 	win := ucxWin{x: x, p: p, session: session, src: src}
 	for i := range src {
-		if x.Fault.active(session, i) {
+		if injector(x.Fault).Active(session, i) {
 			// A fault acts before this block: what is posted lands and is
 			// announced first, as on the other transports.
 			if err := win.flush(ctx); err != nil {
 				return win.landed, win.sent, err
 			}
 		}
-		stop := x.Fault.before(ctx, session, i)
+		stop := injector(x.Fault).Before(ctx, session, i)
 		if stop == nil && ctx.Err() != nil {
 			stop = ctx.Err()
 		}
@@ -272,7 +272,7 @@ func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *writerSessio
 			stop = ErrAborted
 		}
 		if stop == nil {
-			stop = win.put(i, x.Fault.payload(session, i, src[i]), p.base+dst[i].Offset)
+			stop = win.put(i, injector(x.Fault).Payload(session, i, src[i]), p.base+dst[i].Offset)
 		}
 		if stop != nil {
 			// Settle what is posted (it may land; the receiver must hear
@@ -291,7 +291,7 @@ func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *writerSessio
 	if err := win.flush(ctx); err != nil {
 		return win.landed, win.sent, err
 	}
-	if err := x.Fault.before(ctx, session, len(src)); err != nil {
+	if err := injector(x.Fault).Before(ctx, session, len(src)); err != nil {
 		return len(src), win.sent, err
 	}
 	return len(src), win.sent, nil

@@ -1,4 +1,8 @@
-package kvtransfer
+// Package fault injects transport faults into kvferry's writers, for tests
+// and chaos drills (--transport-fault): a *Fault is the
+// kvtransfer.Injector every writer calls before and while it writes a
+// session's blocks. A nil *Fault injects nothing.
+package fault
 
 import (
 	"context"
@@ -9,7 +13,7 @@ import (
 	"time"
 )
 
-// Fault injects a transport fault into a Sender (and, for lose-abort-ack,
+// Fault injects a transport fault into a writer (and, for lose-abort-ack,
 // the context server's abort handling), for tests and chaos drills:
 // --transport-fault=KIND[:key=value,...]. Kinds:
 //
@@ -37,29 +41,29 @@ type Fault struct {
 	start time.Time
 }
 
-// Fault kinds.
+// Kinds.
 const (
-	FaultStall        = "stall"
-	FaultDelay        = "delay"
-	FaultError        = "error"
-	FaultPartial      = "partial"
-	FaultCorrupt      = "corrupt"
-	FaultLoseNotify   = "lose-notify"
-	FaultLoseAbortAck = "lose-abort-ack"
+	KindStall        = "stall"
+	KindDelay        = "delay"
+	KindError        = "error"
+	KindPartial      = "partial"
+	KindCorrupt      = "corrupt"
+	KindLoseNotify   = "lose-notify"
+	KindLoseAbortAck = "lose-abort-ack"
 )
 
 // ErrInjected is the failure an error or partial fault causes.
-var ErrInjected = errors.New("kvtransfer: injected transport fault")
+var ErrInjected = errors.New("fault: injected transport fault")
 
-// ParseFault parses a --transport-fault value; "" means no fault (nil).
-func ParseFault(spec string, now time.Time) (*Fault, error) {
+// Parse parses a --transport-fault value; "" means no fault (nil).
+func Parse(spec string, now time.Time) (*Fault, error) {
 	if spec == "" {
 		return nil, nil
 	}
 	kind, args, _ := strings.Cut(spec, ":")
 	f := &Fault{Kind: kind, Rate: 1, Delay: 100 * time.Millisecond, start: now}
 	switch kind {
-	case FaultStall, FaultDelay, FaultError, FaultPartial, FaultCorrupt, FaultLoseNotify, FaultLoseAbortAck:
+	case KindStall, KindDelay, KindError, KindPartial, KindCorrupt, KindLoseNotify, KindLoseAbortAck:
 	default:
 		return nil, fmt.Errorf("transport fault %q: kind must be one of stall, delay, error, partial, corrupt, lose-notify, lose-abort-ack", spec)
 	}
@@ -109,25 +113,25 @@ func mixID(x uint64) uint64 {
 	return x
 }
 
-// active reports whether the fault acts on block i of session now.
-func (f *Fault) active(session uint64, i int) bool {
+// Active reports whether the fault acts on block i of session now.
+func (f *Fault) Active(session uint64, i int) bool {
 	if f == nil || i < f.After || !f.hits(session) {
 		return false
 	}
 	return f.For <= 0 || time.Now().Before(f.start.Add(f.For))
 }
 
-// before runs ahead of writing block i of session: it waits (stall,
+// Before runs ahead of writing block i of session: it waits (stall,
 // delay) or fails (error at the first block, partial at block `after`).
-func (f *Fault) before(ctx context.Context, session uint64, i int) error {
-	if !f.active(session, i) {
+func (f *Fault) Before(ctx context.Context, session uint64, i int) error {
+	if !f.Active(session, i) {
 		return nil
 	}
 	var wait <-chan time.Time
 	switch f.Kind {
-	case FaultError, FaultPartial:
+	case KindError, KindPartial:
 		return ErrInjected
-	case FaultDelay:
+	case KindDelay:
 		d := f.Delay
 		if f.For > 0 {
 			d = min(d, time.Until(f.start.Add(f.For)))
@@ -135,7 +139,7 @@ func (f *Fault) before(ctx context.Context, session uint64, i int) error {
 		t := time.NewTimer(d)
 		defer t.Stop()
 		wait = t.C
-	case FaultStall:
+	case KindStall:
 		if f.For > 0 {
 			t := time.NewTimer(time.Until(f.start.Add(f.For)))
 			defer t.Stop()
@@ -152,11 +156,11 @@ func (f *Fault) before(ctx context.Context, session uint64, i int) error {
 	}
 }
 
-// payload returns what to write for block i: the block itself, or for a
+// Payload returns what to write for block i: the block itself, or for a
 // corrupt fault a copy with one byte flipped (the pool memory is never
 // touched).
-func (f *Fault) payload(session uint64, i int, b []byte) []byte {
-	if f == nil || f.Kind != FaultCorrupt || len(b) == 0 || !f.active(session, i) {
+func (f *Fault) Payload(session uint64, i int, b []byte) []byte {
+	if f == nil || f.Kind != KindCorrupt || len(b) == 0 || !f.Active(session, i) {
 		return b
 	}
 	c := make([]byte, len(b))
@@ -165,12 +169,12 @@ func (f *Fault) payload(session uint64, i int, b []byte) []byte {
 	return c
 }
 
-// losesNotify reports whether the DONE notification of session is dropped.
-func (f *Fault) losesNotify(session uint64) bool {
-	return f != nil && f.Kind == FaultLoseNotify && f.active(session, f.After)
+// LosesNotify reports whether the DONE notification of session is dropped.
+func (f *Fault) LosesNotify(session uint64) bool {
+	return f != nil && f.Kind == KindLoseNotify && f.Active(session, f.After)
 }
 
 // LosesAbortAck reports whether aborts go unacknowledged now.
 func (f *Fault) LosesAbortAck() bool {
-	return f != nil && f.Kind == FaultLoseAbortAck && (f.For <= 0 || time.Now().Before(f.start.Add(f.For)))
+	return f != nil && f.Kind == KindLoseAbortAck && (f.For <= 0 || time.Now().Before(f.start.Add(f.For)))
 }
