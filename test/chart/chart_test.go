@@ -281,6 +281,7 @@ func TestRenderAndShape(t *testing.T) {
 					t.Errorf("certificate %s: URIs %v", c.Name, c.Spec.URIs)
 				}
 			}
+			checkDataNames(t, r, certs)
 		case "pairs-3x5-values.yaml":
 			if c, g := *deployment(t, r, "ctx").Spec.Replicas, *deployment(t, r, "gen").Spec.Replicas; c != 3 || g != 5 {
 				t.Errorf("3x5: %d context, %d generation servers", c, g)
@@ -290,6 +291,39 @@ func TestRenderAndShape(t *testing.T) {
 		}
 		for _, d := range objectsOf[*appsv1.Deployment](r) {
 			checkPod(t, r.values, d)
+		}
+	}
+}
+
+// checkDataNames: with mTLS the generation servers advertise their data
+// endpoint under a Service that publishes not-ready pods (a server the
+// canary marked unready must stay reachable by the canary that clears it),
+// and their certificate's DNS SANs cover that name — else every context
+// server would refuse to push to them.
+func checkDataNames(t *testing.T, r rendered, certs []*cmv1.Certificate) {
+	t.Helper()
+	gen := deployment(t, r, "gen").Spec.Template.Spec.Containers[0]
+	m := regexp.MustCompile(`--advertise-host=\\?"\$\(echo [^)]*\)\.([a-z0-9.-]+)\\?"`).FindStringSubmatch(strings.Join(gen.Command, " "))
+	if m == nil {
+		t.Fatalf("mtls: the generation server advertises no DNS name: %q", gen.Command)
+	}
+	suffix := m[1] // SERVICE.NS.svc.DOMAIN
+	svcName := strings.SplitN(suffix, ".", 2)[0]
+	var svc *corev1.Service
+	for _, s := range objectsOf[*corev1.Service](r) {
+		if s.Name == svcName {
+			svc = s
+		}
+	}
+	if svc == nil || !svc.Spec.PublishNotReadyAddresses || svc.Spec.ClusterIP != corev1.ClusterIPNone {
+		t.Errorf("mtls: the advertised names' Service %s is %+v, want headless and publishing not-ready pods", svcName, svc)
+	}
+	if !strings.HasPrefix(suffix, svcName+"."+namespace+".svc.") {
+		t.Errorf("mtls: advertised suffix %q is not under %s in %s", suffix, svcName, namespace)
+	}
+	for _, c := range certs {
+		if strings.HasSuffix(c.Name, "-genserver") && !slices.Contains(c.Spec.DNSNames, "*."+suffix) {
+			t.Errorf("mtls: genserver certificate names %v, not *.%s", c.Spec.DNSNames, suffix)
 		}
 	}
 }

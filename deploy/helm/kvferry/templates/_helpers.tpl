@@ -228,10 +228,12 @@ volumeMounts:
 image: {{ include "kvferry.image" $ }}
 imagePullPolicy: {{ $.Values.image.pullPolicy }}
 {{- if and (eq $role "genserver") $.Values.tls.enabled (not $pair) }}
-# The data endpoint is advertised by DNS name under the headless Service
-# (CoreDNS names each endpoint by its dashed IP), which the generation
+# The data endpoint is advertised by DNS name under the data Service
+# (CoreDNS names each endpoint by its dashed IP; the Service publishes
+# not-ready pods too, so a server the canary marked unready stays
+# reachable by the canary that would clear it), which the generation
 # servers' certificate covers; a context server pushes KV only there.
-command: ["/bin/sh", "-c", "exec {{ $bin }} --advertise-host=\"$(echo \"$POD_IP\" | tr .: --).{{ include "kvferry.genName" $ }}.{{ $.Release.Namespace }}.svc.{{ $.Values.tls.clusterDomain }}\" \"$@\"", "{{ $role }}"]
+command: ["/bin/sh", "-c", "exec {{ $bin }} --advertise-host=\"$(echo \"$POD_IP\" | tr .: --).{{ include "kvferry.genName" $ }}-data.{{ $.Release.Namespace }}.svc.{{ $.Values.tls.clusterDomain }}\" \"$@\"", "{{ $role }}"]
 {{- else }}
 command: [{{ $bin | quote }}]
 {{- end }}
