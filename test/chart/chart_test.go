@@ -29,8 +29,10 @@ import (
 	"helm.sh/helm/v3/pkg/lint/support"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/yaml"
 
@@ -291,6 +293,83 @@ func TestRenderAndShape(t *testing.T) {
 		}
 		for _, d := range objectsOf[*appsv1.Deployment](r) {
 			checkPod(t, r.values, d)
+		}
+		checkPortNames(t, r)
+	}
+}
+
+// checkPortNames: every named port a probe, a Service or a NetworkPolicy
+// refers to is a port of a container in the pods it selects (strict
+// decoding cannot see this; a cluster would, at 3 am).
+func checkPortNames(t *testing.T, r rendered) {
+	t.Helper()
+	type pod struct {
+		labels map[string]string
+		ports  map[string]bool
+	}
+	var pods []pod
+	for _, d := range objectsOf[*appsv1.Deployment](r) {
+		p := pod{labels: d.Spec.Template.Labels, ports: map[string]bool{}}
+		for _, c := range d.Spec.Template.Spec.Containers {
+			for _, cp := range c.Ports {
+				p.ports[cp.Name] = true
+			}
+		}
+		for _, c := range d.Spec.Template.Spec.Containers {
+			for _, pr := range []*corev1.Probe{c.StartupProbe, c.LivenessProbe, c.ReadinessProbe} {
+				if pr != nil && pr.HTTPGet != nil && !p.ports[pr.HTTPGet.Port.String()] {
+					t.Errorf("%s: %s/%s probes port %q it does not have", r.values, d.Name, c.Name, pr.HTTPGet.Port.String())
+				}
+			}
+		}
+		pods = append(pods, p)
+	}
+	selected := func(sel map[string]string) []pod {
+		var out []pod
+		for _, p := range pods {
+			match := true
+			for k, v := range sel {
+				if p.labels[k] != v {
+					match = false
+				}
+			}
+			if match {
+				out = append(out, p)
+			}
+		}
+		return out
+	}
+	for _, svc := range objectsOf[*corev1.Service](r) {
+		ps := selected(svc.Spec.Selector)
+		if len(ps) == 0 {
+			t.Errorf("%s: Service %s selects no pod", r.values, svc.Name)
+		}
+		for _, sp := range svc.Spec.Ports {
+			for _, p := range ps {
+				if name := sp.TargetPort.String(); sp.TargetPort.Type == intstr.String && !p.ports[name] {
+					t.Errorf("%s: Service %s targets port %q its pods do not have", r.values, svc.Name, name)
+				}
+			}
+		}
+	}
+	for _, np := range objectsOf[*networkingv1.NetworkPolicy](r) {
+		ps := selected(np.Spec.PodSelector.MatchLabels)
+		if len(ps) == 0 {
+			t.Errorf("%s: NetworkPolicy %s selects no pod", r.values, np.Name)
+		}
+		for _, rule := range np.Spec.Ingress {
+			for _, port := range rule.Ports {
+				for _, p := range ps {
+					if port.Port != nil && port.Port.Type == intstr.String && !p.ports[port.Port.String()] {
+						t.Errorf("%s: NetworkPolicy %s names port %q its pods do not have", r.values, np.Name, port.Port.String())
+					}
+				}
+			}
+			for _, peer := range rule.From {
+				if peer.PodSelector != nil && len(selected(peer.PodSelector.MatchLabels)) == 0 {
+					t.Errorf("%s: NetworkPolicy %s admits pods %v, which no Deployment makes", r.values, np.Name, peer.PodSelector.MatchLabels)
+				}
+			}
 		}
 	}
 }
