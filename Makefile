@@ -125,8 +125,8 @@ bench-engine: deps-llama
 FUZZTIME ?= 10s
 FUZZ_TARGETS := ./pkg/executor:FuzzStateDecode ./pkg/router:FuzzBearer ./pkg/router:FuzzCompletionRequest \
 	./pkg/router:FuzzChatRequest ./pkg/router:FuzzStopper ./pkg/kvtransfer:FuzzDecodeHeader \
-	./pkg/kvtransfer:FuzzTCPFrames ./pkg/kvtransfer:FuzzShmLinkFrames ./pkg/kvtransfer:FuzzWriterFrames \
-	./pkg/kvtransfer:FuzzUCXEndpoint ./pkg/ctxserver:FuzzPrefillRequest ./pkg/ctxserver:FuzzTransferRequest \
+	./pkg/kvtransfer/tcp:FuzzTCPFrames ./pkg/kvtransfer:FuzzLinkFrames ./pkg/kvtransfer:FuzzWriterFrames \
+	./pkg/kvtransfer/ucx:FuzzUCXEndpoint ./pkg/ctxserver:FuzzPrefillRequest ./pkg/ctxserver:FuzzTransferRequest \
 	./pkg/genserver:FuzzGenerateRequest ./pkg/router:FuzzRouterGenerateRequest
 fuzz:
 	@set -e; log=$$(mktemp); for t in $(FUZZ_TARGETS); do \
@@ -170,7 +170,7 @@ deps-ucx:
 # test on real processes, under the race detector.
 test-ucx: deps-ucx
 	$(GO) vet -tags ucx ./...
-	$(GO) test -race -tags ucx -count=1 -timeout 15m -run 'Conformance|Shm|UCX' ./pkg/kvtransfer/ ./test/e2e/
+	$(GO) test -race -tags ucx -count=1 -timeout 15m -run 'Conformance|Shm|UCX' ./pkg/kvtransfer/... ./test/e2e/
 
 vet:
 	$(GO) vet ./...

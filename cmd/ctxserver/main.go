@@ -18,6 +18,8 @@ import (
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/tcp"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/transports"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -63,13 +65,13 @@ const sweepInterval = time.Second
 // newWriter is the writer of --transport, a TLS tcp writer with --data-tls.
 func newWriter(cfg Config, hooks kvtransfer.Hooks) (kvtransfer.Writer, error) {
 	if !cfg.DataTLS {
-		return kvtransfer.NewWriter(cfg.Transport, cfg.TransferProgressTimeout, hooks)
+		return transports.NewWriter(cfg.Transport, cfg.TransferProgressTimeout, hooks)
 	}
 	_, clientTLS, err := cfg.TLS.DataConfigs()
 	if err != nil {
 		return nil, err
 	}
-	s := kvtransfer.NewTLSSender(cfg.TransferProgressTimeout, clientTLS)
+	s := tcp.NewTLSWriter(cfg.TransferProgressTimeout, clientTLS)
 	s.Hooks = hooks
 	return s, nil
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/tcp"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
@@ -49,7 +50,7 @@ func newFixtureModel(t *testing.T, model string, blocks int, reuse bool) *fixtur
 	if err != nil {
 		t.Fatal(err)
 	}
-	sender := kvtransfer.NewSender(0)
+	sender := tcp.NewWriter(0)
 	t.Cleanup(sender.Close)
 	reg := prometheus.NewRegistry()
 	srv := New(Config{
@@ -519,7 +520,7 @@ func TestDuplicateTransferIsANoOp(t *testing.T) {
 	f := newFixture(t, 16)
 	tk := ticket.New(ticket.NewID())
 	f.prefill(t, tk, 20)
-	recv, err := kvtransfer.Listen("127.0.0.1:0", f.spec.BlockBytes(), zap.NewNop())
+	recv, err := tcp.Listen("127.0.0.1:0", f.spec.BlockBytes(), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -672,7 +673,7 @@ func TestPrefillWhoseCallerLeftHoldsNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	eng := &stubbornEngine{Synthetic: executor.NewSynthetic(spec, executor.Timing{}), entered: make(chan struct{}), gate: make(chan struct{})}
-	sender := kvtransfer.NewSender(0)
+	sender := tcp.NewWriter(0)
 	defer sender.Close()
 	reg := prometheus.NewRegistry()
 	srv := New(Config{Engine: eng, Pool: pool, Writer: sender, TransferEndpoint: "unused", HandoffLease: time.Hour, TransferDeadline: 10 * time.Second,

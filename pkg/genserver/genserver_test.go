@@ -23,6 +23,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/ctxserver"
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/tcp"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
@@ -94,7 +95,7 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 	genSpec, _ := executor.Preset(genModel)
 	ctxPool, _ := blockpool.New(64, spec.BlockBytes())
 	genPool, _ := blockpool.New(genBlocks, genSpec.BlockBytes())
-	sender := kvtransfer.NewSender(0)
+	sender := tcp.NewWriter(0)
 	t.Cleanup(sender.Close)
 	reg := prometheus.NewRegistry()
 	ctxLn := listen(t)
@@ -109,7 +110,7 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 		kvferryv1.RegisterTransferServiceServer(gs, ctxSrv)
 		kvferryv1.RegisterContextServiceServer(gs, ctxSrv)
 	})
-	recv, err := kvtransfer.Listen("127.0.0.1:0", genSpec.BlockBytes(), zap.NewNop())
+	recv, err := tcp.Listen("127.0.0.1:0", genSpec.BlockBytes(), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 	"time"
 
@@ -19,44 +18,51 @@ var (
 	ErrAborted       = errors.New("kvtransfer: session aborted")
 )
 
-// Bounds on the tcp data port, which anyone who reaches it can connect to.
-const (
-	// MaxConnsPerPeer bounds the data connections one remote address may
-	// hold open; a writer pools two per receiver, so this is far above
-	// honest use.
-	MaxConnsPerPeer = 64
-	// DataIdleTimeout closes a data connection on which no frame started,
-	// nor a payload moved, for this long (a writer re-dials on next use).
-	DataIdleTimeout = 2 * time.Minute
-)
+// ErrForeignFrame: a tcp frame names a live session but has the wrong key,
+// or comes on another connection than the one the session is bound to.
+// The frame is dropped and its connection closed; the session is not
+// touched (a guesser must not be able to fail someone else's transfer).
+var ErrForeignFrame = errors.New("kvtransfer: frame for a session this connection does not own")
 
-// Receiver is the target side of a transport (NIXL: the agent whose memory
-// is registered and written). For tcp it accepts data connections and lands
-// DATA frames straight in the destination blocks of registered sessions. It
-// is the only writer of those blocks, which gives the tcp transport a local
-// proof of quiescence: once a session is aborted and no frame for it is
-// being read, no byte can touch its memory again (later frames for it are
-// discarded). For shm (ServeShm) the writer is the peer process, which
-// copies into the shared pool itself after the receiver granted it the
-// session; the proof is then the writer's word (DONE, ABORT_ACK) or its
-// end (the link's close, which the kernel does when it dies).
+// Receiver is the target side of a transfer (NIXL: the agent whose memory
+// is registered and written): the sessions registered on it and their
+// proofs, whatever the transport. A transport package (tcp, shm, ucx)
+// makes one with NewReceiver and lands what its peers send through one of
+// two doors:
+//
+//   - LandData / LandDone (tcp): the receiver's own reader copies each DATA
+//     frame into its block. It is the only writer of the blocks, which
+//     gives a local proof of quiescence: once a session is finished and no
+//     frame for it is being read, no byte can touch its memory again.
+//   - LinkFrame / LinkGone (shm, ucx): the writer is the peer process,
+//     which copies into the registered memory itself once the receiver
+//     granted it the session (BIND); the proof is then the writer's word
+//     (DONE, ABORT_ACK) or its end (its link's close).
 type Receiver struct {
-	ln       net.Listener // nil for ucx
-	endpoint string       // what writers dial
-	closer   func()       // ucx: stops the worker after the links are gone
+	endpoint string // what writers dial
 	maxBlock uint32
-	idle     time.Duration // tcp: DataIdleTimeout
 	lg       *zap.Logger
+	stop     func() error // the transport's: stops accepting, ends its goroutines
 
 	mu       sync.Mutex
 	sessions map[uint64]*RecvSession
-	conns    map[net.Conn]struct{}
-	perPeer  map[string]int            // tcp: open data connections by remote host
-	awaiting map[*RecvSession]struct{} // shm: finished, waiting for the writer's word
+	awaiting map[*RecvSession]struct{} // finished, waiting for the writer's word
 	closed   bool
-
-	wg sync.WaitGroup
 }
+
+// NewReceiver returns a receiver for a transport listening at endpoint;
+// maxBlock bounds a frame's payload; stop, called once by Close, stops the
+// transport and waits for its goroutines.
+func NewReceiver(endpoint string, maxBlock int, lg *zap.Logger, stop func() error) *Receiver {
+	return &Receiver{endpoint: endpoint, maxBlock: uint32(maxBlock), lg: lg, stop: stop,
+		sessions: map[uint64]*RecvSession{}, awaiting: map[*RecvSession]struct{}{}}
+}
+
+// MaxBlock bounds a frame's payload, for the transport's header decoding.
+func (r *Receiver) MaxBlock() uint32 { return r.maxBlock }
+
+// Logger is the receiver's logger, for its transport.
+func (r *Receiver) Logger() *zap.Logger { return r.lg }
 
 // RecvSession is one transfer's destination on the receiver.
 type RecvSession struct {
@@ -74,10 +80,10 @@ type RecvSession struct {
 	ended        bool
 	aborted      bool
 	writing      int
-	readers      map[net.Conn]int // connections reading a block of this session now
-	conn         net.Conn         // tcp: the connection the session is bound to (the first that wrote it)
-	link         *link            // shm, ucx: the writer granted this session; nil for tcp
-	writerDone   bool             // shm: the writer said, or proved by closing, it writes no more
+	readers      map[io.Closer]int // connections reading a block of this session now
+	owner        io.Closer         // tcp: the connection the session is bound to (the first that wrote it)
+	link         *Link             // shm, ucx: the writer granted this session; nil for tcp
+	writerDone   bool              // the writer said, or proved by closing, it writes no more
 	onQuiesced   func()
 	onBlock      func(time.Time)
 }
@@ -89,37 +95,6 @@ func (s *RecvSession) Done() <-chan struct{} { return s.done }
 // ID returns the session id that tags the session's frames.
 func (s *RecvSession) ID() uint64 { return s.id }
 
-// Listen starts a receiver on addr. maxBlock bounds a frame's payload.
-// Close stops it and waits for its goroutines.
-func Listen(addr string, maxBlock int, lg *zap.Logger) (*Receiver, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("kvtransfer: listen %s: %w", addr, err)
-	}
-	return Serve(ln, maxBlock, lg), nil
-}
-
-// Serve starts a tcp receiver on an open listener, which it owns from now on.
-func Serve(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
-	return serve(ln, maxBlock, DataIdleTimeout, lg)
-}
-
-func serve(ln net.Listener, maxBlock int, idle time.Duration, lg *zap.Logger) *Receiver {
-	r := makeReceiver(ln, maxBlock, lg)
-	r.idle = idle
-	r.wg.Add(1)
-	go r.acceptLoop(r.readLoop)
-	return r
-}
-
-func makeReceiver(ln net.Listener, maxBlock int, lg *zap.Logger) *Receiver {
-	r := &Receiver{ln: ln, maxBlock: uint32(maxBlock), idle: DataIdleTimeout, lg: lg, sessions: map[uint64]*RecvSession{}, conns: map[net.Conn]struct{}{}, perPeer: map[string]int{}, awaiting: map[*RecvSession]struct{}{}}
-	if ln != nil {
-		r.endpoint = ln.Addr().String()
-	}
-	return r
-}
-
 // Reask sends ABORT again to the writer of every finished session that
 // still waits for the writer's word, so that a writer that was stopped, or
 // lost the first ABORT or its answer, proves the session quiet once it can.
@@ -128,7 +103,7 @@ func (r *Receiver) Reask() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for s := range r.awaiting {
-		s.link.send(Header{Kind: FrameAbort, Session: s.id})
+		s.link.Send(Header{Kind: FrameAbort, Session: s.id})
 	}
 }
 
@@ -162,6 +137,13 @@ func (r *Receiver) Progress(s *RecvSession) (int64, time.Time) {
 	return s.bytes, s.lastProgress
 }
 
+// Reading is how many of the session's frames are being read now (tcp).
+func (r *Receiver) Reading(s *RecvSession) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return s.writing
+}
+
 // Err returns why the session ended, nil when it completed.
 func (r *Receiver) Err(s *RecvSession) error {
 	r.mu.Lock()
@@ -191,18 +173,18 @@ func (r *Receiver) Finish(s *RecvSession, onQuiesced func()) {
 		// its word (DONE or ABORT_ACK) or its link's close.
 		s.onQuiesced = onQuiesced
 		r.awaiting[s] = struct{}{}
-		s.link.send(Header{Kind: FrameAbort, Session: s.id})
+		s.link.Send(Header{Kind: FrameAbort, Session: s.id})
 		r.mu.Unlock()
 		return
 	}
 	if s.writing > 0 {
 		s.onQuiesced = onQuiesced
-		conns := make([]net.Conn, 0, len(s.readers))
+		readers := make([]io.Closer, 0, len(s.readers))
 		for c := range s.readers {
-			conns = append(conns, c)
+			readers = append(readers, c)
 		}
 		r.mu.Unlock()
-		for _, c := range conns {
+		for _, c := range readers {
 			_ = c.Close()
 		}
 		return
@@ -221,8 +203,15 @@ func (r *Receiver) endLocked(s *RecvSession, err error) {
 	close(s.done)
 }
 
-// Close stops accepting, closes every data connection and waits for the
-// receiver's goroutines. Safe to call twice.
+// Closed reports whether Close was called (a transport's accept loop stops).
+func (r *Receiver) Closed() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.closed
+}
+
+// Close stops the transport (no more connections, every one closed) and
+// waits for its goroutines. Safe to call twice.
 func (r *Receiver) Close() error {
 	r.mu.Lock()
 	if r.closed {
@@ -230,120 +219,38 @@ func (r *Receiver) Close() error {
 		return nil
 	}
 	r.closed = true
-	var err error
-	if r.ln != nil {
-		err = r.ln.Close()
-	}
-	for c := range r.conns {
-		_ = c.Close()
-	}
 	r.mu.Unlock()
-	r.wg.Wait()
-	if r.closer != nil {
-		r.closer()
+	if r.stop == nil {
+		return nil
 	}
-	return err
+	return r.stop()
 }
-
-func (r *Receiver) acceptLoop(serve func(net.Conn)) {
-	defer r.wg.Done()
-	for {
-		c, err := r.ln.Accept()
-		if err != nil {
-			return // listener closed
-		}
-		r.mu.Lock()
-		if r.closed {
-			r.mu.Unlock()
-			_ = c.Close()
-			return
-		}
-		r.conns[c] = struct{}{}
-		r.wg.Add(1)
-		r.mu.Unlock()
-		go serve(c)
-	}
-}
-
-// readLoop reads frames until the connection fails. A malformed header ends
-// the connection: frame boundaries are lost after it.
-func (r *Receiver) readLoop(c net.Conn) {
-	defer r.wg.Done()
-	host := peerHost(c)
-	r.mu.Lock()
-	r.perPeer[host]++
-	over := r.perPeer[host] > MaxConnsPerPeer
-	r.mu.Unlock()
-	defer func() {
-		r.mu.Lock()
-		delete(r.conns, c)
-		if r.perPeer[host]--; r.perPeer[host] == 0 {
-			delete(r.perPeer, host)
-		}
-		r.mu.Unlock()
-		_ = c.Close()
-	}()
-	if over {
-		r.lg.Warn("data connection refused: too many from one peer", zap.String("peer", host), zap.Int("max", MaxConnsPerPeer))
-		return
-	}
-	var hb [HeaderSize]byte
-	for {
-		_ = c.SetReadDeadline(time.Now().Add(r.idle))
-		if _, err := io.ReadFull(c, hb[:]); err != nil {
-			return
-		}
-		h, err := DecodeHeader(hb[:], r.maxBlock)
-		if err != nil {
-			r.lg.Warn("bad data frame", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
-			return
-		}
-		switch h.Kind {
-		case FrameDone:
-			if err := r.done(c, h); err != nil {
-				r.lg.Warn("data connection closed", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
-				return
-			}
-			continue
-		case FrameData:
-		default:
-			r.lg.Warn("bad data frame", zap.String("peer", c.RemoteAddr().String()), zap.Uint8("kind", uint8(h.Kind)))
-			return
-		}
-		if err := r.data(c, h); err != nil {
-			return
-		}
-	}
-}
-
-// ErrForeignFrame: a tcp frame names a live session but has the wrong key,
-// or comes on another connection than the one the session is bound to.
-// The frame is dropped and its connection closed; the session is not
-// touched (a guesser must not be able to fail someone else's transfer).
-var ErrForeignFrame = errors.New("kvtransfer: frame for a session this connection does not own")
 
 // ownerLocked checks a tcp frame against its session: the key must match
-// and the session must be unbound or bound to c (which it binds).
-func (s *RecvSession) ownerLocked(c net.Conn, h Header) error {
+// and the session must be unbound or bound to owner (which it binds).
+func (s *RecvSession) ownerLocked(owner io.Closer, h Header) error {
 	if h.Key != s.key {
 		return ErrForeignFrame
 	}
-	if s.conn == nil {
-		s.conn = c
-	} else if s.conn != c {
+	if s.owner == nil {
+		s.owner = owner
+	} else if s.owner != owner {
 		return ErrForeignFrame
 	}
 	return nil
 }
 
-func (r *Receiver) done(c net.Conn, h Header) error {
+// LandDone handles a DONE frame read by owner (tcp): the session completes
+// when every block arrived, else fails incomplete. A frame of a session
+// owner does not own is ErrForeignFrame: drop owner's connection.
+func (r *Receiver) LandDone(owner io.Closer, h Header) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	s, ok := r.sessions[h.Session]
 	if !ok {
 		return nil // aborted or unknown session: nothing to do
 	}
-	if err := s.ownerLocked(c, h); err != nil {
+	if err := s.ownerLocked(owner, h); err != nil {
 		return err
 	}
 	if s.nReceived != len(s.dests) || int(h.Index) != len(s.dests) {
@@ -354,15 +261,18 @@ func (r *Receiver) done(c net.Conn, h Header) error {
 	return nil
 }
 
-// data reads one DATA frame's payload into its destination block, or
-// discards it when the session is unknown, aborted or the descriptor is bad.
-func (r *Receiver) data(c net.Conn, h Header) error {
+// LandData lands one DATA frame's payload, read by owner (tcp): read
+// fills its destination block, or discard skips the payload when the
+// session is unknown, finished or the descriptor is bad. A frame of a
+// session owner does not own is ErrForeignFrame (nothing read: drop the
+// connection); a read error ends the session (connection lost) and is
+// returned.
+func (r *Receiver) LandData(owner io.Closer, h Header, read func(dst []byte) error, discard func() error) error {
 	r.mu.Lock()
 	s, ok := r.sessions[h.Session]
 	if ok {
-		if err := s.ownerLocked(c, h); err != nil {
+		if err := s.ownerLocked(owner, h); err != nil {
 			r.mu.Unlock()
-			r.lg.Warn("data connection closed", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
 			return err
 		}
 	}
@@ -377,23 +287,21 @@ func (r *Receiver) data(c net.Conn, h Header) error {
 			dst = s.dests[h.Index]
 			s.writing++
 			if s.readers == nil {
-				s.readers = map[net.Conn]int{}
+				s.readers = map[io.Closer]int{}
 			}
-			s.readers[c]++
+			s.readers[owner]++
 		}
 	}
 	r.mu.Unlock()
-	_ = c.SetReadDeadline(time.Now().Add(r.idle))
 	if dst == nil {
-		_, err := io.CopyN(io.Discard, c, int64(h.Length))
-		return err
+		return discard()
 	}
-	_, err := io.ReadFull(c, dst)
+	err := read(dst)
 
 	r.mu.Lock()
 	s.writing--
-	if s.readers[c]--; s.readers[c] == 0 {
-		delete(s.readers, c)
+	if s.readers[owner]--; s.readers[owner] == 0 {
+		delete(s.readers, owner)
 	}
 	if err == nil && !s.ended {
 		s.received[h.Index] = true
@@ -417,12 +325,4 @@ func (r *Receiver) data(c net.Conn, h Header) error {
 		quiesced()
 	}
 	return err
-}
-
-// peerHost is the remote host of a connection, the unit of the per-peer cap.
-func peerHost(c net.Conn) string {
-	if host, _, err := net.SplitHostPort(c.RemoteAddr().String()); err == nil {
-		return host
-	}
-	return c.RemoteAddr().String()
 }

@@ -52,8 +52,8 @@ func (noFault) Payload(_ uint64, _ int, b []byte) []byte  { return b }
 func (noFault) LosesNotify(uint64) bool                   { return false }
 func (noFault) LosesAbortAck() bool                       { return false }
 
-// injector is i, or one that injects nothing.
-func injector(i Injector) Injector {
+// Faults is i, or an Injector that injects nothing.
+func Faults(i Injector) Injector {
 	if i == nil {
 		return noFault{}
 	}
@@ -79,29 +79,9 @@ type Writer interface {
 	Close()
 }
 
-// NewWriter returns the writer of the transport named name. progress
-// bounds any one wait on the peer.
-func NewWriter(name string, progress time.Duration, hooks Hooks) (Writer, error) {
-	switch name {
-	case TransportTCP:
-		s := NewSender(progress)
-		s.Hooks = hooks
-		return s, nil
-	case TransportShm:
-		return NewShmWriter(progress, hooks), nil
-	case TransportUCX:
-		w, err := NewUCXWriter(progress, hooks)
-		if err != nil {
-			return nil, err
-		}
-		return w, nil
-	}
-	return nil, fmt.Errorf("kvtransfer: unknown transport %q (want %s, %s or %s)", name, TransportTCP, TransportShm, TransportUCX)
-}
-
-// checkDescs rejects destinations that do not match their sources or fall
-// outside a target memory of size bytes.
-func checkDescs(src [][]byte, dst []Desc, size uint64) error {
+// CheckDescs rejects destinations that do not match their sources or fall
+// outside a target memory of size bytes (a writer checks before it writes).
+func CheckDescs(src [][]byte, dst []Desc, size uint64) error {
 	if len(src) != len(dst) {
 		return fmt.Errorf("%w: %d sources for %d destinations", ErrBadDescriptor, len(src), len(dst))
 	}
@@ -113,12 +93,15 @@ func checkDescs(src [][]byte, dst []Desc, size uint64) error {
 	return nil
 }
 
-// errNotBound: the receiver refused to grant a session.
-var errNotBound = errors.New("not bound")
+// ErrNoProgress: a write moved nothing for the progress timeout.
+var ErrNoProgress = errors.New("kvtransfer: peer took no bytes for the progress timeout")
 
-// awaitBind waits for the receiver's answer to BIND, bounded by ctx and
+// ErrNotBound: the receiver refused to grant a session.
+var ErrNotBound = errors.New("not bound")
+
+// AwaitBind waits for the receiver's answer to BIND, bounded by ctx and
 // progress (0: no bound).
-func awaitBind(ctx context.Context, bind <-chan FrameKind, progress time.Duration) error {
+func AwaitBind(ctx context.Context, bind <-chan FrameKind, progress time.Duration) error {
 	var timeout <-chan time.Time
 	if progress > 0 {
 		t := time.NewTimer(progress)
@@ -128,7 +111,7 @@ func awaitBind(ctx context.Context, bind <-chan FrameKind, progress time.Duratio
 	select {
 	case k := <-bind:
 		if k != FrameBindOK {
-			return errNotBound
+			return ErrNotBound
 		}
 		return nil
 	case <-ctx.Done():
@@ -139,14 +122,14 @@ func awaitBind(ctx context.Context, bind <-chan FrameKind, progress time.Duratio
 	}
 }
 
-// saysDone reports whether a writer that bound (or tried to bind) session
+// SaysDone reports whether a writer that bound (or tried to bind) session
 // and ended with err sends DONE — its word that nothing more is written.
 // A drill can lose the word: lose-notify on success, lose-abort-ack when
 // the session was aborted or cancelled.
-func saysDone(f Injector, session uint64, err error, aborted bool) bool {
-	f = injector(f)
+func SaysDone(f Injector, session uint64, err error, aborted bool) bool {
+	f = Faults(f)
 	switch {
-	case err == errNotBound:
+	case err == ErrNotBound:
 		return false // never granted: nothing to release
 	case err == nil:
 		return !f.LosesNotify(session)
@@ -156,41 +139,42 @@ func saysDone(f Injector, session uint64, err error, aborted bool) bool {
 	return true
 }
 
-// refusal turns errNotBound into the error Write reports.
-func refusal(err error, session uint64) error {
-	if err == errNotBound {
+// Refusal turns ErrNotBound into the error Write reports.
+func Refusal(err error, session uint64) error {
+	if err == ErrNotBound {
 		return fmt.Errorf("kvtransfer: receiver refused session %d (finished or unknown)", session)
 	}
 	return err
 }
 
-// writerSession is a session as a writer of the bind protocol (shm, ucx)
+// WriterSession is a session as a writer of the bind protocol (shm, ucx)
 // tracks it.
-type writerSession struct {
-	bind    chan FrameKind // the receiver's answer to BIND, buffered
-	aborted atomic.Bool    // the receiver asked the writer to stop
+type WriterSession struct {
+	Bind    chan FrameKind // the receiver's answer to BIND, buffered
+	Aborted atomic.Bool    // the receiver asked the writer to stop
 }
 
-func newWriterSession() *writerSession { return &writerSession{bind: make(chan FrameKind, 1)} }
+// NewWriterSession returns a session waiting for the receiver's answer.
+func NewWriterSession() *WriterSession { return &WriterSession{Bind: make(chan FrameKind, 1)} }
 
-// onReceiverFrame applies a receiver's frame to the session it names (ss
+// OnReceiverFrame applies a receiver's frame to the session it names (ss
 // nil: this writer is not writing it). It reports whether an ABORT_ACK is
 // owed — an ABORT for a session nothing is being written for, unless a
 // drill loses acknowledgements — and false in valid for a frame no
 // receiver sends.
-func onReceiverFrame(h Header, ss *writerSession, f Injector) (ackOwed, valid bool) {
-	f = injector(f)
+func OnReceiverFrame(h Header, ss *WriterSession, f Injector) (ackOwed, valid bool) {
+	f = Faults(f)
 	switch h.Kind {
 	case FrameBindOK, FrameBindRefused:
 		if ss != nil {
 			select {
-			case ss.bind <- h.Kind:
+			case ss.Bind <- h.Kind:
 			default:
 			}
 		}
 	case FrameAbort:
 		if ss != nil {
-			ss.aborted.Store(true) // the session's DONE answers
+			ss.Aborted.Store(true) // the session's DONE answers
 			return false, true
 		}
 		return !f.LosesAbortAck(), true

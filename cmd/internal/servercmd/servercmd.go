@@ -30,6 +30,9 @@ import (
 	"github.com/kvferry/kvferry/pkg/health/gpu"
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/shm"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/tcp"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/ucx"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/serving"
@@ -111,7 +114,7 @@ func (c *Config) Validate() error {
 	switch c.Transport {
 	case kvtransfer.TransportTCP, kvtransfer.TransportShm:
 	case kvtransfer.TransportUCX:
-		if !kvtransfer.UCXBuilt {
+		if !ucx.Built {
 			errs = append(errs, errors.New("--transport=ucx: this binary is built without ucx (make build TAGS=ucx, with libucx-dev)"))
 		}
 	default:
@@ -177,7 +180,7 @@ type Parts struct {
 	// exist on the receiving side only (withData).
 	Receiver     *kvtransfer.Receiver
 	DataEndpoint string
-	shm          *kvtransfer.ShmMemory
+	shm          *shm.Memory
 	closeEng     func()
 }
 
@@ -192,23 +195,23 @@ func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
 		return nil, err
 	}
 	spec := engine.Model()
-	shm := withData && cfg.Transport == kvtransfer.TransportShm
-	ucx := cfg.Transport == kvtransfer.TransportUCX
-	var mem *kvtransfer.ShmMemory
+	useShm := withData && cfg.Transport == kvtransfer.TransportShm
+	useUCX := cfg.Transport == kvtransfer.TransportUCX
+	var mem *shm.Memory
 	var pool *blockpool.Pool
 	var recv *kvtransfer.Receiver
 	switch {
-	case withData && ucx:
+	case withData && useUCX:
 		// UCX allocates and registers the receiving pool itself, in memory
 		// its transports reach fastest.
 		var slab []byte
-		if recv, slab, err = kvtransfer.ListenUCX(cfg.PoolBlocks*spec.BlockBytes(), spec.BlockBytes(), lg); err == nil {
+		if recv, slab, err = ucx.Listen(cfg.PoolBlocks*spec.BlockBytes(), spec.BlockBytes(), lg); err == nil {
 			pool, err = blockpool.NewWithMemory(cfg.PoolBlocks, spec.BlockBytes(), slab)
 		}
-	case shm || ucx:
+	case useShm || useUCX:
 		// The shm transport's pool is shared memory the writers map; a ucx
 		// writer's sources live outside the Go heap, which UCX may retain.
-		if mem, err = kvtransfer.NewShmMemory(cfg.PoolBlocks * spec.BlockBytes()); err == nil {
+		if mem, err = shm.NewMemory(cfg.PoolBlocks * spec.BlockBytes()); err == nil {
 			pool, err = blockpool.NewWithMemory(cfg.PoolBlocks, spec.BlockBytes(), mem.Bytes())
 		}
 	default:
@@ -253,7 +256,7 @@ func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
 		addr string
 		ln   *net.Listener
 	}{{cfg.GRPCAddr, &p.GRPCLn}, {cfg.HTTPAddr, &p.HTTPLn}, {cfg.DataAddr, &p.DataLn}} {
-		if l.ln == &p.DataLn && (!withData || shm || ucx) {
+		if l.ln == &p.DataLn && (!withData || useShm || useUCX) {
 			continue
 		}
 		ln, err := net.Listen("tcp", l.addr)
@@ -264,14 +267,14 @@ func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
 		*l.ln = ln
 	}
 	switch {
-	case shm:
+	case useShm:
 		path := filepath.Join(cfg.ShmDir, fmt.Sprintf("kvferry-%d-%x.sock", os.Getpid(), rand.Uint32()))
-		if p.Receiver, err = kvtransfer.ListenShm(path, mem, spec.BlockBytes(), lg); err != nil {
+		if p.Receiver, err = shm.Listen(path, mem, spec.BlockBytes(), lg); err != nil {
 			p.Close()
 			return nil, err
 		}
 		p.DataEndpoint = path
-	case withData && ucx:
+	case withData && useUCX:
 		p.DataEndpoint = p.Receiver.Endpoint()
 	case withData:
 		p.DataEndpoint = Advertised(cfg.AdvertiseHost, p.DataLn)
@@ -284,7 +287,7 @@ func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
 			}
 			ln = tls.NewListener(ln, srvTLS)
 		}
-		p.Receiver = kvtransfer.Serve(ln, spec.BlockBytes(), lg)
+		p.Receiver = tcp.Serve(ln, spec.BlockBytes(), lg)
 	}
 	return p, nil
 }

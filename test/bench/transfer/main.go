@@ -41,6 +41,10 @@ import (
 	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/shm"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/tcp"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/transports"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/ucx"
 	"github.com/kvferry/kvferry/pkg/serving"
 )
 
@@ -224,9 +228,9 @@ func backendRun(name string, src [][]byte, n, size int) (run, func(), error) {
 	var w kvtransfer.Writer
 	if name == kvtransfer.TransportTCPTLS {
 		_, clientTLS, terr := benchTLS(identity.CtxServer).DataConfigs()
-		w, err = kvtransfer.NewTLSSender(30*time.Second, clientTLS), terr
+		w, err = tcp.NewTLSWriter(30*time.Second, clientTLS), terr
 	} else {
-		w, err = kvtransfer.NewWriter(name, 30*time.Second, kvtransfer.Hooks{})
+		w, err = transports.NewWriter(name, 30*time.Second, kvtransfer.Hooks{})
 	}
 	if err != nil {
 		c.stop()
@@ -369,7 +373,7 @@ func target(role string, n, size int) error {
 	switch role {
 	case kvtransfer.TransportTCP:
 		mem = make([]byte, n*size)
-		r, err = kvtransfer.Listen("127.0.0.1:0", size, zap.NewNop())
+		r, err = tcp.Listen("127.0.0.1:0", size, zap.NewNop())
 	case kvtransfer.TransportTCPTLS:
 		mem = make([]byte, n*size)
 		serverTLS, _, terr := benchTLS(identity.GenServer).DataConfigs()
@@ -380,10 +384,10 @@ func target(role string, n, size int) error {
 		if lerr != nil {
 			return lerr
 		}
-		r = kvtransfer.Serve(tls.NewListener(ln, serverTLS), size, zap.NewNop())
+		r = tcp.Serve(tls.NewListener(ln, serverTLS), size, zap.NewNop())
 	case kvtransfer.TransportShm:
-		var m *kvtransfer.ShmMemory
-		if m, err = kvtransfer.NewShmMemory(n * size); err != nil {
+		var m *shm.Memory
+		if m, err = shm.NewMemory(n * size); err != nil {
 			return err
 		}
 		defer m.Close()
@@ -393,9 +397,9 @@ func target(role string, n, size int) error {
 			return derr
 		}
 		defer os.RemoveAll(dir)
-		r, err = kvtransfer.ListenShm(filepath.Join(dir, "kv.sock"), m, size, zap.NewNop())
+		r, err = shm.Listen(filepath.Join(dir, "kv.sock"), m, size, zap.NewNop())
 	case kvtransfer.TransportUCX:
-		r, mem, err = kvtransfer.ListenUCX(n*size, size, zap.NewNop())
+		r, mem, err = ucx.Listen(n*size, size, zap.NewNop())
 	case "raw_tcp":
 		return rawTarget(in, n*size)
 	default:

@@ -1,4 +1,4 @@
-package kvtransfer
+package tcp
 
 import (
 	"context"
@@ -10,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
 )
 
 // maxIdleConnsPerPeer bounds the idle data connections kept per receiver:
@@ -17,10 +19,10 @@ import (
 // without holding many sockets open.
 const maxIdleConnsPerPeer = 2
 
-// Sender pushes blocks to receivers over pooled data connections. It is safe
+// Writer pushes blocks to receivers over pooled data connections. It is safe
 // for concurrent use; each push holds one connection exclusively.
-type Sender struct {
-	Hooks
+type Writer struct {
+	kvtransfer.Hooks
 	dialer   net.Dialer
 	tls      *tls.Config   // nil: plain tcp
 	progress time.Duration // a block write that moves nothing for this long fails
@@ -66,49 +68,46 @@ func alive(c net.Conn) bool {
 	return err == nil && open
 }
 
-// NewSender returns a sender with no connections.
+// NewWriter returns a writer with no connections.
 // progress bounds each block write: a peer that takes no byte for that long
-// (stopped, or its reader stuck) fails the push with ErrNoProgress. Zero
+// (stopped, or its reader stuck) fails the push with kvtransfer.ErrNoProgress. Zero
 // means no bound (the caller's ctx still applies).
-func NewSender(progress time.Duration) *Sender {
-	return &Sender{idle: map[string][]idleConn{}, progress: progress}
+func NewWriter(progress time.Duration) *Writer {
+	return &Writer{idle: map[string][]idleConn{}, progress: progress}
 }
 
-// NewTLSSender returns a sender whose data connections are TLS clients
-// of cfg (its ServerName is set per endpoint); see NewSender.
-func NewTLSSender(progress time.Duration, cfg *tls.Config) *Sender {
-	s := NewSender(progress)
+// NewTLSWriter returns a writer whose data connections are TLS clients
+// of cfg (its ServerName is set per endpoint); see NewWriter.
+func NewTLSWriter(progress time.Duration, cfg *tls.Config) *Writer {
+	s := NewWriter(progress)
 	s.tls = cfg
 	return s
 }
 
-// Name returns "tcp", or "tcp+tls" for a TLS sender.
-func (s *Sender) Name() string {
+// Name returns "tcp", or "tcp+tls" for a TLS writer.
+func (s *Writer) Name() string {
 	if s.tls != nil {
-		return TransportTCPTLS
+		return kvtransfer.TransportTCPTLS
 	}
-	return TransportTCP
+	return kvtransfer.TransportTCP
 }
 
 // Write pushes src to the receiver at endpoint. The tcp receiver places
 // block i by its position in the session's descriptor list, which it holds
 // itself, so dst only has to match src in count.
-func (s *Sender) Write(ctx context.Context, endpoint string, session SessionID, src [][]byte, dst []Desc) (int64, error) {
+func (s *Writer) Write(ctx context.Context, endpoint string, session kvtransfer.SessionID, src [][]byte, dst []kvtransfer.Desc) (int64, error) {
 	if len(src) != len(dst) {
-		return 0, fmt.Errorf("%w: %d sources for %d destinations", ErrBadDescriptor, len(src), len(dst))
+		return 0, fmt.Errorf("%w: %d sources for %d destinations", kvtransfer.ErrBadDescriptor, len(src), len(dst))
 	}
 	return s.Push(ctx, endpoint, session, src)
 }
-
-// ErrNoProgress: a block write moved nothing for the progress timeout.
-var ErrNoProgress = errors.New("kvtransfer: peer took no bytes for the progress timeout")
 
 // Push writes src[i] into the receiver's destination block i of session,
 // then the DONE notification. Blocks are written straight from src with
 // vectored writes. A done ctx stops the push between blocks, and unblocks a
 // write in progress. When Push returns, it no longer reads src and has
 // written nothing more for the session.
-func (s *Sender) Push(ctx context.Context, endpoint string, session SessionID, src [][]byte) (int64, error) {
+func (s *Writer) Push(ctx context.Context, endpoint string, session kvtransfer.SessionID, src [][]byte) (int64, error) {
 	c, reused, err := s.conn(ctx, endpoint)
 	if err != nil {
 		return 0, err
@@ -125,7 +124,7 @@ func (s *Sender) Push(ctx context.Context, endpoint string, session SessionID, s
 	return n, err
 }
 
-func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session SessionID, src [][]byte) (int64, error) {
+func (s *Writer) push(ctx context.Context, c net.Conn, endpoint string, session kvtransfer.SessionID, src [][]byte) (int64, error) {
 	// A cancelled ctx must unblock a write stuck on a stalled peer.
 	stop := context.AfterFunc(ctx, func() { _ = c.SetWriteDeadline(time.Unix(1, 0)) })
 	n, err := writeSession(ctx, c, session, src, s.progress, s.Fault, s.OnBlock)
@@ -134,7 +133,7 @@ func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session 
 	case err != nil && ctx.Err() != nil:
 		err = errors.Join(ctx.Err(), err)
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		err = fmt.Errorf("%w: %w", ErrNoProgress, err)
+		err = fmt.Errorf("%w: %w", kvtransfer.ErrNoProgress, err)
 	}
 	if err != nil || deadlineSet {
 		// A failed write leaves a partial frame; a deadline set by a cancel
@@ -147,12 +146,12 @@ func (s *Sender) push(ctx context.Context, c net.Conn, endpoint string, session 
 	return n, nil
 }
 
-func writeSession(ctx context.Context, c net.Conn, sid SessionID, src [][]byte, progress time.Duration, fault Injector, onBlock func(time.Time)) (int64, error) {
-	fault = injector(fault)
+func writeSession(ctx context.Context, c net.Conn, sid kvtransfer.SessionID, src [][]byte, progress time.Duration, fault kvtransfer.Injector, onBlock func(time.Time)) (int64, error) {
+	fault = kvtransfer.Faults(fault)
 	session := sid.ID
 	// One header and one vector for the whole session: a vectored write
 	// makes them escape, and per block that would be an allocation each.
-	hdr := make([]byte, HeaderSize)
+	hdr := make([]byte, kvtransfer.HeaderSize)
 	vec := make(net.Buffers, 0, 2)
 	var bufs net.Buffers
 	var sent int64
@@ -168,10 +167,10 @@ func writeSession(ctx context.Context, c net.Conn, sid SessionID, src [][]byte, 
 		if err := ctx.Err(); err != nil {
 			return sent, err
 		}
-		Header{Kind: FrameData, Session: session, Key: sid.Key, Index: uint32(i), Length: uint32(len(b))}.Encode(hdr)
+		kvtransfer.Header{Kind: kvtransfer.FrameData, Session: session, Key: sid.Key, Index: uint32(i), Length: uint32(len(b))}.Encode(hdr)
 		bufs = append(vec[:0], hdr, fault.Payload(session, i, b))
 		if _, err := bufs.WriteTo(c); err != nil {
-			return sent, fmt.Errorf("kvtransfer: write block %d: %w", i, err)
+			return sent, fmt.Errorf("tcp: write block %d: %w", i, err)
 		}
 		sent += int64(len(b))
 		if onBlock != nil {
@@ -184,19 +183,19 @@ func writeSession(ctx context.Context, c net.Conn, sid SessionID, src [][]byte, 
 	if err := fault.Before(ctx, session, len(src)); err != nil {
 		return sent, err // a partial fault after every block: the DONE never goes
 	}
-	Header{Kind: FrameDone, Session: session, Key: sid.Key, Index: uint32(len(src))}.Encode(hdr)
+	kvtransfer.Header{Kind: kvtransfer.FrameDone, Session: session, Key: sid.Key, Index: uint32(len(src))}.Encode(hdr)
 	if _, err := c.Write(hdr); err != nil {
-		return sent, fmt.Errorf("kvtransfer: write done: %w", err)
+		return sent, fmt.Errorf("tcp: write done: %w", err)
 	}
 	return sent, nil
 }
 
 // conn returns an idle connection to endpoint (reused = true) or a new one.
-func (s *Sender) conn(ctx context.Context, endpoint string) (c net.Conn, reused bool, err error) {
+func (s *Writer) conn(ctx context.Context, endpoint string) (c net.Conn, reused bool, err error) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		return nil, false, errors.New("kvtransfer: sender closed")
+		return nil, false, errors.New("tcp: writer closed")
 	}
 	for cs := s.idle[endpoint]; len(cs) > 0; cs = s.idle[endpoint] {
 		c := cs[len(cs)-1]
@@ -213,10 +212,10 @@ func (s *Sender) conn(ctx context.Context, endpoint string) (c net.Conn, reused 
 	return s.dial(ctx, endpoint)
 }
 
-func (s *Sender) dial(ctx context.Context, endpoint string) (net.Conn, bool, error) {
+func (s *Writer) dial(ctx context.Context, endpoint string) (net.Conn, bool, error) {
 	c, err := s.dialer.DialContext(ctx, "tcp", endpoint)
 	if err != nil {
-		return nil, false, fmt.Errorf("kvtransfer: dial %s: %w", endpoint, err)
+		return nil, false, fmt.Errorf("tcp: dial %s: %w", endpoint, err)
 	}
 	if s.tls == nil {
 		return c, false, nil
@@ -224,17 +223,17 @@ func (s *Sender) dial(ctx context.Context, endpoint string) (net.Conn, bool, err
 	cfg := s.tls.Clone()
 	if cfg.ServerName, _, err = net.SplitHostPort(endpoint); err != nil {
 		_ = c.Close()
-		return nil, false, fmt.Errorf("kvtransfer: endpoint %s: %w", endpoint, err)
+		return nil, false, fmt.Errorf("tcp: endpoint %s: %w", endpoint, err)
 	}
 	tc := tls.Client(c, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		_ = c.Close()
-		return nil, false, fmt.Errorf("kvtransfer: tls handshake with %s: %w", endpoint, err)
+		return nil, false, fmt.Errorf("tcp: tls handshake with %s: %w", endpoint, err)
 	}
 	return tc, false, nil
 }
 
-func (s *Sender) put(endpoint string, c net.Conn) {
+func (s *Writer) put(endpoint string, c net.Conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed || len(s.idle[endpoint]) >= maxIdleConnsPerPeer {
@@ -245,7 +244,7 @@ func (s *Sender) put(endpoint string, c net.Conn) {
 }
 
 // Close closes the idle connections. Safe to call twice.
-func (s *Sender) Close() {
+func (s *Writer) Close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true

@@ -1,6 +1,6 @@
 //go:build ucx
 
-package kvtransfer
+package ucx
 
 /*
 #cgo LDFLAGS: -lucp -lucs
@@ -12,14 +12,16 @@ import (
 	"unsafe"
 
 	"go.uber.org/zap"
+
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
 )
 
-// ListenUCX starts a ucx receiver over size bytes of pool memory that UCX
+// Listen starts a ucx receiver over size bytes of pool memory that UCX
 // allocates and registers (shared memory a same-host writer attaches and
 // copies into directly; elsewhere what the NIC can reach). It returns the
 // memory, which lives until the receiver is closed: the pool must not be
 // used after Close.
-func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
+func Listen(size, maxBlock int, lg *zap.Logger) (*kvtransfer.Receiver, []byte, error) {
 	w, err := newUCXWorker()
 	if err != nil {
 		return nil, nil, err
@@ -47,14 +49,14 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 		return nil, nil, err
 	}
 
-	r := makeReceiver(nil, maxBlock, lg)
-	r.endpoint = ucxRemote{addr: ad, rkey: rk, base: uint64(uintptr(unsafe.Pointer(&buf[0]))), size: uint64(len(buf)), id: w.id}.String()
+	endpoint := ucxRemote{addr: ad, rkey: rk, base: uint64(uintptr(unsafe.Pointer(&buf[0]))), size: uint64(len(buf)), id: w.id}.String()
+	r := kvtransfer.NewReceiver(endpoint, maxBlock, lg, func() error { w.close(); return nil })
 	// One link per writer (by its worker id), over an endpoint this
 	// receiver made to the address of the writer's HELLO. Touched by the
 	// pump only.
 	type ucxLink struct {
 		ep C.ucp_ep_h
-		*link
+		*kvtransfer.Link
 	}
 	links := map[uint64]*ucxLink{}
 	w.onMsg = func(from uint64, frame, addr []byte) {
@@ -69,7 +71,7 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 				lg.Warn("ucx connect to writer", zap.Error(err))
 				return
 			}
-			links[from] = &ucxLink{ep: ep, link: newLink(w.signal)}
+			links[from] = &ucxLink{ep: ep, Link: kvtransfer.NewLink(w.signal)}
 			return
 		}
 		l := links[from]
@@ -77,12 +79,12 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 			lg.Warn("ucx frame from a writer that said no hello")
 			return
 		}
-		h, err := DecodeHeader(frame, r.maxBlock)
+		h, err := kvtransfer.DecodeHeader(frame, r.MaxBlock())
 		if err != nil {
 			lg.Warn("bad ucx frame", zap.Error(err))
 			return
 		}
-		q, ok := r.frame(l.link, h)
+		q, ok := r.LinkFrame(l.Link, h)
 		if !ok {
 			lg.Warn("bad ucx frame", zap.Uint8("kind", uint8(h.Kind)))
 		}
@@ -92,7 +94,7 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 	}
 	w.before = func() {
 		for _, l := range links {
-			for _, h := range l.take() {
+			for _, h := range l.Take() {
 				if err := w.sendLocked(l.ep, h); err != nil {
 					lg.Debug("ucx answer", zap.Error(err))
 				}
@@ -107,7 +109,6 @@ func ListenUCX(size, maxBlock int, lg *zap.Logger) (*Receiver, []byte, error) {
 		}
 		C.ucp_mem_unmap(w.s.ctx, memh)
 	}
-	r.closer = w.close
 	w.start()
 	return r, buf, nil
 }

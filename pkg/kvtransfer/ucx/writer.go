@@ -1,6 +1,6 @@
 //go:build ucx
 
-package kvtransfer
+package ucx
 
 /*
 #cgo LDFLAGS: -lucp -lucs
@@ -16,11 +16,13 @@ import (
 	"sync"
 	"time"
 	"unsafe"
+
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
 )
 
-// UCXWriter is the initiator side of the ucx transport.
-type UCXWriter struct {
-	Hooks
+// Writer is the initiator side of the ucx transport.
+type Writer struct {
+	kvtransfer.Hooks
 	progress time.Duration
 	w        *ucxWorker
 
@@ -28,7 +30,7 @@ type UCXWriter struct {
 	mu       sync.Mutex
 	peers    map[string]*ucxPeer
 	byID     map[uint64]*ucxPeer // by receiver worker id
-	sessions map[uint64]*writerSession
+	sessions map[uint64]*kvtransfer.WriterSession
 	closed   bool
 }
 
@@ -43,26 +45,26 @@ type ucxPeer struct {
 // (and a fault or a cancel takes effect at the next block either way).
 const ucxWindow = 8
 
-// NewUCXWriter returns a writer with its own UCX worker.
-func NewUCXWriter(progress time.Duration, hooks Hooks) (*UCXWriter, error) {
+// NewWriter returns a writer with its own UCX worker.
+func NewWriter(progress time.Duration, hooks kvtransfer.Hooks) (*Writer, error) {
 	w, err := newUCXWorker()
 	if err != nil {
 		return nil, err
 	}
-	x := &UCXWriter{Hooks: hooks, progress: progress, w: w, peers: map[string]*ucxPeer{}, byID: map[uint64]*ucxPeer{}, sessions: map[uint64]*writerSession{}}
+	x := &Writer{Hooks: hooks, progress: progress, w: w, peers: map[string]*ucxPeer{}, byID: map[uint64]*ucxPeer{}, sessions: map[uint64]*kvtransfer.WriterSession{}}
 	w.onMsg = x.onMsg
 	w.start()
 	return x, nil
 }
 
 // Name returns "ucx".
-func (x *UCXWriter) Name() string { return TransportUCX }
+func (x *Writer) Name() string { return kvtransfer.TransportUCX }
 
-func (x *UCXWriter) onMsg(from uint64, frame, addr []byte) {
+func (x *Writer) onMsg(from uint64, frame, addr []byte) {
 	if addr != nil {
 		return // receivers send no HELLO
 	}
-	h, err := DecodeHeader(frame, 0)
+	h, err := kvtransfer.DecodeHeader(frame, 0)
 	if err != nil {
 		return
 	}
@@ -70,10 +72,10 @@ func (x *UCXWriter) onMsg(from uint64, frame, addr []byte) {
 	ss := x.sessions[h.Session]
 	p := x.byID[from]
 	x.mu.Unlock()
-	if ack, _ := onReceiverFrame(h, ss, x.Fault); ack && p != nil {
+	if ack, _ := kvtransfer.OnReceiverFrame(h, ss, x.Fault); ack && p != nil {
 		x.w.mu.Lock()
 		if !p.dead {
-			_ = x.w.sendLocked(p.ep, Header{Kind: FrameAbortAck, Session: h.Session})
+			_ = x.w.sendLocked(p.ep, kvtransfer.Header{Kind: kvtransfer.FrameAbortAck, Session: h.Session})
 		}
 		x.w.mu.Unlock()
 	}
@@ -82,7 +84,7 @@ func (x *UCXWriter) onMsg(from uint64, frame, addr []byte) {
 // peer returns the live endpoint to a receiver, connecting when there is
 // none. A write to a connected peer never waits for a connect to another
 // one.
-func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
+func (x *Writer) peer(endpoint string) (*ucxPeer, error) {
 	if p, err := x.livePeer(endpoint); p != nil || err != nil {
 		return p, err
 	}
@@ -106,7 +108,7 @@ func (x *UCXWriter) peer(endpoint string) (*ucxPeer, error) {
 }
 
 // livePeer is the endpoint's live peer, if any.
-func (x *UCXWriter) livePeer(endpoint string) (*ucxPeer, error) {
+func (x *Writer) livePeer(endpoint string) (*ucxPeer, error) {
 	x.mu.Lock()
 	closed, p := x.closed, x.peers[endpoint]
 	x.mu.Unlock()
@@ -127,7 +129,7 @@ func (x *UCXWriter) livePeer(endpoint string) (*ucxPeer, error) {
 
 // connect makes an endpoint to a receiver, finishes its wireup and says
 // HELLO.
-func (x *UCXWriter) connect(endpoint string) (*ucxPeer, error) {
+func (x *Writer) connect(endpoint string) (*ucxPeer, error) {
 	rem, err := parseUCXEndpoint(endpoint)
 	if err != nil {
 		return nil, err
@@ -154,7 +156,7 @@ func (x *UCXWriter) connect(endpoint string) (*ucxPeer, error) {
 		x.w.mu.Lock()
 		if len(left) > 0 || err != nil {
 			x.closeEpLocked(p)
-			return nil, fmt.Errorf("kvtransfer: ucx connect: %w", err)
+			return nil, fmt.Errorf("ucx: ucx connect: %w", err)
 		}
 	} else if st != C.UCS_OK {
 		x.closeEpLocked(p)
@@ -174,7 +176,7 @@ func (x *UCXWriter) connect(endpoint string) (*ucxPeer, error) {
 
 // closeEpLocked force-closes a peer's endpoint: UCX cancels what is still
 // posted on it. The caller holds x.w.mu.
-func (x *UCXWriter) closeEpLocked(p *ucxPeer) {
+func (x *Writer) closeEpLocked(p *ucxPeer) {
 	if p.rkey != nil {
 		C.ucp_rkey_destroy(p.rkey)
 		p.rkey = nil
@@ -198,23 +200,23 @@ func closeEp(w *ucxWorker, ep C.ucp_ep_h) {
 
 // Write puts src[i] at the peer's dst[i], ucxWindow blocks per flush,
 // announcing each block once its flush completed.
-func (x *UCXWriter) Write(ctx context.Context, endpoint string, sid SessionID, src [][]byte, dst []Desc) (int64, error) {
+func (x *Writer) Write(ctx context.Context, endpoint string, sid kvtransfer.SessionID, src [][]byte, dst []kvtransfer.Desc) (int64, error) {
 	session := sid.ID // the endpoint is the registered peer: no key
 	if len(src) != len(dst) {
-		return 0, checkDescs(src, dst, 0)
+		return 0, kvtransfer.CheckDescs(src, dst, 0)
 	}
 	p, err := x.peer(endpoint)
 	if err != nil {
 		return 0, err
 	}
-	if err := checkDescs(src, dst, p.size); err != nil {
+	if err := kvtransfer.CheckDescs(src, dst, p.size); err != nil {
 		return 0, err
 	}
-	ss := newWriterSession()
+	ss := kvtransfer.NewWriterSession()
 	x.mu.Lock()
 	if _, dup := x.sessions[session]; dup {
 		x.mu.Unlock()
-		return 0, fmt.Errorf("kvtransfer: session %d already writing", session)
+		return 0, fmt.Errorf("ucx: session %d already writing", session)
 	}
 	x.sessions[session] = ss
 	x.mu.Unlock()
@@ -228,51 +230,51 @@ func (x *UCXWriter) Write(ctx context.Context, endpoint string, sid SessionID, s
 	runtime.KeepAlive(src)
 	// Puts in doubt may still land: then no word, the receiver keeps the
 	// blocks.
-	if !errors.Is(err, errUCXInDoubt) && saysDone(x.Fault, session, err, ss.aborted.Load() || ctx.Err() != nil) {
+	if !errors.Is(err, errUCXInDoubt) && kvtransfer.SaysDone(x.Fault, session, err, ss.Aborted.Load() || ctx.Err() != nil) {
 		x.w.mu.Lock()
-		nerr := x.w.sendLocked(p.ep, Header{Kind: FrameDone, Session: session, Index: uint32(landed)})
+		nerr := x.w.sendLocked(p.ep, kvtransfer.Header{Kind: kvtransfer.FrameDone, Session: session, Index: uint32(landed)})
 		x.w.mu.Unlock()
 		x.w.signal()
 		if err == nil && nerr != nil {
 			err = nerr
 		}
 	}
-	return sent, refusal(err, session)
+	return sent, kvtransfer.Refusal(err, session)
 }
 
-var errUCXInDoubt = errors.New("kvtransfer: ucx operations did not complete; endpoint closed")
+var errUCXInDoubt = errors.New("ucx: ucx operations did not complete; endpoint closed")
 
 // putSession binds the session and puts its blocks; it returns the blocks
 // announced and the bytes moved.
-func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *writerSession, session uint64, src [][]byte, dst []Desc) (int, int64, error) {
+func (x *Writer) putSession(ctx context.Context, p *ucxPeer, ss *kvtransfer.WriterSession, session uint64, src [][]byte, dst []kvtransfer.Desc) (int, int64, error) {
 	x.w.mu.Lock()
-	err := x.w.sendLocked(p.ep, Header{Kind: FrameBind, Session: session, Index: uint32(len(src))})
+	err := x.w.sendLocked(p.ep, kvtransfer.Header{Kind: kvtransfer.FrameBind, Session: session, Index: uint32(len(src))})
 	x.w.mu.Unlock()
 	if err != nil {
 		return 0, 0, err
 	}
 	x.w.signal()
-	if err := awaitBind(ctx, ss.bind, x.progress); err != nil {
+	if err := kvtransfer.AwaitBind(ctx, ss.Bind, x.progress); err != nil {
 		return 0, 0, err
 	}
 	win := ucxWin{x: x, p: p, session: session, src: src}
 	for i := range src {
-		if injector(x.Fault).Active(session, i) {
+		if kvtransfer.Faults(x.Fault).Active(session, i) {
 			// A fault acts before this block: what is posted lands and is
 			// announced first, as on the other transports.
 			if err := win.flush(ctx); err != nil {
 				return win.landed, win.sent, err
 			}
 		}
-		stop := injector(x.Fault).Before(ctx, session, i)
+		stop := kvtransfer.Faults(x.Fault).Before(ctx, session, i)
 		if stop == nil && ctx.Err() != nil {
 			stop = ctx.Err()
 		}
-		if stop == nil && ss.aborted.Load() {
-			stop = ErrAborted
+		if stop == nil && ss.Aborted.Load() {
+			stop = kvtransfer.ErrAborted
 		}
 		if stop == nil {
-			stop = win.put(i, injector(x.Fault).Payload(session, i, src[i]), p.base+dst[i].Offset)
+			stop = win.put(i, kvtransfer.Faults(x.Fault).Payload(session, i, src[i]), p.base+dst[i].Offset)
 		}
 		if stop != nil {
 			// Settle what is posted (it may land; the receiver must hear
@@ -291,7 +293,7 @@ func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *writerSessio
 	if err := win.flush(ctx); err != nil {
 		return win.landed, win.sent, err
 	}
-	if err := injector(x.Fault).Before(ctx, session, len(src)); err != nil {
+	if err := kvtransfer.Faults(x.Fault).Before(ctx, session, len(src)); err != nil {
 		return len(src), win.sent, err
 	}
 	return len(src), win.sent, nil
@@ -299,7 +301,7 @@ func (x *UCXWriter) putSession(ctx context.Context, p *ucxPeer, ss *writerSessio
 
 // ucxWin is a session's puts posted since the last flush.
 type ucxWin struct {
-	x       *UCXWriter
+	x       *Writer
 	p       *ucxPeer
 	session uint64
 	src     [][]byte
@@ -370,7 +372,7 @@ func (w *ucxWin) flush(ctx context.Context) error {
 	}
 	x.w.mu.Lock()
 	for _, i := range pending {
-		if serr := x.w.sendLocked(w.p.ep, Header{Kind: FrameLanded, Session: w.session, Index: uint32(i), Length: uint32(len(w.src[i]))}); serr != nil && err == nil {
+		if serr := x.w.sendLocked(w.p.ep, kvtransfer.Header{Kind: kvtransfer.FrameLanded, Session: w.session, Index: uint32(i), Length: uint32(len(w.src[i]))}); serr != nil && err == nil {
 			err = serr
 		}
 	}
@@ -386,8 +388,11 @@ func (w *ucxWin) flush(ctx context.Context) error {
 	return err
 }
 
+// errClosed: a write after Close.
+var errClosed = errors.New("ucx: writer closed")
+
 // Close closes every endpoint and the worker. Writes must have returned.
-func (x *UCXWriter) Close() {
+func (x *Writer) Close() {
 	x.dialMu.Lock()
 	defer x.dialMu.Unlock()
 	x.mu.Lock()

@@ -1,28 +1,41 @@
-package kvtransfer
+package tcp
 
 import (
 	"bytes"
 	"context"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
 
-	"github.com/kvferry/kvferry/internal/leakcheck"
-	"github.com/kvferry/kvferry/internal/poll"
-	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/transfertest"
 )
 
-func TestMain(m *testing.M) { leakcheck.VerifyTestMain(m) }
+func TestMain(m *testing.M) { transfertest.Main(m, backend) }
 
-// shouldHappen bounds waits for events that must occur.
-const shouldHappen = 10 * time.Second
+// backend is the tcp transport as the conformance suite runs it.
+var backend = transfertest.Backend{
+	Name: kvtransfer.TransportTCP, LocalProof: true,
+	Listen: func(t testing.TB, size, maxBlock int) *transfertest.Target {
+		r := newReceiver(t, maxBlock)
+		return &transfertest.Target{R: r, Endpoint: r.Endpoint(), Mem: make([]byte, size)}
+	},
+	NewWriter: func(progress time.Duration, h kvtransfer.Hooks) (kvtransfer.Writer, error) {
+		w := NewWriter(progress)
+		w.Hooks = h
+		return w, nil
+	},
+}
 
-func newReceiver(t *testing.T, maxBlock int) *Receiver {
+func TestConformance(t *testing.T) { transfertest.Run(t, backend) }
+
+// transfertest.ShouldHappen bounds waits for events that must occur.
+
+func newReceiver(t testing.TB, maxBlock int) *kvtransfer.Receiver {
 	t.Helper()
 	r, err := Listen("127.0.0.1:0", maxBlock, zap.NewNop())
 	if err != nil {
@@ -32,48 +45,27 @@ func newReceiver(t *testing.T, maxBlock int) *Receiver {
 	return r
 }
 
-func randomBlocks(n, size int, seed uint64) [][]byte {
-	rng := rand.New(rand.NewPCG(seed, seed))
-	out := make([][]byte, n)
-	for i := range out {
-		out[i] = make([]byte, size)
-		for j := range out[i] {
-			out[i][j] = byte(rng.Uint32())
-		}
-	}
-	return out
-}
-
-func waitDone(t *testing.T, s *RecvSession) {
-	t.Helper()
-	select {
-	case <-s.Done():
-	case <-time.After(shouldHappen):
-		t.Fatal("session did not end")
-	}
-}
-
 func TestPushLandsEveryByte(t *testing.T) {
 	const size = 64 << 10
 	r := newReceiver(t, size)
-	snd := NewSender(0)
+	snd := NewWriter(0)
 	defer snd.Close()
 	// Two sessions in a row reuse the pooled connection.
 	for seed := range uint64(2) {
-		src := randomBlocks(5, size, seed)
+		src := transfertest.RandomBlocks(5, size, seed)
 		dst := make([][]byte, 5)
 		for i := range dst {
 			dst[i] = make([]byte, size)
 		}
-		s, err := r.Register(SessionID{ID: 100 + seed}, dst, nil)
+		s, err := r.Register(kvtransfer.SessionID{ID: 100 + seed}, dst, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		n, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 100 + seed}, src)
+		n, err := snd.Push(context.Background(), r.Endpoint(), kvtransfer.SessionID{ID: 100 + seed}, src)
 		if err != nil || n != 5*size {
 			t.Fatalf("push: %d bytes, %v", n, err)
 		}
-		waitDone(t, s)
+		transfertest.WaitDone(t, s)
 		if err := r.Err(s); err != nil {
 			t.Fatal(err)
 		}
@@ -94,25 +86,25 @@ func TestBadDescriptorFailsSession(t *testing.T) {
 	const size = 128
 	r := newReceiver(t, 4096)
 	dst := [][]byte{make([]byte, size)}
-	s, _ := r.Register(SessionID{ID: 7}, dst, nil)
-	snd := NewSender(0)
+	s, _ := r.Register(kvtransfer.SessionID{ID: 7}, dst, nil)
+	snd := NewWriter(0)
 	defer snd.Close()
 	// Two source blocks for a one-block destination: index 1 is outside.
-	if _, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 7}, randomBlocks(2, size, 1)); err != nil {
+	if _, err := snd.Push(context.Background(), r.Endpoint(), kvtransfer.SessionID{ID: 7}, transfertest.RandomBlocks(2, size, 1)); err != nil {
 		t.Fatal(err)
 	}
-	waitDone(t, s)
-	if err := r.Err(s); !errors.Is(err, ErrBadDescriptor) {
-		t.Fatalf("err %v, want ErrBadDescriptor", err)
+	transfertest.WaitDone(t, s)
+	if err := r.Err(s); !errors.Is(err, kvtransfer.ErrBadDescriptor) {
+		t.Fatalf("err %v, want kvtransfer.ErrBadDescriptor", err)
 	}
 	// Wrong length is refused too.
-	s2, _ := r.Register(SessionID{ID: 8}, dst, nil)
-	if _, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 8}, randomBlocks(1, size/2, 1)); err != nil {
+	s2, _ := r.Register(kvtransfer.SessionID{ID: 8}, dst, nil)
+	if _, err := snd.Push(context.Background(), r.Endpoint(), kvtransfer.SessionID{ID: 8}, transfertest.RandomBlocks(1, size/2, 1)); err != nil {
 		t.Fatal(err)
 	}
-	waitDone(t, s2)
-	if err := r.Err(s2); !errors.Is(err, ErrBadDescriptor) {
-		t.Fatalf("err %v, want ErrBadDescriptor", err)
+	transfertest.WaitDone(t, s2)
+	if err := r.Err(s2); !errors.Is(err, kvtransfer.ErrBadDescriptor) {
+		t.Fatalf("err %v, want kvtransfer.ErrBadDescriptor", err)
 	}
 }
 
@@ -122,21 +114,19 @@ func TestFinishWaitsForWriteInProgress(t *testing.T) {
 	const size = 1 << 20
 	r := newReceiver(t, size)
 	dst := [][]byte{make([]byte, size)}
-	s, _ := r.Register(SessionID{ID: 9}, dst, nil)
+	s, _ := r.Register(kvtransfer.SessionID{ID: 9}, dst, nil)
 	c, err := net.Dial("tcp", r.Endpoint())
 	if err != nil {
 		t.Fatal(err)
 	}
-	var hdr [HeaderSize]byte
-	Header{Kind: FrameData, Session: 9, Index: 0, Length: size}.Encode(hdr[:])
+	var hdr [kvtransfer.HeaderSize]byte
+	kvtransfer.Header{Kind: kvtransfer.FrameData, Session: 9, Index: 0, Length: size}.Encode(hdr[:])
 	if _, err := c.Write(append(hdr[:], make([]byte, 100)...)); err != nil {
 		t.Fatal(err)
 	}
 	// Wait until the reader is inside the block.
-	eventually(t, "reader inside the block", func() bool {
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		return s.writing == 1
+	transfertest.Eventually(t, "reader inside the block", func() bool {
+		return r.Reading(s) == 1
 	})
 	// The writer stalls mid-block (a stopped process). Finish cuts the read
 	// short by closing the connection: quiescence is proven locally, and
@@ -145,18 +135,16 @@ func TestFinishWaitsForWriteInProgress(t *testing.T) {
 	r.Finish(s, func() { close(quiesced) })
 	select {
 	case <-quiesced:
-	case <-time.After(shouldHappen):
+	case <-time.After(transfertest.ShouldHappen):
 		t.Fatal("not quiesced after Finish with a stalled writer")
 	}
-	r.mu.Lock()
-	writing := s.writing
-	r.mu.Unlock()
+	writing := r.Reading(s)
 	if writing != 0 {
 		t.Fatalf("quiesced with %d reads in progress", writing)
 	}
 	// The woken writer's bytes go nowhere: its connection is gone.
-	_ = c.SetWriteDeadline(time.Now().Add(shouldHappen))
-	eventually(t, "writer sees its connection closed", func() bool {
+	_ = c.SetWriteDeadline(time.Now().Add(transfertest.ShouldHappen))
+	transfertest.Eventually(t, "writer sees its connection closed", func() bool {
 		_, err := c.Write(make([]byte, 64<<10))
 		return err != nil
 	})
@@ -167,7 +155,7 @@ func TestFinishWaitsForWriteInProgress(t *testing.T) {
 // hold a cancelled push forever.
 func TestPushCancelUnblocksStalledWrite(t *testing.T) {
 	addr := stalledPeer(t)
-	snd := NewSender(0)
+	snd := NewWriter(0)
 	defer snd.Close()
 	ctx, cancel := context.WithCancel(context.Background())
 	res := make(chan error, 1)
@@ -178,7 +166,7 @@ func TestPushCancelUnblocksStalledWrite(t *testing.T) {
 		for i := range blocks {
 			blocks[i] = make([]byte, 1<<20)
 		}
-		_, err := snd.Push(ctx, addr, SessionID{ID: 1}, blocks)
+		_, err := snd.Push(ctx, addr, kvtransfer.SessionID{ID: 1}, blocks)
 		res <- err
 	}()
 	cancel()
@@ -187,7 +175,7 @@ func TestPushCancelUnblocksStalledWrite(t *testing.T) {
 		if !errors.Is(err, context.Canceled) {
 			t.Fatalf("err %v, want context.Canceled", err)
 		}
-	case <-time.After(shouldHappen):
+	case <-time.After(transfertest.ShouldHappen):
 		t.Fatal("cancelled push still blocked")
 	}
 }
@@ -200,27 +188,21 @@ func BenchmarkPushLoopback(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer r.Close()
-	snd := NewSender(0)
+	snd := NewWriter(0)
 	defer snd.Close()
-	src := randomBlocks(n, size, 1)
-	dst := randomBlocks(n, size, 2)
+	src := transfertest.RandomBlocks(n, size, 1)
+	dst := transfertest.RandomBlocks(n, size, 2)
 	b.SetBytes(n * size)
 	var id uint64
 	for b.Loop() {
 		id++
-		s, _ := r.Register(SessionID{ID: id}, dst, nil)
-		if _, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: id}, src); err != nil {
+		s, _ := r.Register(kvtransfer.SessionID{ID: id}, dst, nil)
+		if _, err := snd.Push(context.Background(), r.Endpoint(), kvtransfer.SessionID{ID: id}, src); err != nil {
 			b.Fatal(err)
 		}
 		<-s.Done()
 		r.Finish(s, func() {})
 	}
-}
-
-// eventually polls cond every millisecond until it holds or shouldHappen passes.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	poll.Until(t, shouldHappen, time.Millisecond, what, cond)
 }
 
 // BenchmarkRawTCPLoopback is the same-run baseline for BenchmarkPushLoopback:
@@ -255,7 +237,7 @@ func BenchmarkRawTCPLoopback(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	src := randomBlocks(n, size, 1)
+	src := transfertest.RandomBlocks(n, size, 1)
 	b.SetBytes(n * size)
 	for b.Loop() {
 		for _, blk := range src {
@@ -274,14 +256,14 @@ func BenchmarkRawTCPLoopback(b *testing.B) {
 func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
 	const size = 4096
 	r := newReceiver(t, size)
-	snd := NewSender(0)
+	snd := NewWriter(0)
 	defer snd.Close()
 	for i := range uint64(50) {
 		dst := [][]byte{make([]byte, size)}
-		s, _ := r.Register(SessionID{ID: 1000 + i}, dst, nil)
+		s, _ := r.Register(kvtransfer.SessionID{ID: 1000 + i}, dst, nil)
 		ctx, cancel := context.WithCancel(context.Background())
 		go func() { <-s.Done(); cancel() }() // the receiver side ends the stream at once
-		n, err := snd.Push(ctx, r.Endpoint(), SessionID{ID: 1000 + i}, randomBlocks(1, size, i))
+		n, err := snd.Push(ctx, r.Endpoint(), kvtransfer.SessionID{ID: 1000 + i}, transfertest.RandomBlocks(1, size, i))
 		cancel()
 		if err != nil || n != size {
 			t.Fatalf("push %d: %d bytes, %v", i, n, err)
@@ -291,18 +273,18 @@ func TestPushCancelAfterLastWriteSucceeds(t *testing.T) {
 }
 
 // TestPushNoProgressTimesOut: a peer that stops taking bytes fails the push
-// with ErrNoProgress after the progress timeout, without any cancel.
+// with kvtransfer.ErrNoProgress after the progress timeout, without any cancel.
 func TestPushNoProgressTimesOut(t *testing.T) {
 	addr := stalledPeer(t)
-	snd := NewSender(50 * time.Millisecond)
+	snd := NewWriter(50 * time.Millisecond)
 	defer snd.Close()
 	blocks := make([][]byte, 64)
 	for i := range blocks {
 		blocks[i] = make([]byte, 1<<20)
 	}
-	_, err := snd.Push(context.Background(), addr, SessionID{ID: 1}, blocks)
-	if !errors.Is(err, ErrNoProgress) {
-		t.Fatalf("err %v, want ErrNoProgress", err)
+	_, err := snd.Push(context.Background(), addr, kvtransfer.SessionID{ID: 1}, blocks)
+	if !errors.Is(err, kvtransfer.ErrNoProgress) {
+		t.Fatalf("err %v, want kvtransfer.ErrNoProgress", err)
 	}
 }
 
@@ -336,17 +318,17 @@ func stalledPeer(t *testing.T) string {
 func TestStallFaultHealsAfterWindow(t *testing.T) {
 	const size = 4096
 	r := newReceiver(t, size)
-	snd := NewSender(0)
+	snd := NewWriter(0)
 	defer snd.Close()
-	snd.Fault = mustFault(t, "stall:after=1,for=300ms")
+	snd.Fault = transfertest.MustFault(t, "stall:after=1,for=300ms")
 	dst := [][]byte{make([]byte, size), make([]byte, size)}
-	s, _ := r.Register(SessionID{ID: 5}, dst, nil)
+	s, _ := r.Register(kvtransfer.SessionID{ID: 5}, dst, nil)
 	done := make(chan error, 1)
 	go func() {
-		_, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 5}, randomBlocks(2, size, 1))
+		_, err := snd.Push(context.Background(), r.Endpoint(), kvtransfer.SessionID{ID: 5}, transfertest.RandomBlocks(2, size, 1))
 		done <- err
 	}()
-	eventually(t, "first block landed", func() bool { n, _ := r.Progress(s); return n == size })
+	transfertest.Eventually(t, "first block landed", func() bool { n, _ := r.Progress(s); return n == size })
 	select {
 	case <-s.Done():
 		t.Fatal("stalled push completed inside the window")
@@ -355,7 +337,7 @@ func TestStallFaultHealsAfterWindow(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	waitDone(t, s)
+	transfertest.WaitDone(t, s)
 	if err := r.Err(s); err != nil {
 		t.Fatal(err)
 	}
@@ -381,18 +363,18 @@ func TestFaultKinds(t *testing.T) {
 	} {
 		t.Run(tc.spec, func(t *testing.T) {
 			r := newReceiver(t, size)
-			snd := NewSender(0)
+			snd := NewWriter(0)
 			defer snd.Close()
-			snd.Fault = mustFault(t, tc.spec)
-			src := randomBlocks(3, size, 9)
-			orig := randomBlocks(3, size, 9)
+			snd.Fault = transfertest.MustFault(t, tc.spec)
+			src := transfertest.RandomBlocks(3, size, 9)
+			orig := transfertest.RandomBlocks(3, size, 9)
 			dst := [][]byte{make([]byte, size), make([]byte, size), make([]byte, size)}
-			s, _ := r.Register(SessionID{ID: 42}, dst, nil)
-			_, err := snd.Push(context.Background(), r.Endpoint(), SessionID{ID: 42}, src)
+			s, _ := r.Register(kvtransfer.SessionID{ID: 42}, dst, nil)
+			_, err := snd.Push(context.Background(), r.Endpoint(), kvtransfer.SessionID{ID: 42}, src)
 			if (err != nil) != tc.pushErr {
 				t.Fatalf("push error %v, want error %v", err, tc.pushErr)
 			}
-			eventually(t, "bytes landed", func() bool { n, _ := r.Progress(s); return n == tc.landed })
+			transfertest.Eventually(t, "bytes landed", func() bool { n, _ := r.Progress(s); return n == tc.landed })
 			select {
 			case <-s.Done():
 				if !tc.done {
@@ -421,43 +403,4 @@ func TestFaultKinds(t *testing.T) {
 			r.Finish(s, func() {})
 		})
 	}
-}
-
-// BenchmarkCopyAnon and BenchmarkCopyShm copy 512 MiB in 2 MiB blocks in
-// one process, into ordinary heap memory and into a shared memfd mapping
-// (what the shm transport writes into): the second bounds the shm
-// transport on this kernel, whatever the transport does.
-func BenchmarkCopyAnon(b *testing.B) { benchCopy(b, make([]byte, 512<<20)) }
-
-func BenchmarkCopyShm(b *testing.B) {
-	m, err := NewShmMemory(512 << 20)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	benchCopy(b, m.Bytes())
-}
-
-func benchCopy(b *testing.B, dst []byte) {
-	const block = 2 << 20
-	src := make([]byte, len(dst))
-	for i := 0; i < len(dst); i += 4096 {
-		src[i], dst[i] = byte(i), 0 // fault every page in first
-	}
-	b.SetBytes(int64(len(dst)))
-	for b.Loop() {
-		for off := 0; off < len(dst); off += block {
-			copy(dst[off:off+block], src[off:off+block])
-		}
-	}
-}
-
-// mustFault parses a --transport-fault spec.
-func mustFault(t testing.TB, spec string) *fault.Fault {
-	t.Helper()
-	f, err := fault.Parse(spec, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return f
 }

@@ -1,4 +1,4 @@
-package kvtransfer
+package ucx
 
 import (
 	"encoding/hex"
@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
 )
 
 // The ucx endpoint string is built and parsed without cgo, so that it is
@@ -20,8 +22,8 @@ type ucxRemote struct {
 
 func parseUCXEndpoint(ep string) (ucxRemote, error) {
 	parts := strings.Split(ep, ":")
-	if len(parts) != 6 || parts[0] != TransportUCX {
-		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint %q", ErrBadDescriptor, ep)
+	if len(parts) != 6 || parts[0] != kvtransfer.TransportUCX {
+		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint %q", kvtransfer.ErrBadDescriptor, ep)
 	}
 	var r ucxRemote
 	var errs []error
@@ -37,7 +39,7 @@ func parseUCXEndpoint(ep string) (ucxRemote, error) {
 	r.id, err = strconv.ParseUint(parts[5], 16, 64)
 	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil || len(r.addr) == 0 || len(r.rkey) == 0 {
-		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint: %v", ErrBadDescriptor, err)
+		return ucxRemote{}, fmt.Errorf("%w: ucx endpoint: %v", kvtransfer.ErrBadDescriptor, err)
 	}
 	return r, nil
 }
@@ -45,6 +47,6 @@ func parseUCXEndpoint(ep string) (ucxRemote, error) {
 // String is the endpoint as a ucx receiver advertises it:
 // ucx:ADDR:RKEY:BASE:SIZE:ID (addresses and key in hex).
 func (r ucxRemote) String() string {
-	return strings.Join([]string{TransportUCX, hex.EncodeToString(r.addr), hex.EncodeToString(r.rkey),
+	return strings.Join([]string{kvtransfer.TransportUCX, hex.EncodeToString(r.addr), hex.EncodeToString(r.rkey),
 		strconv.FormatUint(r.base, 16), strconv.FormatUint(r.size, 16), strconv.FormatUint(r.id, 16)}, ":")
 }

@@ -1,6 +1,7 @@
-package kvtransfer
+package shm
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -15,12 +16,14 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kvferry/kvferry/internal/poll"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/transfertest"
 )
 
 // The pool memfd is sealed: nobody holding it can shrink it under a
 // mapping (SIGBUS) or grow it.
-func TestShmMemorySealed(t *testing.T) {
-	m, err := NewShmMemory(1 << 16)
+func TestMemorySealed(t *testing.T) {
+	m, err := NewMemory(1 << 16)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,14 +37,14 @@ func TestShmMemorySealed(t *testing.T) {
 }
 
 // The shm socket admits only our user: it is created 0600.
-func TestShmSocketMode(t *testing.T) {
-	m, err := NewShmMemory(1 << 16)
+func TestSocketMode(t *testing.T) {
+	m, err := NewMemory(1 << 16)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
 	path := filepath.Join(t.TempDir(), "s.sock")
-	r, err := ListenShm(path, m, 4096, zap.NewNop())
+	r, err := Listen(path, m, 4096, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,8 +107,8 @@ func untilHangUp(c *net.UnixConn) {
 // size bytes.
 func lyingReceiver(t *testing.T, fd int, size uint64) string {
 	return fakeReceiver(t, "liar.sock", func(c *net.UnixConn) {
-		var hb [HeaderSize]byte
-		Header{Kind: FrameHello, Session: size}.Encode(hb[:])
+		var hb [kvtransfer.HeaderSize]byte
+		kvtransfer.Header{Kind: kvtransfer.FrameHello, Session: size}.Encode(hb[:])
 		_, _, _ = c.WriteMsgUnix(hb[:], unix.UnixRights(fd), nil)
 		untilHangUp(c)
 	})
@@ -114,7 +117,7 @@ func lyingReceiver(t *testing.T, fd int, size uint64) string {
 // A receiver that hands out a memfd it could shrink, or lies about its
 // size, is refused before anything is mapped: it can never SIGBUS the
 // writer.
-func TestShmWriterRefusesUnsafePool(t *testing.T) {
+func TestWriterRefusesUnsafePool(t *testing.T) {
 	unsealed, err := unix.MemfdCreate("unsealed", unix.MFD_CLOEXEC)
 	if err != nil {
 		t.Fatal(err)
@@ -123,7 +126,7 @@ func TestShmWriterRefusesUnsafePool(t *testing.T) {
 	if err := unix.Ftruncate(unsealed, 1<<16); err != nil {
 		t.Fatal(err)
 	}
-	small, err := NewShmMemory(4096)
+	small, err := NewMemory(4096)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,35 +156,33 @@ func silentReceiver(t *testing.T) string { return fakeReceiver(t, "silent.sock",
 // write to a live receiver goes through while that dial waits (one dial
 // lock for every peer made it wait the whole progress timeout), and the
 // stuck write returns as soon as its caller leaves.
-func TestShmDeadPeerDoesNotStallOthers(t *testing.T) {
+func TestDeadPeerDoesNotStallOthers(t *testing.T) {
 	const size = 4096
-	live := newTarget(t, backend{name: TransportShm}, 4*size, size)
-	w := NewShmWriter(time.Minute, Hooks{}) // the dead dial would wait a minute
+	live := listen(t, 4*size, size)
+	w := NewWriter(time.Minute, kvtransfer.Hooks{}) // the dead dial would wait a minute
 	defer w.Close()
 
 	dead := silentReceiver(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	stuck := make(chan error, 1)
 	go func() {
-		_, err := w.Write(ctx, dead, SessionID{ID: 1}, [][]byte{make([]byte, size)}, []Desc{{Length: size}})
+		_, err := w.Write(ctx, dead, kvtransfer.SessionID{ID: 1}, [][]byte{make([]byte, size)}, []kvtransfer.Desc{{Length: size}})
 		stuck <- err
 	}()
 	// Let the dead dial start (it never ends by itself within the test).
-	poll.Until(t, shouldHappen, time.Millisecond, "the dial to the dead peer is in flight", func() bool {
-		w.dials.mu.Lock()
-		defer w.dials.mu.Unlock()
-		return len(w.dials.calls) == 1
+	poll.Until(t, transfertest.ShouldHappen, time.Millisecond, "the dial to the dead peer is in flight", func() bool {
+		return w.dials.InFlight() == 1
 	})
 
-	src := patterned(2, size, 7)
-	mem, dst := live.blocks(0, 2, size)
-	rs, err := live.r.Register(SessionID{ID: 2}, mem, nil)
+	src := transfertest.Patterned(2, size, 7)
+	mem, dst := live.Blocks(0, 2, size)
+	rs, err := live.R.Register(kvtransfer.SessionID{ID: 2}, mem, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	wrote := make(chan error, 1)
 	go func() {
-		_, err := w.Write(context.Background(), live.endpoint, SessionID{ID: 2}, src, dst)
+		_, err := w.Write(context.Background(), live.Endpoint, kvtransfer.SessionID{ID: 2}, src, dst)
 		wrote <- err
 	}()
 	select {
@@ -189,12 +190,16 @@ func TestShmDeadPeerDoesNotStallOthers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-	case <-time.After(shouldHappen):
+	case <-time.After(transfertest.ShouldHappen):
 		t.Fatal("the write to a live receiver waited behind the dead peer's dial")
 	}
 	<-rs.Done()
-	sameBlocks(t, mem, src)
-	live.r.Finish(rs, func() {})
+	for i := range src {
+		if !bytes.Equal(mem[i], src[i]) {
+			t.Fatalf("block %d differs", i)
+		}
+	}
+	live.R.Finish(rs, func() {})
 
 	cancel()
 	select {
@@ -202,7 +207,7 @@ func TestShmDeadPeerDoesNotStallOthers(t *testing.T) {
 		if !errors.Is(err, context.Canceled) {
 			t.Fatalf("the stuck write answered %v, want context.Canceled", err)
 		}
-	case <-time.After(shouldHappen):
+	case <-time.After(transfertest.ShouldHappen):
 		t.Fatal("the write to the dead peer ignored its context")
 	}
 }

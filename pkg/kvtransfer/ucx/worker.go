@@ -1,6 +1,6 @@
 //go:build ucx
 
-package kvtransfer
+package ucx
 
 /*
 #cgo LDFLAGS: -lucp -lucs
@@ -18,10 +18,12 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
 )
 
-// UCXBuilt reports whether this binary has the ucx transport.
-const UCXBuilt = true
+// Built reports whether this binary has the ucx transport.
+const Built = true
 
 // The ucx transport: the target's pool is registered with UCX (ucp_mem_map)
 // and its endpoint string carries the worker address, the packed remote key
@@ -35,7 +37,7 @@ const UCXBuilt = true
 // session in doubt until the quarantine deadline poisons the blocks.
 
 func ucxErr(what string, st C.ucs_status_t) error {
-	return fmt.Errorf("kvtransfer: ucx %s: %s", what, C.GoString(C.ucs_status_string(st)))
+	return fmt.Errorf("ucx: ucx %s: %s", what, C.GoString(C.ucs_status_string(st)))
 }
 
 // ucxWorker is one UCX context and worker, driven by its own goroutine
@@ -62,7 +64,7 @@ type ucxWorker struct {
 func newUCXWorker() (*ucxWorker, error) {
 	s := C.kvf_new()
 	if s == nil {
-		return nil, errors.New("kvtransfer: ucx: out of memory")
+		return nil, errors.New("ucx: ucx: out of memory")
 	}
 	var efd C.int
 	if st := C.kvf_init(s, &efd); st != C.UCS_OK {
@@ -78,7 +80,7 @@ func (w *ucxWorker) start() { go w.run() }
 func (w *ucxWorker) run() {
 	defer close(w.done)
 	type msg struct {
-		frame [HeaderSize]byte
+		frame [kvtransfer.HeaderSize]byte
 		from  uint64
 		addr  []byte
 	}
@@ -96,7 +98,7 @@ func (w *ucxWorker) run() {
 				out.addr = C.GoBytes(m.addr, C.int(m.addr_len))
 				C.free(m.addr)
 			} else {
-				copy(out.frame[:], C.GoBytes(unsafe.Pointer(&m.frame[0]), HeaderSize))
+				copy(out.frame[:], C.GoBytes(unsafe.Pointer(&m.frame[0]), kvtransfer.HeaderSize))
 			}
 			msgs = append(msgs, out)
 		}
@@ -172,8 +174,8 @@ func (w *ucxWorker) close() {
 }
 
 // sendLocked sends a frame on ep; the caller holds mu.
-func (w *ucxWorker) sendLocked(ep C.ucp_ep_h, h Header) error {
-	var b [HeaderSize]byte
+func (w *ucxWorker) sendLocked(ep C.ucp_ep_h, h kvtransfer.Header) error {
+	var b [kvtransfer.HeaderSize]byte
 	h.Encode(b[:])
 	return w.sendBytesLocked(ep, b[:])
 }
@@ -250,7 +252,7 @@ func (w *ucxWorker) wait(ctx context.Context, reqs []unsafe.Pointer, timeout tim
 			return reqs, ctx.Err()
 		case <-timer:
 			leave()
-			return reqs, fmt.Errorf("%w: ucx operations did not complete", ErrNoProgress)
+			return reqs, fmt.Errorf("%w: ucx operations did not complete", kvtransfer.ErrNoProgress)
 		}
 	}
 }

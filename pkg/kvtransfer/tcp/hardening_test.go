@@ -1,4 +1,4 @@
-package kvtransfer
+package tcp
 
 import (
 	"bytes"
@@ -15,12 +15,14 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kvferry/kvferry/pkg/identity"
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/transfertest"
 )
 
 // frame writes one DATA frame (header and payload) or a DONE on c.
-func frame(t *testing.T, c net.Conn, h Header, payload []byte) {
+func frame(t *testing.T, c net.Conn, h kvtransfer.Header, payload []byte) {
 	t.Helper()
-	b := make([]byte, HeaderSize, HeaderSize+len(payload))
+	b := make([]byte, kvtransfer.HeaderSize, kvtransfer.HeaderSize+len(payload))
 	h.Encode(b)
 	if _, err := c.Write(append(b, payload...)); err != nil {
 		t.Fatal(err)
@@ -28,9 +30,9 @@ func frame(t *testing.T, c net.Conn, h Header, payload []byte) {
 }
 
 // closedByPeer reports whether the receiver closed c (a read ends with
-// EOF or a reset) within shouldHappen.
+// EOF or a reset) within transfertest.ShouldHappen.
 func closedByPeer(c net.Conn) bool {
-	_ = c.SetReadDeadline(time.Now().Add(shouldHappen))
+	_ = c.SetReadDeadline(time.Now().Add(transfertest.ShouldHappen))
 	_, err := c.Read(make([]byte, 1))
 	var ne net.Error
 	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
@@ -43,13 +45,13 @@ func closedByPeer(c net.Conn) bool {
 func TestForeignFramesCannotTouchASession(t *testing.T) {
 	const size = 4 << 10
 	r := newReceiver(t, size)
-	sid := NewSessionID()
+	sid := kvtransfer.NewSessionID()
 	dst := [][]byte{make([]byte, size), make([]byte, size)}
 	s, err := r.Register(sid, dst, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	src := randomBlocks(2, size, 7)
+	src := transfertest.RandomBlocks(2, size, 7)
 	dial := func() net.Conn {
 		c, err := net.Dial("tcp", r.Endpoint())
 		if err != nil {
@@ -59,25 +61,24 @@ func TestForeignFramesCannotTouchASession(t *testing.T) {
 		return c
 	}
 	guesser := dial()
-	frame(t, guesser, Header{Kind: FrameData, Session: sid.ID, Key: sid.Key ^ 1, Index: 0, Length: size}, bytes.Repeat([]byte{0xee}, size))
+	frame(t, guesser, kvtransfer.Header{Kind: kvtransfer.FrameData, Session: sid.ID, Key: sid.Key ^ 1, Index: 0, Length: size}, bytes.Repeat([]byte{0xee}, size))
 	if !closedByPeer(guesser) {
 		t.Fatal("a frame with the wrong key left its connection open")
 	}
 	owner := dial()
-	frame(t, owner, Header{Kind: FrameData, Session: sid.ID, Key: sid.Key, Index: 0, Length: size}, src[0])
-	eventually(t, "the owner's first block landed", func() bool {
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		return s.nReceived == 1
+	frame(t, owner, kvtransfer.Header{Kind: kvtransfer.FrameData, Session: sid.ID, Key: sid.Key, Index: 0, Length: size}, src[0])
+	transfertest.Eventually(t, "the owner's first block landed", func() bool {
+		n, _ := r.Progress(s)
+		return n == size
 	})
 	thief := dial()
-	frame(t, thief, Header{Kind: FrameData, Session: sid.ID, Key: sid.Key, Index: 1, Length: size}, bytes.Repeat([]byte{0xee}, size))
+	frame(t, thief, kvtransfer.Header{Kind: kvtransfer.FrameData, Session: sid.ID, Key: sid.Key, Index: 1, Length: size}, bytes.Repeat([]byte{0xee}, size))
 	if !closedByPeer(thief) {
 		t.Fatal("a second connection wrote into a bound session")
 	}
-	frame(t, owner, Header{Kind: FrameData, Session: sid.ID, Key: sid.Key, Index: 1, Length: size}, src[1])
-	frame(t, owner, Header{Kind: FrameDone, Session: sid.ID, Key: sid.Key, Index: 2}, nil)
-	waitDone(t, s)
+	frame(t, owner, kvtransfer.Header{Kind: kvtransfer.FrameData, Session: sid.ID, Key: sid.Key, Index: 1, Length: size}, src[1])
+	frame(t, owner, kvtransfer.Header{Kind: kvtransfer.FrameDone, Session: sid.ID, Key: sid.Key, Index: 2}, nil)
+	transfertest.WaitDone(t, s)
 	if err := r.Err(s); err != nil {
 		t.Fatalf("the owner's session failed: %v", err)
 	}
@@ -93,16 +94,16 @@ func TestForeignFramesCannotTouchASession(t *testing.T) {
 func TestSenderCarriesTheKey(t *testing.T) {
 	const size = 4 << 10
 	r := newReceiver(t, size)
-	snd := NewSender(0)
+	snd := NewWriter(0)
 	defer snd.Close()
-	sid := NewSessionID()
+	sid := kvtransfer.NewSessionID()
 	dst := [][]byte{make([]byte, size)}
 	s, _ := r.Register(sid, dst, nil)
-	src := randomBlocks(1, size, 3)
+	src := transfertest.RandomBlocks(1, size, 3)
 	// The receiver closes the connection on the first foreign frame; the
 	// push may or may not see that before it ends, but nothing lands.
-	unkeyed := NewSender(0)
-	_, _ = unkeyed.Push(context.Background(), r.Endpoint(), SessionID{ID: sid.ID}, src)
+	unkeyed := NewWriter(0)
+	_, _ = unkeyed.Push(context.Background(), r.Endpoint(), kvtransfer.SessionID{ID: sid.ID}, src)
 	unkeyed.Close()
 	select {
 	case <-s.Done():
@@ -112,7 +113,7 @@ func TestSenderCarriesTheKey(t *testing.T) {
 	if _, err := snd.Push(context.Background(), r.Endpoint(), sid, src); err != nil {
 		t.Fatal(err)
 	}
-	waitDone(t, s)
+	transfertest.WaitDone(t, s)
 	if err := r.Err(s); err != nil || !bytes.Equal(dst[0], src[0]) {
 		t.Fatalf("keyed push: %v", err)
 	}
@@ -121,7 +122,13 @@ func TestSenderCarriesTheKey(t *testing.T) {
 // TestConnectionsPerPeerAreCapped opens one connection more than a peer
 // may hold: exactly one is closed by the receiver.
 func TestConnectionsPerPeerAreCapped(t *testing.T) {
-	r := newReceiver(t, 1024)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rd := serveReader(ln, 1024, DataIdleTimeout, zap.NewNop())
+	r := rd.r
+	defer r.Close()
 	conns := make([]net.Conn, MaxConnsPerPeer+1)
 	closed := make(chan int, len(conns))
 	for i := range conns {
@@ -140,15 +147,13 @@ func TestConnectionsPerPeerAreCapped(t *testing.T) {
 	var first int
 	select {
 	case first = <-closed:
-	case <-time.After(shouldHappen):
+	case <-time.After(transfertest.ShouldHappen):
 		t.Fatal("no connection over the cap was closed")
 	}
 	// Every connection the receiver accepted is registered once the
 	// over-cap one was refused; none other is closed.
-	eventually(t, "the cap's connections counted", func() bool {
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		return len(r.conns) == MaxConnsPerPeer
+	transfertest.Eventually(t, "the cap's connections counted", func() bool {
+		return rd.srv.Len() == MaxConnsPerPeer
 	})
 	for i, c := range conns {
 		if i != first {
@@ -192,26 +197,25 @@ func TestSenderSkipsAClosedPooledConnection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := serve(ln, size, 50*time.Millisecond, zap.NewNop())
+	rd := serveReader(ln, size, 50*time.Millisecond, zap.NewNop())
+	r := rd.r
 	defer r.Close()
-	snd := NewSender(0)
+	snd := NewWriter(0)
 	defer snd.Close()
 	for round := range uint64(2) {
-		sid := NewSessionID()
+		sid := kvtransfer.NewSessionID()
 		dst := [][]byte{make([]byte, size)}
 		s, _ := r.Register(sid, dst, nil)
-		src := randomBlocks(1, size, round)
+		src := transfertest.RandomBlocks(1, size, round)
 		if _, err := snd.Push(context.Background(), r.Endpoint(), sid, src); err != nil {
 			t.Fatal(err)
 		}
-		waitDone(t, s)
+		transfertest.WaitDone(t, s)
 		if err := r.Err(s); err != nil || !bytes.Equal(dst[0], src[0]) {
 			t.Fatalf("round %d: %v", round, err)
 		}
-		eventually(t, "the idle connection closed by the receiver", func() bool {
-			r.mu.Lock()
-			defer r.mu.Unlock()
-			return len(r.conns) == 0
+		transfertest.Eventually(t, "the idle connection closed by the receiver", func() bool {
+			return rd.srv.Len() == 0
 		})
 	}
 }
@@ -251,13 +255,14 @@ func TestDataTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := Serve(tls.NewListener(ln, lcfg), size, zap.NewNop())
+	rd := serveReader(tls.NewListener(ln, lcfg), size, DataIdleTimeout, zap.NewNop())
+	r := rd.r
 	defer r.Close()
-	sid := NewSessionID()
+	sid := kvtransfer.NewSessionID()
 	dst := [][]byte{make([]byte, size)}
 	s, _ := r.Register(sid, dst, nil)
-	src := randomBlocks(1, size, 9)
-	for _, bad := range []*Sender{NewSender(time.Second), NewTLSSender(time.Second, wrong)} {
+	src := transfertest.RandomBlocks(1, size, 9)
+	for _, bad := range []*Writer{NewWriter(time.Second), NewTLSWriter(time.Second, wrong)} {
 		_, _ = bad.Push(context.Background(), r.Endpoint(), sid, src)
 		bad.Close()
 	}
@@ -266,29 +271,27 @@ func TestDataTLS(t *testing.T) {
 		t.Fatalf("a refused writer ended the session: %v", r.Err(s))
 	default:
 	}
-	snd := NewTLSSender(time.Second, wcfg)
+	snd := NewTLSWriter(time.Second, wcfg)
 	defer snd.Close()
-	if snd.Name() != TransportTCPTLS {
+	if snd.Name() != kvtransfer.TransportTCPTLS {
 		t.Fatalf("name %q", snd.Name())
 	}
 	if _, err := snd.Push(context.Background(), r.Endpoint(), sid, src); err != nil {
 		t.Fatal(err)
 	}
-	waitDone(t, s)
+	transfertest.WaitDone(t, s)
 	if err := r.Err(s); err != nil || !bytes.Equal(dst[0], src[0]) {
 		t.Fatalf("tls push: %v", err)
 	}
 	// A second session reuses the pooled TLS connection (no ticket or other
 	// byte makes it look closed).
-	sid2 := NewSessionID()
+	sid2 := kvtransfer.NewSessionID()
 	s2, _ := r.Register(sid2, dst, nil)
 	if _, err := snd.Push(context.Background(), r.Endpoint(), sid2, src); err != nil {
 		t.Fatal(err)
 	}
-	waitDone(t, s2)
-	r.mu.Lock()
-	conns := len(r.conns)
-	r.mu.Unlock()
+	transfertest.WaitDone(t, s2)
+	conns := rd.srv.Len()
 	if conns != 1 {
 		t.Fatalf("%d data connections after two pushes, want the pooled one", conns)
 	}

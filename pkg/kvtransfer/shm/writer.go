@@ -1,4 +1,4 @@
-package kvtransfer
+package shm
 
 import (
 	"context"
@@ -11,30 +11,33 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kvferry/kvferry/pkg/kvtransfer"
+	"github.com/kvferry/kvferry/pkg/kvtransfer/internal/dialgroup"
 )
 
-// ShmWriter is the initiator side of the shm transport: it maps each peer's
+// Writer is the initiator side of the shm transport: it maps each peer's
 // pool once (per link) and copies blocks straight into their destinations.
 // It is safe for concurrent use; sessions to one peer share its link.
-type ShmWriter struct {
-	Hooks
+type Writer struct {
+	kvtransfer.Hooks
 	progress time.Duration
 
-	dials  dialGroup[*shmPeer] // one dial per endpoint; never under mu
+	dials  dialgroup.Group[*shmPeer] // one dial per endpoint; never under mu
 	mu     sync.Mutex
 	peers  map[string]*shmPeer
 	closed bool
 	wg     sync.WaitGroup // link readers
 }
 
-// NewShmWriter returns a writer with no links. progress bounds each wait on
+// NewWriter returns a writer with no links. progress bounds each wait on
 // the peer (the bind answer, a notification write); zero means none.
-func NewShmWriter(progress time.Duration, hooks Hooks) *ShmWriter {
-	return &ShmWriter{Hooks: hooks, progress: progress, peers: map[string]*shmPeer{}}
+func NewWriter(progress time.Duration, hooks kvtransfer.Hooks) *Writer {
+	return &Writer{Hooks: hooks, progress: progress, peers: map[string]*shmPeer{}}
 }
 
 // Name returns "shm".
-func (w *ShmWriter) Name() string { return TransportShm }
+func (w *Writer) Name() string { return kvtransfer.TransportShm }
 
 // shmPeer is one link: the unix socket and the mapped pool of one receiver.
 // The mapping is unmapped and the socket closed only when the link is dead
@@ -43,43 +46,43 @@ func (w *ShmWriter) Name() string { return TransportShm }
 type shmPeer struct {
 	c        *net.UnixConn
 	mem      []byte
-	fault    Injector
+	fault    kvtransfer.Injector
 	progress time.Duration // bounds every frame write
 	wmu      sync.Mutex    // frame writes
 
 	mu       sync.Mutex
-	sessions map[uint64]*writerSession
+	sessions map[uint64]*kvtransfer.WriterSession
 	users    int
 	dead     error
 	released bool
 }
 
 // ErrPeerClosed: the link to the receiver closed mid-session.
-var ErrPeerClosed = errors.New("kvtransfer: shm link closed")
+var ErrPeerClosed = errors.New("shm: link closed")
 
 // Write copies src[i] into the peer's destination dst[i] and notifies it,
 // returning when the session is terminal; afterwards nothing more is copied
 // for it. A done ctx, an ABORT from the receiver or a dead link stops it
 // between blocks.
-func (w *ShmWriter) Write(ctx context.Context, endpoint string, sid SessionID, src [][]byte, dst []Desc) (int64, error) {
+func (w *Writer) Write(ctx context.Context, endpoint string, sid kvtransfer.SessionID, src [][]byte, dst []kvtransfer.Desc) (int64, error) {
 	session := sid.ID // the link is authenticated (SO_PEERCRED): no key
 	if len(src) != len(dst) {
-		return 0, checkDescs(src, dst, 0)
+		return 0, kvtransfer.CheckDescs(src, dst, 0)
 	}
 	p, err := w.peer(ctx, endpoint)
 	if err != nil {
 		return 0, err
 	}
-	if err := checkDescs(src, dst, uint64(len(p.mem))); err != nil {
+	if err := kvtransfer.CheckDescs(src, dst, uint64(len(p.mem))); err != nil {
 		p.leave(0)
 		return 0, err
 	}
-	ss := newWriterSession()
+	ss := kvtransfer.NewWriterSession()
 	p.mu.Lock()
 	if _, dup := p.sessions[session]; dup {
 		p.mu.Unlock()
 		p.leave(0)
-		return 0, fmt.Errorf("kvtransfer: session %d already writing", session)
+		return 0, fmt.Errorf("shm: session %d already writing", session)
 	}
 	p.sessions[session] = ss
 	p.mu.Unlock()
@@ -88,36 +91,36 @@ func (w *ShmWriter) Write(ctx context.Context, endpoint string, sid SessionID, s
 	// Nothing more is copied for the session: say so, unless a drill loses
 	// the word (then only the link's close will prove it).
 	var notify error
-	if saysDone(w.Fault, session, err, ss.aborted.Load() || ctx.Err() != nil) {
-		notify = p.write(Header{Kind: FrameDone, Session: session, Index: uint32(landed)}, w.progress)
+	if kvtransfer.SaysDone(w.Fault, session, err, ss.Aborted.Load() || ctx.Err() != nil) {
+		notify = p.write(kvtransfer.Header{Kind: kvtransfer.FrameDone, Session: session, Index: uint32(landed)}, w.progress)
 	}
 	p.leave(session)
 	if err == nil && notify != nil {
-		err = fmt.Errorf("kvtransfer: done notification: %w", notify)
+		err = fmt.Errorf("shm: done notification: %w", notify)
 	}
-	return sent, refusal(err, session)
+	return sent, kvtransfer.Refusal(err, session)
 }
 
 // copySession binds the session and copies its blocks; it returns the
 // blocks landed and the bytes copied.
-func (w *ShmWriter) copySession(ctx context.Context, p *shmPeer, ss *writerSession, session uint64, src [][]byte, dst []Desc) (int, int64, error) {
-	if err := p.write(Header{Kind: FrameBind, Session: session, Index: uint32(len(src))}, w.progress); err != nil {
-		return 0, 0, fmt.Errorf("kvtransfer: bind: %w", err)
+func (w *Writer) copySession(ctx context.Context, p *shmPeer, ss *kvtransfer.WriterSession, session uint64, src [][]byte, dst []kvtransfer.Desc) (int, int64, error) {
+	if err := p.write(kvtransfer.Header{Kind: kvtransfer.FrameBind, Session: session, Index: uint32(len(src))}, w.progress); err != nil {
+		return 0, 0, fmt.Errorf("shm: bind: %w", err)
 	}
-	if err := awaitBind(ctx, ss.bind, w.progress); err != nil {
+	if err := kvtransfer.AwaitBind(ctx, ss.Bind, w.progress); err != nil {
 		return 0, 0, err
 	}
 	var sent int64
 	for i, b := range src {
-		if err := injector(w.Fault).Before(ctx, session, i); err != nil {
+		if err := kvtransfer.Faults(w.Fault).Before(ctx, session, i); err != nil {
 			return i, sent, err
 		}
 		if err := p.stopped(ctx, ss); err != nil {
 			return i, sent, err
 		}
 		d := dst[i]
-		copy(p.mem[d.Offset:d.Offset+d.Length], injector(w.Fault).Payload(session, i, b))
-		if err := p.write(Header{Kind: FrameLanded, Session: session, Index: uint32(i), Length: uint32(len(b))}, w.progress); err != nil {
+		copy(p.mem[d.Offset:d.Offset+d.Length], kvtransfer.Faults(w.Fault).Payload(session, i, b))
+		if err := p.write(kvtransfer.Header{Kind: kvtransfer.FrameLanded, Session: session, Index: uint32(i), Length: uint32(len(b))}, w.progress); err != nil {
 			return i + 1, sent, err
 		}
 		sent += int64(len(b))
@@ -125,19 +128,19 @@ func (w *ShmWriter) copySession(ctx context.Context, p *shmPeer, ss *writerSessi
 			w.OnBlock(time.Now())
 		}
 	}
-	if err := injector(w.Fault).Before(ctx, session, len(src)); err != nil {
+	if err := kvtransfer.Faults(w.Fault).Before(ctx, session, len(src)); err != nil {
 		return len(src), sent, err // a partial fault after every block
 	}
 	return len(src), sent, nil
 }
 
 // stopped reports why a session must stop before its next block.
-func (p *shmPeer) stopped(ctx context.Context, ss *writerSession) error {
+func (p *shmPeer) stopped(ctx context.Context, ss *kvtransfer.WriterSession) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if ss.aborted.Load() {
-		return ErrAborted
+	if ss.Aborted.Load() {
+		return kvtransfer.ErrAborted
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -146,8 +149,8 @@ func (p *shmPeer) stopped(ctx context.Context, ss *writerSession) error {
 
 // write sends one frame, bounded by progress. A failed write kills the
 // link (its framing is lost).
-func (p *shmPeer) write(h Header, progress time.Duration) error {
-	var b [HeaderSize]byte
+func (p *shmPeer) write(h kvtransfer.Header, progress time.Duration) error {
+	var b [kvtransfer.HeaderSize]byte
 	h.Encode(b[:])
 	p.wmu.Lock()
 	if progress > 0 {
@@ -157,7 +160,7 @@ func (p *shmPeer) write(h Header, progress time.Duration) error {
 	p.wmu.Unlock()
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
-			err = fmt.Errorf("%w: %w", ErrNoProgress, err)
+			err = fmt.Errorf("%w: %w", kvtransfer.ErrNoProgress, err)
 		}
 		p.kill(err)
 	}
@@ -169,12 +172,12 @@ func (p *shmPeer) write(h Header, progress time.Duration) error {
 // peer returns the live link to endpoint with one more user, dialling it
 // when there is none: one dial per endpoint, bounded by ctx and the
 // progress timeout, and never in the way of writes to other endpoints.
-func (w *ShmWriter) peer(ctx context.Context, endpoint string) (*shmPeer, error) {
+func (w *Writer) peer(ctx context.Context, endpoint string) (*shmPeer, error) {
 	for {
 		if p, err := w.live(endpoint); p != nil || err != nil {
 			return p, err
 		}
-		p, dialed, err := w.dials.do(ctx, endpoint, func() (*shmPeer, error) { return w.dial(ctx, endpoint) })
+		p, dialed, err := w.dials.Do(ctx, endpoint, func() (*shmPeer, error) { return w.dial(ctx, endpoint) })
 		switch {
 		case dialed:
 			return p, err
@@ -189,7 +192,7 @@ func (w *ShmWriter) peer(ctx context.Context, endpoint string) (*shmPeer, error)
 
 // dial connects to endpoint and adds the link, with this caller as its
 // first user.
-func (w *ShmWriter) dial(ctx context.Context, endpoint string) (*shmPeer, error) {
+func (w *Writer) dial(ctx context.Context, endpoint string) (*shmPeer, error) {
 	p, err := dialShm(ctx, endpoint, w.progress)
 	if err != nil {
 		return nil, err
@@ -211,10 +214,10 @@ func isContextErr(err error) bool {
 	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
-var errClosed = errors.New("kvtransfer: writer closed")
+var errClosed = errors.New("shm: writer closed")
 
 // live returns the live link to endpoint with one more user, or nil.
-func (w *ShmWriter) live(endpoint string) (*shmPeer, error) {
+func (w *Writer) live(endpoint string) (*shmPeer, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.closed {
@@ -239,7 +242,7 @@ func dialShm(ctx context.Context, endpoint string, timeout time.Duration) (*shmP
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", endpoint)
 	if err != nil {
-		return nil, fmt.Errorf("kvtransfer: dial shm %s: %w", endpoint, err)
+		return nil, fmt.Errorf("shm: dial shm %s: %w", endpoint, err)
 	}
 	c := conn.(*net.UnixConn)
 	deadline, ok := ctx.Deadline()
@@ -251,7 +254,7 @@ func dialShm(ctx context.Context, endpoint string, timeout time.Duration) (*shmP
 	}
 	// A caller that leaves ends the wait for the HELLO at once.
 	stop := context.AfterFunc(ctx, func() { _ = c.SetReadDeadline(time.Unix(1, 0)) })
-	var hb [HeaderSize]byte
+	var hb [kvtransfer.HeaderSize]byte
 	oob := make([]byte, unix.CmsgSpace(4))
 	n, oobn, _, _, err := c.ReadMsgUnix(hb[:], oob)
 	// A caller that left (even as the HELLO came, so that the deadline may
@@ -265,15 +268,15 @@ func dialShm(ctx context.Context, endpoint string, timeout time.Duration) (*shmP
 	if err == nil {
 		fd, err = parseRights(oob[:oobn])
 	}
-	if err == nil && n != HeaderSize {
-		err = fmt.Errorf("%w: %d-byte hello", ErrBadFrame, n)
+	if err == nil && n != kvtransfer.HeaderSize {
+		err = fmt.Errorf("%w: %d-byte hello", kvtransfer.ErrBadFrame, n)
 	}
-	var h Header
+	var h kvtransfer.Header
 	if err == nil {
-		h, err = DecodeHeader(hb[:], 0)
+		h, err = kvtransfer.DecodeHeader(hb[:], 0)
 	}
-	if err == nil && (h.Kind != FrameHello || h.Session == 0 || h.Session > 1<<40) {
-		err = fmt.Errorf("%w: hello kind %d size %d", ErrBadFrame, h.Kind, h.Session)
+	if err == nil && (h.Kind != kvtransfer.FrameHello || h.Session == 0 || h.Session > 1<<40) {
+		err = fmt.Errorf("%w: hello kind %d size %d", kvtransfer.ErrBadFrame, h.Kind, h.Session)
 	}
 	if err == nil {
 		err = samePeer(c)
@@ -293,9 +296,9 @@ func dialShm(ctx context.Context, endpoint string, timeout time.Duration) (*shmP
 	}
 	if err != nil {
 		_ = c.Close()
-		return nil, fmt.Errorf("kvtransfer: shm hello from %s: %w", endpoint, err)
+		return nil, fmt.Errorf("shm: shm hello from %s: %w", endpoint, err)
 	}
-	return &shmPeer{c: c, mem: mem, sessions: map[uint64]*writerSession{}}, nil
+	return &shmPeer{c: c, mem: mem, sessions: map[uint64]*kvtransfer.WriterSession{}}, nil
 }
 
 // checkPoolFd refuses a pool memfd that could SIGBUS us: it must be
@@ -304,17 +307,17 @@ func dialShm(ctx context.Context, endpoint string, timeout time.Duration) (*shmP
 func checkPoolFd(fd int, size uint64) error {
 	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
 	if err != nil {
-		return fmt.Errorf("%w: pool fd seals: %v", ErrBadFrame, err)
+		return fmt.Errorf("%w: pool fd seals: %v", kvtransfer.ErrBadFrame, err)
 	}
 	if seals&shmSeals != shmSeals {
-		return fmt.Errorf("%w: pool memfd not sealed against resizing (seals %#x)", ErrBadFrame, seals)
+		return fmt.Errorf("%w: pool memfd not sealed against resizing (seals %#x)", kvtransfer.ErrBadFrame, seals)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return fmt.Errorf("%w: pool fd: %v", ErrBadFrame, err)
+		return fmt.Errorf("%w: pool fd: %v", kvtransfer.ErrBadFrame, err)
 	}
 	if uint64(st.Size) < size {
-		return fmt.Errorf("%w: pool memfd holds %d bytes, the peer says %d", ErrBadFrame, st.Size, size)
+		return fmt.Errorf("%w: pool memfd holds %d bytes, the peer says %d", kvtransfer.ErrBadFrame, st.Size, size)
 	}
 	return nil
 }
@@ -322,27 +325,27 @@ func checkPoolFd(fd int, size uint64) error {
 func parseRights(oob []byte) (int, error) {
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil || len(msgs) != 1 {
-		return -1, fmt.Errorf("%w: hello without a memfd", ErrBadFrame)
+		return -1, fmt.Errorf("%w: hello without a memfd", kvtransfer.ErrBadFrame)
 	}
 	fds, err := unix.ParseUnixRights(&msgs[0])
 	if err != nil || len(fds) != 1 {
 		for _, fd := range fds {
 			_ = unix.Close(fd)
 		}
-		return -1, fmt.Errorf("%w: hello without exactly one memfd", ErrBadFrame)
+		return -1, fmt.Errorf("%w: hello without exactly one memfd", kvtransfer.ErrBadFrame)
 	}
 	return fds[0], nil
 }
 
 // readLoop takes the receiver's answers and aborts until the link fails.
 func (p *shmPeer) readLoop() {
-	var hb [HeaderSize]byte
+	var hb [kvtransfer.HeaderSize]byte
 	for {
 		if _, err := io.ReadFull(p.c, hb[:]); err != nil {
 			p.kill(fmt.Errorf("%w: %w", ErrPeerClosed, err))
 			return
 		}
-		h, err := DecodeHeader(hb[:], 0)
+		h, err := kvtransfer.DecodeHeader(hb[:], 0)
 		if err != nil {
 			p.kill(err)
 			return
@@ -350,13 +353,13 @@ func (p *shmPeer) readLoop() {
 		p.mu.Lock()
 		ss := p.sessions[h.Session]
 		p.mu.Unlock()
-		ack, valid := onReceiverFrame(h, ss, p.fault)
+		ack, valid := kvtransfer.OnReceiverFrame(h, ss, p.fault)
 		if !valid {
-			p.kill(fmt.Errorf("%w: kind %d from receiver", ErrBadFrame, h.Kind))
+			p.kill(fmt.Errorf("%w: kind %d from receiver", kvtransfer.ErrBadFrame, h.Kind))
 			return
 		}
 		if ack {
-			if err := p.write(Header{Kind: FrameAbortAck, Session: h.Session}, p.progress); err != nil {
+			if err := p.write(kvtransfer.Header{Kind: kvtransfer.FrameAbortAck, Session: h.Session}, p.progress); err != nil {
 				return
 			}
 		}
@@ -404,7 +407,7 @@ func (p *shmPeer) release() {
 // Close kills every link; sessions in progress stop before their next
 // block and the last one out releases its link. It waits for the links'
 // readers. Safe to call twice.
-func (w *ShmWriter) Close() {
+func (w *Writer) Close() {
 	w.mu.Lock()
 	w.closed = true
 	peers := w.peers
