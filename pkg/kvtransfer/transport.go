@@ -12,7 +12,7 @@ import (
 // drop in later:
 //
 //	NIXL                          kvferry
-//	registerMem / getLocalMD      the target's pool memory and endpoint (Receiver, ShmMemory),
+//	registerMem / getLocalMD      the target's pool memory and endpoint (Receiver, shm.Memory),
 //	                              sent to the writer in TransferRequest (data_endpoint, destinations)
 //	loadRemoteMD                  Writer.Write resolves the endpoint once per peer (pooled
 //	                              connections for tcp, the mapped pool for shm)

@@ -37,7 +37,7 @@ type Memory struct {
 	mem []byte
 }
 
-// NewShmMemory creates size bytes of shareable memory.
+// NewMemory creates size bytes of shareable memory.
 func NewMemory(size int) (*Memory, error) {
 	if size <= 0 {
 		return nil, fmt.Errorf("shm: size %d", size)
