@@ -688,15 +688,18 @@ func (s *Server) sweep(now time.Time) {
 	s.reqs.Sweep(now)
 }
 
-// sendTimeouts are a push session's limits: the deadline (the writer
-// bounds its own per-block progress), and how long a writer that overstayed
-// it may take to return before its blocks are poisoned.
+// sendTimeouts are a push session's limits: the deadline, a little past
+// the writer's own (its context's), so that a writer that honours its
+// context returns first and only one stuck below us is timed out here (the
+// writer bounds its per-block progress itself); and how long a writer that
+// overstayed may take to return before its blocks are poisoned.
 func (s *Server) sendTimeouts() kvtransfer.Timeouts {
 	q := s.cfg.QuarantineDeadline
 	if q <= 0 {
 		q = s.cfg.TransferDeadline
 	}
-	return kvtransfer.Timeouts{Progress: s.cfg.TransferDeadline, Deadline: s.cfg.TransferDeadline, Quarantine: q}
+	d := s.cfg.TransferDeadline + max(s.cfg.TransferDeadline/10, time.Second)
+	return kvtransfer.Timeouts{Progress: d, Deadline: d, Quarantine: q}
 }
 
 // sendStepLocked carries out a push session's pool actions and keeps the

@@ -748,11 +748,11 @@ func TestStuckWriterQuarantinesThenProvesOrPoisons(t *testing.T) {
 	// A writer that returns late: quarantined, then proven quiet.
 	wctx, last, n := push(ticket.New(ticket.NewID()))
 	start := time.Now()
-	f.srv.sweep(start.Add(5 * time.Second))
+	f.srv.sweep(start.Add(10500 * time.Millisecond)) // past the writer's deadline, before the session's
 	if c := f.counts(); c.InFlight != n || c.Quarantined != 0 {
-		t.Fatalf("before the deadline: %+v", c)
+		t.Fatalf("before the session's deadline: %+v", c)
 	}
-	f.srv.sweep(start.Add(11 * time.Second)) // TransferDeadline is 10 s
+	f.srv.sweep(start.Add(11 * time.Second)) // TransferDeadline is 10 s, the session's 1 s past it
 	if c := f.counts(); c.Quarantined != n || c.InFlight != 0 {
 		t.Fatalf("after the deadline, writer still inside: %+v, want %d quarantined", c, n)
 	}
@@ -772,7 +772,7 @@ func TestStuckWriterQuarantinesThenProvesOrPoisons(t *testing.T) {
 	_, last, n = push(ticket.New(ticket.NewID()))
 	start = time.Now()
 	f.srv.sweep(start.Add(11 * time.Second))
-	f.srv.sweep(start.Add(22 * time.Second))
+	f.srv.sweep(start.Add(22 * time.Second)) // quarantine deadline 10 s after the end
 	if c := f.counts(); c.Poisoned != n || c.Quarantined != 0 {
 		t.Fatalf("past the quarantine deadline: %+v, want %d poisoned", c, n)
 	}
