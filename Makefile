@@ -56,11 +56,14 @@ run: build $(if $(filter llamacpp,$(RUN_ENGINE)),deps-llama)
 
 # make test runs every test: the unit tests of every package and the
 # multi-process end-to-end suite, all under the race detector, then the
+# Helm chart's checks (test/chart: render and check, one goroutine; under
+# -race it only compiles Helm and Prometheus twice as long), the
 # transfer-lifecycle simulation over 2,000 seeds and the scheduler
 # simulation over 1,000 without it (each is one goroutine; -race only
 # slows them).
 test: deps-llama
-	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /test/chart)
+	$(GO) test -count=1 ./test/chart/
 	$(GO) test -count=1 -run TestSimulation ./pkg/kvtransfer/ -seeds 2000
 	$(GO) test -count=1 -run TestSchedulerSimulation ./pkg/executor/ -sched-seeds 1000
 
