@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 logs=$(mktemp -d -t kvferry-smoke-XXXXXX)
-KVFERRY_RUN_LOGS=$logs setsid make run >"$logs/make-run.out" 2>&1 &
+# A background job of a script starts with SIGINT ignored (and a shell
+# cannot trap what it inherited ignored); a terminal's Ctrl-C finds it at
+# its default. env --default-signal=INT gives make run the terminal's.
+KVFERRY_RUN_LOGS=$logs setsid env --default-signal=INT make run >"$logs/make-run.out" 2>&1 &
 runner=$!
 cleanup() { kill -INT -- "-$runner" 2>/dev/null || true; }
 trap cleanup EXIT
@@ -26,4 +29,5 @@ if kill -0 "$runner" 2>/dev/null; then echo "make run did not stop on Ctrl-C"; e
 for c in ctxserver genserver router; do
   grep -q '"msg":"stopped"' "$logs/$c.log" || { echo "$c did not stop cleanly"; tail -n 5 "$logs/$c.log"; exit 1; }
 done
+grep -q 'kvferry stopped cleanly' "$logs/make-run.out" || { echo "make run did not say it stopped cleanly"; tail -n 5 "$logs/make-run.out"; exit 1; }
 echo "smoke: ok (text: $text)"
