@@ -15,59 +15,32 @@ import (
 // it: a query that names a family outside this list reads nothing, ever.
 func FamilyNames() []string {
 	reg := NewRegistry(false)
-	rec := &describer{Registerer: reg, names: map[string]bool{}}
-	RegisterPool(rec, emptyPool{})
-	NewHealth(rec)
-	NewQuarantine(rec)
-	NewCanary(rec)
-	NewScheduler(rec)
-	NewGPU(rec)
-	NewTransfer(rec)
-	NewCancel(rec)
-	NewRouter(rec)
-	if mfs, err := reg.Gather(); err == nil {
-		for _, mf := range mfs {
-			rec.names[mf.GetName()] = true
+	RegisterPool(reg, emptyPool{})
+	NewHealth(reg)
+	NewQuarantine(reg)
+	NewCanary(reg)
+	NewScheduler(reg)
+	NewGPU(reg)
+	NewTransfer(reg)
+	NewCancel(reg)
+	NewRouter(reg)
+	ch := make(chan *prometheus.Desc)
+	go func() {
+		reg.Describe(ch) // every registered collector's descriptors
+		close(ch)
+	}()
+	var out []string
+	for desc := range ch {
+		if m := fqName.FindStringSubmatch(desc.String()); m != nil && !slices.Contains(out, m[1]) {
+			out = append(out, m[1])
 		}
-	}
-	out := make([]string, 0, len(rec.names))
-	for n := range rec.names {
-		out = append(out, n)
 	}
 	slices.Sort(out)
 	return out
 }
 
-// describer registers through to a registry and records the name of every
-// descriptor it is shown.
-type describer struct {
-	prometheus.Registerer
-	names map[string]bool
-}
-
+// fqName finds a descriptor's name in its String form (Desc has no getter).
 var fqName = regexp.MustCompile(`fqName: "([^"]+)"`)
-
-func (d *describer) Register(c prometheus.Collector) error {
-	ch := make(chan *prometheus.Desc)
-	go func() {
-		c.Describe(ch)
-		close(ch)
-	}()
-	for desc := range ch {
-		if m := fqName.FindStringSubmatch(desc.String()); m != nil {
-			d.names[m[1]] = true
-		}
-	}
-	return d.Registerer.Register(c)
-}
-
-func (d *describer) MustRegister(cs ...prometheus.Collector) {
-	for _, c := range cs {
-		if err := d.Register(c); err != nil {
-			panic(err)
-		}
-	}
-}
 
 // emptyPool stands in for a pool: only the descriptors are read.
 type emptyPool struct{}
