@@ -105,7 +105,6 @@ type request struct {
 
 	session        uint64
 	send           *kvtransfer.Session // the push's lifecycle, ticked by the sweep
-	sendStart      time.Time
 	transferCancel context.CancelFunc
 	transferDone   chan struct{}
 }
@@ -535,8 +534,8 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	// blocks quarantined, not reused while it may still read them — and
 	// its late return proves them quiet, or the quarantine deadline
 	// poisons them, which health counts against its budget.
-	r.send, r.sendStart = kvtransfer.NewSession(s.sendTimeouts()), time.Now()
-	r.send.Start(r.sendStart)
+	r.send = kvtransfer.NewSession(s.sendTimeouts())
+	r.send.Start(time.Now())
 	tctx, cancel := context.WithTimeout(ctx, s.cfg.TransferDeadline)
 	defer cancel()
 	s.advanceLocked(r, executor.StageTransferring)
@@ -670,7 +669,7 @@ func (s *Server) sweep(now time.Time) {
 					r.transferCancel() // the writer's context: it stops between blocks, if it can
 				}
 				if as.Has(kvtransfer.ActNotify) {
-					s.cfg.Transfers.RecordTransfer(metrics.SideSender, r.send.Outcome().String(), 0, now.Sub(r.sendStart))
+					s.cfg.Transfers.RecordTransfer(metrics.SideSender, r.send.Outcome().String(), 0, now.Sub(r.send.StartedAt()))
 					fields := []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", r.Attempt()), zap.Int("blocks", len(r.blocks))}
 					s.mu.Later(func() {
 						s.lg.Warn("push timed out with its writer still running: blocks quarantined until it returns", fields...)
