@@ -26,6 +26,7 @@ type Config struct {
 	servercmd.Config
 	CanaryInterval time.Duration
 	MaxBatchSeqs   int
+	Aggregated     bool
 }
 
 // Validate checks the configuration.
@@ -46,6 +47,7 @@ func main() {
 	cfg.Register(fs, servercmd.Ports{GRPC: 9200, HTTP: 9201, Data: 9202})
 	fs.DurationVar(&cfg.CanaryInterval, "canary-interval", 10*time.Second, "how often the pair canary pulls a one-block KV from each recently seen context server (0 disables)")
 	fs.IntVar(&cfg.MaxBatchSeqs, "max-batch-seqs", 0, "most sequences one decode step runs (continuous batching; 0: every decoding request)")
+	fs.BoolVar(&cfg.Aggregated, "aggregated", false, "also prefill: serve requests a router started with --aggregated sends (prompt in, tokens out, no context server and no KV transfer)")
 	os.Exit(cli.Main(fs, "genserver: the kvferry generation (decode) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))
 }
@@ -94,6 +96,8 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		Canaries:       metrics.NewCanary(p.Registry),
 		MaxBatchSeqs:   cfg.MaxBatchSeqs,
 		Scheduler:      p.Scheduler,
+		Aggregated:     cfg.Aggregated,
+		PrefillChunk:   cfg.PrefillChunk,
 		Logger:         lg,
 	})
 	checker = p.StartHealth(cfg.Config, health.Sources{QuarantinedSessions: srv.QuarantinedSessions, Canary: srv.CanaryStatus})

@@ -35,6 +35,7 @@ type Config struct {
 	AdminAddr  string
 	CtxServers string
 	GenServers string
+	Aggregated bool
 	cli.EngineFlags
 	MaxBodyBytes     int64
 	MaxPromptTokens  int
@@ -64,6 +65,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.AdminAddr, "admin-addr", ":8002", "admin HTTP listen address (/livez, /readyz, /metrics)")
 	fs.StringVar(&c.CtxServers, "ctx-servers", "127.0.0.1:9100", "context servers: comma-separated host:port, or dns:NAME:PORT (a headless Service, re-resolved every --resolve-interval)")
 	fs.StringVar(&c.GenServers, "gen-servers", "127.0.0.1:9200", "generation servers: comma-separated host:port, or dns:NAME:PORT")
+	fs.BoolVar(&c.Aggregated, "aggregated", false, "aggregated serving: no context servers (--ctx-servers is ignored); each generation server, started with --aggregated, prefills its own requests")
 	fs.DurationVar(&c.ResolveInterval, "resolve-interval", 10*time.Second, "how often DNS-discovered servers are re-resolved")
 	fs.StringVar(&c.DNSServer, "dns-server", "", "host:port of the DNS server to ask instead of the system resolver")
 	fs.StringVar(&c.K8sService, "k8s-service", "", "discover servers from Kubernetes EndpointSlices: ctx=SERVICE,gen=SERVICE (overrides --ctx-servers / --gen-servers for the roles named; in-cluster credentials)")
@@ -99,6 +101,9 @@ func (c *Config) Validate() error {
 		}
 	}
 	for name, spec := range map[string]string{"--ctx-servers": c.CtxServers, "--gen-servers": c.GenServers} {
+		if name == "--ctx-servers" && c.Aggregated {
+			continue // not used
+		}
 		if _, err := discovery.Parse(spec, nil); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
@@ -106,8 +111,10 @@ func (c *Config) Validate() error {
 	if err := c.TLS.Validate(); err != nil {
 		errs = append(errs, err)
 	}
-	if _, err := parseK8sService(c.K8sService); err != nil {
+	if svcs, err := parseK8sService(c.K8sService); err != nil {
 		errs = append(errs, fmt.Errorf("--k8s-service: %w", err))
+	} else if _, ctx := svcs["ctx"]; ctx && c.Aggregated {
+		errs = append(errs, errors.New("--k8s-service names context servers, which --aggregated does not use"))
 	}
 	if c.ResolveInterval <= 0 {
 		errs = append(errs, errors.New("--resolve-interval must be positive"))
@@ -179,9 +186,11 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	defer ctxConns.Close()
 	defer genConns.Close()
 	resolver := discovery.Resolver(cfg.DNSServer)
-	ctxSrc, err := discovery.Parse(cfg.CtxServers, resolver)
-	if err != nil {
-		return err
+	var ctxSrc discovery.Source
+	if !cfg.Aggregated {
+		if ctxSrc, err = discovery.Parse(cfg.CtxServers, resolver); err != nil {
+			return err
+		}
 	}
 	genSrc, err := discovery.Parse(cfg.GenServers, resolver)
 	if err != nil {
@@ -206,7 +215,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		return err
 	}
 	rt, err := router.New(router.Config{
-		CtxServers: ctxSrc, GenServers: genSrc, ResolveInterval: cfg.ResolveInterval,
+		CtxServers: ctxSrc, GenServers: genSrc, ResolveInterval: cfg.ResolveInterval, Aggregated: cfg.Aggregated,
 		Model: spec, Vocab: vocab, ServedModel: served,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
 		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, StreamWriteTimeout: cfg.StreamWrite, CancelTimeout: cfg.CancelTimeout,
@@ -281,9 +290,13 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		})
 	}
 	cli.WarnPlaintext(lg, cfg.TLS.Enabled(), httpLn, grpcLn)
+	ctxServers := "none (aggregated)"
+	if ctxSrc != nil {
+		ctxServers = ctxSrc.String()
+	}
 	lg.Info("serving", zap.String("openai", httpLn.Addr().String()), zap.String("grpc", grpcLn.Addr().String()),
 		zap.String("admin", adminLn.Addr().String()), zap.String("model", served),
-		zap.String("ctx_servers", ctxSrc.String()), zap.String("gen_servers", genSrc.String()))
+		zap.String("ctx_servers", ctxServers), zap.String("gen_servers", genSrc.String()))
 	<-gctx.Done()
 	err = g.Wait()
 	checker.Shutdown()

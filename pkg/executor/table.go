@@ -15,7 +15,8 @@ import (
 
 // Stage is where a request is on a server. A context server takes a
 // request Queued → Prefilling → Advertised ⇄ Transferring → HandedOff; a
-// generation server Queued → Transferring → Decoding. Any stage may end
+// generation server Queued → Transferring → Decoding, or, aggregated,
+// Queued → Prefilling → Decoding. Any stage may end
 // (Ended): finished, failed, cancelled, superseded or expired.
 type Stage int
 
@@ -36,7 +37,7 @@ func (s Stage) String() string {
 // next lists the stages each stage may move to, besides Ended.
 var next = [...][]Stage{
 	StageQueued:       {StagePrefilling, StageTransferring},
-	StagePrefilling:   {StageAdvertised},
+	StagePrefilling:   {StageAdvertised, StageDecoding},
 	StageAdvertised:   {StageTransferring},
 	StageTransferring: {StageAdvertised, StageDecoding, StageHandedOff},
 	StageDecoding:     {},

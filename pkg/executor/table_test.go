@@ -72,6 +72,7 @@ func TestRequestCancelOutcomes(t *testing.T) {
 		{"handed off", false, []Stage{StagePrefilling, StageAdvertised, StageTransferring, StageHandedOff}, true, kvferryv1.CancelOutcome_CANCEL_OUTCOME_ALREADY_COMPLETE, false},
 		{"generation side, queued", true, nil, true, kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT, true},
 		{"decoding", true, []Stage{StageTransferring, StageDecoding}, true, kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCEL_REQUESTED_IN_FLIGHT, true},
+		{"aggregated, decoding", false, []Stage{StagePrefilling, StageDecoding}, true, kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tb := NewTable[*entry]()

@@ -63,6 +63,13 @@ type Config struct {
 	// running one); Scheduler, when set, records the batches.
 	MaxBatchSeqs int
 	Scheduler    *metrics.Scheduler
+	// Aggregated lets requests ask this server to prefill their prompts
+	// itself (GenerateRequest.prefill), one prefill loop beside the decode
+	// loop on the same engine; PrefillChunk and MaxBatchTokens bound its
+	// steps as on a context server (0: executor defaults).
+	Aggregated     bool
+	PrefillChunk   int
+	MaxBatchTokens int
 	// Admission, when set, queues a request that cannot get its blocks
 	// until they free up (nil: a full pool answers RESOURCE_EXHAUSTED).
 	Admission *executor.Admission
@@ -89,9 +96,11 @@ type Server struct {
 	spec executor.ModelSpec
 	// canaryPrompt is canaryText in the engine's tokens.
 	canaryPrompt []uint32
-	// decoder steps every decoding request's sequence in one batch.
-	decoder *executor.Decoder
-	lg      *zap.Logger
+	// decoder steps every decoding request's sequence in one batch;
+	// prefiller, when aggregated, batches the prompts this server prefills.
+	decoder   *executor.Decoder
+	prefiller *executor.Prefiller
+	lg        *zap.Logger
 
 	// mu guards the table and the transfers; a line logged under it is
 	// written after the unlock (mu.Later).
@@ -115,6 +124,16 @@ func New(cfg Config) *Server {
 			cfg.Scheduler.RecordBatch(n, s.decoder.Running())
 		}
 	})
+	if cfg.Aggregated {
+		s.prefiller = executor.NewPrefiller(cfg.Engine, cfg.PrefillChunk, cfg.MaxBatchTokens, func(prompts, tokens int) {
+			if cfg.Progress != nil {
+				cfg.Progress.Touch(time.Now())
+			}
+			if cfg.Scheduler != nil {
+				cfg.Scheduler.RecordPrefillBatch(prompts, tokens)
+			}
+		})
+	}
 	return s
 }
 
@@ -126,6 +145,12 @@ func (s *Server) validate(req *kvferryv1.GenerateRequest) error {
 		return err
 	}
 	adv := req.GetAdvertisement()
+	if req.GetPrefill() {
+		if adv != nil || req.GetFirstToken() != 0 {
+			return errors.New("a request to prefill here carries no advertisement and no first token")
+		}
+		return nil
+	}
 	switch {
 	case adv == nil:
 		return errors.New("missing advertisement")
@@ -155,7 +180,7 @@ func (s *Server) negotiate(adv *kvferryv1.KVAdvertisement) error {
 
 // admit records the request, rejecting stale attempts and duplicates; a
 // newer attempt supersedes (cancels) the one running.
-func (s *Server) admit(t *kvferryv1.Ticket, cancel context.CancelFunc) (*request, error) {
+func (s *Server) admit(t *kvferryv1.Ticket, advertised bool, cancel context.CancelFunc) (*request, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	// Every attempt is one request here: the same attempt twice is a
@@ -170,7 +195,7 @@ func (s *Server) admit(t *kvferryv1.Ticket, cancel context.CancelFunc) (*request
 		prev.cancel() // its handler ends it
 	}
 	r := &request{cancel: cancel, done: make(chan struct{})}
-	s.reqs.Add(t.GetRequestId(), t.GetAttempt(), executor.Fingerprint{}, true, r)
+	s.reqs.Add(t.GetRequestId(), t.GetAttempt(), executor.Fingerprint{}, advertised, r)
 	return r, nil
 }
 
@@ -211,13 +236,19 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 	if err := s.validate(req); err != nil {
 		return status.Error(codes.InvalidArgument, err.Error())
 	}
-	if err := s.negotiate(req.GetAdvertisement()); err != nil {
-		return status.Error(codes.FailedPrecondition, err.Error())
+	if req.GetPrefill() {
+		if s.prefiller == nil {
+			return status.Error(codes.FailedPrecondition, "this generation server does not prefill (start it with --aggregated)")
+		}
+	} else {
+		if err := s.negotiate(req.GetAdvertisement()); err != nil {
+			return status.Error(codes.FailedPrecondition, err.Error())
+		}
+		s.canary.notePeer(req.GetAdvertisement().GetTransferEndpoint(), time.Now())
 	}
-	s.canary.notePeer(req.GetAdvertisement().GetTransferEndpoint(), time.Now())
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
-	r, err := s.admit(req.GetTicket(), cancel)
+	r, err := s.admit(req.GetTicket(), !req.GetPrefill(), cancel)
 	if err != nil {
 		return err
 	}
@@ -230,7 +261,7 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 		s.mu.Unlock()
 	}()
 
-	n := int(req.GetAdvertisement().GetBlockCount())
+	n := s.spec.BlocksFor(len(req.GetPromptTokens())) // what validate checked the advertisement against
 	admitted := func() {}
 	if s.cfg.Admission != nil {
 		// Wait in arrival order holding nothing; a cancel ends the wait.
@@ -250,7 +281,6 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 		return status.FromContextError(err).Err()
 	}
 	s.hold(r)
-	s.advance(r, executor.StageTransferring)
 	defer func() {
 		if err := s.cfg.Pool.Release(blocks); err != nil {
 			s.lg.Error("release blocks", zap.Error(err))
@@ -261,12 +291,39 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 	for i, b := range blocks {
 		mem[i] = s.cfg.Pool.Bytes(b)
 	}
-	seq, err := s.receive(ctx, req, r, blocks, mem)
+	var seq *executor.Sequence
+	if req.GetPrefill() {
+		s.advance(r, executor.StagePrefilling)
+		seq, err = s.prefill(ctx, req, mem)
+	} else {
+		s.advance(r, executor.StageTransferring)
+		seq, err = s.receive(ctx, req, r, blocks, mem)
+	}
 	if err != nil {
 		return err
 	}
 	s.advance(r, executor.StageDecoding)
 	return s.decode(ctx, stream, seq)
+}
+
+// prefill is aggregated serving's first phase: the engine writes the
+// prompt's KV into this server's own blocks, which the decode then reads —
+// the same blocks and checksums a transfer would have delivered, so the
+// decode that follows is the disaggregated one.
+func (s *Server) prefill(ctx context.Context, req *kvferryv1.GenerateRequest, mem [][]byte) (*executor.Sequence, error) {
+	sampling := executor.ToSampling(req.GetSampling())
+	first, sums, err := s.prefiller.Prefill(ctx, req.GetPromptTokens(), sampling, mem, 0)
+	if err == nil {
+		s.cfg.Progress.Touch(time.Now())
+		var seq *executor.Sequence
+		if seq, err = s.cfg.Engine.StartDecode(ctx, mem, sums, len(req.GetPromptTokens()), first, sampling); err == nil {
+			return seq, nil
+		}
+	}
+	if ctx.Err() != nil {
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	return nil, status.Errorf(codes.Internal, "prefill: %v", err)
 }
 
 func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_GenerateServer, seq *executor.Sequence) error {

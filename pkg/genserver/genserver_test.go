@@ -3,6 +3,7 @@ package genserver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -155,38 +156,33 @@ func (p *pair) run(ctx context.Context, prompt string, s *kvferryv1.SamplingPara
 	if mutate != nil {
 		mutate(req)
 	}
-	st, err := p.genClient.Generate(ctx, req)
-	if err != nil {
-		return "", err
+	text, err := generate(ctx, p.genClient, req)
+	// As the router does: release whether the generation leg finished or
+	// failed.
+	if _, rerr := p.ctxClient.Release(context.WithoutCancel(ctx), &kvferryv1.ReleaseRequest{Ticket: tk}); err == nil {
+		err = rerr
 	}
-	var b strings.Builder
-	for {
-		m, err := st.Recv()
-		if errors.Is(err, io.EOF) {
-			if _, rerr := p.ctxClient.Release(ctx, &kvferryv1.ReleaseRequest{Ticket: tk}); rerr != nil {
-				return "", rerr
-			}
-			return b.String(), nil
-		}
-		if err != nil {
-			// As the router does: the generation leg failed, release.
-			_, _ = p.ctxClient.Release(context.WithoutCancel(ctx), &kvferryv1.ReleaseRequest{Ticket: tk})
-			return b.String(), err
-		}
-		b.WriteString(m.GetText())
-	}
+	return text, err
 }
 
 func (p *pair) waitIdle(t *testing.T) {
 	t.Helper()
+	waitFree(t, p.ctxPool, p.genPool)
+}
+
+// waitFree polls until every block of the pools is free.
+func waitFree(t *testing.T, pools ...*blockpool.Pool) {
+	t.Helper()
 	deadline := time.After(shouldHappen)
 	tick := time.NewTicker(time.Millisecond)
 	defer tick.Stop()
-	for p.ctxPool.Counts().Free != p.ctxPool.Capacity() || p.genPool.Counts().Free != p.genPool.Capacity() {
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("pools not idle: ctx %+v gen %+v", p.ctxPool.Counts(), p.genPool.Counts())
+	for _, p := range pools {
+		for p.Counts().Free != p.Capacity() {
+			select {
+			case <-tick.C:
+			case <-deadline:
+				t.Fatalf("pool not idle: %+v", p.Counts())
+			}
 		}
 	}
 }
@@ -544,4 +540,178 @@ func TestPairCanary(t *testing.T) {
 		t.Fatalf("stale peers still due: %v", due)
 	}
 	p.waitIdle(t)
+}
+
+// aggregated is a generation server started with Aggregated (it prefills
+// its own requests), alone on a loopback socket.
+type aggregated struct {
+	pool   *blockpool.Pool
+	client kvferryv1.GenerationServiceClient
+}
+
+func newAggregated(t *testing.T, blocks int, timing executor.Timing) *aggregated {
+	t.Helper()
+	spec, _ := executor.Preset("tiny")
+	pool, _ := blockpool.New(blocks, spec.BlockBytes())
+	recv, err := tcp.Listen("127.0.0.1:0", spec.BlockBytes(), zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = recv.Close() })
+	conns := connpool.New()
+	t.Cleanup(conns.Close)
+	reg := prometheus.NewRegistry()
+	srv := New(Config{
+		Engine: executor.NewSynthetic(spec, timing), Pool: pool, Receiver: recv,
+		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Endpoint(), Conns: conns,
+		Timeouts:     kvtransfer.Timeouts{Progress: shouldHappen, Deadline: shouldHappen, Quarantine: 2 * shouldHappen},
+		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg),
+		Quarantines: metrics.NewQuarantine(reg), Canaries: metrics.NewCanary(reg), Logger: zap.NewNop(),
+		Aggregated: true, PrefillChunk: 64, MaxBatchTokens: 128, // long prompts run in chunks
+	})
+	addr := serve(t, func(gs *grpc.Server) { kvferryv1.RegisterGenerationServiceServer(gs, srv) })
+	t.Cleanup(func() {
+		if err := pool.CheckInvariant(); err != nil {
+			t.Error(err)
+		}
+	})
+	return &aggregated{pool: pool, client: kvferryv1.NewGenerationServiceClient(dial(t, addr))}
+}
+
+// generate sends req and returns the streamed text.
+func generate(ctx context.Context, c kvferryv1.GenerationServiceClient, req *kvferryv1.GenerateRequest) (string, error) {
+	st, err := c.Generate(ctx, req)
+	if err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	for {
+		m, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			return b.String(), nil
+		}
+		if err != nil {
+			return b.String(), err
+		}
+		b.WriteString(m.GetText())
+	}
+}
+
+func (a *aggregated) waitIdle(t *testing.T) {
+	t.Helper()
+	waitFree(t, a.pool)
+}
+
+func prefillHere(prompt string, s *kvferryv1.SamplingParams) *kvferryv1.GenerateRequest {
+	return &kvferryv1.GenerateRequest{Ticket: ticket.New(ticket.NewID()), PromptTokens: executor.Tokenize(prompt), Sampling: s, Prefill: true}
+}
+
+// The aggregated path (prefill and decode in one server, no transfer)
+// answers what the disaggregated pair answers: the reference, token for
+// token, concurrently and with prompts longer than one prefill chunk.
+func TestAggregatedMatchesReference(t *testing.T) {
+	a := newAggregated(t, 64, executor.Timing{})
+	spec, _ := executor.Preset("tiny")
+	prompts := []string{"the river", strings.Repeat("the quiet harbour ", 100), "a lantern on the hill", strings.Repeat("wind ", 150)}
+	errs := make(chan error, len(prompts))
+	for i, prompt := range prompts {
+		go func() {
+			s := &kvferryv1.SamplingParams{MaxTokens: 24, Seed: uint64(11 + i), Temperature: 1, TopP: 1}
+			got, err := generate(context.Background(), a.client, prefillHere(prompt, s))
+			if want := executor.Reference(spec, prompt, executor.ToSampling(s)).Text; err == nil && got != want {
+				err = fmt.Errorf("prompt %d: got %q, reference %q", i, got, want)
+			}
+			errs <- err
+		}()
+	}
+	for range prompts {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	a.waitIdle(t)
+}
+
+func TestAggregatedRejects(t *testing.T) {
+	s := &kvferryv1.SamplingParams{MaxTokens: 4}
+	t.Run("server not aggregated", func(t *testing.T) {
+		p := newPair(t, "tiny", 8, executor.Timing{})
+		if _, err := generate(context.Background(), p.genClient, prefillHere("the river", s)); status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("err %v, want FailedPrecondition", err)
+		}
+		p.waitIdle(t)
+	})
+	a := newAggregated(t, 4, executor.Timing{})
+	for _, tc := range []struct {
+		name   string
+		req    *kvferryv1.GenerateRequest
+		mutate func(*kvferryv1.GenerateRequest)
+		code   codes.Code
+	}{
+		{"with an advertisement", prefillHere("the river", s), func(r *kvferryv1.GenerateRequest) {
+			r.Advertisement = &kvferryv1.KVAdvertisement{Ticket: r.GetTicket(), BlockCount: 1}
+		}, codes.InvalidArgument},
+		{"with a first token", prefillHere("the river", s), func(r *kvferryv1.GenerateRequest) { r.FirstToken = 7 }, codes.InvalidArgument},
+		{"pool exhausted", prefillHere(strings.Repeat("the ", 80), s), nil, codes.ResourceExhausted},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.mutate != nil {
+				tc.mutate(tc.req)
+			}
+			if _, err := generate(context.Background(), a.client, tc.req); status.Code(err) != tc.code {
+				t.Fatalf("err %v, want %s", err, tc.code)
+			}
+			a.waitIdle(t)
+		})
+	}
+}
+
+// A cancel while the server prefills, and one while it decodes, each end
+// the request with every block back in the pool.
+func TestAggregatedCancel(t *testing.T) {
+	s := &kvferryv1.SamplingParams{MaxTokens: 100}
+	t.Run("prefilling", func(t *testing.T) {
+		a := newAggregated(t, 64, executor.Timing{PrefillTokensPerSecond: 1}) // prefill waits for the cancel
+		ctx, cancel := context.WithCancel(context.Background())
+		req := prefillHere(strings.Repeat("the river ", 20), s)
+		st, err := a.client.Generate(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The request holds its blocks once it is prefilling.
+		deadline := time.After(shouldHappen)
+		for a.pool.Counts().Free == a.pool.Capacity() {
+			select {
+			case <-deadline:
+				t.Fatal("the request never took its blocks")
+			case <-time.After(time.Millisecond):
+			}
+		}
+		resp, err := a.client.Cancel(context.Background(), &kvferryv1.GenerationServiceCancelRequest{Ticket: req.GetTicket()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.GetOutcome() != kvferryv1.CancelOutcome_CANCEL_OUTCOME_CANCELLED_BEFORE_ADVERTISE {
+			t.Fatalf("outcome %v, want CANCELLED_BEFORE_ADVERTISE", resp.GetOutcome())
+		}
+		if _, err := st.Recv(); status.Code(err) != codes.Canceled {
+			t.Fatalf("stream: %v, want Canceled", err)
+		}
+		cancel()
+		a.waitIdle(t)
+	})
+	t.Run("decoding", func(t *testing.T) {
+		a := newAggregated(t, 64, executor.Timing{DecodeStepTime: time.Hour}) // decode waits for the cancel
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		st, err := a.client.Generate(ctx, prefillHere(strings.Repeat("the river ", 20), s))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m, err := st.Recv(); err != nil || len(m.GetTokens()) != 1 {
+			t.Fatalf("first message %v, %v: want the prefill's token", m, err)
+		}
+		cancel() // the client goes away mid-decode
+		a.waitIdle(t)
+	})
 }

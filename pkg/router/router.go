@@ -65,6 +65,11 @@ type Config struct {
 	APIKeys *Keys
 	// Routing is the plugin chain that picks servers (zero: DefaultRouting).
 	Routing Routing
+	// Aggregated serves without context servers: each generation server
+	// prefills its own requests (GenerateRequest.prefill; the servers run
+	// with --aggregated) and no KV crosses the network. CtxServers is
+	// unused.
+	Aggregated bool
 	// CtxConns and GenConns reach context and generation servers; with mTLS
 	// each checks the server's certificate names that role.
 	CtxConns *connpool.Cache
@@ -103,7 +108,7 @@ type active struct {
 // New returns a router. Call Discover (or Resolve once) to learn the
 // servers.
 func New(cfg Config) (*Router, error) {
-	if cfg.CtxServers == nil || cfg.GenServers == nil {
+	if (cfg.CtxServers == nil && !cfg.Aggregated) || cfg.GenServers == nil {
 		return nil, errors.New("router: need a source of context and of generation servers")
 	}
 	if cfg.Vocab == nil {
@@ -135,6 +140,9 @@ func (r *Router) Resolve(ctx context.Context) error {
 		src  discovery.Source
 		set  *[]*backend
 	}{{roleContext, r.cfg.CtxServers, &r.ctxs}, {roleGeneration, r.cfg.GenServers, &r.gens}} {
+		if role.src == nil {
+			continue // aggregated: no context servers
+		}
 		addrs, err := role.src.Resolve(ctx)
 		if err != nil {
 			errs = append(errs, err)
@@ -378,15 +386,19 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	fields := []zap.Field{zap.String("request_id", t.GetRequestId()), zap.Uint32("attempt", t.GetAttempt())}
 	req := &Request{PrefixHash: prefixHash(r.cfg.Model, job.Prompt), Now: time.Now(), exclude: exclude}
 	ctxs, gens := r.servers()
-	c := r.policy.pick(req, ctxs)
-	if c == nil {
-		return usage, false, nil, fail(codes.Unavailable, "no context server available")
+	var c *backend
+	if !r.cfg.Aggregated {
+		if c = r.policy.pick(req, ctxs); c == nil {
+			return usage, false, nil, fail(codes.Unavailable, "no context server available")
+		}
+		defer c.add(-1)
+		req.PrefixHash = 0 // affinity is for the reuse cache, which lives on context servers
 	}
-	defer c.add(-1)
-	req.PrefixHash = 0 // affinity is for the reuse cache, which lives on context servers
 	g := r.policy.pick(req, gens)
 	if g == nil {
-		c.abandon() // its half-open probe slot, if it took one, goes unused
+		if c != nil {
+			c.abandon() // its half-open probe slot, if it took one, goes unused
+		}
 		return usage, false, nil, fail(codes.Unavailable, "no generation server available")
 	}
 	defer g.add(-1)
@@ -394,40 +406,41 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	defer acancel()
 	r.setActive(a, t, c, g, acancel)
 
-	cc, err := r.conn(c)
-	if err != nil {
-		return usage, false, c, fail(codes.Unavailable, "context server: %v", err)
-	}
 	gc, err := r.conn(g)
 	if err != nil {
 		return usage, false, g, fail(codes.Unavailable, "generation server: %v", err)
 	}
-	ctxClient := kvferryv1.NewContextServiceClient(cc)
-	pre, err := ctxClient.Prefill(actx, &kvferryv1.PrefillRequest{
-		Ticket: t, PromptTokens: job.Prompt, Sampling: job.Sampling, DeadlineUnixNanos: deadlineOf(actx),
-	})
-	if err != nil {
-		if ctx.Err() != nil {
-			r.cancelBoth(ctx, a)
+	greq := &kvferryv1.GenerateRequest{Ticket: t, PromptTokens: job.Prompt, Sampling: job.Sampling, DeadlineUnixNanos: deadlineOf(actx), Prefill: r.cfg.Aggregated}
+	handedOff := r.cfg.Aggregated // no context server holds anything
+	if !r.cfg.Aggregated {
+		cc, err := r.conn(c)
+		if err != nil {
+			return usage, false, c, fail(codes.Unavailable, "context server: %v", err)
 		}
-		err = r.rpcError(ctx, "prefill", err)
-		c.result(!serverFault(err), time.Now())
-		return usage, false, c, err
+		ctxClient := kvferryv1.NewContextServiceClient(cc)
+		pre, err := ctxClient.Prefill(actx, &kvferryv1.PrefillRequest{
+			Ticket: t, PromptTokens: job.Prompt, Sampling: job.Sampling, DeadlineUnixNanos: deadlineOf(actx),
+		})
+		if err != nil {
+			if ctx.Err() != nil {
+				r.cancelBoth(ctx, a)
+			}
+			err = r.rpcError(ctx, "prefill", err)
+			c.result(!serverFault(err), time.Now())
+			return usage, false, c, err
+		}
+		c.result(true, time.Now())
+		greq.FirstToken, greq.Advertisement = pre.GetFirstToken(), pre.GetAdvertisement()
+		defer func() {
+			if !handedOff {
+				// The generation side never took the blocks: release them
+				// now; the lease is only the backstop.
+				r.release(ctx, ctxClient, t, fields)
+			}
+		}()
 	}
-	c.result(true, time.Now())
 
-	gstream, err := kvferryv1.NewGenerationServiceClient(gc).Generate(actx, &kvferryv1.GenerateRequest{
-		Ticket: t, PromptTokens: job.Prompt, FirstToken: pre.GetFirstToken(), Sampling: job.Sampling,
-		Advertisement: pre.GetAdvertisement(), DeadlineUnixNanos: deadlineOf(actx),
-	})
-	handedOff := false
-	defer func() {
-		if !handedOff {
-			// The generation side never took the blocks: release them now;
-			// the lease is only the backstop.
-			r.release(ctx, ctxClient, t, fields)
-		}
-	}()
+	gstream, err := kvferryv1.NewGenerationServiceClient(gc).Generate(actx, greq)
 	if err != nil {
 		err = r.rpcError(ctx, "generate", err)
 		g.result(!serverFault(err), time.Now())
@@ -560,23 +573,27 @@ func (r *Router) cancelBoth(ctx context.Context, a *active) []*kvferryv1.ServerC
 	defer cancel()
 	out := make([]*kvferryv1.ServerCancelOutcome, 2)
 	var wg sync.WaitGroup
-	wg.Go(func() {
-		o := &kvferryv1.ServerCancelOutcome{Server: a.ctx.addr, Role: a.ctx.role}
-		out[0] = o
-		cc, err := r.conn(a.ctx)
-		if err == nil {
-			var resp *kvferryv1.ContextServiceCancelResponse
-			if resp, err = kvferryv1.NewContextServiceClient(cc).Cancel(cctx, &kvferryv1.ContextServiceCancelRequest{Ticket: a.ticket}); err == nil {
-				o.Outcome, o.ResourcesFreeNow = resp.GetOutcome(), resp.GetResourcesFreeNow()
+	if a.ctx == nil {
+		out = out[1:] // aggregated: only the generation server holds anything
+	} else {
+		wg.Go(func() {
+			o := &kvferryv1.ServerCancelOutcome{Server: a.ctx.addr, Role: a.ctx.role}
+			out[0] = o
+			cc, err := r.conn(a.ctx)
+			if err == nil {
+				var resp *kvferryv1.ContextServiceCancelResponse
+				if resp, err = kvferryv1.NewContextServiceClient(cc).Cancel(cctx, &kvferryv1.ContextServiceCancelRequest{Ticket: a.ticket}); err == nil {
+					o.Outcome, o.ResourcesFreeNow = resp.GetOutcome(), resp.GetResourcesFreeNow()
+				}
 			}
-		}
-		if err != nil {
-			o.Error = err.Error()
-		}
-	})
+			if err != nil {
+				o.Error = err.Error()
+			}
+		})
+	}
 	wg.Go(func() {
 		o := &kvferryv1.ServerCancelOutcome{Server: a.gen.addr, Role: a.gen.role}
-		out[1] = o
+		out[len(out)-1] = o
 		cc, err := r.conn(a.gen)
 		if err == nil {
 			var resp *kvferryv1.GenerationServiceCancelResponse
@@ -626,11 +643,12 @@ func (r *Router) CancelByID(ctx context.Context, id string) (found bool, outcome
 // backendReadyTimeout bounds one readiness probe of a backend.
 const backendReadyTimeout = time.Second
 
-// ReadyCheck is the router's readiness: at least one context server and one
-// generation server answer SERVING for "readiness".
+// ReadyCheck is the router's readiness: at least one context server (none
+// when aggregated) and one generation server answer SERVING for
+// "readiness".
 func (r *Router) ReadyCheck(ctx context.Context) (bool, string, string) {
 	ctxs, gens := r.servers()
-	ctxOK, genOK := r.anyReady(ctx, ctxs), r.anyReady(ctx, gens)
+	ctxOK, genOK := r.cfg.Aggregated || r.anyReady(ctx, ctxs), r.anyReady(ctx, gens)
 	switch {
 	case !ctxOK:
 		return false, "no_ready_context_server", "no context server answers ready"

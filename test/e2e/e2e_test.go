@@ -207,23 +207,7 @@ func TestAbort(t *testing.T) {
 	c := client(s)
 
 	t.Run("mid-decode", func(t *testing.T) {
-		ctx, cancel := context.WithCancel(testCtx(t))
-		defer cancel()
-		st := c.Completions.NewStreaming(ctx, openai.CompletionNewParams{
-			Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(longPrompt(100))},
-			MaxTokens: openai.Int(1000), Seed: openai.Int(3),
-		})
-		for range 3 {
-			if !st.Next() {
-				t.Fatalf("stream ended early: %v", st.Err())
-			}
-		}
-		// The generation server holds the request's blocks while decoding.
-		if owned := stack.Metric(t, s.GenHTTP, `kvferry_blockpool_blocks{state="owned"}`); owned == 0 {
-			t.Fatal("generation server holds no block mid-decode")
-		}
-		cancel()
-		_ = st.Close()
+		abortMidDecode(t, s, c)
 		checkIdle(t, s)
 	})
 	t.Run("mid-prefill", func(t *testing.T) {
@@ -259,6 +243,27 @@ func TestAbort(t *testing.T) {
 		})
 	}
 	s.StopAll(t)
+}
+
+// abortMidDecode streams a long answer, reads three chunks, checks that
+// the generation server holds the request's blocks, and goes away.
+func abortMidDecode(t *testing.T, s *stack.Stack, c openai.Client) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(testCtx(t))
+	defer cancel()
+	st := c.Completions.NewStreaming(ctx, openai.CompletionNewParams{
+		Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(longPrompt(100))},
+		MaxTokens: openai.Int(1000), Seed: openai.Int(3),
+	})
+	defer func() { _ = st.Close() }()
+	for range 3 {
+		if !st.Next() {
+			t.Fatalf("stream ended early: %v", st.Err())
+		}
+	}
+	if owned := stack.Metric(t, s.GenHTTP, `kvferry_blockpool_blocks{state="owned"}`); owned == 0 {
+		t.Fatal("generation server holds no block mid-decode")
+	}
 }
 
 // TestBadInput: each bad request gets its documented status and an OpenAI

@@ -197,6 +197,9 @@ type Options struct {
 	ExtraRouterArgs        []string
 	CtxArgs, GenArgs       []string // extra flags for the context / generation servers
 	Ctxs, Gens             int      // how many of each (default 1)
+	// Aggregated starts no context server: the router and the generation
+	// servers run with --aggregated (Ctx and CtxGRPC stay empty).
+	Aggregated bool
 }
 
 // Stack is a router with context and generation servers. Ctx and Gen are
@@ -236,7 +239,12 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 		"--decode-step-time=" + o.DecodeStepTime.String(), "--shutdown-grace=5s",
 	}
 	s := &Stack{}
-	for i := range max(o.Ctxs, 1) {
+	nctx := max(o.Ctxs, 1)
+	if o.Aggregated {
+		nctx = 0
+		o.GenArgs = append([]string{"--aggregated"}, o.GenArgs...)
+	}
+	for i := range nctx {
 		grpcAddr, httpAddr := addr(), addr()
 		p := Start(t, logs, filepath.Join(bin, "ctxserver"), append(append(append(common, engine...), "--grpc-addr="+grpcAddr, "--http-addr="+httpAddr, "--data-addr="+addr()), o.CtxArgs...)...)
 		p.Name = fmt.Sprintf("ctxserver-%d", i)
@@ -248,15 +256,21 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 		p.Name = fmt.Sprintf("genserver-%d", i)
 		s.Gens, s.GenGRPCs, s.GenHTTPs = append(s.Gens, p), append(s.GenGRPCs, grpcAddr), append(s.GenHTTPs, "http://"+httpAddr)
 	}
-	s.Ctx, s.Gen = s.Ctxs[0], s.Gens[0]
-	s.CtxGRPC, s.GenGRPC, s.CtxHTTP, s.GenHTTP = s.CtxGRPCs[0], s.GenGRPCs[0], s.CtxHTTPs[0], s.GenHTTPs[0]
+	s.Gen, s.GenGRPC, s.GenHTTP = s.Gens[0], s.GenGRPCs[0], s.GenHTTPs[0]
+	if nctx > 0 {
+		s.Ctx, s.CtxGRPC, s.CtxHTTP = s.Ctxs[0], s.CtxGRPCs[0], s.CtxHTTPs[0]
+	}
 	openai, admin := addr(), addr()
 	s.RouterGRPC = addr()
+	routerArgs := []string{"--ctx-servers=" + strings.Join(s.CtxGRPCs, ",")}
+	if o.Aggregated {
+		routerArgs = []string{"--aggregated"}
+	}
 	s.OpenAIURL, s.RouterAdmin = "http://"+openai+"/v1", "http://"+admin
 	s.Router = Start(t, logs, filepath.Join(bin, "router"), append(append(engine,
 		"--http-addr="+openai, "--grpc-addr="+s.RouterGRPC, "--admin-addr="+admin,
-		"--ctx-servers="+strings.Join(s.CtxGRPCs, ","), "--gen-servers="+strings.Join(s.GenGRPCs, ","), "--shutdown-grace=5s",
-	), o.ExtraRouterArgs...)...)
+		"--gen-servers="+strings.Join(s.GenGRPCs, ","), "--shutdown-grace=5s",
+	), append(routerArgs, o.ExtraRouterArgs...)...)...)
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, p := range append(append([]*Proc{s.Router}, s.Ctxs...), s.Gens...) {

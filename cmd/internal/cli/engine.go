@@ -41,7 +41,7 @@ func (e *EngineFlags) Register(fs *flag.FlagSet) {
 	fs.IntVar(&e.Slots, "llama-slots", executor.DefaultLlamaSlots, "llamacpp engine: sequences the engine holds at once (concurrent decodes on a generation server)")
 	fs.IntVar(&e.GPULayers, "gpu-layers", -1, "llamacpp engine: model layers on the GPU when the libraries have a GPU backend (--llama-lib-dir of a CUDA build): -1 all, 0 none")
 	fs.IntVar(&e.Threads, "llama-threads", 0, "llamacpp engine: CPU threads (0: the CPUs this process may use, GOMAXPROCS; give each server its share when several share a host)")
-	fs.IntVar(&e.PrefillChunk, "prefill-chunk-tokens", executor.DefaultPrefillChunk, "context server: most tokens of one prompt in a prefill step; a long prompt runs in such chunks, batched with other prompts, so it does not stall them (chunked prefill)")
+	fs.IntVar(&e.PrefillChunk, "prefill-chunk-tokens", executor.DefaultPrefillChunk, "context server (and an --aggregated generation server): most tokens of one prompt in a prefill step; a long prompt runs in such chunks, batched with other prompts, so it does not stall them (chunked prefill)")
 	fs.StringVar(&e.FlashAttn, "llama-flash-attn", "auto", "llamacpp engine: flash attention auto, on or off (the same on context and generation servers is not required: the blocks are the same)")
 }
 

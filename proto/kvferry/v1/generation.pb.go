@@ -29,8 +29,13 @@ type GenerateRequest struct {
 	Sampling          *SamplingParams        `protobuf:"bytes,4,opt,name=sampling,proto3" json:"sampling,omitempty"`
 	Advertisement     *KVAdvertisement       `protobuf:"bytes,5,opt,name=advertisement,proto3" json:"advertisement,omitempty"`
 	DeadlineUnixNanos int64                  `protobuf:"varint,6,opt,name=deadline_unix_nanos,json=deadlineUnixNanos,proto3" json:"deadline_unix_nanos,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// prefill asks the generation server to prefill the prompt itself
+	// (aggregated serving: the router runs with --aggregated, the server with
+	// --aggregated); first_token and advertisement are then absent. A server
+	// without --aggregated answers FAILED_PRECONDITION.
+	Prefill       bool `protobuf:"varint,7,opt,name=prefill,proto3" json:"prefill,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -103,6 +108,13 @@ func (x *GenerateRequest) GetDeadlineUnixNanos() int64 {
 		return x.DeadlineUnixNanos
 	}
 	return 0
+}
+
+func (x *GenerateRequest) GetPrefill() bool {
+	if x != nil {
+		return x.Prefill
+	}
+	return false
 }
 
 type GenerateResponse struct {
@@ -278,7 +290,7 @@ var File_kvferry_v1_generation_proto protoreflect.FileDescriptor
 const file_kvferry_v1_generation_proto_rawDesc = "" +
 	"\n" +
 	"\x1bkvferry/v1/generation.proto\x12\n" +
-	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\xae\x02\n" +
+	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\xc8\x02\n" +
 	"\x0fGenerateRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x03(\rR\fpromptTokens\x12\x1f\n" +
@@ -286,7 +298,8 @@ const file_kvferry_v1_generation_proto_rawDesc = "" +
 	"firstToken\x126\n" +
 	"\bsampling\x18\x04 \x01(\v2\x1a.kvferry.v1.SamplingParamsR\bsampling\x12A\n" +
 	"\radvertisement\x18\x05 \x01(\v2\x1b.kvferry.v1.KVAdvertisementR\radvertisement\x12.\n" +
-	"\x13deadline_unix_nanos\x18\x06 \x01(\x03R\x11deadlineUnixNanos\"\x98\x01\n" +
+	"\x13deadline_unix_nanos\x18\x06 \x01(\x03R\x11deadlineUnixNanos\x12\x18\n" +
+	"\aprefill\x18\a \x01(\bR\aprefill\"\x98\x01\n" +
 	"\x10GenerateResponse\x12\x16\n" +
 	"\x06tokens\x18\x01 \x03(\rR\x06tokens\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12=\n" +
