@@ -23,6 +23,8 @@ RUN_PREFILL_TOKENS_PER_SECOND ?= 20000
 RUN_DECODE_STEP_TIME ?= 20ms
 RUN_ENGINE ?= synthetic
 RUN_MODEL_PATH ?=
+# RUN_AGGREGATED=1: no context server; the generation server prefills too.
+RUN_AGGREGATED ?= 0
 
 SEEDS ?= 100000
 
@@ -52,7 +54,7 @@ certs:
 # make run RUN_ENGINE=llamacpp RUN_MODEL_PATH=FILE.gguf serves a real model
 # (installing the llama.cpp libraries first when they are missing).
 run: build $(if $(filter llamacpp,$(RUN_ENGINE)),deps-llama)
-	@scripts/run-local.sh $(BIN) $(RUN_MODEL) $(RUN_PREFILL_TOKENS_PER_SECOND) $(RUN_DECODE_STEP_TIME) $(RUN_ENGINE) $(RUN_MODEL_PATH)
+	@KVFERRY_AGGREGATED=$(RUN_AGGREGATED) scripts/run-local.sh $(BIN) $(RUN_MODEL) $(RUN_PREFILL_TOKENS_PER_SECOND) $(RUN_DECODE_STEP_TIME) $(RUN_ENGINE) $(RUN_MODEL_PATH)
 
 # make test runs every test: the unit tests of every package and the
 # multi-process end-to-end suite, all under the race detector, then the

@@ -4,7 +4,10 @@
 # engine with make run's GPU-like timing (a decode step of 20 ms whatever
 # the batch), then on the llama.cpp engine with the test model when it
 # and the libraries are present. Results, charts and a table go to OUT
-# (docs/bench by default): OUT/ENGINE/results.json and *.png.
+# (docs/bench by default): OUT/ENGINE/results.json and *.png. Each engine
+# runs twice, disaggregated (make run) and aggregated (RUN_AGGREGATED=1: one
+# generation server prefills and decodes, no context server, no transfer),
+# and OUT/ENGINE-vs-aggregated/ draws the two side by side.
 # Usage: bench-serve.sh BIN_DIR OUT MODEL_PATH
 set -euo pipefail
 bin=$1 out=$2 model_path=${3:-}
@@ -13,6 +16,7 @@ stop() { [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/nu
 trap stop EXIT INT TERM
 
 # up ENGINE ARGS...: start make run's stack in the background, wait for ready.
+# KVFERRY_AGGREGATED=1 in the environment starts the aggregated stack.
 up() {
   local logs
   logs=$(mktemp -d -t kvferry-bench-serve-XXXXXX)
@@ -36,16 +40,30 @@ load() {
 }
 
 mkdir -p "$out"
+# both NAME MODEL LEVELS UP_ARGS -- LOAD_ARGS: NAME disaggregated, then
+# NAME-aggregated, then the comparison.
+both() {
+  local name=$1 model=$2 levels=$3 upargs=() loadargs=()
+  shift 3
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do upargs+=("$1"); shift; done
+  shift
+  loadargs=("$@")
+  up "${upargs[@]}"
+  load "$name" "$model" "$levels" "${loadargs[@]}"
+  stop
+  KVFERRY_AGGREGATED=1 up "${upargs[@]}"
+  load "$name-aggregated" "$model" "$levels" "${loadargs[@]}"
+  stop
+  "$bin/kvload" compare "$out/$name/results.json" "$out/$name-aggregated/results.json" --out "$out/$name-vs-aggregated"
+}
+
 echo "== synthetic engine (tiny), GPU-like timing: prefill 20,000 tokens/s, 20 ms a decode step"
-up tiny 20000 20ms
-load synthetic tiny 1,8,32,64 --max-tokens 64 --duration 20s --requests 512
-stop
+both synthetic tiny 1,8,32,64 tiny 20000 20ms -- --max-tokens 64 --duration 20s --requests 512
 
 if [ -n "$model_path" ] && [ -f "$model_path" ] && [ -f "${KVFERRY_LLAMA_LIB_DIR:-.llama/lib}/libllama.so" ]; then
   echo "== llama.cpp engine ($(basename "$model_path"), CPU)"
-  up tiny 0 0 llamacpp "$model_path"
-  load llamacpp "$(basename "$model_path" .gguf)" 1,8,32 --max-tokens 64 --duration 15s --requests 256 --prompt-words uniform:16:128
-  stop
+  both llamacpp "$(basename "$model_path" .gguf)" 1,8,32 tiny 0 0 llamacpp "$model_path" -- \
+    --max-tokens 64 --duration 15s --requests 256 --prompt-words uniform:16:128
 else
   echo "== llama.cpp engine: skipped (no model at '$model_path' or no libraries: make deps-llama)"
 fi

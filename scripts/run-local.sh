@@ -3,9 +3,12 @@
 # stops all three on Ctrl-C.
 # Usage: run-local.sh BIN_DIR MODEL PREFILL_TPS DECODE_STEP [ENGINE MODEL_PATH]
 # ENGINE=llamacpp serves the GGUF file MODEL_PATH (libraries from
-# KVFERRY_LLAMA_LIB_DIR, which make run sets).
+# KVFERRY_LLAMA_LIB_DIR, which make run sets). KVFERRY_AGGREGATED=1 starts
+# no ctxserver: the genserver prefills too (router and genserver
+# --aggregated), the baseline disaggregation is measured against.
 set -euo pipefail
 bin=$1 model=$2 tps=$3 step=$4 engine=${5:-synthetic} model_path=${6:-}
+aggregated=${KVFERRY_AGGREGATED:-0}
 logs=${KVFERRY_RUN_LOGS:-$(mktemp -d -t kvferry-run-XXXXXX)}
 pids=()
 # The servers run in their own sessions (setsid), so a Ctrl-C on the
@@ -14,7 +17,7 @@ pids=()
 stop() {
   trap - INT TERM EXIT
   echo
-  echo "stopping kvferry (router, ctxserver, genserver)..."
+  echo "stopping kvferry (${#pids[@]} processes)..."
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   local bad=0
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || bad=1; done
@@ -34,6 +37,7 @@ if [ "$engine" = llamacpp ]; then
   # The two servers share this host: each gets half its CPUs (llama.cpp's
   # threads spin, and oversubscribed they slow each other down severalfold).
   threads=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
+  [ "$aggregated" = 1 ] && threads=$(nproc) # one server: every CPU
   srv_eng=(--llama-threads="${KVFERRY_LLAMA_THREADS:-$threads}")
   model=$(basename "$model_path" .gguf)
   prompt="Once upon a time"
@@ -42,20 +46,27 @@ else
   prompt="the quiet river carries light"
 fi
 common=("${eng[@]}" "${srv_eng[@]}" --prefill-tokens-per-second="$tps" --decode-step-time="$step")
-setsid "$bin/ctxserver" "${common[@]}" >"$logs/ctxserver.log" 2>&1 & pids+=($!)
-setsid "$bin/genserver" "${common[@]}" >"$logs/genserver.log" 2>&1 & pids+=($!)
-setsid "$bin/router" "${eng[@]}" >"$logs/router.log" 2>&1 & pids+=($!)
+if [ "$aggregated" = 1 ]; then
+  servers="genserver :9200 (aggregated: it prefills too)"
+  setsid "$bin/genserver" "${common[@]}" --aggregated >"$logs/genserver.log" 2>&1 & pids+=($!)
+  setsid "$bin/router" "${eng[@]}" --aggregated >"$logs/router.log" 2>&1 & pids+=($!)
+else
+  servers="ctxserver :9100; genserver :9200"
+  setsid "$bin/ctxserver" "${common[@]}" >"$logs/ctxserver.log" 2>&1 & pids+=($!)
+  setsid "$bin/genserver" "${common[@]}" >"$logs/genserver.log" 2>&1 & pids+=($!)
+  setsid "$bin/router" "${eng[@]}" >"$logs/router.log" 2>&1 & pids+=($!)
+fi
 
 for _ in $(seq 1 300); do
   if curl -fsS http://127.0.0.1:8002/readyz >/dev/null 2>&1; then
     cat <<MSG
-kvferry is ready: router :8000 (OpenAI) :8001 (gRPC) :8002 (admin); ctxserver :9100; genserver :9200
+kvferry is ready: router :8000 (OpenAI) :8001 (gRPC) :8002 (admin); $servers
 logs: $logs
 
   curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
     -d '{"model":"$model","prompt":"$prompt","max_tokens":16}'
 
-Ctrl-C stops all three.
+Ctrl-C stops them all.
 MSG
     wait -n "${pids[@]}" || true
     trap - EXIT

@@ -90,13 +90,38 @@ type Timing struct {
 type Synthetic struct {
 	spec   ModelSpec
 	timing Timing
+	// device is the one accelerator the timing models: a prefill step and
+	// a decode step of the same engine (an aggregated server's) take turns
+	// on it, as kernels do on one GPU.
+	device chan struct{}
 }
 
 var _ Engine = (*Synthetic)(nil)
 
 // NewSynthetic returns the synthetic engine for a model spec and timing.
 func NewSynthetic(spec ModelSpec, timing Timing) *Synthetic {
-	return &Synthetic{spec: spec, timing: timing}
+	return &Synthetic{spec: spec, timing: timing, device: make(chan struct{}, 1)}
+}
+
+// busy holds the device for d (nothing when d is 0), or until ctx ends.
+func (e *Synthetic) busy(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	select {
+	case e.device <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-e.device }()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
 }
 
 // Model returns the engine's KV geometry.
@@ -127,7 +152,7 @@ func (e *Synthetic) PrefillStep(ctx context.Context, batch []*Prompt, counts []i
 		return err
 	}
 	if e.timing.PrefillTokensPerSecond > 0 {
-		if err := wait(ctx, time.Duration(float64(total)/e.timing.PrefillTokensPerSecond*float64(time.Second))); err != nil {
+		if err := e.busy(ctx, time.Duration(float64(total)/e.timing.PrefillTokensPerSecond*float64(time.Second))); err != nil {
 			return err
 		}
 	} else if err := ctx.Err(); err != nil {
@@ -189,27 +214,13 @@ func (e *Synthetic) StartDecode(ctx context.Context, blocks [][]byte, sums []uin
 
 // Step implements Engine.
 func (e *Synthetic) Step(ctx context.Context, batch []*Sequence) error {
-	if err := wait(ctx, e.timing.DecodeStepTime); err != nil {
+	if err := e.busy(ctx, e.timing.DecodeStepTime); err != nil {
 		return err
 	}
 	for _, sq := range batch {
 		sq.step()
 	}
 	return nil
-}
-
-func wait(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }
 
 // Sequence is the decode state of one request.

@@ -2,7 +2,9 @@ package executor
 
 import (
 	"context"
+	"runtime"
 	"testing"
+	"time"
 )
 
 func blocksFor(spec ModelSpec, n int) [][]byte {
@@ -162,6 +164,52 @@ func TestTimingHonoursCancel(t *testing.T) {
 	toks := Tokenize("the")
 	if _, _, err := e.Prefill(ctx, toks, Sampling{}, blocksFor(spec, 1), 0); err != context.Canceled {
 		t.Fatalf("err %v, want context.Canceled", err)
+	}
+}
+
+// TestOneDevice: an engine's prefill and decode steps take turns on its one
+// device (an aggregated server's engine): a prefill step that comes while
+// a decode step runs ends after it, however short it is.
+func TestOneDevice(t *testing.T) {
+	spec, _ := Preset("tiny")
+	e := NewSynthetic(spec, Timing{PrefillTokensPerSecond: 1e9, DecodeStepTime: 50 * time.Millisecond})
+	ctx := context.Background()
+	toks := Tokenize("the river")
+	blocks := blocksFor(spec, len(toks))
+	first, sums, err := e.Prefill(ctx, toks, Sampling{}, blocks, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq, err := e.StartDecode(ctx, blocks, sums, len(toks), first, Sampling{MaxTokens: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	order := make(chan string, 2)
+	go func() {
+		if err := e.Step(ctx, []*Sequence{seq}); err != nil {
+			t.Error(err)
+		}
+		order <- "decode"
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for len(e.device) == 0 { // the decode step holds the device
+		if time.Now().After(deadline) {
+			t.Fatal("the decode step never took the device")
+		}
+		runtime.Gosched()
+	}
+	go func() {
+		p, err := e.BeginPrefill(ctx, toks, Sampling{}, blocksFor(spec, len(toks)), 0)
+		if err == nil {
+			err = e.PrefillStep(ctx, []*Prompt{p}, []int{len(toks)})
+		}
+		if err != nil {
+			t.Error(err)
+		}
+		order <- "prefill"
+	}()
+	if a, b := <-order, <-order; a != "decode" || b != "prefill" {
+		t.Fatalf("steps ended %s then %s: the prefill step did not wait for the device", a, b)
 	}
 }
 
