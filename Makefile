@@ -23,7 +23,7 @@ RUN_PREFILL_TOKENS_PER_SECOND ?= 20000
 RUN_DECODE_STEP_TIME ?= 20ms
 RUN_ENGINE ?= synthetic
 RUN_MODEL_PATH ?=
-# RUN_AGGREGATED=1: no context server; the generation server prefills too.
+# RUN_AGGREGATED=N: no context server; N generation servers that prefill too.
 RUN_AGGREGATED ?= 0
 
 SEEDS ?= 100000

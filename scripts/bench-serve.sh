@@ -5,8 +5,9 @@
 # the batch), then on the llama.cpp engine with the test model when it
 # and the libraries are present. Results, charts and a table go to OUT
 # (docs/bench by default): OUT/ENGINE/results.json and *.png. Each engine
-# runs twice, disaggregated (make run) and aggregated (RUN_AGGREGATED=1: one
-# generation server prefills and decodes, no context server, no transfer),
+# runs twice, disaggregated (make run: one context and one generation
+# server) and aggregated (RUN_AGGREGATED=2: two generation servers that each
+# prefill and decode — as many engines — no context server, no transfer),
 # and OUT/ENGINE-vs-aggregated/ draws the two side by side.
 # Usage: bench-serve.sh BIN_DIR OUT MODEL_PATH
 set -euo pipefail
@@ -16,7 +17,7 @@ stop() { [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/nu
 trap stop EXIT INT TERM
 
 # up ENGINE ARGS...: start make run's stack in the background, wait for ready.
-# KVFERRY_AGGREGATED=1 in the environment starts the aggregated stack.
+# KVFERRY_AGGREGATED=N in the environment starts the aggregated stack.
 up() {
   local logs
   logs=$(mktemp -d -t kvferry-bench-serve-XXXXXX)
@@ -51,7 +52,7 @@ both() {
   up "${upargs[@]}"
   load "$name" "$model" "$levels" "${loadargs[@]}"
   stop
-  KVFERRY_AGGREGATED=1 up "${upargs[@]}"
+  KVFERRY_AGGREGATED=2 up "${upargs[@]}"
   load "$name-aggregated" "$model" "$levels" "${loadargs[@]}"
   stop
   "$bin/kvload" compare "$out/$name/results.json" "$out/$name-aggregated/results.json" --out "$out/$name-vs-aggregated"

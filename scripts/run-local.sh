@@ -3,9 +3,11 @@
 # stops all three on Ctrl-C.
 # Usage: run-local.sh BIN_DIR MODEL PREFILL_TPS DECODE_STEP [ENGINE MODEL_PATH]
 # ENGINE=llamacpp serves the GGUF file MODEL_PATH (libraries from
-# KVFERRY_LLAMA_LIB_DIR, which make run sets). KVFERRY_AGGREGATED=1 starts
-# no ctxserver: the genserver prefills too (router and genserver
-# --aggregated), the baseline disaggregation is measured against.
+# KVFERRY_LLAMA_LIB_DIR, which make run sets). KVFERRY_AGGREGATED=N (N ≥ 1)
+# starts no ctxserver but N genservers that prefill too (router and
+# genservers --aggregated; the i-th on ports 9200+10i..9202+10i), the
+# baseline disaggregation is measured against: N=2 runs as many engines as
+# the disaggregated pair.
 set -euo pipefail
 bin=$1 model=$2 tps=$3 step=$4 engine=${5:-synthetic} model_path=${6:-}
 aggregated=${KVFERRY_AGGREGATED:-0}
@@ -37,7 +39,7 @@ if [ "$engine" = llamacpp ]; then
   # The two servers share this host: each gets half its CPUs (llama.cpp's
   # threads spin, and oversubscribed they slow each other down severalfold).
   threads=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
-  [ "$aggregated" = 1 ] && threads=$(nproc) # one server: every CPU
+  [ "$aggregated" -gt 0 ] && threads=$(( $(nproc) / aggregated > 0 ? $(nproc) / aggregated : 1 ))
   srv_eng=(--llama-threads="${KVFERRY_LLAMA_THREADS:-$threads}")
   model=$(basename "$model_path" .gguf)
   prompt="Once upon a time"
@@ -46,10 +48,16 @@ else
   prompt="the quiet river carries light"
 fi
 common=("${eng[@]}" "${srv_eng[@]}" --prefill-tokens-per-second="$tps" --decode-step-time="$step")
-if [ "$aggregated" = 1 ]; then
-  servers="genserver :9200 (aggregated: it prefills too)"
-  setsid "$bin/genserver" "${common[@]}" --aggregated >"$logs/genserver.log" 2>&1 & pids+=($!)
-  setsid "$bin/router" "${eng[@]}" --aggregated >"$logs/router.log" 2>&1 & pids+=($!)
+if [ "$aggregated" -gt 0 ]; then
+  gens=()
+  for i in $(seq 0 $((aggregated - 1))); do
+    port=$((9200 + 10 * i))
+    setsid "$bin/genserver" "${common[@]}" --aggregated --grpc-addr=":$port" --http-addr=":$((port + 1))" \
+      --data-addr="127.0.0.1:$((port + 2))" >"$logs/genserver-$i.log" 2>&1 & pids+=($!)
+    gens+=("127.0.0.1:$port")
+  done
+  servers="genserver ${gens[*]} (aggregated: each prefills too)"
+  setsid "$bin/router" "${eng[@]}" --aggregated --gen-servers="$(IFS=,; echo "${gens[*]}")" >"$logs/router.log" 2>&1 & pids+=($!)
 else
   servers="ctxserver :9100; genserver :9200"
   setsid "$bin/ctxserver" "${common[@]}" >"$logs/ctxserver.log" 2>&1 & pids+=($!)

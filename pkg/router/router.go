@@ -495,9 +495,10 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	}
 }
 
-// prefixHash keys a prompt's first full block, for prefix affinity.
+// prefixHash keys a prompt's first full block, for prefix affinity (it
+// hashes that block only, not the whole prompt).
 func prefixHash(spec executor.ModelSpec, prompt []uint32) uint64 {
-	if hs := executor.BlockHashes(spec, prompt); len(hs) > 0 {
+	if hs := executor.BlockHashes(spec, prompt[:min(len(prompt), spec.BlockTokens)]); len(hs) > 0 {
 		return hs[0]
 	}
 	return 0

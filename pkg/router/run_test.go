@@ -50,9 +50,13 @@ type stubGen struct {
 	kvferryv1.UnimplementedGenerationServiceServer
 	refuse    error
 	cancelled chan *kvferryv1.Ticket
+	got       chan *kvferryv1.GenerateRequest // when set, each request
 }
 
-func (s *stubGen) Generate(_ *kvferryv1.GenerateRequest, stream kvferryv1.GenerationService_GenerateServer) error {
+func (s *stubGen) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.GenerationService_GenerateServer) error {
+	if s.got != nil {
+		s.got <- req
+	}
 	if s.refuse != nil {
 		return s.refuse
 	}
@@ -162,4 +166,41 @@ func TestRunCancelsBothWhenClientLeaves(t *testing.T) {
 	gotTicket(t, c.cancelled, "context cancel", job.ID)
 	gotTicket(t, gen.cancelled, "generation cancel", job.ID)
 	none(t, c.released, "release")
+}
+
+// Aggregated, the router asks a generation server alone to prefill and
+// decode (no advertisement, no first token), and a client that leaves is
+// cancelled there — there is no context server to tell.
+func TestRunAggregated(t *testing.T) {
+	gen := &stubGen{cancelled: make(chan *kvferryv1.Ticket, 4), got: make(chan *kvferryv1.GenerateRequest, 4)}
+	genAddr := serve(t, func(s *grpc.Server) { kvferryv1.RegisterGenerationServiceServer(s, gen) })
+	tiny, _ := executor.Preset("tiny")
+	genConns := connpool.New()
+	t.Cleanup(genConns.Close)
+	r, err := New(Config{GenServers: discovery.Static{genAddr}, Aggregated: true, Model: tiny, ServedModel: "tiny",
+		RequestTimeout: time.Minute, CancelTimeout: shouldHappen,
+		GenConns: genConns, Metrics: metrics.NewRouter(prometheus.NewRegistry()), Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Resolve(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	job := testJob()
+	ctx, cancel := context.WithCancel(context.Background())
+	_, err = r.Run(ctx, job, func(Chunk) error {
+		cancel() // the client leaves after its first token
+		return nil
+	})
+	if CodeOf(err) != codes.Canceled {
+		t.Fatalf("Run: %v, want cancelled", err)
+	}
+	req := <-gen.got
+	if !req.GetPrefill() || req.GetAdvertisement() != nil || req.GetFirstToken() != 0 || len(req.GetPromptTokens()) != len(job.Prompt) {
+		t.Fatalf("generate request %v: want prefill, the prompt, no advertisement and no first token", req)
+	}
+	gotTicket(t, gen.cancelled, "generation cancel", job.ID)
+	if ok, reason, _ := r.ReadyCheck(context.Background()); !ok && reason == "no_ready_context_server" {
+		t.Fatal("an aggregated router waits for context servers to be ready")
+	}
 }
