@@ -59,15 +59,49 @@ func drain[T any](recv func() (T, error)) error {
 
 // BenchmarkRouterOverhead: the same short request through the router's
 // gRPC front door and directly (Prefill then Generate, as the router does),
-// at concurrency 1 and 64. Reports p50 and p99 latency and requests/s; the
-// router's added latency is router minus direct of the same run.
+// at concurrency 1 and 64, on an instant engine: the router's whole cost
+// shows. Reports p50 and p99 latency and requests/s; the router's added
+// latency is router minus direct of the same run.
 func BenchmarkRouterOverhead(b *testing.B) {
 	s := stack.Up(b, binDir, stack.Options{})
+	paths := routerPaths(b, s)
+	for _, conc := range []int{1, 64} {
+		for _, path := range []string{"direct", "router"} {
+			b.Run(fmt.Sprintf("%s/conc=%d", path, conc), func(b *testing.B) {
+				lat, el := load(b, paths[path], conc, b.N)
+				if len(lat) == 0 {
+					return
+				}
+				b.ReportMetric(ms(lat[len(lat)/2]), "p50_ms")
+				b.ReportMetric(ms(lat[len(lat)*99/100]), "p99_ms")
+				b.ReportMetric(float64(len(lat))/el.Seconds(), "req/s")
+			})
+		}
+		b.Run(fmt.Sprintf("pairs/conc=%d", conc), func(b *testing.B) { pairs(b, paths, conc, 400) })
+	}
+	s.StopAll(b)
+}
+
+// BenchmarkRouterOverheadEngineTime: the same pairs on make run's
+// GPU-like timing (prefill 20,000 tokens/s, a decode step 20 ms), where a
+// request spends its time in the engine as a served one does.
+func BenchmarkRouterOverheadEngineTime(b *testing.B) {
+	s := stack.Up(b, binDir, stack.Options{PrefillTokensPerSecond: 20000, DecodeStepTime: 20 * time.Millisecond})
+	paths := routerPaths(b, s)
+	for _, conc := range []int{1, 64} {
+		b.Run(fmt.Sprintf("pairs/conc=%d", conc), func(b *testing.B) { pairs(b, paths, conc, 20*conc) })
+	}
+	s.StopAll(b)
+}
+
+// routerPaths are the two ways to serve one request on s: through the
+// router, and directly.
+func routerPaths(b *testing.B, s *stack.Stack) map[string]func(ctx context.Context) error {
 	rc := kvferryv1.NewRouterServiceClient(dial(b, s.RouterGRPC))
 	cc := kvferryv1.NewContextServiceClient(dial(b, s.CtxGRPC))
 	gc := kvferryv1.NewGenerationServiceClient(dial(b, s.GenGRPC))
 	tokens := executor.Tokenize(prompt)
-	paths := map[string]func(ctx context.Context) error{
+	return map[string]func(ctx context.Context) error{
 		"router": func(ctx context.Context) error {
 			st, err := rc.Generate(ctx, &kvferryv1.RouterServiceGenerateRequest{Model: "tiny", Prompt: prompt, Sampling: sampling})
 			if err != nil {
@@ -88,38 +122,25 @@ func BenchmarkRouterOverhead(b *testing.B) {
 			return drain(st.Recv)
 		},
 	}
-	for _, conc := range []int{1, 64} {
-		for _, path := range []string{"direct", "router"} {
-			b.Run(fmt.Sprintf("%s/conc=%d", path, conc), func(b *testing.B) {
-				lat, el := load(b, paths[path], conc, b.N)
-				if len(lat) == 0 {
-					return
-				}
-				b.ReportMetric(ms(lat[len(lat)/2]), "p50_ms")
-				b.ReportMetric(ms(lat[len(lat)*99/100]), "p99_ms")
-				b.ReportMetric(float64(len(lat))/el.Seconds(), "req/s")
-			})
+}
+
+// pairs runs 7 rounds of per requests, direct and router alternating, so
+// the machine's drift (2x over seconds on shared VMs) lands on both; the
+// medians of the per-pair throughput ratio and added p50 are the overhead.
+func pairs(b *testing.B, paths map[string]func(context.Context) error, conc, per int) {
+	const rounds = 7
+	var ratios, added []float64
+	for range rounds {
+		dl, de := load(b, paths["direct"], conc, per)
+		rl, re := load(b, paths["router"], conc, per)
+		if len(dl) == 0 || len(rl) == 0 {
+			return
 		}
-		// Pairs: direct and router rounds alternate, so the machine's drift
-		// (2x over seconds on shared VMs) lands on both; the medians of the
-		// per-pair throughput ratio and added p50 are the overhead.
-		b.Run(fmt.Sprintf("pairs/conc=%d", conc), func(b *testing.B) {
-			const rounds, per = 7, 400
-			var ratios, added []float64
-			for range rounds {
-				dl, de := load(b, paths["direct"], conc, per)
-				rl, re := load(b, paths["router"], conc, per)
-				if len(dl) == 0 || len(rl) == 0 {
-					return
-				}
-				ratios = append(ratios, (float64(len(rl))/re.Seconds())/(float64(len(dl))/de.Seconds()))
-				added = append(added, ms(rl[len(rl)/2])-ms(dl[len(dl)/2]))
-			}
-			b.ReportMetric(median(ratios), "router_x_direct")
-			b.ReportMetric(median(added), "added_p50_ms")
-		})
+		ratios = append(ratios, (float64(len(rl))/re.Seconds())/(float64(len(dl))/de.Seconds()))
+		added = append(added, ms(rl[len(rl)/2])-ms(dl[len(dl)/2]))
 	}
-	s.StopAll(b)
+	b.ReportMetric(median(ratios), "router_x_direct")
+	b.ReportMetric(median(added), "added_p50_ms")
 }
 
 // load sends n calls from conc goroutines and returns the sorted

@@ -284,6 +284,8 @@ func TestRenderAndShape(t *testing.T) {
 				}
 			}
 			checkDataNames(t, r, certs)
+		case "aggregated-values.yaml":
+			checkAggregated(t, r, kinds)
 		case "pairs-3x5-values.yaml":
 			if c, g := *deployment(t, r, "ctx").Spec.Replicas, *deployment(t, r, "gen").Spec.Replicas; c != 3 || g != 5 {
 				t.Errorf("3x5: %d context, %d generation servers", c, g)
@@ -459,6 +461,43 @@ var flagInShell = regexp.MustCompile(`--([a-z0-9-]+)=`)
 // TestFlagsExist: every flag a container passes and every KVFERRY_
 // variable it sets is one its binary has (a renamed flag fails here, not
 // in a cluster at 3 am).
+// checkAggregated: no context server anywhere — no Deployment, Service,
+// certificate, disruption budget, network policy or alert names one — and
+// the router and every generation server run with --aggregated.
+func checkAggregated(t *testing.T, r rendered, kinds map[string]int) {
+	t.Helper()
+	for _, d := range objectsOf[*appsv1.Deployment](r) {
+		if d.Name == releaseName+"-ctx" {
+			t.Errorf("aggregated: a context server Deployment")
+		}
+	}
+	for _, sv := range objectsOf[*corev1.Service](r) {
+		if strings.Contains(sv.Name, "-ctx") {
+			t.Errorf("aggregated: Service %s", sv.Name)
+		}
+	}
+	if kinds["*v1.Certificate"] != 2 || kinds["*v1.PodDisruptionBudget"] != 2 || kinds["*v1.NetworkPolicy"] != 2 {
+		t.Errorf("aggregated: kinds %v, want two of each role's objects (router, generation)", kinds)
+	}
+	gen := deployment(t, r, "gen")
+	if *gen.Spec.Replicas != 4 || !slices.Contains(gen.Spec.Template.Spec.Containers[0].Args, "--aggregated") {
+		t.Errorf("aggregated: generation servers %d, args %v", *gen.Spec.Replicas, gen.Spec.Template.Spec.Containers[0].Args)
+	}
+	rargs := deployment(t, r, "router").Spec.Template.Spec.Containers[0].Args
+	if !slices.Contains(rargs, "--aggregated") || !slices.Contains(rargs, "--k8s-service=gen="+releaseName+"-gen") {
+		t.Errorf("aggregated: router args %v", rargs)
+	}
+	for _, pr := range objectsOf[*monv1.PrometheusRule](r) {
+		for _, g := range pr.Spec.Groups {
+			for _, rule := range g.Rules {
+				if strings.Contains(rule.Expr.String(), `component="ctxserver"`) {
+					t.Errorf("aggregated: alert %s watches context servers, which do not exist", rule.Alert)
+				}
+			}
+		}
+	}
+}
+
 func TestFlagsExist(t *testing.T) {
 	known := map[string]map[string]bool{}
 	for _, b := range []string{"router", "ctxserver", "genserver"} {

@@ -183,6 +183,9 @@ args:
   - --ctx-servers=127.0.0.1:9100
   - --gen-servers=127.0.0.1:9200
   {{- end }}
+  {{- if $.Values.aggregated }}
+  - --aggregated
+  {{- end }}
   - --max-inflight={{ $.Values.router.maxInflight }}
   - --request-timeout={{ $.Values.router.requestTimeout }}
   - --shutdown-grace={{ $.Values.health.shutdownGrace }}
@@ -246,6 +249,9 @@ args:
   - --shm-dir=/run/kvferry
   {{- else }}
   - --transport=tcp
+  {{- end }}
+  {{- if and (eq $role "genserver") $.Values.aggregated }}
+  - --aggregated
   {{- end }}
   {{- include "kvferry.healthArgs" $ | nindent 2 }}
   {{- include "kvferry.tlsArgs" (list $ $role) | nindent 2 }}
