@@ -96,9 +96,10 @@ verify:
 	scripts/verify.sh
 
 # bench-router: router overhead against calling the servers directly, same
-# run, concurrency 1 and 64 (p50 / p99 latency, requests/s).
+# run, concurrency 1 and 64 (p50 / p99 latency, requests/s), on an instant
+# engine and on make run's timing, beside the floor of any gRPC relay.
 bench-router:
-	$(GO) test -run xxx -bench RouterOverhead -benchtime 2000x -count 3 ./test/bench/
+	$(GO) test -run xxx -bench 'RouterOverhead|GRPCHopFloor' -benchtime 2000x -count 3 ./test/bench/
 
 # bench-transfer: a 512 MiB KV (llama3-8b, 4,096 tokens) between two
 # processes on each transport, beside its same-run baseline (ucx over
