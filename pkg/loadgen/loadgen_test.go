@@ -64,6 +64,36 @@ func TestReadJSONL(t *testing.T) {
 	}
 }
 
+// Synthetic prompts share no prefix but the one asked for: the first
+// eight words of 500 prompts are all different, and with a prefix every
+// prompt starts with it and then differs.
+func TestSyntheticPromptsShareNoPrefix(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	prefix := SharedPrefix(rng, 12)
+	if n := len(strings.Fields(prefix)); n != 12 {
+		t.Fatalf("prefix %q has %d words, want 12", prefix, n)
+	}
+	for _, s := range []Synthetic{{Words: fixed(20)}, {Words: fixed(20), Prefix: prefix}} {
+		seen := map[string]bool{}
+		for range 500 {
+			text := s.Next(rng).Text
+			rest, ok := strings.CutPrefix(text, s.Prefix)
+			if !ok {
+				t.Fatalf("prompt %q does not start with the prefix %q", text, s.Prefix)
+			}
+			w := strings.Fields(rest)
+			if len(w) != 20 {
+				t.Fatalf("prompt %q: %d words after the prefix, want 20", text, len(w))
+			}
+			key := strings.Join(w[:8], " ")
+			if seen[key] {
+				t.Fatalf("two prompts share the first eight words %q after the prefix", key)
+			}
+			seen[key] = true
+		}
+	}
+}
+
 func TestSummarize(t *testing.T) {
 	ms := time.Millisecond
 	recs := []Record{

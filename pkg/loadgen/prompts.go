@@ -26,21 +26,36 @@ type Prompts interface {
 // that a real tokenizer sees about one token a word.
 var words = strings.Fields("the quiet river carries light through the harbour at night while the ferry holds its steady path past stone bridges and old towers where windows glow and people walk home along the water")
 
-// Synthetic makes prompts of a number of words drawn from a distribution.
-type Synthetic struct{ Words Dist }
+// Synthetic makes prompts of a number of words drawn from a distribution,
+// each word drawn at random, so that two prompts share a prefix only by
+// chance (a serving stack's prefix cache does not flatter it) — after a
+// Prefix that every prompt shares, when there is one (to measure the
+// cache on purpose).
+type Synthetic struct {
+	Words  Dist
+	Prefix string
+}
 
-// Next returns a prompt of Words words, starting at a random word.
+// SharedPrefix returns n words drawn from rng: a prefix for Synthetic.
+func SharedPrefix(rng *rand.Rand, n int) string {
+	return randomWords(rng, n, "")
+}
+
+// Next returns the prefix and then a prompt of Words random words.
 func (s Synthetic) Next(rng *rand.Rand) Prompt {
-	n := s.Words.Sample(rng)
+	return Prompt{Text: randomWords(rng, s.Words.Sample(rng), s.Prefix)}
+}
+
+func randomWords(rng *rand.Rand, n int, prefix string) string {
 	var b strings.Builder
-	start := rng.IntN(len(words))
-	for i := range n {
-		if i > 0 {
+	b.WriteString(prefix)
+	for range n {
+		if b.Len() > 0 {
 			b.WriteByte(' ')
 		}
-		b.WriteString(words[(start+i)%len(words)])
+		b.WriteString(words[rng.IntN(len(words))])
 	}
-	return Prompt{Text: b.String()}
+	return b.String()
 }
 
 // List hands out prompts read from a file, at random.
