@@ -89,6 +89,7 @@ func parse(args []string) (config, error) {
 	fs.Float64Var(&c.abortRate, "abort-rate", 0, "share of requests the client cancels, each at a random token position below its max_tokens (an answer that ends before its position completes; with --ignore-eos the share is exact) (0 to 1)")
 	fs.DurationVar(&c.slo.TTFT, "slo-ttft", 0, "goodput: a request must have its first token within this (0: not checked)")
 	fs.DurationVar(&c.slo.ITL, "slo-itl", 0, "goodput: a request's mean inter-token gap must be within this (0: not checked)")
+	fs.DurationVar(&c.slo.MaxITL, "slo-itl-max", 0, "goodput: a request's longest inter-token gap (a stall the reader sees) must be within this (0: not checked)")
 	fs.Uint64Var(&c.seed, "seed", 1, "seed of prompts, lengths, aborts and arrivals")
 	fs.StringVar(&c.out, "out", "kvload-out", "directory for results.json and the charts")
 	fs.StringVar(&c.label, "label", "", "name of this run in charts and comparisons (default: the URL's host)")
@@ -188,7 +189,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	defer runner.Close()
 	res := loadgen.Results{Schema: loadgen.Schema, Label: c.label, Settings: loadgen.Settings{
 		URL: c.target.URL, Model: c.target.Model, Chat: c.target.Chat, Prompts: promptDesc, Output: output.String(),
-		IgnoreEOS: c.target.IgnoreEOS, AbortRate: c.abortRate, Requests: c.requests, SLOTTFTMs: loadgen.Millis(c.slo.TTFT), SLOITLMs: loadgen.Millis(c.slo.ITL),
+		IgnoreEOS: c.target.IgnoreEOS, AbortRate: c.abortRate, Requests: c.requests, SLOTTFTMs: loadgen.Millis(c.slo.TTFT), SLOITLMs: loadgen.Millis(c.slo.ITL), SLOMaxITLMs: loadgen.Millis(c.slo.MaxITL),
 		Seed: c.seed, Started: time.Now().UTC().Format(time.RFC3339), Version: buildinfo.Version,
 	}}
 	if c.duration > 0 {

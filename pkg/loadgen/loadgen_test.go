@@ -115,6 +115,14 @@ func TestSummarize(t *testing.T) {
 	case len(s.CDF.TTFT) != 101 || s.CDF.TTFT[0] != 10 || s.CDF.TTFT[100] != 30:
 		t.Fatalf("cdf %v", s.CDF.TTFT)
 	}
+	// A stall bound: the first request's mean gap (3 ms) passes a 3.5 ms
+	// mean bound, its longest (4 ms) fails a 3.5 ms stall bound.
+	if g := Summarize(Load{Concurrency: 2}, recs, 2*time.Second, SLO{ITL: 3500 * time.Microsecond}).GoodputPerS; g != 0.5 {
+		t.Fatalf("goodput under a mean gap bound: %v, want 0.5", g)
+	}
+	if g := Summarize(Load{Concurrency: 2}, recs, 2*time.Second, SLO{MaxITL: 3500 * time.Microsecond}).GoodputPerS; g != 0 {
+		t.Fatalf("goodput under a longest gap bound: %v, want 0", g)
+	}
 }
 
 // fakeServer is an OpenAI completions endpoint with known timing: the

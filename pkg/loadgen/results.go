@@ -23,9 +23,11 @@ type Settings struct {
 	Duration  string  `json:"duration_per_level,omitempty"`
 	SLOTTFTMs float64 `json:"slo_ttft_ms,omitempty"`
 	SLOITLMs  float64 `json:"slo_itl_ms,omitempty"`
-	Seed      uint64  `json:"seed"`
-	Started   string  `json:"started"`
-	Version   string  `json:"kvload_version"`
+	// SLOMaxITLMs bounds a request's longest gap (--slo-itl-max).
+	SLOMaxITLMs float64 `json:"slo_itl_max_ms,omitempty"`
+	Seed        uint64  `json:"seed"`
+	Started     string  `json:"started"`
+	Version     string  `json:"kvload_version"`
 }
 
 // Results is results.json: one Summary a load level under Runs.

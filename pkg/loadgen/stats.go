@@ -9,8 +9,9 @@ import (
 // SLO is the service level a request must meet to count toward goodput;
 // a zero bound is not checked.
 type SLO struct {
-	TTFT time.Duration // time to first token
-	ITL  time.Duration // the request's mean inter-token gap
+	TTFT   time.Duration // time to first token
+	ITL    time.Duration // the request's mean inter-token gap
+	MaxITL time.Duration // the request's longest inter-token gap (a stall)
 }
 
 // Percentiles are a latency distribution's summary, in milliseconds.
@@ -76,16 +77,17 @@ func Summarize(l Load, recs []Record, wall time.Duration, slo SLO) Summary {
 		}
 		ttft = append(ttft, Millis(r.TTFT))
 		lat = append(lat, Millis(r.Latency))
-		var sum time.Duration
+		var sum, longest time.Duration
 		for _, g := range r.Gaps {
 			itl = append(itl, Millis(g))
 			sum += g
+			longest = max(longest, g)
 		}
 		meanITL := time.Duration(0)
 		if len(r.Gaps) > 0 {
 			meanITL = sum / time.Duration(len(r.Gaps))
 		}
-		if (slo.TTFT == 0 || r.TTFT <= slo.TTFT) && (slo.ITL == 0 || meanITL <= slo.ITL) {
+		if (slo.TTFT == 0 || r.TTFT <= slo.TTFT) && (slo.ITL == 0 || meanITL <= slo.ITL) && (slo.MaxITL == 0 || longest <= slo.MaxITL) {
 			good++
 		}
 	}
