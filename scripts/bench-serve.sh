@@ -32,12 +32,13 @@ up() {
   return 1
 }
 
-# load NAME MODEL LEVELS ARGS...: one kvload run into OUT/NAME.
+# load NAME MODEL LEVELS ARGS...: one kvload run into OUT/NAME; goodput
+# counts the requests that never waited 100 ms for their next token.
 load() {
   local name=$1 model=$2 levels=$3
   shift 3
   "$bin/kvload" --url http://127.0.0.1:8000/v1 --model "$model" --concurrency "$levels" \
-    --prompt-words uniform:64:512 --ignore-eos --label "kvferry $name" --out "$out/$name" "$@"
+    --prompt-words uniform:64:512 --ignore-eos --slo-itl-max 100ms --label "kvferry $name" --out "$out/$name" "$@"
 }
 
 mkdir -p "$out"
