@@ -1,7 +1,9 @@
 // Package genserver is the generation (decode) server: GenerationService
 // allocates destination blocks, asks the context server named in the
 // advertisement to push the KV into them, verifies every block's checksum,
-// decodes and streams tokens.
+// decodes and streams tokens. Started aggregated, it also prefills the
+// requests that ask for it (no context server, no transfer) into its own
+// blocks and decodes from them.
 //
 // The handler of a request is its single cleanup owner: it drops the
 // request's block references exactly once when it returns. The transfer's
