@@ -33,7 +33,7 @@ import (
 
 var (
 	full       = flag.Bool("chaos.full", false, "run every scenario at full size (make chaos)")
-	transports = flag.String("chaos.transports", "tcp,shm", "comma-separated transports: the whole gate runs once on each")
+	transports = flag.String("chaos.transports", "tcp,shm,aggregated", "comma-separated transports: the whole gate runs once on each (aggregated: no context servers and no transfer; generation servers that prefill too — the storms and the stopped peer)")
 	engines    = flag.String("chaos.engines", "synthetic,llamacpp", "comma-separated engines: the whole gate runs once on each (llamacpp: the test model stories260K)")
 )
 
@@ -285,17 +285,24 @@ func (g *gate) finish() {
 	}
 }
 
+// aggregated is the pseudo-transport of an aggregated stack.
+const aggregated = "aggregated"
+
 func newGate(t *testing.T, e engine, transport string) *gate {
 	both := []string{"--transport=" + transport, "--shm-dir=" + t.TempDir()}
+	if transport == aggregated {
+		both = nil
+	}
 	s := stack.Up(t, binDir, stack.Options{Llama: e.llama, Ctxs: 2, Gens: 2, PoolBlocks: 2048, PrefillTokensPerSecond: 200000, DecodeStepTime: 2 * time.Millisecond,
-		CtxArgs: both,
+		Aggregated: transport == aggregated, CtxArgs: both,
 		GenArgs: append([]string{"--progress-deadline=5s", "--health-interval=200ms", "--canary-interval=1s"}, both...)})
 	c := openai.NewClient(option.WithBaseURL(s.OpenAIURL+"/"), option.WithAPIKey("unused"), option.WithMaxRetries(0))
 	return &gate{t: t, e: e, s: s, c: c}
 }
 
 // TestChaos is the gate: the short version in make test, everything with
-// -chaos.full (make chaos), once per transport.
+// -chaos.full (make chaos), once per transport, and once aggregated
+// (the scenarios that need a context server skipped).
 func TestChaos(t *testing.T) {
 	for _, en := range strings.Split(*engines, ",") {
 		for _, tr := range strings.Split(*transports, ",") {
@@ -334,7 +341,7 @@ func chaos(t *testing.T, e engine, transport string) {
 	// aftermath (probes, canary, idle servers, clean logs).
 	g.check(fmt.Sprintf("stopped peer %s", stop), start, r.String(), true, "")
 
-	if *full {
+	if *full && transport != aggregated {
 		// Killed peer: SIGKILL a context server mid-storm, start a new one on its address.
 		start = time.Now()
 		go func() { done <- storm(context.Background(), g.c, e, total/2, 32, 8) }()
@@ -349,7 +356,7 @@ func chaos(t *testing.T, e engine, transport string) {
 		// are retried; the rest may fail once; the gate is the aftermath.
 		g.check("killed peer", start, r.String(), true, "")
 	}
-	if *full {
+	if *full && transport != aggregated {
 		// Sick transport: one context server restarted with a fault for a
 		// window of 5 s, a storm through it, then the gate after the window.
 		for _, fault := range []string{"stall", "partial:after=2", "corrupt", "lose-notify", "lose-abort-ack"} {
