@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"sort"
 	"sync"
@@ -63,8 +64,16 @@ func drain[T any](recv func() (T, error)) error {
 // shows. Reports p50 and p99 latency and requests/s; the router's added
 // latency is router minus direct of the same run.
 func BenchmarkRouterOverhead(b *testing.B) {
-	s := stack.Up(b, binDir, stack.Options{})
+	profile := os.Getenv("KVFERRY_ROUTER_PROFILE") // a file: the router's CPU profile at 64
+	var o stack.Options
+	if profile != "" {
+		o.ExtraRouterArgs = []string{"--enable-pprof"}
+	}
+	s := stack.Up(b, binDir, o)
 	paths := routerPaths(b, s)
+	if profile != "" {
+		profileRouter(b, s, paths["router"], profile)
+	}
 	for _, conc := range []int{1, 64} {
 		for _, path := range []string{"direct", "router"} {
 			b.Run(fmt.Sprintf("%s/conc=%d", path, conc), func(b *testing.B) {
@@ -92,6 +101,35 @@ func BenchmarkRouterOverheadEngineTime(b *testing.B) {
 		b.Run(fmt.Sprintf("pairs/conc=%d", conc), func(b *testing.B) { pairs(b, paths, conc, 20*conc) })
 	}
 	s.StopAll(b)
+}
+
+// profileRouter writes the router's CPU profile over 5 s of requests
+// through it at concurrency 64 to path.
+func profileRouter(b *testing.B, s *stack.Stack, call func(context.Context) error, path string) {
+	done := make(chan error, 1)
+	go func() {
+		resp, err := http.Get(s.RouterAdmin + "/debug/pprof/profile?seconds=5")
+		if err == nil {
+			defer resp.Body.Close()
+			var f *os.File
+			if f, err = os.Create(path); err == nil {
+				_, err = io.Copy(f, resp.Body)
+				err = errors.Join(err, f.Close())
+			}
+		}
+		done <- err
+	}()
+	for {
+		load(b, call, 64, 2000)
+		select {
+		case err := <-done:
+			if err != nil {
+				b.Fatal(err)
+			}
+			return
+		default:
+		}
+	}
 }
 
 // routerPaths are the two ways to serve one request on s: through the
