@@ -11,6 +11,9 @@
 set -euo pipefail
 bin=$1 model=$2 tps=$3 step=$4 engine=${5:-synthetic} model_path=${6:-}
 aggregated=${KVFERRY_AGGREGATED:-0}
+case $aggregated in
+  '' | *[!0-9]*) echo "RUN_AGGREGATED / KVFERRY_AGGREGATED must be a number of generation servers, got '$aggregated'" >&2; exit 2 ;;
+esac
 logs=${KVFERRY_RUN_LOGS:-$(mktemp -d -t kvferry-run-XXXXXX)}
 pids=()
 # The servers run in their own sessions (setsid), so a Ctrl-C on the
