@@ -217,7 +217,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		if err != nil {
 			return err
 		}
-		res.Runs = append(res.Runs, loadgen.Summarize(l, recs, wall, c.slo))
+		sum := loadgen.Summarize(l, recs, wall, c.slo)
+		res.Runs = append(res.Runs, sum)
+		if !tty {
+			fmt.Fprintln(os.Stderr, loadgen.LevelLine(l.Name(), sum)) // a log hears of each level as it ends
+		}
 		if ctx.Err() != nil {
 			break // interrupted: keep what was measured
 		}

@@ -125,6 +125,15 @@ func TestSummarize(t *testing.T) {
 	}
 }
 
+func TestLevelLine(t *testing.T) {
+	s := Summary{DurationS: 20.04, Completed: 118, Aborted: 2, Errors: 1, RequestsPerS: 5.5, OutputTokensPerS: 353.4,
+		TTFT: Percentiles{P50: 69.1}, ITL: Percentiles{P50: 20.85}}
+	want := "c=8 done in 20.0s: 118 ok, 2 aborted, 1 errors; 5.50 req/s, 353.4 output tokens/s, ttft p50 69.1ms, itl p50 20.85ms"
+	if got := LevelLine("c=8", s); got != want {
+		t.Fatalf("got  %q\nwant %q", got, want)
+	}
+}
+
 // fakeServer is an OpenAI completions endpoint with known timing: the
 // first token after ttft, then one token every itl, max_tokens of them,
 // then a usage chunk. A prompt containing "reject" answers 429. It counts

@@ -108,3 +108,10 @@ func (p *Progress) Stop() {
 	p.draw()
 	fmt.Fprintln(p.w)
 }
+
+// LevelLine is a finished level in one line: what a log gets where a
+// terminal gets the progress line.
+func LevelLine(name string, s Summary) string {
+	return fmt.Sprintf("%s done in %.1fs: %d ok, %d aborted, %d errors; %.2f req/s, %.1f output tokens/s, ttft p50 %.1fms, itl p50 %.2fms",
+		name, s.DurationS, s.Completed, s.Aborted, s.Errors, s.RequestsPerS, s.OutputTokensPerS, s.TTFT.P50, s.ITL.P50)
+}
