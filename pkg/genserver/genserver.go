@@ -128,9 +128,7 @@ func New(cfg Config) *Server {
 	})
 	if cfg.Aggregated {
 		s.prefiller = executor.NewPrefiller(cfg.Engine, cfg.PrefillChunk, cfg.MaxBatchTokens, func(prompts, tokens int) {
-			if cfg.Progress != nil {
-				cfg.Progress.Touch(time.Now())
-			}
+			cfg.Progress.Touch(time.Now()) // nil-safe
 			if cfg.Scheduler != nil {
 				cfg.Scheduler.RecordPrefillBatch(prompts, tokens)
 			}

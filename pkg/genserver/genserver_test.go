@@ -34,6 +34,33 @@ func TestMain(m *testing.M) { leakcheck.VerifyTestMain(m) }
 
 const shouldHappen = 10 * time.Second
 
+// newGenServer serves a generation server of spec over pool (tcp receiver,
+// synthetic engine with timing) on a loopback socket; more sets what a
+// test needs beyond the defaults. It returns the server, its address and
+// its quarantine metrics.
+func newGenServer(t *testing.T, spec executor.ModelSpec, pool *blockpool.Pool, timing executor.Timing, to kvtransfer.Timeouts, more func(*Config)) (*Server, string, *metrics.Quarantine) {
+	t.Helper()
+	recv, err := tcp.Listen("127.0.0.1:0", spec.BlockBytes(), zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = recv.Close() })
+	conns := connpool.New()
+	t.Cleanup(conns.Close)
+	reg := prometheus.NewRegistry()
+	quarantines := metrics.NewQuarantine(reg)
+	cfg := Config{
+		Engine: executor.NewSynthetic(spec, timing), Pool: pool, Receiver: recv,
+		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Endpoint(), Conns: conns,
+		Timeouts:     to,
+		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg),
+		Quarantines: quarantines, Canaries: metrics.NewCanary(reg), Logger: zap.NewNop(),
+	}
+	more(&cfg)
+	srv := New(cfg)
+	return srv, serve(t, func(gs *grpc.Server) { kvferryv1.RegisterGenerationServiceServer(gs, srv) }), quarantines
+}
+
 // pair is a context server and a generation server on real loopback
 // sockets, in this process.
 type pair struct {
@@ -111,23 +138,7 @@ func newPairWith(t *testing.T, genModel string, genBlocks int, genTiming executo
 		kvferryv1.RegisterTransferServiceServer(gs, ctxSrv)
 		kvferryv1.RegisterContextServiceServer(gs, ctxSrv)
 	})
-	recv, err := tcp.Listen("127.0.0.1:0", genSpec.BlockBytes(), zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = recv.Close() })
-	conns := connpool.New()
-	t.Cleanup(conns.Close)
-	greg := prometheus.NewRegistry()
-	quarantines := metrics.NewQuarantine(greg)
-	genSrv := New(Config{
-		Engine: executor.NewSynthetic(genSpec, genTiming), Pool: genPool, Receiver: recv,
-		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Endpoint(), Conns: conns,
-		Timeouts:     to,
-		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(greg), Cancels: metrics.NewCancel(greg),
-		Quarantines: quarantines, Canaries: metrics.NewCanary(greg), CanaryInterval: time.Hour, Logger: zap.NewNop(),
-	})
-	genAddr := serve(t, func(gs *grpc.Server) { kvferryv1.RegisterGenerationServiceServer(gs, genSrv) })
+	genSrv, genAddr, quarantines := newGenServer(t, genSpec, genPool, genTiming, to, func(c *Config) { c.CanaryInterval = time.Hour })
 	t.Cleanup(func() {
 		for _, p := range []*blockpool.Pool{ctxPool, genPool} {
 			if err := p.CheckInvariant(); err != nil {
@@ -553,23 +564,9 @@ func newAggregated(t *testing.T, blocks int, timing executor.Timing) *aggregated
 	t.Helper()
 	spec, _ := executor.Preset("tiny")
 	pool, _ := blockpool.New(blocks, spec.BlockBytes())
-	recv, err := tcp.Listen("127.0.0.1:0", spec.BlockBytes(), zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = recv.Close() })
-	conns := connpool.New()
-	t.Cleanup(conns.Close)
-	reg := prometheus.NewRegistry()
-	srv := New(Config{
-		Engine: executor.NewSynthetic(spec, timing), Pool: pool, Receiver: recv,
-		Transport: kvtransfer.TransportTCP, DataEndpoint: recv.Endpoint(), Conns: conns,
-		Timeouts:     kvtransfer.Timeouts{Progress: shouldHappen, Deadline: shouldHappen, Quarantine: 2 * shouldHappen},
-		AbortTimeout: time.Second, Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg),
-		Quarantines: metrics.NewQuarantine(reg), Canaries: metrics.NewCanary(reg), Logger: zap.NewNop(),
-		Aggregated: true, PrefillChunk: 64, MaxBatchTokens: 128, // long prompts run in chunks
+	_, addr, _ := newGenServer(t, spec, pool, timing, kvtransfer.Timeouts{Progress: shouldHappen, Deadline: shouldHappen, Quarantine: 2 * shouldHappen}, func(c *Config) {
+		c.Aggregated, c.PrefillChunk, c.MaxBatchTokens = true, 64, 128 // long prompts run in chunks
 	})
-	addr := serve(t, func(gs *grpc.Server) { kvferryv1.RegisterGenerationServiceServer(gs, srv) })
 	t.Cleanup(func() {
 		if err := pool.CheckInvariant(); err != nil {
 			t.Error(err)

@@ -567,45 +567,44 @@ func (r *Router) release(ctx context.Context, c kvferryv1.ContextServiceClient, 
 	r.lg.Debug("released handoff", append(fields, zap.Bool("released", resp.GetReleased()))...)
 }
 
-// cancelBoth sends Cancel(ticket) to both servers concurrently, each bounded
-// by CancelTimeout, and returns their outcomes.
+// cancelBoth sends Cancel(ticket) to both servers (the generation server
+// alone when aggregated) concurrently, each bounded by CancelTimeout, and
+// returns their outcomes.
 func (r *Router) cancelBoth(ctx context.Context, a *active) []*kvferryv1.ServerCancelOutcome {
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.CancelTimeout)
 	defer cancel()
-	out := make([]*kvferryv1.ServerCancelOutcome, 2)
+	// Each server that holds something for the request, context first
+	// (none when aggregated), and its Cancel.
+	type cancelCall struct {
+		b    *backend
+		call func(*grpc.ClientConn) (kvferryv1.CancelOutcome, bool, error)
+	}
+	var calls []cancelCall
+	if a.ctx != nil {
+		calls = append(calls, cancelCall{a.ctx, func(cc *grpc.ClientConn) (kvferryv1.CancelOutcome, bool, error) {
+			resp, err := kvferryv1.NewContextServiceClient(cc).Cancel(cctx, &kvferryv1.ContextServiceCancelRequest{Ticket: a.ticket})
+			return resp.GetOutcome(), resp.GetResourcesFreeNow(), err
+		}})
+	}
+	calls = append(calls, cancelCall{a.gen, func(cc *grpc.ClientConn) (kvferryv1.CancelOutcome, bool, error) {
+		resp, err := kvferryv1.NewGenerationServiceClient(cc).Cancel(cctx, &kvferryv1.GenerationServiceCancelRequest{Ticket: a.ticket})
+		return resp.GetOutcome(), resp.GetResourcesFreeNow(), err
+	}})
+	out := make([]*kvferryv1.ServerCancelOutcome, len(calls))
 	var wg sync.WaitGroup
-	if a.ctx == nil {
-		out = out[1:] // aggregated: only the generation server holds anything
-	} else {
+	for i, c := range calls {
+		o := &kvferryv1.ServerCancelOutcome{Server: c.b.addr, Role: c.b.role}
+		out[i] = o
 		wg.Go(func() {
-			o := &kvferryv1.ServerCancelOutcome{Server: a.ctx.addr, Role: a.ctx.role}
-			out[0] = o
-			cc, err := r.conn(a.ctx)
+			cc, err := r.conn(c.b)
 			if err == nil {
-				var resp *kvferryv1.ContextServiceCancelResponse
-				if resp, err = kvferryv1.NewContextServiceClient(cc).Cancel(cctx, &kvferryv1.ContextServiceCancelRequest{Ticket: a.ticket}); err == nil {
-					o.Outcome, o.ResourcesFreeNow = resp.GetOutcome(), resp.GetResourcesFreeNow()
-				}
+				o.Outcome, o.ResourcesFreeNow, err = c.call(cc)
 			}
 			if err != nil {
-				o.Error = err.Error()
+				o.Error = err.Error() // the outcome stays unspecified
 			}
 		})
 	}
-	wg.Go(func() {
-		o := &kvferryv1.ServerCancelOutcome{Server: a.gen.addr, Role: a.gen.role}
-		out[len(out)-1] = o
-		cc, err := r.conn(a.gen)
-		if err == nil {
-			var resp *kvferryv1.GenerationServiceCancelResponse
-			if resp, err = kvferryv1.NewGenerationServiceClient(cc).Cancel(cctx, &kvferryv1.GenerationServiceCancelRequest{Ticket: a.ticket}); err == nil {
-				o.Outcome, o.ResourcesFreeNow = resp.GetOutcome(), resp.GetResourcesFreeNow()
-			}
-		}
-		if err != nil {
-			o.Error = err.Error()
-		}
-	})
 	wg.Wait()
 	for _, o := range out {
 		outcome := o.GetOutcome().String()

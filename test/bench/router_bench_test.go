@@ -106,9 +106,15 @@ func BenchmarkRouterOverheadEngineTime(b *testing.B) {
 // profileRouter writes the router's CPU profile over 5 s of requests
 // through it at concurrency 64 to path.
 func profileRouter(b *testing.B, s *stack.Stack, call func(context.Context) error, path string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second) // the profile takes 5
+	defer cancel()
 	done := make(chan error, 1)
 	go func() {
-		resp, err := http.Get(s.RouterAdmin + "/debug/pprof/profile?seconds=5")
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.RouterAdmin+"/debug/pprof/profile?seconds=5", nil)
+		var resp *http.Response
+		if err == nil {
+			resp, err = http.DefaultClient.Do(req)
+		}
 		if err == nil {
 			defer resp.Body.Close()
 			var f *os.File
