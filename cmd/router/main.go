@@ -43,6 +43,7 @@ type Config struct {
 	DefaultMaxTokens int
 	RequestTimeout   time.Duration
 	StreamWrite      time.Duration
+	BodyRead         time.Duration
 	CancelTimeout    time.Duration
 	ShutdownGrace    time.Duration
 	LogLevel         string
@@ -74,7 +75,8 @@ func (c *Config) register(fs *flag.FlagSet) {
 	cli.RegisterTLS(fs, &c.TLS)
 	cli.RegisterPprof(fs, &c.EnablePprof)
 	c.EngineFlags.Register(fs) // the router tokenizes with the servers' model (vocabulary only)
-	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 4<<20, "largest request body accepted (413 above)")
+	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 1<<20, "largest request body accepted (413 above)")
+	fs.DurationVar(&c.BodyRead, "body-read-timeout", 10*time.Second, "answer 408 to a client whose request body has not arrived this long after its headers (the body is read before the request takes an in-flight slot)")
 	fs.IntVar(&c.MaxPromptTokens, "max-prompt-tokens", 8000, "largest prompt accepted, in tokens")
 	fs.IntVar(&c.MaxOutputTokens, "max-output-tokens", 2048, "largest max_tokens accepted")
 	fs.IntVar(&c.DefaultMaxTokens, "default-max-tokens", 16, "max_tokens when the request names none (OpenAI's default for completions)")
@@ -136,8 +138,8 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--api-keys-file: %w", err))
 		}
 	}
-	if c.RequestTimeout <= 0 || c.CancelTimeout <= 0 || c.ShutdownGrace <= 0 || c.StreamWrite <= 0 {
-		errs = append(errs, errors.New("--request-timeout, --cancel-timeout, --shutdown-grace and --stream-write-timeout must be positive"))
+	if c.RequestTimeout <= 0 || c.CancelTimeout <= 0 || c.ShutdownGrace <= 0 || c.StreamWrite <= 0 || c.BodyRead <= 0 {
+		errs = append(errs, errors.New("--request-timeout, --cancel-timeout, --shutdown-grace, --stream-write-timeout and --body-read-timeout must be positive"))
 	}
 	return cli.OneLine(errs...)
 }
@@ -218,7 +220,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		CtxServers: ctxSrc, GenServers: genSrc, ResolveInterval: cfg.ResolveInterval, Aggregated: cfg.Aggregated,
 		Model: spec, Vocab: vocab, ServedModel: served,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
-		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, StreamWriteTimeout: cfg.StreamWrite, CancelTimeout: cfg.CancelTimeout,
+		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, StreamWriteTimeout: cfg.StreamWrite, BodyReadTimeout: cfg.BodyRead, CancelTimeout: cfg.CancelTimeout,
 		MaxRetries: cfg.MaxRetries, MaxInflight: cfg.MaxInflight, APIKeys: keys, Routing: routing,
 		CtxConns: ctxConns, GenConns: genConns, Metrics: metrics.NewRouter(reg), Logger: lg,
 	})

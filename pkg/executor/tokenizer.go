@@ -38,6 +38,15 @@ var wordIDs = func() map[string]uint32 {
 	return m
 }()
 
+// maxWordBytes is the longest vocabulary word.
+var maxWordBytes = func() int {
+	n := 0
+	for _, w := range vocabulary {
+		n = max(n, len(w))
+	}
+	return n
+}()
+
 // VocabSize is the number of token ids.
 func VocabSize() int { return int(firstWordToken) + len(vocabulary) }
 

@@ -24,6 +24,32 @@ type Vocabulary interface {
 	// Chat renders chat messages into the prompt text, with the model's own
 	// chat template where it has one.
 	Chat(msgs []ChatMessage) string
+	// MaxPieceBytes bounds the text one token covers, a run of white space
+	// counted as one byte (MinTokens).
+	MaxPieceBytes() int
+}
+
+// MinTokens is a lower bound on the tokens v.Encode(text) returns, found
+// without tokenizing: every token covers at most v.MaxPieceBytes() bytes,
+// a run of white space counted as one (the synthetic tokenizer drops
+// white space; llama.cpp's pieces cover it, so the bound holds for both).
+// The router refuses a prompt whose bound is over its token limit before
+// it spends memory and time tokenizing it.
+func MinTokens(v Vocabulary, text string) int {
+	n, space := 0, false
+	for i := 0; i < len(text); i++ {
+		switch c := text[i]; c {
+		case ' ', '\t', '\n', '\r', '\v', '\f':
+			if !space {
+				n++
+			}
+			space = true
+		default:
+			n++
+			space = false
+		}
+	}
+	return n / max(v.MaxPieceBytes(), 1)
 }
 
 // ChatMessage is a chat message as the prompt renders it.
@@ -108,6 +134,10 @@ func (syntheticVocab) Size() int                           { return VocabSize() 
 func (syntheticVocab) IsEnd(tok uint32) bool               { return tok == TokenEOS }
 func (syntheticVocab) Chat(msgs []ChatMessage) string      { return RenderChat(msgs) }
 
+// MaxPieceBytes: a vocabulary word and the white space after it; an
+// unknown word is one token per byte plus a separator.
+func (syntheticVocab) MaxPieceBytes() int { return maxWordBytes + 1 }
+
 // LlamaVocab is a GGUF model's vocabulary through llama.cpp. It is safe for
 // concurrent use.
 type LlamaVocab struct {
@@ -115,6 +145,7 @@ type LlamaVocab struct {
 	v        llama.Vocab
 	size     int
 	template string
+	maxPiece int // the longest piece's bytes
 	// pieces and end are each token's text and end-of-generation flag,
 	// read once at load: the decode path looks them up without a lock or a
 	// call into llama.cpp.
@@ -135,6 +166,7 @@ func newLlamaVocab(model llama.Model) *LlamaVocab {
 		}
 		if n > 0 {
 			lv.pieces[tok] = string(buf[:n])
+			lv.maxPiece = max(lv.maxPiece, int(n))
 		}
 		lv.end[tok] = llama.VocabIsEOG(v, llama.Token(tok))
 	}
@@ -164,6 +196,10 @@ func (lv *LlamaVocab) Piece(tok uint32, _ bool) string {
 
 // Size is the number of token ids.
 func (lv *LlamaVocab) Size() int { return lv.size }
+
+// MaxPieceBytes is the longest piece's text, one more for a space that
+// SentencePiece models add before the first word.
+func (lv *LlamaVocab) MaxPieceBytes() int { return lv.maxPiece + 1 }
 
 // IsEnd reports an end-of-generation token (EOS, EOT, …).
 func (lv *LlamaVocab) IsEnd(tok uint32) bool {

@@ -186,6 +186,8 @@ type Router struct {
 	retries         prometheus.Counter
 	backendInflight *prometheus.GaugeVec
 	cancelOutcomes  *prometheus.CounterVec
+	inflight        prometheus.Gauge
+	readingBodies   prometheus.Gauge
 }
 
 // NewRouter registers the router metrics.
@@ -220,6 +222,14 @@ func NewRouter(reg prometheus.Registerer) *Router {
 			Namespace: namespace, Subsystem: "router", Name: "backend_inflight_requests",
 			Help: "Requests in flight on each server, as the router counts them.",
 		}, []string{"role", "server"}),
+		inflight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Subsystem: "router", Name: "inflight_requests",
+			Help: "Requests holding an in-flight slot (--max-inflight bounds them).",
+		}),
+		readingBodies: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Subsystem: "router", Name: "reading_body_requests",
+			Help: "HTTP requests whose body is still arriving; they hold no in-flight slot and --body-read-timeout bounds them.",
+		}),
 	}
 	for _, o := range []string{RequestOK, RequestCancelled, RequestError, RequestRejected} {
 		r.requests.WithLabelValues(o)
@@ -230,7 +240,7 @@ func NewRouter(reg prometheus.Registerer) *Router {
 			r.cancelOutcomes.WithLabelValues(role, o)
 		}
 	}
-	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration, r.retries, r.backendInflight, r.cancelOutcomes)
+	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration, r.retries, r.backendInflight, r.cancelOutcomes, r.inflight, r.readingBodies)
 	return r
 }
 
@@ -251,6 +261,12 @@ func (r *Router) RecordCancelOutcome(role, outcome string) {
 func (r *Router) RecordBackendInflight(role, server string, n int64) {
 	r.backendInflight.WithLabelValues(role, server).Set(float64(n))
 }
+
+// AddInflight moves the count of requests holding an in-flight slot.
+func (r *Router) AddInflight(delta int) { r.inflight.Add(float64(delta)) }
+
+// AddReadingBody moves the count of requests whose body is arriving.
+func (r *Router) AddReadingBody(delta int) { r.readingBodies.Add(float64(delta)) }
 
 // ForgetBackend deletes the series of a server discovery removed.
 func (r *Router) ForgetBackend(role, server string) {

@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"time"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
@@ -30,6 +31,12 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 		echo = clientID
 	}
 	completion := uint32(0)
+	send := stream.Send
+	if r.cfg.StreamWriteTimeout > 0 {
+		bs := newBoundedSender(stream.Send, r.cfg.StreamWriteTimeout)
+		defer bs.close()
+		send = bs.send
+	}
 	_, err = r.Run(stream.Context(), job, func(c Chunk) error {
 		completion += uint32(len(c.Tokens))
 		msg := &kvferryv1.RouterServiceGenerateResponse{
@@ -41,7 +48,7 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 		case executor.FinishLength:
 			msg.FinishReason = kvferryv1.FinishReason_FINISH_REASON_LENGTH
 		}
-		return stream.Send(msg)
+		return send(msg)
 	})
 	if err != nil {
 		r.lg.Info("request failed", zap.String("request_id", id), zap.String("client_request_id", clientID), zap.Error(err))
@@ -82,6 +89,9 @@ func (r *Router) grpcJob(req *kvferryv1.RouterServiceGenerateRequest) (Job, erro
 			return Job{}, status.Error(codes.InvalidArgument, err.Error())
 		}
 	}
+	if err := r.promptBound(req.GetPrompt()); err != nil {
+		return Job{}, status.Error(codes.InvalidArgument, err.Error())
+	}
 	tokens := r.cfg.Vocab.Encode(req.GetPrompt())
 	switch {
 	case len(tokens) == 0:
@@ -112,3 +122,50 @@ func (r *Router) Cancel(ctx context.Context, req *kvferryv1.RouterServiceCancelR
 	}
 	return &kvferryv1.RouterServiceCancelResponse{Found: found, Outcomes: outcomes}, nil
 }
+
+// errSendTimeout ends a request whose gRPC client stopped reading.
+var errSendTimeout = &Error{Code: codes.DeadlineExceeded, Msg: "the client did not read its stream"}
+
+// boundedSender gives each Send of a server stream a time bound, as the
+// SSE path's write deadline does: grpc-go's Send blocks, without a
+// deadline, while the client's flow-control window is shut. Sends run on
+// one goroutine per stream; the handler waits for each up to timeout, then
+// returns errSendTimeout, which cancels the request (freeing its blocks)
+// and ends the stream — and with it the blocked Send, so the goroutine
+// ends too.
+type boundedSender struct {
+	timeout time.Duration
+	msgs    chan *kvferryv1.RouterServiceGenerateResponse
+	// errs has room for the one result in flight: a result nobody waits
+	// for any more (after a timeout) never blocks the goroutine.
+	errs chan error
+}
+
+func newBoundedSender(send func(*kvferryv1.RouterServiceGenerateResponse) error, timeout time.Duration) *boundedSender {
+	b := &boundedSender{timeout: timeout, msgs: make(chan *kvferryv1.RouterServiceGenerateResponse), errs: make(chan error, 1)}
+	go func() {
+		for m := range b.msgs {
+			b.errs <- send(m)
+		}
+	}()
+	return b
+}
+
+func (b *boundedSender) send(m *kvferryv1.RouterServiceGenerateResponse) error {
+	t := time.NewTimer(b.timeout)
+	defer t.Stop()
+	select {
+	case b.msgs <- m:
+	case <-t.C:
+		return errSendTimeout // the previous Send is still blocked
+	}
+	select {
+	case err := <-b.errs:
+		return err
+	case <-t.C:
+		return errSendTimeout
+	}
+}
+
+// close ends the goroutine once its Send in flight, if any, returns.
+func (b *boundedSender) close() { close(b.msgs) }

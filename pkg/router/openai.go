@@ -1,11 +1,13 @@
 package router
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -313,21 +315,65 @@ func (r *Router) serveModel(w http.ResponseWriter, req *http.Request) {
 	_ = json.NewEncoder(w).Encode(r.model())
 }
 
-// parse reads and validates a request body; on failure it has written the
-// error response and returns ok = false.
-func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job Job, body completionRequest, ok bool) {
-	dec := json.NewDecoder(http.MaxBytesReader(w, req.Body, r.cfg.MaxBodyBytes))
-	if err := dec.Decode(&body); err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "", "request_too_large", "request body exceeds %d bytes", r.cfg.MaxBodyBytes)
-		} else {
-			badRequest(w, "", "invalid JSON body: %v", err)
+// readBody reads a request body of at most MaxBodyBytes within
+// BodyReadTimeout, before the request takes an in-flight slot: a client
+// that trickles its body holds a connection and a goroutine until the
+// deadline, never a slot. On failure it has written the error response
+// (413 too large, 408 too slow) and returns ok = false.
+func (r *Router) readBody(w http.ResponseWriter, req *http.Request) (raw []byte, ok bool) {
+	tooLarge := func() {
+		writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "", "request_too_large", "request body exceeds %d bytes", r.cfg.MaxBodyBytes)
+	}
+	if req.ContentLength > r.cfg.MaxBodyBytes {
+		tooLarge() // refused from its header, before a byte is read
+		return nil, false
+	}
+	if r.cfg.BodyReadTimeout > 0 {
+		rc := http.NewResponseController(w)
+		if err := rc.SetReadDeadline(time.Now().Add(r.cfg.BodyReadTimeout)); err == nil {
+			// Cleared as soon as the body is in: the server's background
+			// read, which notices a client going away, must not time out.
+			defer func() { _ = rc.SetReadDeadline(time.Time{}) }()
 		}
+	}
+	r.cfg.Metrics.AddReadingBody(1)
+	defer r.cfg.Metrics.AddReadingBody(-1)
+	var buf bytes.Buffer
+	if req.ContentLength > 0 {
+		buf.Grow(int(req.ContentLength) + 1)
+	}
+	_, err := buf.ReadFrom(http.MaxBytesReader(w, req.Body, r.cfg.MaxBodyBytes))
+	var tooBig *http.MaxBytesError
+	switch {
+	case err == nil:
+		return buf.Bytes(), true
+	case errors.As(err, &tooBig):
+		tooLarge()
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		w.Header().Set("Connection", "close")
+		writeError(w, http.StatusRequestTimeout, "invalid_request_error", "", "request_timeout", "the request body did not arrive within %v", r.cfg.BodyReadTimeout)
+	default:
+		badRequest(w, "", "the request body could not be read")
+	}
+	return nil, false
+}
+
+// parse reads and validates a request body (readBody, then parseBody).
+func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job Job, body completionRequest, ok bool) {
+	raw, ok := r.readBody(w, req)
+	if !ok {
 		return job, body, false
 	}
-	if _, err := dec.Token(); err != io.EOF {
-		badRequest(w, "", "invalid JSON body: trailing data after the object")
+	return r.parseBody(w, req, raw, chat)
+}
+
+// parseBody validates a request body; on failure it has written the error
+// response and returns ok = false.
+func (r *Router) parseBody(w http.ResponseWriter, req *http.Request, raw []byte, chat bool) (job Job, body completionRequest, ok bool) {
+	// Unmarshal, not a Decoder: no second copy of the body, and data after
+	// the object is an error.
+	if err := json.Unmarshal(raw, &body); err != nil {
+		badRequest(w, "", "invalid JSON body: %v", err)
 		return job, body, false
 	}
 	if body.Model == "" {
@@ -380,6 +426,10 @@ func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job
 		badRequest(w, param, "%v", err)
 		return job, body, false
 	}
+	if err := r.promptBound(prompt); err != nil {
+		badRequest(w, "prompt", "%v", err)
+		return job, body, false
+	}
 	tokens := r.cfg.Vocab.Encode(prompt)
 	switch {
 	case len(tokens) == 0:
@@ -402,6 +452,16 @@ func (r *Router) parse(w http.ResponseWriter, req *http.Request, chat bool) (job
 		clientID = ""
 	}
 	return Job{ID: ticket.NewID(), ClientID: clientID, Prompt: tokens, Sampling: sampling, Stop: stopSeqs}, body, true
+}
+
+// promptBound refuses, before tokenizing, a prompt certain to have more
+// than MaxPromptTokens tokens (executor.MinTokens): an oversized prompt
+// costs its bytes, never a tokenization's memory.
+func (r *Router) promptBound(prompt string) error {
+	if n := executor.MinTokens(r.cfg.Vocab, prompt); n > r.cfg.MaxPromptTokens {
+		return fmt.Errorf("the prompt has at least %d tokens (%d bytes), the limit is %d", n, len(prompt), r.cfg.MaxPromptTokens)
+	}
+	return nil
 }
 
 func roleErr(role string) error {
@@ -477,13 +537,18 @@ func finishJSON(f executor.FinishReason) *string {
 }
 
 func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat bool) {
+	raw, ok := r.readBody(w, req)
+	if !ok {
+		r.cfg.Metrics.RecordRequest("rejected", 0)
+		return
+	}
 	release, err := r.Admit()
 	if err != nil {
 		writeRunError(w, err, "")
 		return
 	}
 	defer release()
-	job, body, ok := r.parse(w, req, chat)
+	job, body, ok := r.parseBody(w, req, raw, chat)
 	if !ok {
 		r.cfg.Metrics.RecordRequest("rejected", 0)
 		return

@@ -49,6 +49,9 @@ type Config struct {
 	MaxOutputTokens  int
 	DefaultMaxTokens int
 	RequestTimeout   time.Duration
+	// BodyReadTimeout bounds the read of a request body, which happens
+	// before the request takes an in-flight slot (0: none).
+	BodyReadTimeout time.Duration
 	// StreamWriteTimeout bounds the write of each streamed chunk: a client
 	// that stops reading is dropped and its request cancelled (0: none).
 	StreamWriteTimeout time.Duration
@@ -264,8 +267,8 @@ func CodeOf(err error) codes.Code {
 	return status.Code(err)
 }
 
-// Admit takes an in-flight slot, before any work on a request (reading
-// its body, tokenizing): beyond MaxInflight it answers ErrOverloaded at
+// Admit takes an in-flight slot once a request's body is in and before any
+// work on it (decoding, tokenizing): beyond MaxInflight it answers ErrOverloaded at
 // once. release gives the slot back; call it when the request is done.
 func (r *Router) Admit() (release func(), err error) {
 	if n := r.inflight.Add(1); r.cfg.MaxInflight > 0 && n > int64(r.cfg.MaxInflight) {
@@ -273,7 +276,8 @@ func (r *Router) Admit() (release func(), err error) {
 		r.cfg.Metrics.RecordRequest(metrics.RequestRejected, 0)
 		return nil, ErrOverloaded
 	}
-	return func() { r.inflight.Add(-1) }, nil
+	r.cfg.Metrics.AddInflight(1)
+	return func() { r.inflight.Add(-1); r.cfg.Metrics.AddInflight(-1) }, nil
 }
 
 // Public is err as a client may see it. The router's own answers about
