@@ -128,8 +128,9 @@ type Server struct {
 
 	// mu guards the request table; a line logged under it is written
 	// after the unlock (mu.Later): no I/O under the lock, logs included.
-	mu   loglock.Mutex
-	reqs *executor.Table[*request]
+	mu       loglock.Mutex
+	reqs     *executor.Table[*request]
+	canaries canaries // guarded by mu
 }
 
 var (

@@ -52,6 +52,12 @@ func MinTokens(v Vocabulary, text string) int {
 	return n / max(v.MaxPieceBytes(), 1)
 }
 
+// CanaryText is the pair canary's prompt, tokenized by each server's
+// vocabulary (one full block of the synthetic presets: 16 tokens). The
+// context server prefills it for TransferService.Canary; the generation
+// server checks that the tokens it gets back are its own.
+const CanaryText = "the ferry carries light across the quiet river at night while the harbour holds its steady signal"
+
 // ChatMessage is a chat message as the prompt renders it.
 type ChatMessage struct{ Role, Content string }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -30,9 +31,6 @@ const (
 	canaryTimeout = 5 * time.Second
 )
 
-// canaryText is the canary's prompt, tokenized by the engine's vocabulary
-// (one full block of the synthetic presets: 16 tokens).
-const canaryText = "the ferry carries light across the quiet river at night while the harbour holds its steady signal"
 
 type canaryPeer struct {
 	seen     time.Time
@@ -154,20 +152,26 @@ func (s *Server) probe(ctx context.Context, endpoint string) error {
 	if err != nil {
 		return err
 	}
-	ctxClient := kvferryv1.NewContextServiceClient(cc)
+	// TransferService, not ContextService: with mTLS a generation server
+	// may call only the former (ContextService is the router's).
+	client := kvferryv1.NewTransferServiceClient(cc)
 	tk := ticket.New(ticket.NewID())
 	// release frees the probe's blocks on the context server, even when
 	// ctx is done, within its own canary timeout.
 	release := func() {
 		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), canaryTimeout)
 		defer rcancel()
-		_, _ = ctxClient.Release(rctx, &kvferryv1.ReleaseRequest{Ticket: tk})
+		_, _ = client.ReleaseCanary(rctx, &kvferryv1.ReleaseCanaryRequest{Ticket: tk})
 	}
 	sampling := &kvferryv1.SamplingParams{MaxTokens: 1}
-	pre, err := ctxClient.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: s.canaryPrompt, Sampling: sampling})
+	pre, err := client.Canary(ctx, &kvferryv1.CanaryRequest{Ticket: tk})
 	if err != nil {
 		release() // a prefill that finished after our deadline must not wait for its lease
 		return fmt.Errorf("prefill: %w", err)
+	}
+	if !slices.Equal(pre.GetPromptTokens(), s.canaryPrompt) {
+		release()
+		return errors.New("prefill: the context server's canary prompt differs from ours (another model or vocabulary)")
 	}
 	req := &kvferryv1.GenerateRequest{Ticket: tk, PromptTokens: s.canaryPrompt, FirstToken: pre.GetFirstToken(), Sampling: sampling, Advertisement: pre.GetAdvertisement()}
 	if err := errors.Join(s.validate(req), s.negotiate(req.GetAdvertisement())); err != nil {

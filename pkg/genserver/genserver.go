@@ -96,7 +96,7 @@ type Server struct {
 
 	cfg  Config
 	spec executor.ModelSpec
-	// canaryPrompt is canaryText in the engine's tokens.
+	// canaryPrompt is executor.CanaryText in the engine's tokens.
 	canaryPrompt []uint32
 	// decoder steps every decoding request's sequence in one batch;
 	// prefiller, when aggregated, batches the prompts this server prefills.
@@ -117,7 +117,7 @@ var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
 
 // New returns a generation server.
 func New(cfg Config) *Server {
-	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(canaryText), lg: cfg.Logger, reqs: executor.NewTable[*request](), quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
+	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(executor.CanaryText), lg: cfg.Logger, reqs: executor.NewTable[*request](), quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
 	s.decoder = executor.NewDecoder(cfg.Engine, cfg.MaxBatchSeqs, func(n int) {
 		if cfg.Progress != nil {
 			cfg.Progress.Touch(time.Now())

@@ -48,7 +48,7 @@ func TestTLSAndMTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	// --data-tls: the KV itself crosses in mutual TLS too.
-	s := stack.Up(t, binDir, stack.Options{CtxArgs: append(tlsFlags(files[identity.CtxServer]), "--data-tls"), GenArgs: append(tlsFlags(files[identity.GenServer]), "--data-tls"),
+	s := stack.Up(t, binDir, stack.Options{CtxArgs: append(tlsFlags(files[identity.CtxServer]), "--data-tls"), GenArgs: append(tlsFlags(files[identity.GenServer]), "--data-tls", "--canary-interval=200ms", "--health-interval=100ms"),
 		ExtraRouterArgs: tlsFlags(files[identity.Router])})
 	pool := fleet.Pool()
 	base := "https" + s.OpenAIURL[len("http"):]
@@ -87,6 +87,36 @@ func TestTLSAndMTLS(t *testing.T) {
 			t.Fatal(err)
 		}
 		return kp
+	}
+	// The pair canary, which the completion above started, runs through
+	// TransferService, which a generation server's certificate may call:
+	// it succeeds round after round, well past three intervals, and the
+	// pair stays ready (it called ContextService, was refused, and the
+	// router turned unready).
+	gh := kvferryv1.NewHealthServiceClient(dial(s.GenGRPC, load(identity.Router), identity.GenServer))
+	rounds, last := 0, int64(0)
+	stack.Eventually(t, "five successful canaries under mTLS", func() bool {
+		h, err := gh.GetHealth(testCtx(t), &kvferryv1.GetHealthRequest{})
+		if err != nil || len(h.GetCanary().GetPeers()) != 1 {
+			return false
+		}
+		p := h.GetCanary().GetPeers()[0]
+		if !p.GetOk() {
+			t.Fatalf("pair canary failed under mTLS: %s", p.GetError())
+		}
+		if p.GetLastUnixNanos() != last {
+			rounds, last = rounds+1, p.GetLastUnixNanos()
+		}
+		return rounds >= 5 && h.GetReady()
+	})
+	if code := probe(s.RouterAdmin + "/readyz"); code != http.StatusOK {
+		t.Fatalf("router readyz %d after the canaries", code)
+	}
+	// ReleaseCanary, open to generation servers, frees only canaries: a
+	// routed request's ticket is not released by it.
+	if r, err := kvferryv1.NewTransferServiceClient(dial(s.CtxGRPC, load(identity.GenServer), identity.CtxServer)).ReleaseCanary(ctx,
+		&kvferryv1.ReleaseCanaryRequest{Ticket: ticket.New(ticket.NewID())}); err != nil || r.GetReleased() {
+		t.Fatalf("ReleaseCanary of a ticket Canary did not start: %v %v", r, err)
 	}
 	prefill := &kvferryv1.PrefillRequest{Ticket: ticket.New(ticket.NewID()), PromptTokens: []uint32{1, 2, 3}, Sampling: &kvferryv1.SamplingParams{MaxTokens: 4, Temperature: 1, TopP: 1}}
 

@@ -351,6 +351,199 @@ func (x *AbortTransferResponse) GetFound() bool {
 	return false
 }
 
+type CanaryRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ticket        *Ticket                `protobuf:"bytes,1,opt,name=ticket,proto3" json:"ticket,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CanaryRequest) Reset() {
+	*x = CanaryRequest{}
+	mi := &file_kvferry_v1_transfer_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CanaryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CanaryRequest) ProtoMessage() {}
+
+func (x *CanaryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_transfer_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CanaryRequest.ProtoReflect.Descriptor instead.
+func (*CanaryRequest) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_transfer_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *CanaryRequest) GetTicket() *Ticket {
+	if x != nil {
+		return x.Ticket
+	}
+	return nil
+}
+
+type CanaryResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// prompt_tokens is the canary prompt in the server's model's tokens.
+	PromptTokens  []uint32         `protobuf:"varint,1,rep,packed,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
+	FirstToken    uint32           `protobuf:"varint,2,opt,name=first_token,json=firstToken,proto3" json:"first_token,omitempty"`
+	Advertisement *KVAdvertisement `protobuf:"bytes,3,opt,name=advertisement,proto3" json:"advertisement,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CanaryResponse) Reset() {
+	*x = CanaryResponse{}
+	mi := &file_kvferry_v1_transfer_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CanaryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CanaryResponse) ProtoMessage() {}
+
+func (x *CanaryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_transfer_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CanaryResponse.ProtoReflect.Descriptor instead.
+func (*CanaryResponse) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_transfer_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *CanaryResponse) GetPromptTokens() []uint32 {
+	if x != nil {
+		return x.PromptTokens
+	}
+	return nil
+}
+
+func (x *CanaryResponse) GetFirstToken() uint32 {
+	if x != nil {
+		return x.FirstToken
+	}
+	return 0
+}
+
+func (x *CanaryResponse) GetAdvertisement() *KVAdvertisement {
+	if x != nil {
+		return x.Advertisement
+	}
+	return nil
+}
+
+type ReleaseCanaryRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ticket        *Ticket                `protobuf:"bytes,1,opt,name=ticket,proto3" json:"ticket,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseCanaryRequest) Reset() {
+	*x = ReleaseCanaryRequest{}
+	mi := &file_kvferry_v1_transfer_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseCanaryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseCanaryRequest) ProtoMessage() {}
+
+func (x *ReleaseCanaryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_transfer_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseCanaryRequest.ProtoReflect.Descriptor instead.
+func (*ReleaseCanaryRequest) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_transfer_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ReleaseCanaryRequest) GetTicket() *Ticket {
+	if x != nil {
+		return x.Ticket
+	}
+	return nil
+}
+
+type ReleaseCanaryResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Released      bool                   `protobuf:"varint,1,opt,name=released,proto3" json:"released,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseCanaryResponse) Reset() {
+	*x = ReleaseCanaryResponse{}
+	mi := &file_kvferry_v1_transfer_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseCanaryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseCanaryResponse) ProtoMessage() {}
+
+func (x *ReleaseCanaryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_transfer_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseCanaryResponse.ProtoReflect.Descriptor instead.
+func (*ReleaseCanaryResponse) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_transfer_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ReleaseCanaryResponse) GetReleased() bool {
+	if x != nil {
+		return x.Released
+	}
+	return false
+}
+
 var File_kvferry_v1_transfer_proto protoreflect.FileDescriptor
 
 const file_kvferry_v1_transfer_proto_rawDesc = "" +
@@ -379,16 +572,29 @@ const file_kvferry_v1_transfer_proto_rawDesc = "" +
 	"session_id\x18\x02 \x01(\x04R\tsessionId\"S\n" +
 	"\x15AbortTransferResponse\x12$\n" +
 	"\x0eno_more_writes\x18\x01 \x01(\bR\fnoMoreWrites\x12\x14\n" +
-	"\x05found\x18\x02 \x01(\bR\x05found*\xa0\x01\n" +
+	"\x05found\x18\x02 \x01(\bR\x05found\";\n" +
+	"\rCanaryRequest\x12*\n" +
+	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\"\x99\x01\n" +
+	"\x0eCanaryResponse\x12#\n" +
+	"\rprompt_tokens\x18\x01 \x03(\rR\fpromptTokens\x12\x1f\n" +
+	"\vfirst_token\x18\x02 \x01(\rR\n" +
+	"firstToken\x12A\n" +
+	"\radvertisement\x18\x03 \x01(\v2\x1b.kvferry.v1.KVAdvertisementR\radvertisement\"B\n" +
+	"\x14ReleaseCanaryRequest\x12*\n" +
+	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\"3\n" +
+	"\x15ReleaseCanaryResponse\x12\x1a\n" +
+	"\breleased\x18\x01 \x01(\bR\breleased*\xa0\x01\n" +
 	"\rTransferEvent\x12\x1e\n" +
 	"\x1aTRANSFER_EVENT_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14TRANSFER_EVENT_READY\x10\x01\x12\x1c\n" +
 	"\x18TRANSFER_EVENT_NOT_READY\x10\x02\x12\x1c\n" +
 	"\x18TRANSFER_EVENT_COMPLETED\x10\x03\x12\x19\n" +
-	"\x15TRANSFER_EVENT_FAILED\x10\x042\xb0\x01\n" +
+	"\x15TRANSFER_EVENT_FAILED\x10\x042\xc7\x02\n" +
 	"\x0fTransferService\x12G\n" +
 	"\bTransfer\x12\x1b.kvferry.v1.TransferRequest\x1a\x1c.kvferry.v1.TransferResponse0\x01\x12T\n" +
-	"\rAbortTransfer\x12 .kvferry.v1.AbortTransferRequest\x1a!.kvferry.v1.AbortTransferResponseB7Z5github.com/kvferry/kvferry/proto/kvferry/v1;kvferryv1b\x06proto3"
+	"\rAbortTransfer\x12 .kvferry.v1.AbortTransferRequest\x1a!.kvferry.v1.AbortTransferResponse\x12?\n" +
+	"\x06Canary\x12\x19.kvferry.v1.CanaryRequest\x1a\x1a.kvferry.v1.CanaryResponse\x12T\n" +
+	"\rReleaseCanary\x12 .kvferry.v1.ReleaseCanaryRequest\x1a!.kvferry.v1.ReleaseCanaryResponseB7Z5github.com/kvferry/kvferry/proto/kvferry/v1;kvferryv1b\x06proto3"
 
 var (
 	file_kvferry_v1_transfer_proto_rawDescOnce sync.Once
@@ -403,32 +609,44 @@ func file_kvferry_v1_transfer_proto_rawDescGZIP() []byte {
 }
 
 var file_kvferry_v1_transfer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_kvferry_v1_transfer_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_kvferry_v1_transfer_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_kvferry_v1_transfer_proto_goTypes = []any{
 	(TransferEvent)(0),            // 0: kvferry.v1.TransferEvent
 	(*TransferRequest)(nil),       // 1: kvferry.v1.TransferRequest
 	(*TransferResponse)(nil),      // 2: kvferry.v1.TransferResponse
 	(*AbortTransferRequest)(nil),  // 3: kvferry.v1.AbortTransferRequest
 	(*AbortTransferResponse)(nil), // 4: kvferry.v1.AbortTransferResponse
-	(*Ticket)(nil),                // 5: kvferry.v1.Ticket
-	(*KVLayout)(nil),              // 6: kvferry.v1.KVLayout
-	(*BlockDescriptor)(nil),       // 7: kvferry.v1.BlockDescriptor
+	(*CanaryRequest)(nil),         // 5: kvferry.v1.CanaryRequest
+	(*CanaryResponse)(nil),        // 6: kvferry.v1.CanaryResponse
+	(*ReleaseCanaryRequest)(nil),  // 7: kvferry.v1.ReleaseCanaryRequest
+	(*ReleaseCanaryResponse)(nil), // 8: kvferry.v1.ReleaseCanaryResponse
+	(*Ticket)(nil),                // 9: kvferry.v1.Ticket
+	(*KVLayout)(nil),              // 10: kvferry.v1.KVLayout
+	(*BlockDescriptor)(nil),       // 11: kvferry.v1.BlockDescriptor
+	(*KVAdvertisement)(nil),       // 12: kvferry.v1.KVAdvertisement
 }
 var file_kvferry_v1_transfer_proto_depIdxs = []int32{
-	5, // 0: kvferry.v1.TransferRequest.ticket:type_name -> kvferry.v1.Ticket
-	6, // 1: kvferry.v1.TransferRequest.layout:type_name -> kvferry.v1.KVLayout
-	7, // 2: kvferry.v1.TransferRequest.destinations:type_name -> kvferry.v1.BlockDescriptor
-	0, // 3: kvferry.v1.TransferResponse.event:type_name -> kvferry.v1.TransferEvent
-	5, // 4: kvferry.v1.AbortTransferRequest.ticket:type_name -> kvferry.v1.Ticket
-	1, // 5: kvferry.v1.TransferService.Transfer:input_type -> kvferry.v1.TransferRequest
-	3, // 6: kvferry.v1.TransferService.AbortTransfer:input_type -> kvferry.v1.AbortTransferRequest
-	2, // 7: kvferry.v1.TransferService.Transfer:output_type -> kvferry.v1.TransferResponse
-	4, // 8: kvferry.v1.TransferService.AbortTransfer:output_type -> kvferry.v1.AbortTransferResponse
-	7, // [7:9] is the sub-list for method output_type
-	5, // [5:7] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	9,  // 0: kvferry.v1.TransferRequest.ticket:type_name -> kvferry.v1.Ticket
+	10, // 1: kvferry.v1.TransferRequest.layout:type_name -> kvferry.v1.KVLayout
+	11, // 2: kvferry.v1.TransferRequest.destinations:type_name -> kvferry.v1.BlockDescriptor
+	0,  // 3: kvferry.v1.TransferResponse.event:type_name -> kvferry.v1.TransferEvent
+	9,  // 4: kvferry.v1.AbortTransferRequest.ticket:type_name -> kvferry.v1.Ticket
+	9,  // 5: kvferry.v1.CanaryRequest.ticket:type_name -> kvferry.v1.Ticket
+	12, // 6: kvferry.v1.CanaryResponse.advertisement:type_name -> kvferry.v1.KVAdvertisement
+	9,  // 7: kvferry.v1.ReleaseCanaryRequest.ticket:type_name -> kvferry.v1.Ticket
+	1,  // 8: kvferry.v1.TransferService.Transfer:input_type -> kvferry.v1.TransferRequest
+	3,  // 9: kvferry.v1.TransferService.AbortTransfer:input_type -> kvferry.v1.AbortTransferRequest
+	5,  // 10: kvferry.v1.TransferService.Canary:input_type -> kvferry.v1.CanaryRequest
+	7,  // 11: kvferry.v1.TransferService.ReleaseCanary:input_type -> kvferry.v1.ReleaseCanaryRequest
+	2,  // 12: kvferry.v1.TransferService.Transfer:output_type -> kvferry.v1.TransferResponse
+	4,  // 13: kvferry.v1.TransferService.AbortTransfer:output_type -> kvferry.v1.AbortTransferResponse
+	6,  // 14: kvferry.v1.TransferService.Canary:output_type -> kvferry.v1.CanaryResponse
+	8,  // 15: kvferry.v1.TransferService.ReleaseCanary:output_type -> kvferry.v1.ReleaseCanaryResponse
+	12, // [12:16] is the sub-list for method output_type
+	8,  // [8:12] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_kvferry_v1_transfer_proto_init() }
@@ -443,7 +661,7 @@ func file_kvferry_v1_transfer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvferry_v1_transfer_proto_rawDesc), len(file_kvferry_v1_transfer_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   4,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,6 +21,8 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	TransferService_Transfer_FullMethodName      = "/kvferry.v1.TransferService/Transfer"
 	TransferService_AbortTransfer_FullMethodName = "/kvferry.v1.TransferService/AbortTransfer"
+	TransferService_Canary_FullMethodName        = "/kvferry.v1.TransferService/Canary"
+	TransferService_ReleaseCanary_FullMethodName = "/kvferry.v1.TransferService/ReleaseCanary"
 )
 
 // TransferServiceClient is the client API for TransferService service.
@@ -39,6 +41,15 @@ type TransferServiceClient interface {
 	// no_more_writes = true is proof that no further byte of this session will
 	// be written into the destination blocks.
 	AbortTransfer(ctx context.Context, in *AbortTransferRequest, opts ...grpc.CallOption) (*AbortTransferResponse, error)
+	// Canary prefills the pair canary's fixed prompt (the server's own, never
+	// the caller's) under the caller's ticket and advertises it: the
+	// generation server's probe of the data path. It lives here, beside
+	// Transfer, because generation servers are the callers of this service;
+	// ContextService stays the router's alone.
+	Canary(ctx context.Context, in *CanaryRequest, opts ...grpc.CallOption) (*CanaryResponse, error)
+	// ReleaseCanary frees a canary's blocks; it releases nothing but tickets
+	// that Canary started.
+	ReleaseCanary(ctx context.Context, in *ReleaseCanaryRequest, opts ...grpc.CallOption) (*ReleaseCanaryResponse, error)
 }
 
 type transferServiceClient struct {
@@ -78,6 +89,26 @@ func (c *transferServiceClient) AbortTransfer(ctx context.Context, in *AbortTran
 	return out, nil
 }
 
+func (c *transferServiceClient) Canary(ctx context.Context, in *CanaryRequest, opts ...grpc.CallOption) (*CanaryResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CanaryResponse)
+	err := c.cc.Invoke(ctx, TransferService_Canary_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *transferServiceClient) ReleaseCanary(ctx context.Context, in *ReleaseCanaryRequest, opts ...grpc.CallOption) (*ReleaseCanaryResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReleaseCanaryResponse)
+	err := c.cc.Invoke(ctx, TransferService_ReleaseCanary_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TransferServiceServer is the server API for TransferService service.
 // All implementations must embed UnimplementedTransferServiceServer
 // for forward compatibility.
@@ -94,6 +125,15 @@ type TransferServiceServer interface {
 	// no_more_writes = true is proof that no further byte of this session will
 	// be written into the destination blocks.
 	AbortTransfer(context.Context, *AbortTransferRequest) (*AbortTransferResponse, error)
+	// Canary prefills the pair canary's fixed prompt (the server's own, never
+	// the caller's) under the caller's ticket and advertises it: the
+	// generation server's probe of the data path. It lives here, beside
+	// Transfer, because generation servers are the callers of this service;
+	// ContextService stays the router's alone.
+	Canary(context.Context, *CanaryRequest) (*CanaryResponse, error)
+	// ReleaseCanary frees a canary's blocks; it releases nothing but tickets
+	// that Canary started.
+	ReleaseCanary(context.Context, *ReleaseCanaryRequest) (*ReleaseCanaryResponse, error)
 	mustEmbedUnimplementedTransferServiceServer()
 }
 
@@ -109,6 +149,12 @@ func (UnimplementedTransferServiceServer) Transfer(*TransferRequest, grpc.Server
 }
 func (UnimplementedTransferServiceServer) AbortTransfer(context.Context, *AbortTransferRequest) (*AbortTransferResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method AbortTransfer not implemented")
+}
+func (UnimplementedTransferServiceServer) Canary(context.Context, *CanaryRequest) (*CanaryResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Canary not implemented")
+}
+func (UnimplementedTransferServiceServer) ReleaseCanary(context.Context, *ReleaseCanaryRequest) (*ReleaseCanaryResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReleaseCanary not implemented")
 }
 func (UnimplementedTransferServiceServer) mustEmbedUnimplementedTransferServiceServer() {}
 func (UnimplementedTransferServiceServer) testEmbeddedByValue()                         {}
@@ -160,6 +206,42 @@ func _TransferService_AbortTransfer_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TransferService_Canary_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CanaryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TransferServiceServer).Canary(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TransferService_Canary_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TransferServiceServer).Canary(ctx, req.(*CanaryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _TransferService_ReleaseCanary_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReleaseCanaryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TransferServiceServer).ReleaseCanary(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TransferService_ReleaseCanary_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TransferServiceServer).ReleaseCanary(ctx, req.(*ReleaseCanaryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // TransferService_ServiceDesc is the grpc.ServiceDesc for TransferService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -170,6 +252,14 @@ var TransferService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AbortTransfer",
 			Handler:    _TransferService_AbortTransfer_Handler,
+		},
+		{
+			MethodName: "Canary",
+			Handler:    _TransferService_Canary_Handler,
+		},
+		{
+			MethodName: "ReleaseCanary",
+			Handler:    _TransferService_ReleaseCanary_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
