@@ -31,7 +31,6 @@ const (
 	canaryTimeout = 5 * time.Second
 )
 
-
 type canaryPeer struct {
 	seen     time.Time
 	last     *kvferryv1.CanaryPeer
