@@ -50,22 +50,24 @@ else
   eng=(--model="$model")
   prompt="the quiet river carries light"
 fi
+# Every port on loopback: make run is for this machine only.
+router_listen=(--http-addr=127.0.0.1:8000 --grpc-addr=127.0.0.1:8001 --admin-addr=127.0.0.1:8002)
 common=("${eng[@]}" "${srv_eng[@]}" --prefill-tokens-per-second="$tps" --decode-step-time="$step")
 if [ "$aggregated" -gt 0 ]; then
   gens=()
   for i in $(seq 0 $((aggregated - 1))); do
     port=$((9200 + 10 * i))
-    setsid "$bin/genserver" "${common[@]}" --aggregated --grpc-addr=":$port" --http-addr=":$((port + 1))" \
+    setsid "$bin/genserver" "${common[@]}" --aggregated --grpc-addr="127.0.0.1:$port" --http-addr="127.0.0.1:$((port + 1))" \
       --data-addr="127.0.0.1:$((port + 2))" >"$logs/genserver-$i.log" 2>&1 & pids+=($!)
     gens+=("127.0.0.1:$port")
   done
   servers="genserver ${gens[*]} (aggregated: each prefills too)"
-  setsid "$bin/router" "${eng[@]}" --aggregated --gen-servers="$(IFS=,; echo "${gens[*]}")" >"$logs/router.log" 2>&1 & pids+=($!)
+  setsid "$bin/router" "${eng[@]}" "${router_listen[@]}" --aggregated --gen-servers="$(IFS=,; echo "${gens[*]}")" >"$logs/router.log" 2>&1 & pids+=($!)
 else
   servers="ctxserver :9100; genserver :9200"
-  setsid "$bin/ctxserver" "${common[@]}" >"$logs/ctxserver.log" 2>&1 & pids+=($!)
-  setsid "$bin/genserver" "${common[@]}" >"$logs/genserver.log" 2>&1 & pids+=($!)
-  setsid "$bin/router" "${eng[@]}" >"$logs/router.log" 2>&1 & pids+=($!)
+  setsid "$bin/ctxserver" "${common[@]}" --grpc-addr=127.0.0.1:9100 --http-addr=127.0.0.1:9101 --data-addr=127.0.0.1:9102 >"$logs/ctxserver.log" 2>&1 & pids+=($!)
+  setsid "$bin/genserver" "${common[@]}" --grpc-addr=127.0.0.1:9200 --http-addr=127.0.0.1:9201 --data-addr=127.0.0.1:9202 >"$logs/genserver.log" 2>&1 & pids+=($!)
+  setsid "$bin/router" "${eng[@]}" "${router_listen[@]}" >"$logs/router.log" 2>&1 & pids+=($!)
 fi
 
 for _ in $(seq 1 300); do

@@ -28,13 +28,20 @@ type TLSFiles struct{ Cert, Key, CA, TrustDomain string }
 // Enabled reports whether any TLS flag is set.
 func (f TLSFiles) Enabled() bool { return f.Cert != "" || f.Key != "" || f.CA != "" }
 
-// Validate checks that cert and key come together and the files load.
+// Validate checks that cert and key come together, with a CA, and the
+// files load.
 func (f TLSFiles) Validate() error {
 	if !f.Enabled() {
 		return nil
 	}
 	if (f.Cert == "") != (f.Key == "") {
 		return errors.New("--tls-cert and --tls-key go together")
+	}
+	if f.Cert != "" && f.CA == "" {
+		// Without a CA, servers would serve TLS to any client, certificate
+		// or not, and clients would trust any server the system trusts:
+		// encryption without the role checks the security model rests on.
+		return errors.New("--tls-cert needs --tls-ca: without it no peer's certificate or role is checked")
 	}
 	_, err := f.config(false, false)
 	return err

@@ -80,21 +80,11 @@ func decoder(t testing.TB) runtime.Decoder {
 // into namespace, and decodes every object.
 func render(t testing.TB, valuesFile string) rendered {
 	t.Helper()
-	ch, err := loader.Load(chartDir(t))
-	if err != nil {
-		t.Fatal(err)
-	}
 	vals, err := chartutil.ReadValuesFile(valuesFile)
 	if err != nil {
 		t.Fatal(err)
 	}
-	caps := chartutil.DefaultCapabilities.Copy()
-	caps.KubeVersion = chartutil.KubeVersion{Version: "v1.31.0", Major: "1", Minor: "31"}
-	rv, err := chartutil.ToRenderValues(ch, vals, chartutil.ReleaseOptions{Name: releaseName, Namespace: namespace, IsInstall: true, Revision: 1}, caps)
-	if err != nil {
-		t.Fatal(err)
-	}
-	files, err := engine.Render(ch, rv)
+	files, err := renderValues(t, vals)
 	if err != nil {
 		t.Fatalf("%s: %v", filepath.Base(valuesFile), err)
 	}
@@ -125,6 +115,41 @@ func render(t testing.TB, valuesFile string) rendered {
 		}
 	}
 	return out
+}
+
+// renderValues renders the chart's files with vals as helm install would.
+func renderValues(t testing.TB, vals chartutil.Values) (map[string]string, error) {
+	t.Helper()
+	ch, err := loader.Load(chartDir(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	caps := chartutil.DefaultCapabilities.Copy()
+	caps.KubeVersion = chartutil.KubeVersion{Version: "v1.31.0", Major: "1", Minor: "31"}
+	rv, err := chartutil.ToRenderValues(ch, vals, chartutil.ReleaseOptions{Name: releaseName, Namespace: namespace, IsInstall: true, Revision: 1}, caps)
+	if err != nil {
+		return nil, err // the values schema refused them
+	}
+	return engine.Render(ch, rv)
+}
+
+// TestClosedByDefault: the chart's own defaults do not render an open
+// router (no API keys) or an unpinned image; the operator says so on
+// purpose (auth.insecure) or names the Secret.
+func TestClosedByDefault(t *testing.T) {
+	for _, tc := range []struct{ values, want string }{
+		{"{}", "auth.apiKeysSecret"},
+		{"transport: shm", "auth.apiKeysSecret"},
+		{"auth: {apiKeysSecret: k}\nimage: {tag: latest}", "/image/tag"},
+	} {
+		vals, err := chartutil.ReadValues([]byte(tc.values))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := renderValues(t, vals); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q renders: %v, want a failure naming %s", tc.values, err, tc.want)
+		}
+	}
 }
 
 func stripComments(doc string) string {
@@ -225,7 +250,7 @@ func TestValuesSchema(t *testing.T) {
 		}
 	}
 	for _, bad := range []string{"ctxsever: {replicas: 3}", "transport: rdma", "model: {engine: vllm}", "genserver: {replicas: many}",
-		"health: {shutdownGrace: 1m}", "model: {sha256: abc}", "router: {extraArgs: [max-inflight=3]}"} {
+		"health: {shutdownGrace: 1m}", "model: {sha256: abc}", "image: {tag: latest}", "image: {digest: latest}", "router: {apiKeysSecret: k}", "router: {extraArgs: [max-inflight=3]}"} {
 		if err := check(bad); err == nil {
 			t.Errorf("%q: accepted", bad)
 		}
@@ -246,8 +271,17 @@ func TestRenderAndShape(t *testing.T) {
 			if n := *deployment(t, r, "router").Spec.Replicas; n != 2 {
 				t.Errorf("default: %d routers", n)
 			}
-			if kinds["*v1.PodDisruptionBudget"] != 3 || kinds["*v1.Role"] != 1 || kinds["*v1.Certificate"] != 0 || kinds["*v1.NetworkPolicy"] != 0 {
+			// Closed by default: mTLS certificates per role, network
+			// policies, API keys, a pinned image.
+			if kinds["*v1.PodDisruptionBudget"] != 3 || kinds["*v1.Role"] != 1 || kinds["*v1.Certificate"] != 3 || kinds["*v1.NetworkPolicy"] != 3 {
 				t.Errorf("default: kinds %v", kinds)
+			}
+			rc := deployment(t, r, "router").Spec.Template.Spec.Containers[0]
+			if !slices.Contains(rc.Args, "--api-keys-file=/etc/kvferry/api-keys/keys") || !slices.Contains(rc.Args, "--tls-ca=/etc/kvferry/tls/ca.crt") {
+				t.Errorf("default: router args %v, want API keys and mTLS", rc.Args)
+			}
+			if rc.Image != "kvferry:0.1.0" {
+				t.Errorf("default: image %q", rc.Image)
 			}
 		case "shm-pair-values.yaml":
 			d := deployment(t, r, "pair")
@@ -268,6 +302,9 @@ func TestRenderAndShape(t *testing.T) {
 				t.Errorf("shm pair: the shared volume is %+v, want an emptyDir of medium Memory", shm)
 			}
 			for _, c := range d.Spec.Template.Spec.Containers[1:] {
+				if !slices.ContainsFunc(c.Args, func(a string) bool { return strings.HasPrefix(a, "--grpc-addr=127.0.0.1:") }) {
+					t.Errorf("shm pair: %s serves gRPC beyond loopback: %v", c.Name, c.Args)
+				}
 				if !slices.Contains(c.Args, "--transport=shm") || !slices.Contains(c.Args, "--shm-dir=/run/kvferry") {
 					t.Errorf("shm pair: %s args %v", c.Name, c.Args)
 				}
@@ -284,6 +321,9 @@ func TestRenderAndShape(t *testing.T) {
 				}
 			}
 			checkDataNames(t, r, certs)
+			if img := deployment(t, r, "router").Spec.Template.Spec.Containers[0].Image; !strings.HasSuffix(img, "@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef") {
+				t.Errorf("mtls: image %q is not pinned by its digest", img)
+			}
 		case "aggregated-values.yaml":
 			checkAggregated(t, r, kinds)
 		case "pairs-3x5-values.yaml":

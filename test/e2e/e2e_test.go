@@ -395,6 +395,8 @@ func TestBadFlags(t *testing.T) {
 		{"router", []string{"--no-such-flag"}, "no-such-flag"},
 		{"router", []string{"--routing=ready,fastest"}, `unknown plugin "fastest"`},
 		{"genserver", []string{"--data-tls"}, "--data-tls needs --tls-cert"},
+		{"ctxserver", []string{"--tls-cert=c.pem", "--tls-key=k.pem"}, "--tls-cert needs --tls-ca"},
+		{"router", []string{"--tls-cert=c.pem", "--tls-key=k.pem"}, "--tls-cert needs --tls-ca"},
 	} {
 		t.Run(tc.bin+" "+tc.args[0], func(t *testing.T) {
 			cmd := exec.CommandContext(testCtx(t), filepath.Join(binDir, tc.bin), tc.args...)

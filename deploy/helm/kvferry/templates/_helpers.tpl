@@ -27,7 +27,20 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 
 {{- define "kvferry.image" -}}
+{{- if eq .Values.image.tag "latest" }}{{ fail "image.tag: pin a version; \"latest\" is refused" }}{{ end -}}
+{{- if .Values.image.digest -}}
+{{ printf "%s:%s@%s" .Values.image.repository .Values.image.tag .Values.image.digest | quote }}
+{{- else -}}
 {{ printf "%s:%s" .Values.image.repository .Values.image.tag | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/* kvferry.checkAuth fails the render of an open router unless the
+     operator asked for one. */}}
+{{- define "kvferry.checkAuth" -}}
+{{- if not (or .Values.auth.apiKeysSecret .Values.auth.insecure) -}}
+{{ fail "auth.apiKeysSecret: name a Secret with a key \"keys\" (one API key per line), or set auth.insecure: true to serve without API keys" }}
+{{- end -}}
 {{- end -}}
 
 {{- define "kvferry.ctxName" -}}{{ include "kvferry.fullname" . }}-ctx{{- end -}}
@@ -189,7 +202,7 @@ args:
   - --max-inflight={{ $.Values.router.maxInflight }}
   - --request-timeout={{ $.Values.router.requestTimeout }}
   - --shutdown-grace={{ $.Values.health.shutdownGrace }}
-  {{- if $.Values.router.apiKeysSecret }}
+  {{- if $.Values.auth.apiKeysSecret }}
   - --api-keys-file=/etc/kvferry/api-keys/keys
   {{- end }}
   {{- include "kvferry.tlsArgs" (list $ "router") | nindent 2 }}
@@ -207,16 +220,16 @@ securityContext:
   {{- include "kvferry.securityContext" $ | nindent 2 }}
 volumeMounts:
   {{- include "kvferry.mounts" (list $ "router") | nindent 2 }}
-  {{- if $.Values.router.apiKeysSecret }}
+  {{- if $.Values.auth.apiKeysSecret }}
   - {name: api-keys, mountPath: /etc/kvferry/api-keys, readOnly: true}
   {{- end }}
 {{- end -}}
 
 {{- define "kvferry.apiKeysVolume" -}}
-{{- if .Values.router.apiKeysSecret }}
+{{- if .Values.auth.apiKeysSecret }}
 - name: api-keys
   secret:
-    secretName: {{ .Values.router.apiKeysSecret }}
+    secretName: {{ .Values.auth.apiKeysSecret }}
 {{- end }}
 {{- end -}}
 
@@ -245,6 +258,8 @@ args:
   - --pool-blocks={{ $v.poolBlocks }}
   - --max-queue={{ $v.maxQueue }}
   {{- if $pair }}
+  # gRPC on loopback: only the pair's own router calls these servers.
+  - --grpc-addr=127.0.0.1:{{ ternary 9100 9200 (eq $role "ctxserver") }}
   - --transport=shm
   - --shm-dir=/run/kvferry
   {{- else }}
