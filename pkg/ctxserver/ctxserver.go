@@ -210,7 +210,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 		s.mu.Unlock()
 		return nil, status.Error(codes.Canceled, "prefill: cancelled")
 	}
-	blocks, hashes, reused, err := s.allocateLocked(pctx, req.GetPromptTokens())
+	blocks, hashes, reused, err := s.allocateLocked(pctx, req.GetCacheSalt(), req.GetPromptTokens())
 	admitted()
 	if err != nil {
 		r.End(time.Now())
@@ -303,12 +303,12 @@ func (s *Server) blockTokens(tokens []uint32, i int) []uint32 {
 // allocateLocked gives a prompt its blocks: the longest cached prefix from
 // the reuse cache, then fresh blocks for the rest. It returns the blocks,
 // the reuse keys of the full blocks, and how many blocks were reused.
-func (s *Server) allocateLocked(ctx context.Context, tokens []uint32) ([]blockpool.ID, []uint64, int, error) {
+func (s *Server) allocateLocked(ctx context.Context, salt string, tokens []uint32) ([]blockpool.ID, []uint64, int, error) {
 	n := s.spec.BlocksFor(len(tokens))
 	var hashes []uint64
 	var blocks []blockpool.ID
 	if s.cfg.PrefixReuse {
-		hashes = s.prefixKeys.Keys(tokens)
+		hashes = s.prefixKeys.Keys(salt, tokens)
 		blocks = s.cfg.Pool.Lookup(hashes)
 		for i, id := range blocks {
 			if !slices.Equal(s.cachedTokens[id], s.blockTokens(tokens, i)) {

@@ -431,15 +431,17 @@ func NewPrefixKeys(spec ModelSpec) *PrefixKeys {
 	return k
 }
 
-// Keys returns the key of each full block of tokens; block j's key covers
-// every token up to its end. The partial last block has none.
-func (k *PrefixKeys) Keys(tokens []uint32) []uint64 {
+// Keys returns the key of each full block of tokens under salt; block j's
+// key covers the salt and every token up to its end. The partial last
+// block has none. Equal prompts under different salts (tenants) share no
+// key, so no block.
+func (k *PrefixKeys) Keys(salt string, tokens []uint32) []uint64 {
 	full := len(tokens) / k.spec.BlockTokens
 	out := make([]uint64, full)
 	h := sha256.New()
 	var chain [sha256.Size]byte
 	h.Write(k.secret[:])
-	fmt.Fprintf(h, "%s|%s|%s|%d|%d", k.spec.Engine, k.spec.ModelSHA256, k.spec.Name, k.spec.BytesPerToken(), k.spec.BlockTokens)
+	fmt.Fprintf(h, "%s|%s|%s|%d|%d|%d:%s", k.spec.Engine, k.spec.ModelSHA256, k.spec.Name, k.spec.BytesPerToken(), k.spec.BlockTokens, len(salt), salt)
 	h.Sum(chain[:0])
 	var b [4]byte
 	for j := range full {

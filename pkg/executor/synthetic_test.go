@@ -271,14 +271,15 @@ func TestPrefillWithReuse(t *testing.T) {
 	}
 }
 
-// Prefix keys depend on every token up to the block's end and on a secret
-// of the process: two processes key the same prompt differently.
+// Prefix keys depend on every token up to the block's end, on the salt
+// (the tenant) and on a secret of the process: two processes key the same
+// prompt differently.
 func TestPrefixKeys(t *testing.T) {
 	spec, _ := Preset("tiny")
 	k := NewPrefixKeys(spec)
-	a := k.Keys(Tokenize(longPrompt(40)))
-	b := k.Keys(Tokenize(longPrompt(40)))
-	c := k.Keys(Tokenize("a " + longPrompt(40)))
+	a := k.Keys("", Tokenize(longPrompt(40)))
+	b := k.Keys("", Tokenize(longPrompt(40)))
+	c := k.Keys("", Tokenize("a "+longPrompt(40)))
 	if len(a) == 0 || len(a) != len(b) {
 		t.Fatalf("keys %v %v", a, b)
 	}
@@ -290,8 +291,14 @@ func TestPrefixKeys(t *testing.T) {
 			t.Fatalf("block %d: another prefix, the same key", i)
 		}
 	}
-	if other := NewPrefixKeys(spec).Keys(Tokenize(longPrompt(40))); other[0] == a[0] {
+	if other := NewPrefixKeys(spec).Keys("", Tokenize(longPrompt(40))); other[0] == a[0] {
 		t.Fatal("two secrets gave the same key")
+	}
+	// Tenants: the same prompt under another salt shares no block's key.
+	for i, key := range k.Keys("tenant:acme", Tokenize(longPrompt(40))) {
+		if key == a[i] {
+			t.Fatalf("block %d: another salt, the same key", i)
+		}
 	}
 }
 

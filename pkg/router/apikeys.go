@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -25,24 +27,44 @@ import (
 // RouterService) accept. Keys are kept as sha256 digests and compared in
 // constant time, every key every time; the set can be replaced while
 // serving (WatchFile). A nil or empty Keys accepts everything.
+//
+// Each key belongs to a tenant: the label after it in the key file, or
+// the key alone. Tenants do not share prefix-cache blocks (the router
+// salts each Prefill with the tenant: no timing oracle on another
+// tenant's prompts) and only the tenant that started a request may cancel
+// it.
 type Keys struct {
-	digests atomic.Pointer[[][sha256.Size]byte]
+	set atomic.Pointer[keySet]
 }
 
+type keySet struct {
+	digests [][sha256.Size]byte
+	tenants []string
+}
+
+// Key is one accepted key and its tenant label ("": the key's own).
+type Key struct{ Secret, Tenant string }
+
 // NewKeys returns the set of keys.
-func NewKeys(keys []string) *Keys {
+func NewKeys(keys []Key) *Keys {
 	k := &Keys{}
 	k.Set(keys)
 	return k
 }
 
 // Set replaces the accepted keys.
-func (k *Keys) Set(keys []string) {
-	d := make([][sha256.Size]byte, len(keys))
+func (k *Keys) Set(keys []Key) {
+	s := &keySet{digests: make([][sha256.Size]byte, len(keys)), tenants: make([]string, len(keys))}
 	for i, key := range keys {
-		d[i] = sha256.Sum256([]byte(key))
+		s.digests[i] = sha256.Sum256([]byte(key.Secret))
+		s.tenants[i] = "tenant:" + key.Tenant
+		if key.Tenant == "" {
+			// The key's own tenant, named by a digest prefix: never the
+			// key itself, which must not travel to the servers.
+			s.tenants[i] = "key:" + hex.EncodeToString(s.digests[i][:8])
+		}
 	}
-	k.digests.Store(&d)
+	k.set.Store(s)
 }
 
 // Enabled reports whether keys are required.
@@ -50,36 +72,72 @@ func (k *Keys) Enabled() bool {
 	if k == nil {
 		return false
 	}
-	d := k.digests.Load()
-	return d != nil && len(*d) > 0
+	s := k.set.Load()
+	return s != nil && len(s.digests) > 0
 }
 
-// Check reports whether token is an accepted key, in time independent of
-// which key (if any) it matches.
-func (k *Keys) Check(token string) bool {
+// Tenant reports whether token is an accepted key and its tenant, in time
+// independent of which key (if any) it matches. Without keys every
+// caller is the one tenant "".
+func (k *Keys) Tenant(token string) (tenant string, ok bool) {
 	if !k.Enabled() {
-		return true
+		return "", true
 	}
 	got := sha256.Sum256([]byte(token))
-	match := 0
-	for _, want := range *k.digests.Load() {
-		match |= subtle.ConstantTimeCompare(got[:], want[:])
+	s := k.set.Load()
+	idx := -1
+	for i, want := range s.digests {
+		idx = subtle.ConstantTimeSelect(subtle.ConstantTimeCompare(got[:], want[:]), i, idx)
 	}
-	return match == 1
+	if idx < 0 {
+		return "", false
+	}
+	return s.tenants[idx], true
+}
+
+// Check reports whether token is an accepted key.
+func (k *Keys) Check(token string) bool {
+	_, ok := k.Tenant(token)
+	return ok
+}
+
+// BearerTenant is Tenant of an Authorization value ("Bearer <key>").
+func (k *Keys) BearerTenant(header string) (tenant string, ok bool) {
+	if !k.Enabled() {
+		return "", true
+	}
+	key, ok := strings.CutPrefix(header, "Bearer ")
+	if !ok {
+		return "", false
+	}
+	return k.Tenant(strings.TrimSpace(key))
 }
 
 // CheckBearer checks an Authorization value ("Bearer <key>").
 func (k *Keys) CheckBearer(header string) bool {
-	if !k.Enabled() {
-		return true
-	}
-	key, ok := strings.CutPrefix(header, "Bearer ")
-	return ok && k.Check(strings.TrimSpace(key))
+	_, ok := k.BearerTenant(header)
+	return ok
 }
 
-// ReadKeysFile reads one key per line; blank lines and # comments are
-// skipped. A file without keys is an error.
-func ReadKeysFile(path string) ([]string, error) {
+// MetadataTenant is the tenant of the first accepted key in ctx's gRPC
+// authorization metadata.
+func (k *Keys) MetadataTenant(ctx context.Context) (tenant string, ok bool) {
+	if !k.Enabled() {
+		return "", true
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	for _, v := range md.Get("authorization") {
+		if tenant, ok := k.BearerTenant(v); ok {
+			return tenant, true
+		}
+	}
+	return "", false
+}
+
+// ReadKeysFile reads one key per line, optionally followed by white space
+// and its tenant label; blank lines and # comments are skipped. A file
+// without keys is an error.
+func ReadKeysFile(path string) ([]Key, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
@@ -87,12 +145,21 @@ func ReadKeysFile(path string) ([]string, error) {
 	return parseKeys(b)
 }
 
-func parseKeys(b []byte) ([]string, error) {
-	var keys []string
-	for _, line := range strings.Split(string(b), "\n") {
-		if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
-			keys = append(keys, line)
+func parseKeys(b []byte) ([]Key, error) {
+	var keys []Key
+	for i, line := range strings.Split(string(b), "\n") {
+		if line = strings.TrimSpace(line); line == "" || strings.HasPrefix(line, "#") {
+			continue
 		}
+		f := strings.Fields(line)
+		if len(f) > 2 {
+			return nil, fmt.Errorf("line %d: want KEY or KEY TENANT, got %d fields", i+1, len(f))
+		}
+		key := Key{Secret: f[0]}
+		if len(f) == 2 {
+			key.Tenant = f[1]
+		}
+		keys = append(keys, key)
 	}
 	if len(keys) == 0 {
 		return nil, errors.New("no keys in the file")
@@ -134,11 +201,8 @@ func (k *Keys) authorize(ctx context.Context, method string) error {
 	if !strings.HasPrefix(method, routerServicePrefix) || !k.Enabled() {
 		return nil
 	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	for _, v := range md.Get("authorization") {
-		if k.CheckBearer(v) {
-			return nil
-		}
+	if _, ok := k.MetadataTenant(ctx); ok {
+		return nil
 	}
 	return status.Error(codes.Unauthenticated, "missing or incorrect API key: send authorization: Bearer <key> metadata")
 }

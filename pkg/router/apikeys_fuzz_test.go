@@ -13,7 +13,7 @@ func FuzzBearer(f *testing.F) {
 	for _, s := range []string{"Bearer k1", "Bearer  k1 ", "bearer k1", "Bearer", "", "Bearer k2\x00", "k1"} {
 		f.Add(s)
 	}
-	k := NewKeys([]string{"k1", "another-key"})
+	k := NewKeys([]Key{{Secret: "k1"}, {Secret: "another-key", Tenant: "acme"}})
 	f.Fuzz(func(t *testing.T, header string) {
 		key, ok := strings.CutPrefix(header, "Bearer ")
 		key = strings.TrimSpace(key)

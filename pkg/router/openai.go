@@ -553,6 +553,7 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 		r.cfg.Metrics.RecordRequest("rejected", 0)
 		return
 	}
+	job.Tenant, _ = r.cfg.APIKeys.BearerTenant(req.Header.Get("Authorization")) // Handler admitted the key
 	if job.ClientID != "" {
 		w.Header().Set("X-Request-Id", job.ClientID)
 	} else {

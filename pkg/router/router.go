@@ -102,6 +102,7 @@ var _ kvferryv1.RouterServiceServer = (*Router)(nil)
 
 type active struct {
 	clientID string
+	tenant   string
 	ticket   *kvferryv1.Ticket
 	ctx      *backend
 	gen      *backend
@@ -227,6 +228,9 @@ type Job struct {
 	// ClientID is the client's own request id (X-Request-Id, or the gRPC
 	// request_id): for correlation in logs and Cancel, never a ticket.
 	ClientID string
+	// Tenant is the API key's tenant ("" without keys): it salts the
+	// prefix cache and only it may cancel the request.
+	Tenant   string
 	Prompt   []uint32
 	Sampling *kvferryv1.SamplingParams
 	// Stop sequences end the output before them (never sent).
@@ -316,7 +320,7 @@ var ErrOverloaded = &Error{Code: codes.ResourceExhausted, Msg: "too many request
 // The caller holds an in-flight slot from Admit.
 func (r *Router) Run(ctx context.Context, job Job, emit func(Chunk) error) (Usage, error) {
 	start := time.Now()
-	a := &active{clientID: job.ClientID}
+	a := &active{clientID: job.ClientID, tenant: job.Tenant}
 	if err := r.track(job.ID, a); err != nil {
 		return Usage{}, err
 	}
@@ -423,7 +427,7 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 		}
 		ctxClient := kvferryv1.NewContextServiceClient(cc)
 		pre, err := ctxClient.Prefill(actx, &kvferryv1.PrefillRequest{
-			Ticket: t, PromptTokens: job.Prompt, Sampling: job.Sampling, DeadlineUnixNanos: deadlineOf(actx),
+			Ticket: t, PromptTokens: job.Prompt, Sampling: job.Sampling, DeadlineUnixNanos: deadlineOf(actx), CacheSalt: job.Tenant,
 		})
 		if err != nil {
 			if ctx.Err() != nil {
@@ -622,13 +626,17 @@ func (r *Router) cancelBoth(ctx context.Context, a *active) []*kvferryv1.ServerC
 	return out
 }
 
-// CancelByID cancels the running requests with this id — the router's own
-// or a client's: their streams stop and both servers get Cancel(ticket).
+// CancelByID cancels tenant's running requests with this id — the
+// router's own or a client's: their streams stop and both servers get
+// Cancel(ticket). Another tenant's requests are not found.
 // found is false when no running request has it.
-func (r *Router) CancelByID(ctx context.Context, id string) (found bool, outcomes []*kvferryv1.ServerCancelOutcome) {
+func (r *Router) CancelByID(ctx context.Context, tenant, id string) (found bool, outcomes []*kvferryv1.ServerCancelOutcome) {
 	r.mu.Lock()
 	var snaps []active
 	for minted, a := range r.active {
+		if a.tenant != tenant {
+			continue // another tenant's request: as if it did not exist
+		}
 		if minted == id || (a.clientID != "" && a.clientID == id) {
 			snaps = append(snaps, *a)
 		}

@@ -28,8 +28,12 @@ type PrefillRequest struct {
 	Sampling     *SamplingParams        `protobuf:"bytes,3,opt,name=sampling,proto3" json:"sampling,omitempty"`
 	// deadline_unix_nanos is the request's absolute deadline (0 = none).
 	DeadlineUnixNanos int64 `protobuf:"varint,4,opt,name=deadline_unix_nanos,json=deadlineUnixNanos,proto3" json:"deadline_unix_nanos,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// cache_salt partitions the prefix-reuse cache: a request reuses only
+	// blocks computed under the same salt. The router sets it to the API
+	// key's tenant, so no tenant can time another's prompts by their hits.
+	CacheSalt     string `protobuf:"bytes,5,opt,name=cache_salt,json=cacheSalt,proto3" json:"cache_salt,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PrefillRequest) Reset() {
@@ -88,6 +92,13 @@ func (x *PrefillRequest) GetDeadlineUnixNanos() int64 {
 		return x.DeadlineUnixNanos
 	}
 	return 0
+}
+
+func (x *PrefillRequest) GetCacheSalt() string {
+	if x != nil {
+		return x.CacheSalt
+	}
+	return ""
 }
 
 type PrefillResponse struct {
@@ -343,12 +354,14 @@ var File_kvferry_v1_context_proto protoreflect.FileDescriptor
 const file_kvferry_v1_context_proto_rawDesc = "" +
 	"\n" +
 	"\x18kvferry/v1/context.proto\x12\n" +
-	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\xc9\x01\n" +
+	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\xe8\x01\n" +
 	"\x0ePrefillRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x03(\rR\fpromptTokens\x126\n" +
 	"\bsampling\x18\x03 \x01(\v2\x1a.kvferry.v1.SamplingParamsR\bsampling\x12.\n" +
-	"\x13deadline_unix_nanos\x18\x04 \x01(\x03R\x11deadlineUnixNanos\"\x9a\x01\n" +
+	"\x13deadline_unix_nanos\x18\x04 \x01(\x03R\x11deadlineUnixNanos\x12\x1d\n" +
+	"\n" +
+	"cache_salt\x18\x05 \x01(\tR\tcacheSalt\"\x9a\x01\n" +
 	"\x0fPrefillResponse\x12\x1f\n" +
 	"\vfirst_token\x18\x01 \x01(\rR\n" +
 	"firstToken\x12A\n" +
