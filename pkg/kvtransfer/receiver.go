@@ -240,6 +240,16 @@ func (s *RecvSession) ownerLocked(owner io.Closer, h Header) error {
 	return nil
 }
 
+// Vouches reports whether h names a registered session with its key: a
+// data connection whose first frame does is a writer of ours, one whose
+// first frame does not is closed before it counts against any bound.
+func (r *Receiver) Vouches(h Header) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s, ok := r.sessions[h.Session]
+	return ok && s.key == h.Key
+}
+
 // LandDone handles a DONE frame read by owner (tcp): the session completes
 // when every block arrived, else fails incomplete. A frame of a session
 // owner does not own is ErrForeignFrame: drop owner's connection.

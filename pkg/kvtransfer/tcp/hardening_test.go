@@ -5,10 +5,8 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"io"
 	"net"
 	"net/url"
-	"syscall"
 	"testing"
 	"time"
 
@@ -119,54 +117,74 @@ func TestSenderCarriesTheKey(t *testing.T) {
 	}
 }
 
-// TestConnectionsPerPeerAreCapped opens one connection more than a peer
-// may hold: exactly one is closed by the receiver.
+// TestConnectionsPerPeerAreCapped: 200 connections that never name a
+// session hold the port first (before, 64 such sockets locked every writer
+// on the host out for two minutes). They count against nothing: the cap's
+// 64 writers, each opening with a frame of its own session, all land, one
+// writer more is closed, and the idle sockets are closed at the first
+// frame's deadline.
 func TestConnectionsPerPeerAreCapped(t *testing.T) {
+	const size = 1024
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	rd := serveReader(ln, 1024, DataIdleTimeout, zap.NewNop())
+	rd := serveReader(ln, size, DataIdleTimeout, 500*time.Millisecond, zap.NewNop())
 	r := rd.r
 	defer r.Close()
-	conns := make([]net.Conn, MaxConnsPerPeer+1)
-	closed := make(chan int, len(conns))
-	for i := range conns {
+	dial := func() net.Conn {
 		c, err := net.Dial("tcp", r.Endpoint())
 		if err != nil {
 			t.Fatal(err)
 		}
-		conns[i] = c
-		go func() {
-			_, err := c.Read(make([]byte, 1))
-			if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) { // closed by the receiver, not by us
-				closed <- i
-			}
-		}()
+		t.Cleanup(func() { c.Close() })
+		return c
 	}
-	var first int
-	select {
-	case first = <-closed:
-	case <-time.After(transfertest.ShouldHappen):
-		t.Fatal("no connection over the cap was closed")
+	idle := make([]net.Conn, 200)
+	for i := range idle {
+		idle[i] = dial()
 	}
-	// Every connection the receiver accepted is registered once the
-	// over-cap one was refused; none other is closed.
-	transfertest.Eventually(t, "the cap's connections counted", func() bool {
-		return rd.srv.Len() == MaxConnsPerPeer
-	})
-	for i, c := range conns {
-		if i != first {
-			c.Close()
+	transfertest.Eventually(t, "the idle sockets accepted", func() bool { return rd.srv.Len() == len(idle) })
+	writers := make([]net.Conn, MaxConnsPerPeer+1)
+	sessions := make([]*kvtransfer.RecvSession, len(writers))
+	for i := range writers {
+		sid := kvtransfer.NewSessionID()
+		s, err := r.Register(sid, [][]byte{make([]byte, size), make([]byte, size)}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sessions[i] = s
+		writers[i] = dial()
+		frame(t, writers[i], kvtransfer.Header{Kind: kvtransfer.FrameData, Session: sid.ID, Key: sid.Key, Index: 0, Length: size}, make([]byte, size))
+		if i < MaxConnsPerPeer {
+			transfertest.Eventually(t, "a writer's first block landed", func() bool {
+				n, _ := r.Progress(s)
+				return n == size
+			})
 		}
 	}
-	select {
-	case i := <-closed:
-		if i != first {
-			t.Fatalf("connection %d was closed by the receiver too", i)
-		}
-	default:
+	if !closedByPeer(writers[MaxConnsPerPeer]) {
+		t.Fatal("the writer over the cap was kept")
 	}
+	if n, _ := r.Progress(sessions[MaxConnsPerPeer]); n != 0 {
+		t.Fatalf("the writer over the cap landed %d bytes", n)
+	}
+	for i, c := range idle {
+		if !closedByPeer(c) {
+			t.Fatalf("idle socket %d kept past the first frame's deadline", i)
+		}
+	}
+	for i, c := range writers[:MaxConnsPerPeer] {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); err == nil || !isTimeout(err) {
+			t.Fatalf("writer %d under the cap was closed: %v", i, err)
+		}
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // TestIdleDataConnectionIsClosed: a connection that sends nothing is
@@ -176,7 +194,7 @@ func TestIdleDataConnectionIsClosed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := serve(ln, 1024, 50*time.Millisecond, zap.NewNop())
+	r := serveReader(ln, 1024, 50*time.Millisecond, 50*time.Millisecond, zap.NewNop()).r
 	defer r.Close()
 	c, err := net.Dial("tcp", r.Endpoint())
 	if err != nil {
@@ -197,7 +215,7 @@ func TestSenderSkipsAClosedPooledConnection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rd := serveReader(ln, size, 50*time.Millisecond, zap.NewNop())
+	rd := serveReader(ln, size, 50*time.Millisecond, FirstFrameTimeout, zap.NewNop())
 	r := rd.r
 	defer r.Close()
 	snd := NewWriter(0)
@@ -255,7 +273,7 @@ func TestDataTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rd := serveReader(tls.NewListener(ln, lcfg), size, DataIdleTimeout, zap.NewNop())
+	rd := serveReader(tls.NewListener(ln, lcfg), size, DataIdleTimeout, FirstFrameTimeout, zap.NewNop())
 	r := rd.r
 	defer r.Close()
 	sid := kvtransfer.NewSessionID()

@@ -29,6 +29,12 @@ const (
 	// DataIdleTimeout closes a data connection on which no frame started,
 	// nor a payload moved, for this long (a writer re-dials on next use).
 	DataIdleTimeout = 2 * time.Minute
+	// FirstFrameTimeout bounds the wait for a new connection's first frame
+	// header (and, for tcp+tls, its handshake): a writer sends it as soon
+	// as it has dialled. Until that frame names one of our sessions with
+	// its key, the connection counts against no bound — MaxConnsPerPeer
+	// counts writers, not whoever can reach the port.
+	FirstFrameTimeout = 5 * time.Second
 )
 
 // Listen starts a receiver on addr. maxBlock bounds a frame's payload.
@@ -49,20 +55,21 @@ func Serve(ln net.Listener, maxBlock int, lg *zap.Logger) *kvtransfer.Receiver {
 
 // reader is the tcp side of a receiver: its data connections.
 type reader struct {
-	r    *kvtransfer.Receiver
-	srv  *netloop.Server
-	idle time.Duration
+	r     *kvtransfer.Receiver
+	srv   *netloop.Server
+	idle  time.Duration
+	first time.Duration // FirstFrameTimeout
 
 	mu      sync.Mutex
 	perPeer map[string]int // open data connections by remote host
 }
 
 func serve(ln net.Listener, maxBlock int, idle time.Duration, lg *zap.Logger) *kvtransfer.Receiver {
-	return serveReader(ln, maxBlock, idle, lg).r
+	return serveReader(ln, maxBlock, idle, FirstFrameTimeout, lg).r
 }
 
-func serveReader(ln net.Listener, maxBlock int, idle time.Duration, lg *zap.Logger) *reader {
-	rd := &reader{idle: idle, perPeer: map[string]int{}}
+func serveReader(ln net.Listener, maxBlock int, idle, first time.Duration, lg *zap.Logger) *reader {
+	rd := &reader{idle: idle, first: first, perPeer: map[string]int{}}
 	rd.r = kvtransfer.NewReceiver(ln.Addr().String(), maxBlock, lg, func() error { return rd.srv.Close() })
 	rd.srv = netloop.Serve(ln, rd.readLoop)
 	return rd
@@ -70,13 +77,18 @@ func serveReader(ln net.Listener, maxBlock int, idle time.Duration, lg *zap.Logg
 
 // readLoop reads frames until the connection fails. A malformed header ends
 // the connection: frame boundaries are lost after it.
+//
+// A connection counts against MaxConnsPerPeer only once its first frame
+// names one of our sessions with its key (Receiver.Vouches), which must
+// arrive within FirstFrameTimeout; any other connection is closed without
+// having counted.
 func (rd *reader) readLoop(c net.Conn) {
 	host := peerHost(c)
-	rd.mu.Lock()
-	rd.perPeer[host]++
-	over := rd.perPeer[host] > MaxConnsPerPeer
-	rd.mu.Unlock()
+	counted := false
 	defer func() {
+		if !counted {
+			return
+		}
 		rd.mu.Lock()
 		if rd.perPeer[host]--; rd.perPeer[host] == 0 {
 			delete(rd.perPeer, host)
@@ -84,13 +96,13 @@ func (rd *reader) readLoop(c net.Conn) {
 		rd.mu.Unlock()
 	}()
 	lg := rd.r.Logger()
-	if over {
-		lg.Warn("data connection refused: too many from one peer", zap.String("peer", host), zap.Int("max", MaxConnsPerPeer))
-		return
-	}
 	var hb [kvtransfer.HeaderSize]byte
 	for {
-		_ = c.SetReadDeadline(time.Now().Add(rd.idle))
+		wait := rd.idle
+		if !counted {
+			wait = rd.first
+		}
+		_ = c.SetReadDeadline(time.Now().Add(wait))
 		if _, err := io.ReadFull(c, hb[:]); err != nil {
 			return
 		}
@@ -98,6 +110,21 @@ func (rd *reader) readLoop(c net.Conn) {
 		if err != nil {
 			lg.Warn("bad data frame", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
 			return
+		}
+		if !counted {
+			if !rd.r.Vouches(h) {
+				lg.Debug("data connection closed: its first frame names no session of ours", zap.String("peer", c.RemoteAddr().String()))
+				return
+			}
+			rd.mu.Lock()
+			rd.perPeer[host]++
+			over := rd.perPeer[host] > MaxConnsPerPeer
+			rd.mu.Unlock()
+			counted = true
+			if over {
+				lg.Warn("data connection refused: too many from one peer", zap.String("peer", host), zap.Int("max", MaxConnsPerPeer))
+				return
+			}
 		}
 		switch h.Kind {
 		case kvtransfer.FrameDone:
