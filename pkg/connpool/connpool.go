@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 
@@ -17,19 +18,36 @@ import (
 )
 
 // Cache holds one client connection per address, created on first use.
+// A bounded cache (Bound) holds at most max addresses: a new one evicts
+// the least recently used, so a caller fed made-up addresses cannot make
+// it hold connections (and their goroutines) without end.
 type Cache struct {
 	creds grpc.DialOption
+	max   int // 0: unbounded
 
 	mu       sync.Mutex
 	conns    map[string]*grpc.ClientConn
+	used     map[string]time.Time // last Get of each address
 	retiring map[*grpc.ClientConn]*time.Timer
 	closed   bool
+}
+
+// EvictGrace is how long an evicted connection stays open for the calls
+// still running on it.
+const EvictGrace = 10 * time.Second
+
+// Bound makes c hold at most max addresses (and as many retiring
+// connections: beyond that an evicted one closes at once). Call it
+// before first use.
+func (c *Cache) Bound(max int) *Cache {
+	c.max = max
+	return c
 }
 
 // New returns an empty cache dialling in plaintext, or with creds
 // when given (TLSFiles.DialOption).
 func New(creds ...grpc.DialOption) *Cache {
-	c := &Cache{conns: map[string]*grpc.ClientConn{}, retiring: map[*grpc.ClientConn]*time.Timer{}, creds: grpc.WithTransportCredentials(insecure.NewCredentials())}
+	c := &Cache{conns: map[string]*grpc.ClientConn{}, used: map[string]time.Time{}, retiring: map[*grpc.ClientConn]*time.Timer{}, creds: grpc.WithTransportCredentials(insecure.NewCredentials())}
 	if len(creds) > 0 {
 		c.creds = creds[0]
 	}
@@ -44,8 +62,13 @@ func (c *Cache) Get(addr string) (*grpc.ClientConn, error) {
 	if c.closed {
 		return nil, errors.New("connpool: closed")
 	}
+	now := time.Now()
 	if cc, ok := c.conns[addr]; ok {
+		c.used[addr] = now
 		return cc, nil
+	}
+	if c.max > 0 && len(c.conns) >= c.max {
+		c.evictLocked()
 	}
 	cc, err := grpc.NewClient(addr,
 		c.creds,
@@ -56,7 +79,29 @@ func (c *Cache) Get(addr string) (*grpc.ClientConn, error) {
 		return nil, fmt.Errorf("connpool: client for %s: %w", addr, err)
 	}
 	c.conns[addr] = cc
+	c.used[addr] = now
 	return cc, nil
+}
+
+// evictLocked retires the least recently used address's connection.
+func (c *Cache) evictLocked() {
+	var oldest string
+	for addr, t := range c.used {
+		if oldest == "" || t.Before(c.used[oldest]) {
+			oldest = addr
+		}
+	}
+	cc := c.conns[oldest]
+	delete(c.conns, oldest)
+	delete(c.used, oldest)
+	// A connection that is not up carries no running call worth a grace
+	// (a made-up address never comes up): it closes at once, as does any
+	// beyond max retiring ones.
+	if cc.GetState() != connectivity.Ready || len(c.retiring) >= c.max {
+		_ = cc.Close()
+		return
+	}
+	c.retireLocked(cc, EvictGrace)
 }
 
 // Forget drops the connection to addr (a server discovery removed) and
@@ -70,6 +115,12 @@ func (c *Cache) Forget(addr string, grace time.Duration) {
 		return
 	}
 	delete(c.conns, addr)
+	delete(c.used, addr)
+	c.retireLocked(cc, grace)
+}
+
+// retireLocked closes cc after grace.
+func (c *Cache) retireLocked(cc *grpc.ClientConn, grace time.Duration) {
 	c.retiring[cc] = time.AfterFunc(grace, func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -101,5 +152,6 @@ func (c *Cache) Close() {
 	for addr, cc := range c.conns {
 		_ = cc.Close()
 		delete(c.conns, addr)
+		delete(c.used, addr)
 	}
 }

@@ -1,6 +1,7 @@
 package connpool
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -43,4 +44,41 @@ func TestCacheLifecycle(t *testing.T) {
 	if _, err := c.Get("127.0.0.1:3"); err == nil {
 		t.Fatal("Get after Close succeeded")
 	}
+}
+
+// TestBoundedCache: fed 300 addresses, a cache bounded to 4 holds at most
+// 4 connections and 4 retiring ones, the most recently used address
+// survives, an evicted connection that never came up closes at once, and
+// Close ends them all (the leak check after the package's tests counts
+// their goroutines).
+func TestBoundedCache(t *testing.T) {
+	c := New().Bound(4)
+	defer c.Close()
+	keep, err := c.Get("127.0.0.1:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for port := 2; port <= 300; port++ {
+		if _, err := c.Get(fmt.Sprintf("127.0.0.1:%d", port)); err != nil {
+			t.Fatal(err)
+		}
+		if again, _ := c.Get("127.0.0.1:1"); again != keep {
+			t.Fatalf("after %d addresses the most recently used one was evicted", port)
+		}
+		c.mu.Lock()
+		conns, retiring := len(c.conns), len(c.retiring)
+		c.mu.Unlock()
+		if conns > 4 || retiring > 4 {
+			t.Fatalf("after %d addresses: %d cached, %d retiring; bound 4", port, conns, retiring)
+		}
+	}
+	// Nothing listens at these addresses: an evicted connection closes at
+	// once instead of retiring.
+	victim, _ := c.Get("127.0.0.1:300")
+	for port := 301; port <= 305; port++ {
+		_, _ = c.Get(fmt.Sprintf("127.0.0.1:%d", port))
+	}
+	poll.Until(t, 5*time.Second, time.Millisecond, "an evicted connection that never came up closed at once", func() bool {
+		return victim.GetState() == connectivity.Shutdown
+	})
 }

@@ -37,9 +37,13 @@ type canaryPeer struct {
 	failures uint64
 }
 
-// maxCanaryPeers bounds the context servers probed: far above a fleet's
-// size, so only a flood of made-up endpoints reaches it.
-const maxCanaryPeers = 256
+// MaxContextServers bounds the context servers a generation server
+// remembers: those its canary probes, and its connections (the server's
+// connpool.Cache is bounded by it). Far above a fleet's size, so only a
+// flood of made-up endpoints reaches it.
+const MaxContextServers = 128
+
+const maxCanaryPeers = MaxContextServers
 
 type canary struct {
 	mu    sync.Mutex

@@ -244,7 +244,6 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 		if err := s.negotiate(req.GetAdvertisement()); err != nil {
 			return status.Error(codes.FailedPrecondition, err.Error())
 		}
-		s.canary.notePeer(req.GetAdvertisement().GetTransferEndpoint(), time.Now())
 	}
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()

@@ -154,13 +154,22 @@ func (rc *receive) fail(ctx context.Context, ev func(*kvtransfer.Session, time.T
 	return nil, cause
 }
 
+// unreachable is the error of a context server that could not be reached:
+// its detail (the address, the dial error) is logged here and never sent
+// to the caller, whose advertisement may have named any host.
+func (rc *receive) unreachable(err error) error {
+	rc.s.lg.Info("context server unreachable", zap.String("request_id", rc.req.GetTicket().GetRequestId()),
+		zap.String("peer", rc.req.GetAdvertisement().GetTransferEndpoint()), zap.Error(err))
+	return status.Error(codes.Unavailable, "transfer: the context server could not be reached")
+}
+
 // ask calls TransferService.Transfer on the advertising context server
 // with the destination descriptors and waits for its READY.
 func (rc *receive) ask(ctx, tctx context.Context) (kvferryv1.TransferService_TransferClient, error) {
 	s, adv := rc.s, rc.req.GetAdvertisement()
 	cc, err := s.cfg.Conns.Get(adv.GetTransferEndpoint())
 	if err != nil {
-		_, err = rc.fail(ctx, failNow, status.Error(codes.Unavailable, err.Error()))
+		_, err = rc.fail(ctx, failNow, rc.unreachable(err))
 		return nil, err
 	}
 	rc.client = kvferryv1.NewTransferServiceClient(cc)
@@ -173,16 +182,25 @@ func (rc *receive) ask(ctx, tctx context.Context) (kvferryv1.TransferService_Tra
 		Layout: s.spec.Layout(), Transport: s.cfg.Transport, DataEndpoint: s.cfg.DataEndpoint, Destinations: dests,
 	})
 	if err != nil {
-		_, err = rc.fail(ctx, failNow, status.Errorf(codes.Unavailable, "transfer: %v", err))
+		_, err = rc.fail(ctx, failNow, rc.unreachable(err))
 		return nil, err
 	}
 	first, err := tstream.Recv()
+	if err == nil {
+		// A context server answered for this ticket: a peer for the pair
+		// canary. An endpoint that never answers is never probed (a forged
+		// advertisement cannot make the canary redial it).
+		s.canary.notePeer(adv.GetTransferEndpoint(), time.Now())
+	}
 	switch {
 	case err != nil && ctx.Err() != nil:
 		_, err = rc.fail(ctx, cancelNow, status.FromContextError(ctx.Err()).Err())
 		return nil, err
+	case err != nil && (status.Code(err) == codes.Unavailable || status.Code(err) == codes.Unknown):
+		_, err = rc.fail(ctx, failNow, rc.unreachable(err))
+		return nil, err
 	case err != nil:
-		_, err = rc.fail(ctx, failNow, status.Errorf(status.Code(err), "transfer: %v", err))
+		_, err = rc.fail(ctx, failNow, status.Errorf(status.Code(err), "transfer: %v", status.Convert(err).Message()))
 		return nil, err
 	case first.GetEvent() != kvferryv1.TransferEvent_TRANSFER_EVENT_READY:
 		// NOT_READY: the sender will not write; the receive blocks are

@@ -18,8 +18,13 @@ import (
 
 	"github.com/openai/openai-go/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
+	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/genserver"
+	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 	"github.com/kvferry/kvferry/test/stack"
 )
@@ -196,4 +201,60 @@ func TestLargePromptsBoundMemory(t *testing.T) {
 	if err := completeOnce(t, s); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestForgedAdvertisements: with TLS off anyone can call Generate. 300
+// requests whose advertisements name 300 made-up endpoints each get
+// UNAVAILABLE without the address in the answer; the generation server's
+// goroutines stay bounded (its connection cache holds at most
+// genserver.MaxContextServers, evicting the oldest: before, 300 endpoints
+// took it from 16 to 1,216 goroutines for good), the pair canary probes
+// none of them, and every block is free after.
+func TestForgedAdvertisements(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{GenArgs: []string{"--canary-interval=100ms"}})
+	if err := completeOnce(t, s); err != nil { // a real peer for the canary
+		t.Fatal(err)
+	}
+	cc := kvferryv1.NewContextServiceClient(grpcConn(t, s.CtxGRPC))
+	gen := kvferryv1.NewGenerationServiceClient(grpcConn(t, s.GenGRPC))
+	hc := kvferryv1.NewHealthServiceClient(grpcConn(t, s.GenGRPC))
+	base := stack.Metric(t, s.GenHTTP, "go_goroutines")
+	toks := executor.Tokenize("the river")
+	for i := range 300 {
+		tk := ticket.New(ticket.NewID())
+		pre, err := cc.Prefill(testCtx(t), &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: toks, Sampling: &kvferryv1.SamplingParams{MaxTokens: 2, Temperature: 1, TopP: 1}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		adv := pre.GetAdvertisement()
+		adv.TransferEndpoint = fmt.Sprintf("127.0.0.%d:%d", 2+i%200, 10000+i)
+		st, err := gen.Generate(testCtx(t), &kvferryv1.GenerateRequest{Ticket: tk, PromptTokens: toks, FirstToken: pre.GetFirstToken(),
+			Sampling: &kvferryv1.SamplingParams{MaxTokens: 2, Temperature: 1, TopP: 1}, Advertisement: adv})
+		if err == nil {
+			_, err = st.Recv()
+		}
+		if status.Code(err) != codes.Unavailable || strings.Contains(err.Error(), "127.0.0.") {
+			t.Fatalf("forged advertisement %d: %v, want UNAVAILABLE without the address", i, err)
+		}
+		if _, err := cc.Release(testCtx(t), &kvferryv1.ReleaseRequest{Ticket: tk}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Bounded: a connection that keeps redialling costs about four
+	// goroutines; the cache holds genserver.MaxContextServers and closes
+	// an evicted one that never came up at once. Without the bound 300
+	// endpoints' connections stay forever (about 1,200 goroutines).
+	if got := stack.Metric(t, s.GenHTTP, "go_goroutines"); got > base+5*float64(genserver.MaxContextServers) {
+		t.Fatalf("goroutines %v → %v after 300 forged endpoints", base, got)
+	} else {
+		t.Logf("goroutines %v → %v after 300 forged endpoints", base, got)
+	}
+	h, err := hc.GetHealth(testCtx(t), &kvferryv1.GetHealthRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if peers := h.GetCanary().GetPeers(); len(peers) > 1 {
+		t.Fatalf("the canary probes %d peers, want only the real context server", len(peers))
+	}
+	checkIdle(t, s)
 }
