@@ -15,12 +15,14 @@
 set -euo pipefail
 pkg="node-llama-cpp@3.22.1"
 integrity="sha512-bltIipuWmc123H7tMIgDGKSsSrhmhlQYeVUC48XTjVW7XGJJiJJyCdlTMzQ/LiWoPkGDpcL4FviDpgw7qfTiDw=="
+# The source tar this script makes from it (reproducible: see source_tar).
+src_sha256="eeb80c8f7ea88910af94f95d483b5719609a4a173169c2a7bc3fd6e4c28788dd"
 # What the library build needs of the source tree.
 parts=(CMakeLists.txt cmake ggml src include common vendor licenses)
 
 source_tar() {
   local out=$1 work
-  [ -f "$out" ] && return 0
+  if [ -f "$out" ]; then check_tar "$out"; return 0; fi
   command -v npm >/dev/null || { echo "deps-llama-cuda: npm is needed (apt-get install npm)" >&2; exit 1; }
   work=$(mktemp -d)
   trap 'rm -rf "$work"' RETURN
@@ -35,8 +37,23 @@ source_tar() {
   tar -xzf "$tgz" -C "$work" package/llama/gitRelease.bundle
   git clone -q "$work/package/llama/gitRelease.bundle" "$work/src" 2>/dev/null
   mkdir -p "$(dirname "$out")"
-  tar -cJf "$out" -C "$work/src" "${parts[@]}"
+  # Byte for byte reproducible (sorted, fixed times and owners, one xz
+  # thread), so its sha256 can be pinned and checked before every build.
+  tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - -C "$work/src" "${parts[@]}" | xz -T1 -6 >"$out.partial"
+  check_tar "$out.partial"
+  mv "$out.partial" "$out"
   echo "deps-llama-cuda: llama.cpp source in $out"
+}
+
+# check_tar refuses a source tar whose sha256 is not the pinned one: a tar
+# left from an earlier run, or carried to a GPU machine, is checked too.
+check_tar() {
+  local got
+  got=$(sha256sum "$1" | cut -d' ' -f1)
+  if [ "$got" != "$src_sha256" ]; then
+    echo "deps-llama-cuda: $1 has sha256 $got, want $src_sha256: refusing it (delete it to fetch it again)" >&2
+    exit 1
+  fi
 }
 
 build() {
@@ -50,6 +67,7 @@ build() {
   # between them (kv layout mismatch): check before the long build.
   local meta="${KVFERRY_LLAMA_LIB_DIR:-.llama/lib}/_nlcBuildMetadata.json"
   [ -f "$meta" ] || { echo "deps-llama-cuda: no $meta: run make deps-llama first, or set KVFERRY_LLAMA_LIB_DIR to the CPU libraries" >&2; exit 1; }
+  check_tar "$tar"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' RETURN
   tar -xJf "$tar" -C "$work"

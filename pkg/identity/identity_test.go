@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"net"
 	"net/url"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -167,5 +169,42 @@ func TestExpectServer(t *testing.T) {
 		}
 		_ = ln.Close()
 		<-done
+	}
+}
+
+// TestWriteRolesTightensModes: a re-run over a world-readable directory
+// and key (an older run, a copy) leaves the directory 0700 and every key
+// 0600, as a first run does.
+func TestWriteRolesTightensModes(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "certs")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	loose := filepath.Join(dir, string(identity.Router)+"-key.pem")
+	if err := os.WriteFile(loose, []byte("old"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ca, err := identity.NewCA("test", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := ca.WriteRoles(dir, "kvferry.local", []string{"127.0.0.1"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mode := func(p string) os.FileMode {
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Mode().Perm()
+	}
+	if m := mode(dir); m != 0o700 {
+		t.Errorf("directory mode %o, want 700", m)
+	}
+	for r, f := range files {
+		if m := mode(f.Key); m != 0o600 {
+			t.Errorf("%s key mode %o, want 600", r, m)
+		}
 	}
 }

@@ -117,11 +117,16 @@ func WriteDev(dir, trustDomain string, hosts []string, validity time.Duration) (
 // (<role>.pem, <role>-key.pem, keys 0600) into dir, each role naming its
 // URI in trustDomain and the hosts. It returns the files by role.
 func (ca *CA) WriteRoles(dir, trustDomain string, hosts []string, validity time.Duration) (map[Role]Files, error) {
+	// MkdirAll and WriteFile keep the modes of what exists: a re-run over
+	// an older, looser directory or key must tighten them too.
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, err
+	}
 	caFile := filepath.Join(dir, "ca.pem")
-	if err := os.WriteFile(caFile, ca.CertPEM(), 0o644); err != nil {
+	if err := writeFileMode(caFile, ca.CertPEM(), 0o644); err != nil {
 		return nil, err
 	}
 	out := map[Role]Files{}
@@ -131,15 +136,33 @@ func (ca *CA) WriteRoles(dir, trustDomain string, hosts []string, validity time.
 			return nil, fmt.Errorf("identity: issue %s: %w", r, err)
 		}
 		f := Files{CA: caFile, Cert: filepath.Join(dir, string(r)+".pem"), Key: filepath.Join(dir, string(r)+"-key.pem")}
-		if err := os.WriteFile(f.Cert, cert, 0o644); err != nil {
+		if err := writeFileMode(f.Cert, cert, 0o644); err != nil {
 			return nil, err
 		}
-		if err := os.WriteFile(f.Key, key, 0o600); err != nil {
+		if err := writeFileMode(f.Key, key, 0o600); err != nil {
 			return nil, err
 		}
 		out[r] = f
 	}
 	return out, nil
+}
+
+// writeFileMode writes b to path with exactly mode, an existing file's
+// mode included; the mode is set before the content is written.
+func writeFileMode(path string, b []byte, mode os.FileMode) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
+	if err != nil {
+		return err
+	}
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func serial() *big.Int {

@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"regexp"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -286,27 +285,34 @@ func (r *Router) Admit() (release func(), err error) {
 
 // Public is err as a client may see it. The router's own answers about
 // the request (bad argument, unknown model, duplicate id, full queues, the
-// client's cancel) pass as they are; a server-side failure keeps its
-// reason (a layout or transport mismatch is the operator's to fix) but
-// every internal address in it — host:port, IP, socket path — is replaced
-// by "<internal>", and the request id is added, under which the full
-// detail is logged.
+// client's cancel) pass as they are; a server-side failure becomes a fixed
+// sentence for its code and the request id, under which the router logs
+// the detail (which can name internal hosts, addresses and sockets: the
+// servers' own text never reaches a client).
 func Public(err error, requestID string) *Error {
 	code := CodeOf(err)
 	switch code {
 	case codes.InvalidArgument, codes.NotFound, codes.AlreadyExists, codes.ResourceExhausted, codes.Canceled, codes.Unauthenticated, codes.PermissionDenied:
 		return &Error{Code: code, Msg: err.Error()}
 	}
-	msg := internalAddr.ReplaceAllString(err.Error(), "<internal>")
+	msg, ok := publicSentences[code]
+	if !ok {
+		msg = "the servers failed the request"
+	}
 	if requestID != "" {
 		msg += " (request id " + requestID + ")"
 	}
 	return &Error{Code: code, Msg: msg}
 }
 
-// internalAddr matches what names a server inside the deployment: an IPv6
-// or IPv4 address (with its port), a host:port, a unix socket path.
-var internalAddr = regexp.MustCompile(`\[[0-9A-Fa-f:.%a-z]+\](:\d+)?|\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b|\b[A-Za-z0-9][A-Za-z0-9.-]*:\d{1,5}\b|(/[^\s"':]+)+\.sock\b`)
+// publicSentences are what clients read for a server-side failure.
+var publicSentences = map[codes.Code]string{
+	codes.Unavailable:        "no server could take the request; retry later",
+	codes.DeadlineExceeded:   "the request did not finish in time",
+	codes.FailedPrecondition: "the servers cannot serve this request as they are configured",
+	codes.DataLoss:           "the request's KV cache did not arrive intact",
+	codes.Aborted:            "the request was aborted by the servers; retry",
+}
 
 // ErrOverloaded is returned when MaxInflight requests are running.
 var ErrOverloaded = &Error{Code: codes.ResourceExhausted, Msg: "too many requests in flight"}
