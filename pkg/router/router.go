@@ -309,7 +309,7 @@ func Public(err error, requestID string) *Error {
 var publicSentences = map[codes.Code]string{
 	codes.Unavailable:        "no server could take the request; retry later",
 	codes.DeadlineExceeded:   "the request did not finish in time",
-	codes.FailedPrecondition: "the servers cannot serve this request as they are configured",
+	codes.FailedPrecondition: "the context and generation servers are configured differently (model, KV layout or transport); the router's log has the detail",
 	codes.DataLoss:           "the request's KV cache did not arrive intact",
 	codes.Aborted:            "the request was aborted by the servers; retry",
 }

@@ -33,8 +33,8 @@ func TestShmTransport(t *testing.T) {
 // TestTransportMismatch: a context server on tcp and a generation server
 // on shm never move a byte: the generation server refuses the
 // advertisement (it names the writer's transport) before allocating, the
-// client gets an error naming both transports instead of a hang, and no
-// block is held anywhere.
+// client gets a fixed error instead of a hang (the router logs both
+// transports), and no block is held anywhere.
 func TestTransportMismatch(t *testing.T) {
 	s := stack.Up(t, binDir, stack.Options{GenArgs: []string{"--transport=shm", "--shm-dir=" + t.TempDir()}})
 	c := client(s)
@@ -43,8 +43,11 @@ func TestTransportMismatch(t *testing.T) {
 		MaxTokens: openai.Int(4),
 	})
 	var apiErr *openai.Error
-	if !errors.As(err, &apiErr) || !strings.Contains(apiErr.Message, `writes with transport "tcp", this generation server receives with "shm"`) {
-		t.Fatalf("err %v, want an OpenAI error naming the transport mismatch", err)
+	if !errors.As(err, &apiErr) || !strings.Contains(apiErr.Message, "configured differently") || !strings.Contains(apiErr.Message, "request id") {
+		t.Fatalf("err %v, want an OpenAI error with the fixed sentence for a configuration mismatch", err)
+	}
+	if !strings.Contains(s.Router.Log(), `writes with transport \"tcp\", this generation server receives with \"shm\"`) {
+		t.Fatal("the router's log does not name the transport mismatch")
 	}
 	checkIdle(t, s)
 	s.StopAll(t)
