@@ -71,7 +71,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	conns := connpool.New(creds).Bound(genserver.MaxContextServers)
+	conns := connpool.New(creds).Bound(genserver.MaxContextServers).With(p.Tracing.DialOptions()...)
 	defer conns.Close()
 	var checker *health.Checker
 	srv := genserver.New(genserver.Config{

@@ -25,6 +25,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/router/discovery"
 	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/tracing"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -58,6 +59,7 @@ type Config struct {
 	K8sPortName      string
 	TLS              serving.TLSFiles
 	EnablePprof      bool
+	Tracing          tracing.Config
 }
 
 func (c *Config) register(fs *flag.FlagSet) {
@@ -74,6 +76,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.K8sPortName, "k8s-port-name", "grpc", "EndpointSlice port name of the servers' gRPC port")
 	cli.RegisterTLS(fs, &c.TLS)
 	cli.RegisterPprof(fs, &c.EnablePprof)
+	cli.RegisterTracing(fs, &c.Tracing)
 	c.EngineFlags.Register(fs) // the router tokenizes with the servers' model (vocabulary only)
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 1<<20, "largest request body accepted (413 above)")
 	fs.DurationVar(&c.BodyRead, "body-read-timeout", 10*time.Second, "answer 408 to a client whose request body has not arrived this long after its headers (the body is read before the request takes an in-flight slot)")
@@ -111,6 +114,9 @@ func (c *Config) Validate() error {
 		}
 	}
 	if err := c.TLS.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Tracing.Validate(); err != nil {
 		errs = append(errs, err)
 	}
 	if svcs, err := parseK8sService(c.K8sService); err != nil {
@@ -158,6 +164,9 @@ const keyReloadInterval = 2 * time.Second
 // healthInterval is how often the router re-checks its backends' readiness.
 const healthInterval = 2 * time.Second
 
+// tracingFlushTimeout bounds the export of the last spans at shutdown.
+const tracingFlushTimeout = 2 * time.Second
+
 func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	vocab, spec, err := cfg.Vocabulary()
 	if err != nil {
@@ -184,7 +193,16 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	ctxConns, genConns := connpool.New(ctxCreds), connpool.New(genCreds)
+	tr, err := tracing.Start(ctx, cfg.Tracing, "router")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), tracingFlushTimeout)
+		defer cancel()
+		_ = tr.Shutdown(sctx) // best effort: spans a collector never took are lost
+	}()
+	ctxConns, genConns := connpool.New(ctxCreds).With(tr.DialOptions()...), connpool.New(genCreds).With(tr.DialOptions()...)
 	defer ctxConns.Close()
 	defer genConns.Close()
 	resolver := discovery.Resolver(cfg.DNSServer)
@@ -244,6 +262,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	if keys != nil {
 		grpcCreds = append(grpcCreds, keys.GRPCOptions()...) // RouterService takes the same keys as HTTP
 	}
+	grpcCreds = append(grpcCreds, tr.ServerOptions()...)
 	gs := serving.NewGRPCServer(lg, grpcCreds...)
 	checker.Register(gs)
 	kvferryv1.RegisterRouterServiceServer(gs, rt)
@@ -275,7 +294,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 
 	g, gctx := routine.NewGroup(ctx)
 	g.Go("openai", func(ctx context.Context) error {
-		return serving.ServeHTTP(ctx, rt.Handler(), httpLn, cfg.ShutdownGrace, httpTLS)
+		return serving.ServeHTTP(ctx, tr.HTTP(rt.Handler(), "router"), httpLn, cfg.ShutdownGrace, httpTLS)
 	})
 	g.Go("grpc", func(ctx context.Context) error {
 		return serving.ServeGRPC(ctx, gs, grpcLn, cfg.ShutdownGrace, checker.SetDraining)

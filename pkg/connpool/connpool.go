@@ -23,7 +23,8 @@ import (
 // it hold connections (and their goroutines) without end.
 type Cache struct {
 	creds grpc.DialOption
-	max   int // 0: unbounded
+	extra []grpc.DialOption // With
+	max   int               // 0: unbounded
 
 	mu       sync.Mutex
 	conns    map[string]*grpc.ClientConn
@@ -35,6 +36,13 @@ type Cache struct {
 // EvictGrace is how long an evicted connection stays open for the calls
 // still running on it.
 const EvictGrace = 10 * time.Second
+
+// With adds dial options (tracing's stats handler) to every connection c
+// makes. Call it before first use.
+func (c *Cache) With(opts ...grpc.DialOption) *Cache {
+	c.extra = append(c.extra, opts...)
+	return c
+}
 
 // Bound makes c hold at most max addresses (and as many retiring
 // connections: beyond that an evicted one closes at once). Call it
@@ -70,11 +78,11 @@ func (c *Cache) Get(addr string) (*grpc.ClientConn, error) {
 	if c.max > 0 && len(c.conns) >= c.max {
 		c.evictLocked()
 	}
-	cc, err := grpc.NewClient(addr,
+	cc, err := grpc.NewClient(addr, append([]grpc.DialOption{
 		c.creds,
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(serving.MaxMessageBytes), grpc.MaxCallSendMsgSize(serving.MaxMessageBytes)),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: serving.KeepaliveTime, Timeout: 10 * time.Second, PermitWithoutStream: true}),
-	)
+	}, c.extra...)...)
 	if err != nil {
 		return nil, fmt.Errorf("connpool: client for %s: %w", addr, err)
 	}

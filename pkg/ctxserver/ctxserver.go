@@ -33,6 +33,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/ticket"
+	"github.com/kvferry/kvferry/pkg/tracing"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -585,6 +586,8 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	if as.Has(kvtransfer.ActNotify) {
 		s.cfg.Transfers.RecordTransfer(metrics.SideSender, outcome.String(), sent, time.Since(start))
 	}
+	tracing.Annotate(ctx, tracing.KeyTransferBytes.Int64(sent), tracing.KeyTransferTransport.String(s.cfg.Writer.Name()),
+		tracing.KeyRequestID.String(req.GetTicket().GetRequestId()))
 
 	if err != nil {
 		s.lg.Info("transfer ended", append(fields, zap.String("outcome", outcome.String()), zap.Int64("bytes", sent), zap.Error(err))...)

@@ -31,6 +31,7 @@ var allowed = map[string][]string{
 	"internal/loglock":                   {},
 	"internal/poll":                      {},
 	"pkg/ticket":                         {"proto/kvferry/v1"},
+	"pkg/tracing":                        {},
 	// The engines and the transfer lifecycle: never each other.
 	"pkg/executor":   {"pkg/ticket", "proto/kvferry/v1"},
 	"pkg/kvtransfer": {"pkg/blockpool", "proto/kvferry/v1"},
@@ -55,7 +56,7 @@ var allowed = map[string][]string{
 	"pkg/health/gpu": {"pkg/metrics", "pkg/routine", "proto/kvferry/v1"},
 	// The servers and the router. The router never touches KV memory: no
 	// block pool, no transfer package.
-	"pkg/ctxserver": {"internal/loglock", "pkg/blockpool", "pkg/executor", "pkg/health", "pkg/kvtransfer", "pkg/kvtransfer/fault", "pkg/metrics", "pkg/routine", "pkg/ticket", "proto/kvferry/v1"},
+	"pkg/ctxserver": {"internal/loglock", "pkg/blockpool", "pkg/executor", "pkg/health", "pkg/kvtransfer", "pkg/kvtransfer/fault", "pkg/metrics", "pkg/routine", "pkg/ticket", "pkg/tracing", "proto/kvferry/v1"},
 	"pkg/genserver": {"internal/loglock", "pkg/blockpool", "pkg/connpool", "pkg/executor", "pkg/health", "pkg/kvtransfer", "pkg/metrics", "pkg/routine", "pkg/serving", "pkg/ticket", "proto/kvferry/v1"},
 	"pkg/router":    {"pkg/connpool", "pkg/executor", "pkg/health", "pkg/identity", "pkg/metrics", "pkg/router/discovery", "pkg/routine", "pkg/serving", "pkg/ticket", "proto/kvferry/v1"},
 }

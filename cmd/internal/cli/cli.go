@@ -18,6 +18,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -27,6 +28,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/tracing"
 )
 
 // Parse parses args into fs (with the environment fallback) and validates
@@ -76,6 +78,15 @@ func WarnPlaintext(lg *zap.Logger, tls bool, lns ...net.Listener) {
 				zap.String("addr", ln.Addr().String()))
 		}
 	}
+}
+
+// RegisterTracing adds the OpenTelemetry flags (tracing is off without
+// --otlp-endpoint).
+func RegisterTracing(fs *flag.FlagSet, c *tracing.Config) {
+	fs.StringVar(&c.Endpoint, "otlp-endpoint", "", "OTLP/gRPC collector host:port to send traces to (empty: tracing off, nothing installed)")
+	fs.BoolVar(&c.Insecure, "otlp-insecure", false, "send traces to --otlp-endpoint in plaintext (default: TLS with the system's roots)")
+	fs.Float64Var(&c.SampleRatio, "trace-sample-ratio", 1, "share of new traces recorded, 0 to 1 (a request whose traceparent is sampled is always recorded)")
+	fs.DurationVar(&c.BatchTimeout, "otlp-batch-timeout", 5*time.Second, "longest a finished span waits before it is sent")
 }
 
 // RegisterPprof adds --enable-pprof.

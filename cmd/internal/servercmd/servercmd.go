@@ -36,6 +36,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/routine"
 	"github.com/kvferry/kvferry/pkg/serving"
+	"github.com/kvferry/kvferry/pkg/tracing"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -64,7 +65,11 @@ type Config struct {
 	TLS                     serving.TLSFiles
 	EnablePprof             bool
 	DataTLS                 bool
+	Tracing                 tracing.Config
 }
+
+// tracingFlushTimeout bounds the export of the last spans at shutdown.
+const tracingFlushTimeout = 2 * time.Second
 
 // Ports are a server's default listeners (DESIGN §7).
 type Ports struct{ GRPC, HTTP, Data int }
@@ -93,6 +98,7 @@ func (c *Config) Register(fs *flag.FlagSet, p Ports) {
 	cli.RegisterTLS(fs, &c.TLS)
 	fs.BoolVar(&c.DataTLS, "data-tls", false, "tcp transport: mutual TLS on every data connection (generation servers accept only context servers' certificates, context servers write only to generation servers'); needs --tls-cert, --tls-key and --tls-ca, and the same setting on both servers of a pair (a mismatch answers NOT_READY)")
 	cli.RegisterPprof(fs, &c.EnablePprof)
+	cli.RegisterTracing(fs, &c.Tracing)
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", 10*time.Second, "how long shutdown waits for running requests")
 }
 
@@ -109,6 +115,9 @@ func (c *Config) DataTransport() string {
 func (c *Config) Validate() error {
 	var errs []error
 	if err := c.EngineFlags.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Tracing.Validate(); err != nil {
 		errs = append(errs, err)
 	}
 	switch c.Transport {
@@ -180,8 +189,11 @@ type Parts struct {
 	// exist on the receiving side only (withData).
 	Receiver     *kvtransfer.Receiver
 	DataEndpoint string
-	shm          *shm.Memory
-	closeEng     func()
+	// Tracing is nil unless --otlp-endpoint is set; its DialOptions go on
+	// the server's own clients.
+	Tracing  *tracing.Tracing
+	shm      *shm.Memory
+	closeEng func()
 }
 
 // Build creates the engine, pool, registry, health, gRPC server and the
@@ -251,6 +263,11 @@ func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
 		return nil, err
 	}
 	creds = append(creds, cfg.TLS.Policy(callers[role])...)
+	if p.Tracing, err = tracing.Start(context.Background(), cfg.Tracing, string(role)); err != nil {
+		p.Close()
+		return nil, err
+	}
+	creds = append(creds, p.Tracing.ServerOptions()...)
 	p.GRPC = serving.NewGRPCServer(lg, creds...)
 	for _, l := range []struct {
 		addr string
@@ -296,6 +313,11 @@ func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
 // receiver and the shared pool memory. Call it after Serve returned; the
 // pool must not be used after.
 func (p *Parts) Close() {
+	if p.Tracing != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), tracingFlushTimeout)
+		_ = p.Tracing.Shutdown(ctx) // best effort: spans a collector never took are lost
+		cancel()
+	}
 	if p.Receiver != nil {
 		_ = p.Receiver.Close()
 	}
