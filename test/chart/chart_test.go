@@ -28,6 +28,7 @@ import (
 	"helm.sh/helm/v3/pkg/lint"
 	"helm.sh/helm/v3/pkg/lint/support"
 	appsv1 "k8s.io/api/apps/v1"
+	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -327,9 +328,7 @@ func TestRenderAndShape(t *testing.T) {
 		case "aggregated-values.yaml":
 			checkAggregated(t, r, kinds)
 		case "pairs-3x5-values.yaml":
-			if c, g := *deployment(t, r, "ctx").Spec.Replicas, *deployment(t, r, "gen").Spec.Replicas; c != 3 || g != 5 {
-				t.Errorf("3x5: %d context, %d generation servers", c, g)
-			}
+			checkAutoscaling(t, r)
 		default:
 			t.Errorf("no shape check for %s", r.values)
 		}
@@ -411,6 +410,44 @@ func checkPortNames(t *testing.T, r rendered) {
 				if peer.PodSelector != nil && len(selected(peer.PodSelector.MatchLabels)) == 0 {
 					t.Errorf("%s: NetworkPolicy %s admits pods %v, which no Deployment makes", r.values, np.Name, peer.PodSelector.MatchLabels)
 				}
+			}
+		}
+	}
+}
+
+// checkAutoscaling: context and generation servers each have a
+// HorizontalPodAutoscaler of their own (3 to 6, 5 to 20) on the two
+// custom metrics the prometheus-adapter rules serve, and their
+// Deployments leave replicas to it.
+func checkAutoscaling(t *testing.T, r rendered) {
+	t.Helper()
+	served := map[string]bool{}
+	for _, rule := range adapterRules(t) {
+		served[rule.Name.As] = true
+	}
+	hpas := map[string]*autoscalingv2.HorizontalPodAutoscaler{}
+	for _, h := range objectsOf[*autoscalingv2.HorizontalPodAutoscaler](r) {
+		hpas[h.Spec.ScaleTargetRef.Name] = h
+	}
+	for _, c := range []struct {
+		suffix   string
+		min, max int32
+	}{{"ctx", 3, 6}, {"gen", 5, 20}} {
+		d := deployment(t, r, c.suffix)
+		if d.Spec.Replicas != nil {
+			t.Errorf("autoscaled %s sets replicas %d", d.Name, *d.Spec.Replicas)
+		}
+		h := hpas[d.Name]
+		if h == nil || h.Spec.ScaleTargetRef.Kind != "Deployment" || *h.Spec.MinReplicas != c.min || h.Spec.MaxReplicas != c.max {
+			t.Errorf("%s: autoscaler %+v, want %d to %d", d.Name, h, c.min, c.max)
+			continue
+		}
+		if len(h.Spec.Metrics) != 2 {
+			t.Errorf("%s: %d metrics", d.Name, len(h.Spec.Metrics))
+		}
+		for _, m := range h.Spec.Metrics {
+			if m.Pods == nil || !served[m.Pods.Metric.Name] {
+				t.Errorf("%s: metric %+v is not one the prometheus-adapter rules serve", d.Name, m)
 			}
 		}
 	}

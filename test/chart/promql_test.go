@@ -3,6 +3,7 @@ package chart
 import (
 	"context"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"github.com/prometheus/prometheus/promql/promqltest"
 	"github.com/prometheus/prometheus/storage"
 	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/kvferry/kvferry/pkg/metrics"
 )
@@ -78,7 +80,43 @@ func monitoringKit(t *testing.T) ([]alertRule, []string) {
 // substitutes them before a query reaches Prometheus.
 var grafanaVars = strings.NewReplacer("$__rate_interval", "5m", "$__interval", "1m")
 
-// TestPromQLNamesExportedFamilies: every alert and dashboard query parses,
+// adapterRule is one prometheus-adapter rule of
+// files/prometheus-adapter-rules.yaml.
+type adapterRule struct {
+	SeriesQuery string `json:"seriesQuery"`
+	Resources   struct {
+		Overrides map[string]struct {
+			Resource string `json:"resource"`
+		} `json:"overrides"`
+	} `json:"resources"`
+	Name struct {
+		As string `json:"as"`
+	} `json:"name"`
+	MetricsQuery string `json:"metricsQuery"`
+}
+
+func adapterRules(t *testing.T) []adapterRule {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(chartDir(t), "files", "prometheus-adapter-rules.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rules []adapterRule
+	if err := yaml.UnmarshalStrict(b, &rules); err != nil {
+		t.Fatalf("prometheus-adapter rules: %v", err)
+	}
+	if len(rules) == 0 {
+		t.Fatal("no prometheus-adapter rules")
+	}
+	return rules
+}
+
+// adapterVars are prometheus-adapter's template variables, as it fills
+// them for one pod's query.
+var adapterVars = strings.NewReplacer("<<.LabelMatchers>>", `namespace="serving",pod="p-0"`, "<<.GroupBy>>", "pod")
+
+// TestPromQLNamesExportedFamilies: every alert, dashboard and autoscaling
+// (prometheus-adapter) query parses,
 // and every metric it reads is one a kvferry process exports (checked
 // against the families the binaries' constructors register).
 func TestPromQLNamesExportedFamilies(t *testing.T) {
@@ -98,6 +136,9 @@ func TestPromQLNamesExportedFamilies(t *testing.T) {
 	exprs := append([]string{}, panels...)
 	for _, r := range rules {
 		exprs = append(exprs, r.expr)
+	}
+	for _, r := range adapterRules(t) {
+		exprs = append(exprs, adapterVars.Replace(r.MetricsQuery))
 	}
 	p := parser.NewParser(parser.Options{})
 	read := 0
