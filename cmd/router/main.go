@@ -50,6 +50,7 @@ type Config struct {
 	LogLevel         string
 	MaxRetries       int
 	MaxInflight      int
+	PrefixDigest     time.Duration
 	Routing          string
 	APIKeysFile      string
 	ResolveInterval  time.Duration
@@ -90,7 +91,8 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.IntVar(&c.MaxRetries, "max-retries", 1, "attempts after a server failure, only before the first token reached the client")
 	fs.IntVar(&c.MaxInflight, "max-inflight", 512, "requests in flight before the router answers 429 with Retry-After (0: no bound)")
-	fs.StringVar(&c.Routing, "routing", router.DefaultRouting, "routing chain, comma-separated: filters (ready), scorers as NAME[:WEIGHT] (least-inflight, prefix-affinity), at most one picker (max-score)")
+	fs.StringVar(&c.Routing, "routing", router.DefaultRouting, "routing chain, comma-separated: filters (ready), scorers as NAME[:WEIGHT] (least-inflight, prefix-affinity, precise-prefix), at most one picker (max-score)")
+	fs.DurationVar(&c.PrefixDigest, "prefix-digest-interval", time.Second, "how often to ask each context server what its prefix cache holds, for the precise-prefix scorer and kvferry_prefix_blocks_total (0: never)")
 	fs.StringVar(&c.APIKeysFile, "api-keys-file", "", "file of accepted API keys, one per line; when set, the OpenAI API requires Authorization: Bearer <key>")
 }
 
@@ -136,8 +138,8 @@ func (c *Config) Validate() error {
 	if _, err := router.ParseRouting(c.Routing); err != nil {
 		errs = append(errs, fmt.Errorf("--routing: %w", err))
 	}
-	if c.MaxRetries < 0 || c.MaxInflight < 0 {
-		errs = append(errs, errors.New("--max-retries and --max-inflight must not be negative"))
+	if c.MaxRetries < 0 || c.MaxInflight < 0 || c.PrefixDigest < 0 {
+		errs = append(errs, errors.New("--max-retries, --max-inflight and --prefix-digest-interval must not be negative"))
 	}
 	if c.APIKeysFile != "" {
 		if _, err := router.ReadKeysFile(c.APIKeysFile); err != nil {
@@ -239,7 +241,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 		Model: spec, Vocab: vocab, ServedModel: served,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptTokens: cfg.MaxPromptTokens, MaxOutputTokens: cfg.MaxOutputTokens,
 		DefaultMaxTokens: cfg.DefaultMaxTokens, RequestTimeout: cfg.RequestTimeout, StreamWriteTimeout: cfg.StreamWrite, BodyReadTimeout: cfg.BodyRead, CancelTimeout: cfg.CancelTimeout,
-		MaxRetries: cfg.MaxRetries, MaxInflight: cfg.MaxInflight, APIKeys: keys, Routing: routing,
+		MaxRetries: cfg.MaxRetries, MaxInflight: cfg.MaxInflight, PrefixDigestInterval: cfg.PrefixDigest, APIKeys: keys, Routing: routing,
 		CtxConns: ctxConns, GenConns: genConns, Metrics: metrics.NewRouter(reg), Logger: lg,
 	})
 	if err != nil {
@@ -304,6 +306,7 @@ func run(ctx context.Context, cfg Config, lg *zap.Logger) error {
 	})
 	g.Go("health", func(ctx context.Context) error { checker.Run(ctx, healthInterval); return nil })
 	g.Go("discovery", func(ctx context.Context) error { rt.Discover(ctx); return nil })
+	g.Go("prefix digests", func(ctx context.Context) error { rt.RunPrefixDigests(ctx); return nil })
 	if keys != nil {
 		g.Go("api-keys", func(ctx context.Context) error {
 			keys.WatchFile(ctx, cfg.APIKeysFile, keyReloadInterval, lg)

@@ -394,6 +394,17 @@ func (p *Pool) Lookup(hashes []uint64) []ID {
 	return ids
 }
 
+// CachedIDs returns the blocks in the reuse cache now.
+func (p *Pool) CachedIDs() []ID {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ids := make([]ID, 0, len(p.cache))
+	for _, id := range p.cache {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
 // Available returns how many blocks an allocation could get now: the free
 // ones and the evictable cached ones.
 func (p *Pool) Available() int {

@@ -125,7 +125,10 @@ type Server struct {
 	// computed from: a cache hit must match them, so even a key collision
 	// cannot serve one prompt another prompt's KV. Bounded by the pool.
 	cachedTokens [][]uint32
-	lg           *zap.Logger
+	// cachedRoute holds, by block id, a published block's routing hash
+	// (executor.RouteHashes), for PrefixDigest.
+	cachedRoute []uint64
+	lg          *zap.Logger
 
 	// mu guards the request table; a line logged under it is written
 	// after the unlock (mu.Later): no I/O under the lock, logs included.
@@ -148,7 +151,7 @@ func New(cfg Config) *Server {
 		}
 	}
 	return &Server{cfg: cfg, spec: cfg.Engine.Model(), prefiller: executor.NewPrefiller(cfg.Engine, cfg.PrefillChunk, cfg.MaxBatchTokens, onStep),
-		prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), cachedTokens: make([][]uint32, cfg.Pool.Capacity()),
+		prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), cachedTokens: make([][]uint32, cfg.Pool.Capacity()), cachedRoute: make([]uint64, cfg.Pool.Capacity()),
 		lg: cfg.Logger, reqs: executor.NewTable[*request]()}
 }
 
@@ -266,13 +269,18 @@ func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv
 	}
 	// The freshly computed full blocks become reusable by later prompts
 	// with the same prefix; from now on nothing writes them.
+	var routes []uint64 // PrefixDigest's hashes of the blocks published here
 	for j := reused; j < len(hashes); j++ {
 		ok, err := s.cfg.Pool.Publish(blocks[j], hashes[j])
 		if err != nil {
 			s.mu.Later(func() { s.lg.Error("publish block", zap.Error(err)) })
 		}
 		if ok {
+			if routes == nil {
+				routes = executor.RouteHashes(s.spec, req.GetCacheSalt(), req.GetPromptTokens())
+			}
 			s.cachedTokens[blocks[j]] = slices.Clone(s.blockTokens(req.GetPromptTokens(), j))
+			s.cachedRoute[blocks[j]] = routes[j]
 		}
 	}
 	s.advanceLocked(r, executor.StageAdvertised)
@@ -442,6 +450,19 @@ func (s *Server) cancelLocked(t *kvferryv1.Ticket) *kvferryv1.ContextServiceCanc
 	// blocks when the engine returns; a transfer's pin goes when the push
 	// returns.
 	return &kvferryv1.ContextServiceCancelResponse{Outcome: c.Outcome, ResourcesFreeNow: r.Holds() == 0}
+}
+
+// PrefixDigest implements ContextService: the routing hashes of the
+// blocks in the reuse cache now.
+func (s *Server) PrefixDigest(context.Context, *kvferryv1.PrefixDigestRequest) (*kvferryv1.PrefixDigestResponse, error) {
+	ids := s.cfg.Pool.CachedIDs()
+	out := make([]uint64, len(ids))
+	s.mu.Lock()
+	for i, id := range ids {
+		out[i] = s.cachedRoute[id]
+	}
+	s.mu.Unlock()
+	return &kvferryv1.PrefixDigestResponse{BlockHashes: out}, nil
 }
 
 // Release implements ContextService: the router gives up the handoff.

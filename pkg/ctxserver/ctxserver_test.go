@@ -787,3 +787,53 @@ func TestStuckWriterQuarantinesThenProvesOrPoisons(t *testing.T) {
 		t.Fatalf("after the late return: %+v", c)
 	}
 }
+
+// TestPrefixDigest: the digest lists the routing hashes of the cached
+// blocks under the request's salt (what a router computes of the same
+// prompt and tenant), another salt's prompt adds its own, and an evicted
+// block leaves the digest.
+func TestPrefixDigest(t *testing.T) {
+	f := newFixtureReuse(t, 8, true)
+	prompt := make([]uint32, 40) // 2 full blocks
+	for i := range prompt {
+		prompt[i] = executor.Tokenize("river")[0]
+	}
+	digest := func() map[uint64]bool {
+		resp, err := f.srv.PrefixDigest(context.Background(), &kvferryv1.PrefixDigestRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[uint64]bool{}
+		for _, h := range resp.GetBlockHashes() {
+			out[h] = true
+		}
+		return out
+	}
+	prefill := func(salt string, tokens []uint32) {
+		tk := ticket.New(ticket.NewID())
+		if _, err := f.srv.Prefill(context.Background(), &kvferryv1.PrefillRequest{Ticket: tk, PromptTokens: tokens, Sampling: &kvferryv1.SamplingParams{MaxTokens: 4}, CacheSalt: salt}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.srv.Release(context.Background(), &kvferryv1.ReleaseRequest{Ticket: tk}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	prefill("tenant:a", prompt)
+	want := executor.RouteHashes(f.spec, "tenant:a", prompt)
+	if d := digest(); len(d) != 2 || !d[want[0]] || !d[want[1]] {
+		t.Fatalf("digest %v, want the 2 routing hashes %v", d, want)
+	}
+	prefill("tenant:b", prompt)
+	other := executor.RouteHashes(f.spec, "tenant:b", prompt)
+	if d := digest(); len(d) != 4 || !d[other[0]] || other[0] == want[0] {
+		t.Fatalf("digest %v after another tenant's prompt, want its own hashes %v too", d, other)
+	}
+	big := make([]uint32, 8*16) // needs every block: the cache is evicted
+	for i := range big {
+		big[i] = executor.Tokenize("stone")[0]
+	}
+	prefill("tenant:a", big)
+	if d := digest(); d[want[0]] || d[other[0]] || len(d) != 8 {
+		t.Fatalf("digest after eviction: %d hashes, evicted ones present: %v %v", len(d), d[want[0]], d[other[0]])
+	}
+}

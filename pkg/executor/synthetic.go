@@ -398,10 +398,19 @@ func Reference(spec ModelSpec, prompt string, s Sampling) Result {
 // BlockHashes returns the prefix-reuse key of each full block of tokens: a
 // hash chain, so block j's key depends on every token up to its end and on
 // the model geometry. The partial last block has no key.
-func BlockHashes(spec ModelSpec, tokens []uint32) []uint64 {
+func BlockHashes(spec ModelSpec, tokens []uint32) []uint64 { return RouteHashes(spec, "", tokens) }
+
+// RouteHashes are BlockHashes under a salt (the tenant that salts the
+// prefix cache's keys): what context servers publish of their cache
+// (PrefixDigest) and routers compute of a prompt to find where its prefix
+// is cached. Unkeyed, so fit for routing only, never as a cache key.
+func RouteHashes(spec ModelSpec, salt string, tokens []uint32) []uint64 {
 	full := len(tokens) / spec.BlockTokens
 	out := make([]uint64, full)
 	h := mix(uint64(spec.BytesPerToken())<<20 ^ uint64(spec.BlockTokens))
+	for i := 0; i < len(salt); i++ {
+		h = mix(h ^ uint64(salt[i]) ^ 1<<40)
+	}
 	for j := range full {
 		for _, t := range tokens[j*spec.BlockTokens : (j+1)*spec.BlockTokens] {
 			h = mix(h ^ uint64(t))

@@ -188,6 +188,8 @@ type Router struct {
 	cancelOutcomes  *prometheus.CounterVec
 	inflight        prometheus.Gauge
 	readingBodies   prometheus.Gauge
+	prefixBlocks    *prometheus.CounterVec
+	digestBlocks    *prometheus.GaugeVec
 }
 
 // NewRouter registers the router metrics.
@@ -226,6 +228,14 @@ func NewRouter(reg prometheus.Registerer) *Router {
 			Namespace: namespace, Subsystem: "router", Name: "inflight_requests",
 			Help: "Requests holding an in-flight slot (--max-inflight bounds them).",
 		}),
+		prefixBlocks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "prefix", Name: "blocks_total",
+			Help: "Prompt blocks and the prefix cache, by kind: requested (full blocks of prompts routed), available (of those, the most any context server's cache held, by its last digest), routed (held by the server chosen), reused (the server reused).",
+		}, []string{"kind"}),
+		digestBlocks: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Subsystem: "router", Name: "prefix_digest_blocks",
+			Help: "Blocks in each context server's prefix cache, as its last PrefixDigest listed them.",
+		}, []string{"server"}),
 		readingBodies: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: namespace, Subsystem: "router", Name: "reading_body_requests",
 			Help: "HTTP requests whose body is still arriving; they hold no in-flight slot and --body-read-timeout bounds them.",
@@ -240,7 +250,10 @@ func NewRouter(reg prometheus.Registerer) *Router {
 			r.cancelOutcomes.WithLabelValues(role, o)
 		}
 	}
-	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration, r.retries, r.backendInflight, r.cancelOutcomes, r.inflight, r.readingBodies)
+	reg.MustRegister(r.requests, r.ttft, r.interToken, r.duration, r.retries, r.backendInflight, r.cancelOutcomes, r.inflight, r.readingBodies, r.prefixBlocks, r.digestBlocks)
+	for _, k := range []string{"requested", "available", "routed", "reused"} {
+		r.prefixBlocks.WithLabelValues(k)
+	}
 	return r
 }
 
@@ -262,6 +275,22 @@ func (r *Router) RecordBackendInflight(role, server string, n int64) {
 	r.backendInflight.WithLabelValues(role, server).Set(float64(n))
 }
 
+// RecordPrefix counts a routed prompt's full blocks, how many of them
+// the best context server's cache held and how many the chosen one held.
+func (r *Router) RecordPrefix(requested, available, routed int) {
+	r.prefixBlocks.WithLabelValues("requested").Add(float64(requested))
+	r.prefixBlocks.WithLabelValues("available").Add(float64(available))
+	r.prefixBlocks.WithLabelValues("routed").Add(float64(routed))
+}
+
+// RecordPrefixDigest sets the blocks a context server's last digest listed.
+func (r *Router) RecordPrefixDigest(server string, blocks int) {
+	r.digestBlocks.WithLabelValues(server).Set(float64(blocks))
+}
+
+// RecordPrefixReused counts the blocks a context server reused.
+func (r *Router) RecordPrefixReused(n int) { r.prefixBlocks.WithLabelValues("reused").Add(float64(n)) }
+
 // AddInflight moves the count of requests holding an in-flight slot.
 func (r *Router) AddInflight(delta int) { r.inflight.Add(float64(delta)) }
 
@@ -271,6 +300,7 @@ func (r *Router) AddReadingBody(delta int) { r.readingBodies.Add(float64(delta))
 // ForgetBackend deletes the series of a server discovery removed.
 func (r *Router) ForgetBackend(role, server string) {
 	r.backendInflight.DeleteLabelValues(role, server)
+	r.digestBlocks.DeleteLabelValues(server)
 }
 
 // RecordRequest counts one finished request and its duration.

@@ -15,6 +15,10 @@ type backend struct {
 	record   func(n int64) // exports the in-flight count; may be nil
 	ready    atomic.Bool   // from the health loop; true until first checked
 
+	// digest is the context server's prefix cache as its last
+	// PrefixDigest listed it (routing hashes); nil before the first.
+	digest atomic.Pointer[map[uint64]struct{}]
+
 	mu       sync.Mutex // guards the breaker
 	failures int        // consecutive
 	openAt   time.Time  // zero: closed
@@ -70,9 +74,13 @@ func (b *backend) result(ok bool, now time.Time) {
 
 // Request is what routing plugins see of a request.
 type Request struct {
-	PrefixHash uint64    // hash of the prompt's first block; 0 for none
-	Now        time.Time // the pick's clock (breakers, plugins with time)
-	exclude    map[*backend]bool
+	PrefixHash uint64 // hash of the prompt's first block; 0 for none
+	// BlockHashes are the routing hashes of the prompt's full blocks under
+	// its tenant (executor.RouteHashes), when a plugin of the chain needs
+	// them (precise-prefix); nil otherwise.
+	BlockHashes []uint64
+	Now         time.Time // the pick's clock (breakers, plugins with time)
+	exclude     map[*backend]bool
 }
 
 // Server is what routing plugins see of a context or generation server.
@@ -81,12 +89,29 @@ type Server interface {
 	Role() string // "context" or "generation"
 	Inflight() int64
 	Ready() bool // the last readiness probe answered SERVING
+	// CachedPrefix is how many leading hashes of a prompt's BlockHashes
+	// the server's prefix cache held at its last digest (0 for a
+	// generation server, or before the first digest).
+	CachedPrefix(hashes []uint64) int
 }
 
 func (b *backend) Addr() string    { return b.addr }
 func (b *backend) Role() string    { return b.role }
 func (b *backend) Inflight() int64 { return b.inflight.Load() }
 func (b *backend) Ready() bool     { return b.ready.Load() }
+
+func (b *backend) CachedPrefix(hashes []uint64) int {
+	d := b.digest.Load()
+	if d == nil {
+		return 0
+	}
+	for i, h := range hashes {
+		if _, ok := (*d)[h]; !ok {
+			return i
+		}
+	}
+	return len(hashes)
+}
 
 // Filter drops servers that must not get the request. It returns a
 // subset of servers (plugins never make servers up).
@@ -155,6 +180,21 @@ func (PrefixAffinity) Score(req *Request, s Server) float64 {
 	return float64(x>>11) / float64(1<<53)
 }
 
+// PrecisePrefix prefers the context server whose prefix cache holds the
+// most of the prompt's leading blocks, as its last PrefixDigest listed
+// them: a score in [0, 1], the share of the prompt's full blocks it would
+// reuse. Unlike PrefixAffinity it sees what each cache really holds
+// (evictions included) and counts every block, not the first only.
+type PrecisePrefix struct{}
+
+// Score is the share of the prompt's full blocks cached on the server.
+func (PrecisePrefix) Score(req *Request, s Server) float64 {
+	if len(req.BlockHashes) == 0 {
+		return 0
+	}
+	return float64(s.CachedPrefix(req.BlockHashes)) / float64(len(req.BlockHashes))
+}
+
 // MaxScore picks the highest score; ties go round robin.
 type MaxScore struct{ next atomic.Uint64 }
 
@@ -179,10 +219,18 @@ type policy struct {
 	filters []Filter
 	scorers []Weighted
 	picker  Picker
+	// precise: a scorer reads Request.BlockHashes, which the router then
+	// computes and for which it polls the context servers' digests.
+	precise bool
 }
 
 func newPolicy(r Routing) *policy {
 	p := &policy{filters: r.Filters, scorers: r.Scorers, picker: r.Picker}
+	for _, w := range r.Scorers {
+		if _, ok := w.Scorer.(PrecisePrefix); ok {
+			p.precise = true
+		}
+	}
 	if p.picker == nil {
 		p.picker = &MaxScore{}
 	}

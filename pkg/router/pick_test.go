@@ -94,3 +94,40 @@ func TestBreaker(t *testing.T) {
 		t.Fatal("breaker not open after failures")
 	}
 }
+
+// TestPrecisePrefix: the server whose last digest holds the most leading
+// blocks of the prompt wins, against one with less work in flight (at a
+// weight above the difference); a block missing in the middle ends the
+// prefix; with no digest every server scores 0 and load decides.
+func TestPrecisePrefix(t *testing.T) {
+	bs := backends("a:1", "b:1", "c:1")
+	r, err := ParseRouting("ready,least-inflight:1,precise-prefix:4,max-score")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newPolicy(r)
+	if !p.precise {
+		t.Fatal("a chain with precise-prefix does not ask for block hashes")
+	}
+	prompt := []uint64{11, 12, 13, 14}
+	digest := func(b *backend, hs ...uint64) {
+		set := map[uint64]struct{}{}
+		for _, h := range hs {
+			set[h] = struct{}{}
+		}
+		b.digest.Store(&set)
+	}
+	digest(bs[0], 11, 13, 14) // one leading block: 11
+	digest(bs[1], 11, 12, 13) // three
+	bs[1].inflight.Store(2)
+	if got := bs[0].CachedPrefix(prompt); got != 1 {
+		t.Fatalf("a:1 holds %d leading blocks, want 1", got)
+	}
+	if got := p.pick(&Request{BlockHashes: prompt, Now: time.Now()}, bs); got != bs[1] {
+		t.Fatalf("picked %s, want b:1 (3 of 4 blocks cached)", got.addr)
+	}
+	bs[0].inflight.Store(1)
+	if got := p.pick(&Request{Now: time.Now()}, bs); got != bs[2] {
+		t.Fatalf("without block hashes picked %s, want c:1 (least in flight)", got.addr)
+	}
+}

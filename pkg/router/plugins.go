@@ -28,7 +28,7 @@ type Weighted struct {
 // The plugins a --routing spec can name.
 var (
 	FilterPlugins = map[string]Filter{"ready": ReadyOnly}
-	ScorerPlugins = map[string]Scorer{"least-inflight": LeastInflight{}, "prefix-affinity": PrefixAffinity{}}
+	ScorerPlugins = map[string]Scorer{"least-inflight": LeastInflight{}, "prefix-affinity": PrefixAffinity{}, "precise-prefix": PrecisePrefix{}}
 	PickerPlugins = map[string]func() Picker{"max-score": func() Picker { return &MaxScore{} }}
 )
 

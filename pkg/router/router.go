@@ -59,6 +59,11 @@ type Config struct {
 	// MaxRetries is how many more attempts a request gets after a server
 	// failure, only before its first token reached the client.
 	MaxRetries int
+	// PrefixDigestInterval is how often the router asks each context
+	// server what its prefix cache holds (PrefixDigest), for the
+	// precise-prefix scorer and the kvferry_prefix_blocks_total counts
+	// (0: never; precise-prefix then scores 0).
+	PrefixDigestInterval time.Duration
 	// MaxInflight bounds requests in flight; beyond it the router answers
 	// 429 (0: no bound).
 	MaxInflight int
@@ -283,6 +288,43 @@ func (r *Router) Admit() (release func(), err error) {
 	return func() { r.inflight.Add(-1); r.cfg.Metrics.AddInflight(-1) }, nil
 }
 
+// RunPrefixDigests asks every context server for its PrefixDigest each
+// PrefixDigestInterval until ctx is done; a server that does not answer
+// within the interval keeps its last digest.
+func (r *Router) RunPrefixDigests(ctx context.Context) {
+	if r.cfg.PrefixDigestInterval <= 0 || r.cfg.Aggregated {
+		return
+	}
+	routine.Every(ctx, r.cfg.PrefixDigestInterval, func(time.Time) {
+		ctxs, _ := r.servers()
+		var wg sync.WaitGroup
+		for _, b := range ctxs {
+			wg.Go(func() { r.fetchDigest(ctx, b) })
+		}
+		wg.Wait()
+	})
+}
+
+func (r *Router) fetchDigest(ctx context.Context, b *backend) {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.PrefixDigestInterval)
+	defer cancel()
+	cc, err := r.conn(b)
+	if err != nil {
+		return
+	}
+	resp, err := kvferryv1.NewContextServiceClient(cc).PrefixDigest(ctx, &kvferryv1.PrefixDigestRequest{})
+	if err != nil {
+		r.lg.Debug("prefix digest", zap.String("peer", b.addr), zap.Error(err))
+		return
+	}
+	set := make(map[uint64]struct{}, len(resp.GetBlockHashes()))
+	for _, h := range resp.GetBlockHashes() {
+		set[h] = struct{}{}
+	}
+	b.digest.Store(&set)
+	r.cfg.Metrics.RecordPrefixDigest(b.addr, len(set))
+}
+
 // Public is err as a client may see it. The router's own answers about
 // the request (bad argument, unknown model, duplicate id, full queues, the
 // client's cancel) pass as they are; a server-side failure becomes a fixed
@@ -402,11 +444,21 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	ctxs, gens := r.servers()
 	var c *backend
 	if !r.cfg.Aggregated {
+		if r.cfg.PrefixDigestInterval > 0 {
+			req.BlockHashes = executor.RouteHashes(r.cfg.Model, job.Tenant, job.Prompt)
+		}
 		if c = r.policy.pick(req, ctxs); c == nil {
 			return usage, false, nil, fail(codes.Unavailable, "no context server available")
 		}
 		defer c.add(-1)
-		req.PrefixHash = 0 // affinity is for the reuse cache, which lives on context servers
+		if req.BlockHashes != nil {
+			available := 0
+			for _, b := range ctxs {
+				available = max(available, b.CachedPrefix(req.BlockHashes))
+			}
+			r.cfg.Metrics.RecordPrefix(len(req.BlockHashes), available, c.CachedPrefix(req.BlockHashes))
+		}
+		req.PrefixHash, req.BlockHashes = 0, nil // affinity is for the reuse cache, which lives on context servers
 	}
 	g := r.policy.pick(req, gens)
 	if g == nil {
@@ -444,6 +496,7 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 			return usage, false, c, err
 		}
 		c.result(true, time.Now())
+		r.cfg.Metrics.RecordPrefixReused(int(pre.GetReusedBlocks()))
 		greq.FirstToken, greq.Advertisement = pre.GetFirstToken(), pre.GetAdvertisement()
 		defer func() {
 			if !handedOff {

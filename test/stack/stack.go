@@ -346,6 +346,18 @@ func Metric(t testing.TB, base, sample string) float64 {
 	return f
 }
 
+// MetricIf is Metric for a sample that may not be exposed yet: ok is
+// false while it is not.
+func MetricIf(t testing.TB, base, sample string) (v float64, ok bool) {
+	t.Helper()
+	samples, err := scrape(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, ok = samples[sample]
+	return v, ok
+}
+
 // scrape fetches base/metrics once and returns every sample by its name
 // with labels as exposed.
 func scrape(base string) (map[string]float64, error) {

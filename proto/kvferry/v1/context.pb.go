@@ -21,6 +21,87 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type PrefixDigestRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrefixDigestRequest) Reset() {
+	*x = PrefixDigestRequest{}
+	mi := &file_kvferry_v1_context_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrefixDigestRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrefixDigestRequest) ProtoMessage() {}
+
+func (x *PrefixDigestRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_context_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrefixDigestRequest.ProtoReflect.Descriptor instead.
+func (*PrefixDigestRequest) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{0}
+}
+
+type PrefixDigestResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// block_hashes are the routing hashes of the cached blocks, unordered.
+	BlockHashes   []uint64 `protobuf:"fixed64,1,rep,packed,name=block_hashes,json=blockHashes,proto3" json:"block_hashes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrefixDigestResponse) Reset() {
+	*x = PrefixDigestResponse{}
+	mi := &file_kvferry_v1_context_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrefixDigestResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrefixDigestResponse) ProtoMessage() {}
+
+func (x *PrefixDigestResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_context_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrefixDigestResponse.ProtoReflect.Descriptor instead.
+func (*PrefixDigestResponse) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *PrefixDigestResponse) GetBlockHashes() []uint64 {
+	if x != nil {
+		return x.BlockHashes
+	}
+	return nil
+}
+
 type PrefillRequest struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
 	Ticket       *Ticket                `protobuf:"bytes,1,opt,name=ticket,proto3" json:"ticket,omitempty"`
@@ -38,7 +119,7 @@ type PrefillRequest struct {
 
 func (x *PrefillRequest) Reset() {
 	*x = PrefillRequest{}
-	mi := &file_kvferry_v1_context_proto_msgTypes[0]
+	mi := &file_kvferry_v1_context_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -50,7 +131,7 @@ func (x *PrefillRequest) String() string {
 func (*PrefillRequest) ProtoMessage() {}
 
 func (x *PrefillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvferry_v1_context_proto_msgTypes[0]
+	mi := &file_kvferry_v1_context_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -63,7 +144,7 @@ func (x *PrefillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrefillRequest.ProtoReflect.Descriptor instead.
 func (*PrefillRequest) Descriptor() ([]byte, []int) {
-	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{0}
+	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *PrefillRequest) GetTicket() *Ticket {
@@ -113,7 +194,7 @@ type PrefillResponse struct {
 
 func (x *PrefillResponse) Reset() {
 	*x = PrefillResponse{}
-	mi := &file_kvferry_v1_context_proto_msgTypes[1]
+	mi := &file_kvferry_v1_context_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -125,7 +206,7 @@ func (x *PrefillResponse) String() string {
 func (*PrefillResponse) ProtoMessage() {}
 
 func (x *PrefillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvferry_v1_context_proto_msgTypes[1]
+	mi := &file_kvferry_v1_context_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -138,7 +219,7 @@ func (x *PrefillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrefillResponse.ProtoReflect.Descriptor instead.
 func (*PrefillResponse) Descriptor() ([]byte, []int) {
-	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{1}
+	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *PrefillResponse) GetFirstToken() uint32 {
@@ -171,7 +252,7 @@ type ContextServiceCancelRequest struct {
 
 func (x *ContextServiceCancelRequest) Reset() {
 	*x = ContextServiceCancelRequest{}
-	mi := &file_kvferry_v1_context_proto_msgTypes[2]
+	mi := &file_kvferry_v1_context_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -183,7 +264,7 @@ func (x *ContextServiceCancelRequest) String() string {
 func (*ContextServiceCancelRequest) ProtoMessage() {}
 
 func (x *ContextServiceCancelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvferry_v1_context_proto_msgTypes[2]
+	mi := &file_kvferry_v1_context_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -196,7 +277,7 @@ func (x *ContextServiceCancelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextServiceCancelRequest.ProtoReflect.Descriptor instead.
 func (*ContextServiceCancelRequest) Descriptor() ([]byte, []int) {
-	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{2}
+	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ContextServiceCancelRequest) GetTicket() *Ticket {
@@ -217,7 +298,7 @@ type ContextServiceCancelResponse struct {
 
 func (x *ContextServiceCancelResponse) Reset() {
 	*x = ContextServiceCancelResponse{}
-	mi := &file_kvferry_v1_context_proto_msgTypes[3]
+	mi := &file_kvferry_v1_context_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -229,7 +310,7 @@ func (x *ContextServiceCancelResponse) String() string {
 func (*ContextServiceCancelResponse) ProtoMessage() {}
 
 func (x *ContextServiceCancelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvferry_v1_context_proto_msgTypes[3]
+	mi := &file_kvferry_v1_context_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -242,7 +323,7 @@ func (x *ContextServiceCancelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextServiceCancelResponse.ProtoReflect.Descriptor instead.
 func (*ContextServiceCancelResponse) Descriptor() ([]byte, []int) {
-	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{3}
+	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ContextServiceCancelResponse) GetOutcome() CancelOutcome {
@@ -268,7 +349,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_kvferry_v1_context_proto_msgTypes[4]
+	mi := &file_kvferry_v1_context_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -280,7 +361,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvferry_v1_context_proto_msgTypes[4]
+	mi := &file_kvferry_v1_context_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -293,7 +374,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{4}
+	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ReleaseRequest) GetTicket() *Ticket {
@@ -314,7 +395,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_kvferry_v1_context_proto_msgTypes[5]
+	mi := &file_kvferry_v1_context_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -326,7 +407,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvferry_v1_context_proto_msgTypes[5]
+	mi := &file_kvferry_v1_context_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -339,7 +420,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{5}
+	return file_kvferry_v1_context_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ReleaseResponse) GetReleased() bool {
@@ -354,7 +435,10 @@ var File_kvferry_v1_context_proto protoreflect.FileDescriptor
 const file_kvferry_v1_context_proto_rawDesc = "" +
 	"\n" +
 	"\x18kvferry/v1/context.proto\x12\n" +
-	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\xe8\x01\n" +
+	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\x15\n" +
+	"\x13PrefixDigestRequest\"9\n" +
+	"\x14PrefixDigestResponse\x12!\n" +
+	"\fblock_hashes\x18\x01 \x03(\x06R\vblockHashes\"\xe8\x01\n" +
 	"\x0ePrefillRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x03(\rR\fpromptTokens\x126\n" +
@@ -375,11 +459,12 @@ const file_kvferry_v1_context_proto_rawDesc = "" +
 	"\x0eReleaseRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\"-\n" +
 	"\x0fReleaseResponse\x12\x1a\n" +
-	"\breleased\x18\x01 \x01(\bR\breleased2\xf5\x01\n" +
+	"\breleased\x18\x01 \x01(\bR\breleased2\xc8\x02\n" +
 	"\x0eContextService\x12B\n" +
 	"\aPrefill\x12\x1a.kvferry.v1.PrefillRequest\x1a\x1b.kvferry.v1.PrefillResponse\x12[\n" +
 	"\x06Cancel\x12'.kvferry.v1.ContextServiceCancelRequest\x1a(.kvferry.v1.ContextServiceCancelResponse\x12B\n" +
-	"\aRelease\x12\x1a.kvferry.v1.ReleaseRequest\x1a\x1b.kvferry.v1.ReleaseResponseB7Z5github.com/kvferry/kvferry/proto/kvferry/v1;kvferryv1b\x06proto3"
+	"\aRelease\x12\x1a.kvferry.v1.ReleaseRequest\x1a\x1b.kvferry.v1.ReleaseResponse\x12Q\n" +
+	"\fPrefixDigest\x12\x1f.kvferry.v1.PrefixDigestRequest\x1a .kvferry.v1.PrefixDigestResponseB7Z5github.com/kvferry/kvferry/proto/kvferry/v1;kvferryv1b\x06proto3"
 
 var (
 	file_kvferry_v1_context_proto_rawDescOnce sync.Once
@@ -393,37 +478,41 @@ func file_kvferry_v1_context_proto_rawDescGZIP() []byte {
 	return file_kvferry_v1_context_proto_rawDescData
 }
 
-var file_kvferry_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_kvferry_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_kvferry_v1_context_proto_goTypes = []any{
-	(*PrefillRequest)(nil),               // 0: kvferry.v1.PrefillRequest
-	(*PrefillResponse)(nil),              // 1: kvferry.v1.PrefillResponse
-	(*ContextServiceCancelRequest)(nil),  // 2: kvferry.v1.ContextServiceCancelRequest
-	(*ContextServiceCancelResponse)(nil), // 3: kvferry.v1.ContextServiceCancelResponse
-	(*ReleaseRequest)(nil),               // 4: kvferry.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),              // 5: kvferry.v1.ReleaseResponse
-	(*Ticket)(nil),                       // 6: kvferry.v1.Ticket
-	(*SamplingParams)(nil),               // 7: kvferry.v1.SamplingParams
-	(*KVAdvertisement)(nil),              // 8: kvferry.v1.KVAdvertisement
-	(CancelOutcome)(0),                   // 9: kvferry.v1.CancelOutcome
+	(*PrefixDigestRequest)(nil),          // 0: kvferry.v1.PrefixDigestRequest
+	(*PrefixDigestResponse)(nil),         // 1: kvferry.v1.PrefixDigestResponse
+	(*PrefillRequest)(nil),               // 2: kvferry.v1.PrefillRequest
+	(*PrefillResponse)(nil),              // 3: kvferry.v1.PrefillResponse
+	(*ContextServiceCancelRequest)(nil),  // 4: kvferry.v1.ContextServiceCancelRequest
+	(*ContextServiceCancelResponse)(nil), // 5: kvferry.v1.ContextServiceCancelResponse
+	(*ReleaseRequest)(nil),               // 6: kvferry.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),              // 7: kvferry.v1.ReleaseResponse
+	(*Ticket)(nil),                       // 8: kvferry.v1.Ticket
+	(*SamplingParams)(nil),               // 9: kvferry.v1.SamplingParams
+	(*KVAdvertisement)(nil),              // 10: kvferry.v1.KVAdvertisement
+	(CancelOutcome)(0),                   // 11: kvferry.v1.CancelOutcome
 }
 var file_kvferry_v1_context_proto_depIdxs = []int32{
-	6, // 0: kvferry.v1.PrefillRequest.ticket:type_name -> kvferry.v1.Ticket
-	7, // 1: kvferry.v1.PrefillRequest.sampling:type_name -> kvferry.v1.SamplingParams
-	8, // 2: kvferry.v1.PrefillResponse.advertisement:type_name -> kvferry.v1.KVAdvertisement
-	6, // 3: kvferry.v1.ContextServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
-	9, // 4: kvferry.v1.ContextServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
-	6, // 5: kvferry.v1.ReleaseRequest.ticket:type_name -> kvferry.v1.Ticket
-	0, // 6: kvferry.v1.ContextService.Prefill:input_type -> kvferry.v1.PrefillRequest
-	2, // 7: kvferry.v1.ContextService.Cancel:input_type -> kvferry.v1.ContextServiceCancelRequest
-	4, // 8: kvferry.v1.ContextService.Release:input_type -> kvferry.v1.ReleaseRequest
-	1, // 9: kvferry.v1.ContextService.Prefill:output_type -> kvferry.v1.PrefillResponse
-	3, // 10: kvferry.v1.ContextService.Cancel:output_type -> kvferry.v1.ContextServiceCancelResponse
-	5, // 11: kvferry.v1.ContextService.Release:output_type -> kvferry.v1.ReleaseResponse
-	9, // [9:12] is the sub-list for method output_type
-	6, // [6:9] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	8,  // 0: kvferry.v1.PrefillRequest.ticket:type_name -> kvferry.v1.Ticket
+	9,  // 1: kvferry.v1.PrefillRequest.sampling:type_name -> kvferry.v1.SamplingParams
+	10, // 2: kvferry.v1.PrefillResponse.advertisement:type_name -> kvferry.v1.KVAdvertisement
+	8,  // 3: kvferry.v1.ContextServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
+	11, // 4: kvferry.v1.ContextServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
+	8,  // 5: kvferry.v1.ReleaseRequest.ticket:type_name -> kvferry.v1.Ticket
+	2,  // 6: kvferry.v1.ContextService.Prefill:input_type -> kvferry.v1.PrefillRequest
+	4,  // 7: kvferry.v1.ContextService.Cancel:input_type -> kvferry.v1.ContextServiceCancelRequest
+	6,  // 8: kvferry.v1.ContextService.Release:input_type -> kvferry.v1.ReleaseRequest
+	0,  // 9: kvferry.v1.ContextService.PrefixDigest:input_type -> kvferry.v1.PrefixDigestRequest
+	3,  // 10: kvferry.v1.ContextService.Prefill:output_type -> kvferry.v1.PrefillResponse
+	5,  // 11: kvferry.v1.ContextService.Cancel:output_type -> kvferry.v1.ContextServiceCancelResponse
+	7,  // 12: kvferry.v1.ContextService.Release:output_type -> kvferry.v1.ReleaseResponse
+	1,  // 13: kvferry.v1.ContextService.PrefixDigest:output_type -> kvferry.v1.PrefixDigestResponse
+	10, // [10:14] is the sub-list for method output_type
+	6,  // [6:10] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_kvferry_v1_context_proto_init() }
@@ -438,7 +527,7 @@ func file_kvferry_v1_context_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvferry_v1_context_proto_rawDesc), len(file_kvferry_v1_context_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

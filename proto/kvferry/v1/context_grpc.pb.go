@@ -19,9 +19,10 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	ContextService_Prefill_FullMethodName = "/kvferry.v1.ContextService/Prefill"
-	ContextService_Cancel_FullMethodName  = "/kvferry.v1.ContextService/Cancel"
-	ContextService_Release_FullMethodName = "/kvferry.v1.ContextService/Release"
+	ContextService_Prefill_FullMethodName      = "/kvferry.v1.ContextService/Prefill"
+	ContextService_Cancel_FullMethodName       = "/kvferry.v1.ContextService/Cancel"
+	ContextService_Release_FullMethodName      = "/kvferry.v1.ContextService/Release"
+	ContextService_PrefixDigest_FullMethodName = "/kvferry.v1.ContextService/PrefixDigest"
 )
 
 // ContextServiceClient is the client API for ContextService service.
@@ -42,6 +43,11 @@ type ContextServiceClient interface {
 	// Release drops the request's blocks: the router calls it when the
 	// generation leg failed before the transfer started.
 	Release(ctx context.Context, in *ReleaseRequest, opts ...grpc.CallOption) (*ReleaseResponse, error)
+	// PrefixDigest lists what the prefix-reuse cache holds now, as routing
+	// hashes (executor.RouteHashes: the tenant's salt and the tokens up to
+	// each block's end, without the cache's secret), so that a router can
+	// send a prompt where its prefix is cached. Routers poll it.
+	PrefixDigest(ctx context.Context, in *PrefixDigestRequest, opts ...grpc.CallOption) (*PrefixDigestResponse, error)
 }
 
 type contextServiceClient struct {
@@ -82,6 +88,16 @@ func (c *contextServiceClient) Release(ctx context.Context, in *ReleaseRequest, 
 	return out, nil
 }
 
+func (c *contextServiceClient) PrefixDigest(ctx context.Context, in *PrefixDigestRequest, opts ...grpc.CallOption) (*PrefixDigestResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PrefixDigestResponse)
+	err := c.cc.Invoke(ctx, ContextService_PrefixDigest_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ContextServiceServer is the server API for ContextService service.
 // All implementations must embed UnimplementedContextServiceServer
 // for forward compatibility.
@@ -100,6 +116,11 @@ type ContextServiceServer interface {
 	// Release drops the request's blocks: the router calls it when the
 	// generation leg failed before the transfer started.
 	Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error)
+	// PrefixDigest lists what the prefix-reuse cache holds now, as routing
+	// hashes (executor.RouteHashes: the tenant's salt and the tokens up to
+	// each block's end, without the cache's secret), so that a router can
+	// send a prompt where its prefix is cached. Routers poll it.
+	PrefixDigest(context.Context, *PrefixDigestRequest) (*PrefixDigestResponse, error)
 	mustEmbedUnimplementedContextServiceServer()
 }
 
@@ -118,6 +139,9 @@ func (UnimplementedContextServiceServer) Cancel(context.Context, *ContextService
 }
 func (UnimplementedContextServiceServer) Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Release not implemented")
+}
+func (UnimplementedContextServiceServer) PrefixDigest(context.Context, *PrefixDigestRequest) (*PrefixDigestResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PrefixDigest not implemented")
 }
 func (UnimplementedContextServiceServer) mustEmbedUnimplementedContextServiceServer() {}
 func (UnimplementedContextServiceServer) testEmbeddedByValue()                        {}
@@ -194,6 +218,24 @@ func _ContextService_Release_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ContextService_PrefixDigest_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PrefixDigestRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).PrefixDigest(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_PrefixDigest_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).PrefixDigest(ctx, req.(*PrefixDigestRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ContextService_ServiceDesc is the grpc.ServiceDesc for ContextService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -212,6 +254,10 @@ var ContextService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Release",
 			Handler:    _ContextService_Release_Handler,
+		},
+		{
+			MethodName: "PrefixDigest",
+			Handler:    _ContextService_PrefixDigest_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
