@@ -36,7 +36,7 @@ export KVFERRY_LLAMA_LIB_DIR ?= $(LLAMA_LIB_DIR)
 # TAGS=ucx builds the ucx transport in (needs libucx-dev: make deps-ucx).
 TAGS ?=
 
-.PHONY: deps-llama-cuda gpu-check bench-serve certs all build run deps-llama bench-engine fuzz test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
+.PHONY: bench-prefix deps-llama-cuda gpu-check bench-serve certs all build run deps-llama bench-engine fuzz test test-unit test-e2e sim bench-router bench-transfer deps-ucx test-ucx chaos-ucx verify chaos proto proto-check lint vet fmt-check tools deps clean
 
 all: build
 
@@ -100,6 +100,12 @@ verify:
 # engine and on make run's timing, beside the floor of any gRPC relay.
 bench-router:
 	$(GO) test -run xxx -bench 'RouterOverhead|GRPCHopFloor' -benchtime 2000x -count 3 ./test/bench/
+
+# bench-prefix: prefix-cache routing measured — three context servers,
+# kvload with several shared system prompts, the default chain against
+# precise-prefix: reuse rate (kvferry_prefix_blocks_total) and TTFT.
+bench-prefix: build
+	scripts/bench-prefix.sh $(BIN) $(BENCH_SERVE_OUT)/prefix
 
 # bench-transfer: a 512 MiB KV (llama3-8b, 4,096 tokens) between two
 # processes on each transport, beside its same-run baseline (ucx over

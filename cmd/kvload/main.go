@@ -60,6 +60,7 @@ type config struct {
 	prompts     string
 	promptWords string
 	sharedWords int
+	sharedCount int
 	maxTokens   string
 	abortRate   float64
 	slo         loadgen.SLO
@@ -85,6 +86,7 @@ func parse(args []string) (config, error) {
 	fs.StringVar(&c.prompts, "prompts", "", "JSONL file of prompts, one {\"prompt\": \"...\", \"max_tokens\": N} a line (max_tokens optional)")
 	fs.StringVar(&c.promptWords, "prompt-words", "uniform:32:256", "prompt length in words when no --prompts: N, fixed:N, uniform:LO:HI or normal:MEAN:SD (each word at random: prompts share no prefix but by chance)")
 	fs.IntVar(&c.sharedWords, "shared-prefix-words", 0, "with --prompt-words: every prompt starts with the same this many words (a system prompt; measures prefix caching), then its own --prompt-words")
+	fs.IntVar(&c.sharedCount, "shared-prefixes", 1, "with --shared-prefix-words: this many different shared prefixes (several tenants' system prompts), each prompt starting with one at random")
 	fs.StringVar(&c.maxTokens, "max-tokens", "128", "max_tokens of each request: N, fixed:N, uniform:LO:HI or normal:MEAN:SD")
 	fs.Float64Var(&c.abortRate, "abort-rate", 0, "share of requests the client cancels, each at a random token position below its max_tokens (an answer that ends before its position completes; with --ignore-eos the share is exact) (0 to 1)")
 	fs.DurationVar(&c.slo.TTFT, "slo-ttft", 0, "goodput: a request must have its first token within this (0: not checked)")
@@ -133,6 +135,9 @@ func parse(args []string) (config, error) {
 	if !(c.abortRate >= 0 && c.abortRate <= 1) {
 		errs = append(errs, fmt.Errorf("--abort-rate must be between 0 and 1, got %g", c.abortRate))
 	}
+	if c.sharedCount < 1 {
+		errs = append(errs, errors.New("--shared-prefixes must be at least 1"))
+	}
 	if c.sharedWords < 0 || (c.sharedWords > 0 && c.prompts != "") {
 		errs = append(errs, errors.New("--shared-prefix-words must not be negative, and goes with --prompt-words, not --prompts"))
 	}
@@ -176,10 +181,16 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("--prompt-words: %w", err)
 		}
-		prefix := loadgen.SharedPrefix(rand.New(rand.NewPCG(c.seed, 0x5eed)), c.sharedWords)
-		prompts, promptDesc = loadgen.Synthetic{Words: d, Prefix: prefix}, "words "+d.String()
+		var prefixes []string
 		if c.sharedWords > 0 {
-			promptDesc = fmt.Sprintf("a shared prefix of %d words, then words %s", c.sharedWords, d)
+			rng := rand.New(rand.NewPCG(c.seed, 0x5eed))
+			for range c.sharedCount {
+				prefixes = append(prefixes, loadgen.SharedPrefix(rng, c.sharedWords))
+			}
+		}
+		prompts, promptDesc = loadgen.Synthetic{Words: d, Prefixes: prefixes}, "words "+d.String()
+		if c.sharedWords > 0 {
+			promptDesc = fmt.Sprintf("one of %d shared prefixes of %d words, then words %s", c.sharedCount, c.sharedWords, d)
 		}
 	}
 	if err := os.MkdirAll(c.out, 0o755); err != nil {

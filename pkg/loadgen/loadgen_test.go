@@ -73,13 +73,21 @@ func TestSyntheticPromptsShareNoPrefix(t *testing.T) {
 	if n := len(strings.Fields(prefix)); n != 12 {
 		t.Fatalf("prefix %q has %d words, want 12", prefix, n)
 	}
-	for _, s := range []Synthetic{{Words: fixed(20)}, {Words: fixed(20), Prefix: prefix}} {
+	other := SharedPrefix(rng, 12)
+	for _, s := range []Synthetic{{Words: fixed(20)}, {Words: fixed(20), Prefixes: []string{prefix}}, {Words: fixed(20), Prefixes: []string{prefix, other}}} {
 		seen := map[string]bool{}
+		used := map[string]bool{}
 		for range 500 {
 			text := s.Next(rng).Text
-			rest, ok := strings.CutPrefix(text, s.Prefix)
+			rest, ok := text, len(s.Prefixes) == 0
+			for _, p := range s.Prefixes {
+				if r, cut := strings.CutPrefix(text, p); cut {
+					rest, ok = r, true
+					used[p] = true
+				}
+			}
 			if !ok {
-				t.Fatalf("prompt %q does not start with the prefix %q", text, s.Prefix)
+				t.Fatalf("prompt %q does not start with one of the prefixes %q", text, s.Prefixes)
 			}
 			w := strings.Fields(rest)
 			if len(w) != 20 {
@@ -90,6 +98,9 @@ func TestSyntheticPromptsShareNoPrefix(t *testing.T) {
 				t.Fatalf("two prompts share the first eight words %q after the prefix", key)
 			}
 			seen[key] = true
+		}
+		if len(used) != len(s.Prefixes) {
+			t.Fatalf("500 prompts used %d of %d prefixes", len(used), len(s.Prefixes))
 		}
 	}
 }

@@ -28,12 +28,12 @@ var words = strings.Fields("the quiet river carries light through the harbour at
 
 // Synthetic makes prompts of a number of words drawn from a distribution,
 // each word drawn at random, so that two prompts share a prefix only by
-// chance (a serving stack's prefix cache does not flatter it) — after a
-// Prefix that every prompt shares, when there is one (to measure the
-// cache on purpose).
+// chance (a serving stack's prefix cache does not flatter it) — after one
+// of Prefixes, drawn at random, when there are any (system prompts, to
+// measure the cache on purpose).
 type Synthetic struct {
-	Words  Dist
-	Prefix string
+	Words    Dist
+	Prefixes []string
 }
 
 // SharedPrefix returns n words drawn from rng: a prefix for Synthetic.
@@ -41,9 +41,13 @@ func SharedPrefix(rng *rand.Rand, n int) string {
 	return randomWords(rng, n, "")
 }
 
-// Next returns the prefix and then a prompt of Words random words.
+// Next returns a prefix, if any, and then a prompt of Words random words.
 func (s Synthetic) Next(rng *rand.Rand) Prompt {
-	return Prompt{Text: randomWords(rng, s.Words.Sample(rng), s.Prefix)}
+	prefix := ""
+	if len(s.Prefixes) > 0 {
+		prefix = s.Prefixes[rng.IntN(len(s.Prefixes))]
+	}
+	return Prompt{Text: randomWords(rng, s.Words.Sample(rng), prefix)}
 }
 
 func randomWords(rng *rand.Rand, n int, prefix string) string {
