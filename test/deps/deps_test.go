@@ -32,6 +32,7 @@ var allowed = map[string][]string{
 	"internal/poll":                      {},
 	"pkg/ticket":                         {"proto/kvferry/v1"},
 	"pkg/tracing":                        {},
+	"pkg/gguf":                           {},
 	// The engines and the transfer lifecycle: never each other.
 	"pkg/executor":   {"pkg/ticket", "proto/kvferry/v1"},
 	"pkg/kvtransfer": {"pkg/blockpool", "proto/kvferry/v1"},
