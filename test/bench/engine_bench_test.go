@@ -3,6 +3,8 @@ package bench
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -24,6 +26,15 @@ func enginePrompt(v executor.Vocabulary, n int) string {
 	return strings.Repeat(sentence, n/len(v.Encode(sentence)))
 }
 
+// benchModel is the model BenchmarkLlamaEngine serves: KVFERRY_BENCH_MODEL
+// (a GGUF cmd/kvgguf generated, whose KV is real in size) or the test model.
+func benchModel(b *testing.B) (path, name string, generated bool) {
+	if p := os.Getenv("KVFERRY_BENCH_MODEL"); p != "" {
+		return p, strings.TrimSuffix(filepath.Base(p), ".gguf"), true
+	}
+	return stack.TestModelPath(b), stack.TestModelName, false
+}
+
 // BenchmarkLlamaEngine: the test model through the whole stack (router,
 // context server, KV transfer, generation server, OpenAI streaming) beside
 // the same model driven in this process through yzma — the limit — in the
@@ -33,7 +44,8 @@ func BenchmarkLlamaEngine(b *testing.B) {
 	// One thread, as each server of the stack has (stack.Options.Llama):
 	// prefill runs on the context server's, decode on the generation
 	// server's.
-	cfg := executor.LlamaConfig{ModelPath: stack.TestModelPath(b), LibDir: stack.LlamaLibDir(b), Slots: 2, Threads: 1, GPULayers: -1}
+	model, name, generated := benchModel(b)
+	cfg := executor.LlamaConfig{ModelPath: model, LibDir: stack.LlamaLibDir(b), Slots: 2, Threads: 1, GPULayers: -1}
 	e, err := executor.NewLlama(cfg)
 	if err != nil {
 		b.Fatal(err)
@@ -70,7 +82,7 @@ func BenchmarkLlamaEngine(b *testing.B) {
 	})
 
 	b.Run("stack", func(b *testing.B) {
-		st := stack.Up(b, binDir, stack.Options{Llama: true})
+		st := stack.Up(b, binDir, stack.Options{Llama: true, ModelPath: model})
 		defer st.StopAll(b)
 		c := openai.NewClient(option.WithBaseURL(st.OpenAIURL+"/"), option.WithAPIKey("unused"), option.WithMaxRetries(0))
 		var ttft, decode time.Duration
@@ -81,9 +93,9 @@ func BenchmarkLlamaEngine(b *testing.B) {
 			i++
 			start := time.Now()
 			stream := c.Completions.NewStreaming(context.Background(), openai.CompletionNewParams{
-				Model: stack.TestModelName, Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(text)},
+				Model: openai.CompletionNewParamsModel(name), Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(text)},
 				MaxTokens: openai.Int(engineOutput), Temperature: openai.Float(0),
-			})
+			}, option.WithJSONSet("ignore_eos", generated))
 			var first time.Time
 			chunks := 0
 			for stream.Next() {

@@ -193,7 +193,10 @@ type Options struct {
 	Model string
 	// Llama runs the stack on the llama.cpp engine with the test model
 	// (TestModelPath) instead of a synthetic preset.
-	Llama                  bool
+	Llama bool
+	// ModelPath, with Llama, serves this GGUF instead of the test model
+	// (a generated one: cmd/kvgguf).
+	ModelPath              string
 	PoolBlocks             int
 	PrefillTokensPerSecond float64
 	DecodeStepTime         time.Duration
@@ -234,7 +237,11 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 	if o.Llama {
 		// One llama.cpp thread each: a stack is several processes on the
 		// test machine's cores, and ggml's threads spin while they wait.
-		engine = []string{"--engine=llamacpp", "--model-path=" + TestModelPath(t), "--llama-lib-dir=" + LlamaLibDir(t), "--llama-threads=1"}
+		model := o.ModelPath
+		if model == "" {
+			model = TestModelPath(t)
+		}
+		engine = []string{"--engine=llamacpp", "--model-path=" + model, "--llama-lib-dir=" + LlamaLibDir(t), "--llama-threads=1"}
 	}
 	common := []string{
 		"--pool-blocks=" + strconv.Itoa(o.PoolBlocks),
