@@ -435,7 +435,7 @@ func utf8ValidString(s string) bool { return strings.ToValidUTF8(s, "\uFFFD") ==
 // prefilled1000 is the context engine, a ~1,000-token story prompt and its
 // blocks, prefilled cold.
 func prefilled1000(b *testing.B) (*Llama, []uint32, [][]byte) {
-	e, _ := testEngines(b)
+	e := benchEngine(b)
 	text := strings.Repeat("Once upon a time there was a little dog who liked to run in the park. ", 60)
 	toks := e.Vocabulary().Encode(text)[:1000]
 	blocks := newBlocks(e.Model(), len(toks))
@@ -443,6 +443,29 @@ func prefilled1000(b *testing.B) (*Llama, []uint32, [][]byte) {
 		b.Fatal(err)
 	}
 	return e, toks, blocks
+}
+
+var benchPair enginePair
+
+// benchEngine is the test model's engine, or with KVFERRY_BENCH_MODEL a
+// generated model's (cmd/kvgguf: a model whose KV is real in size).
+func benchEngine(b *testing.B) *Llama {
+	path := os.Getenv("KVFERRY_BENCH_MODEL")
+	if path == "" {
+		e, _ := testEngines(b)
+		return e
+	}
+	benchPair.once.Do(func() {
+		lib := os.Getenv("KVFERRY_LLAMA_LIB_DIR")
+		if lib == "" {
+			lib = filepath.Join(repoRoot(b), ".llama", "lib")
+		}
+		benchPair.e[0], benchPair.err = NewLlama(LlamaConfig{ModelPath: path, LibDir: lib, Slots: 4, GPULayers: -1})
+	})
+	if benchPair.err != nil {
+		b.Fatal(benchPair.err)
+	}
+	return benchPair.e[0]
 }
 
 // BenchmarkLlamaPrefixReuse: prefill of a ~1,000-token prompt on the test
