@@ -432,6 +432,37 @@ func TestTextStreamHoldsSplitCharacters(t *testing.T) {
 
 func utf8ValidString(s string) bool { return strings.ToValidUTF8(s, "\uFFFD") == s }
 
+// TestTextStreamReplacesInvalidBytes: byte tokens that never form a
+// character (a random model's, or a sampled one's) come out as U+FFFD,
+// never as invalid UTF-8 — a protobuf string must be valid (before, the
+// generation server's stream failed with "string field contains invalid
+// UTF-8" on a generated model, found on the device).
+func TestTextStreamReplacesInvalidBytes(t *testing.T) {
+	for _, c := range []struct {
+		pieces []string
+		want   string
+	}{
+		{[]string{"a", "\xff", "b"}, "a\uFFFDb"},
+		{[]string{"\xe4\xb8", "x"}, "\uFFFDx"},            // a character cut short by the next piece
+		{[]string{"ok", "\xf0\x9f"}, "ok\uFFFD"},          // cut short by the end
+		{[]string{"\x80\x80", "\xe4\xb8\x96"}, "\uFFFD世"}, // a run of stray bytes is one U+FFFD, then a whole character
+	} {
+		var ts TextStream
+		var out strings.Builder
+		for _, p := range c.pieces {
+			chunk := ts.Push(p)
+			if !utf8ValidString(chunk) {
+				t.Fatalf("%q: chunk %q is not valid UTF-8", c.pieces, chunk)
+			}
+			out.WriteString(chunk)
+		}
+		out.WriteString(ts.Flush())
+		if out.String() != c.want {
+			t.Errorf("%q: got %q, want %q", c.pieces, out.String(), c.want)
+		}
+	}
+}
+
 // prefilled1000 is the context engine, a ~1,000-token story prompt and its
 // blocks, prefilled cold.
 func prefilled1000(b *testing.B) (*Llama, []uint32, [][]byte) {

@@ -76,12 +76,16 @@ func RenderChat(msgs []ChatMessage) string {
 	return b.String()
 }
 
-// Text renders generated tokens as text: the concatenation of their pieces.
+// Text renders generated tokens as text: their pieces through a
+// TextStream, as a generation server streams them (so invalid bytes read
+// the same both ways).
 func Text(v Vocabulary, tokens []uint32) string {
 	var b strings.Builder
+	var ts TextStream
 	for i, t := range tokens {
-		b.WriteString(v.Piece(t, i == 0))
+		b.WriteString(ts.Push(v.Piece(t, i == 0)))
 	}
+	b.WriteString(ts.Flush())
 	return b.String()
 }
 
@@ -92,24 +96,30 @@ type TextStream struct {
 	held []byte
 }
 
-// Push appends a piece and returns the text that is complete now.
+// Push appends a piece and returns the text that is complete now, always
+// valid UTF-8: bytes that can never form a character (a model's byte
+// tokens in an invalid order) become U+FFFD, as OpenAI's servers and
+// llama-server render them — a protobuf string must be valid UTF-8, and
+// a client's JSON parser expects it.
 func (ts *TextStream) Push(piece string) string {
 	ts.held = append(ts.held, piece...)
 	cut := completePrefix(ts.held)
-	out := string(ts.held[:cut])
+	out := strings.ToValidUTF8(string(ts.held[:cut]), "\uFFFD")
 	ts.held = append(ts.held[:0], ts.held[cut:]...)
 	return out
 }
 
-// Flush returns whatever is held, complete or not (the stream ended).
+// Flush returns whatever is held (the stream ended): a character the end
+// cut short is U+FFFD.
 func (ts *TextStream) Flush() string {
-	out := string(ts.held)
+	out := strings.ToValidUTF8(string(ts.held), "\uFFFD")
 	ts.held = ts.held[:0]
 	return out
 }
 
 // completePrefix is the length of b without a trailing incomplete UTF-8
-// sequence. Invalid bytes that can never complete are let through.
+// sequence. Invalid bytes that can never complete are let through (Push
+// replaces them).
 func completePrefix(b []byte) int {
 	// A character is at most 4 bytes: look at the last three for the start
 	// of one that the end cuts short.
