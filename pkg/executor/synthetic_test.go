@@ -184,33 +184,44 @@ func TestOneDevice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	order := make(chan string, 2)
+	// The decode step holds the device for its whole DecodeStepTime from
+	// some moment after decodeStart; a prefill step that waits for the
+	// device therefore ends at least that long after decodeStart, on the
+	// monotonic clock. (The order of two goroutines' sends after their
+	// steps proved nothing: the prefill could send first once it had the
+	// device.)
+	decodeStart := time.Now()
+	decoded := make(chan struct{})
 	go func() {
+		defer close(decoded)
 		if err := e.Step(ctx, []*Sequence{seq}); err != nil {
 			t.Error(err)
 		}
-		order <- "decode"
 	}()
 	deadline := time.Now().Add(10 * time.Second)
+wait:
 	for len(e.device) == 0 { // the decode step holds the device
+		select {
+		case <-decoded: // a scheduler that slept through the whole step: nothing to race
+			break wait
+		default:
+		}
 		if time.Now().After(deadline) {
 			t.Fatal("the decode step never took the device")
 		}
 		runtime.Gosched()
 	}
-	go func() {
-		p, err := e.BeginPrefill(ctx, toks, Sampling{}, blocksFor(spec, len(toks)), 0)
-		if err == nil {
-			err = e.PrefillStep(ctx, []*Prompt{p}, []int{len(toks)})
-		}
-		if err != nil {
-			t.Error(err)
-		}
-		order <- "prefill"
-	}()
-	if a, b := <-order, <-order; a != "decode" || b != "prefill" {
-		t.Fatalf("steps ended %s then %s: the prefill step did not wait for the device", a, b)
+	p, err := e.BeginPrefill(ctx, toks, Sampling{}, blocksFor(spec, len(toks)), 0)
+	if err == nil {
+		err = e.PrefillStep(ctx, []*Prompt{p}, []int{len(toks)})
 	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if waited := time.Since(decodeStart); waited < 50*time.Millisecond {
+		t.Fatalf("the prefill step ended %v after the decode step began, inside its 50 ms: it did not wait for the device", waited)
+	}
+	<-decoded
 }
 
 func longPrompt(n int) string {
