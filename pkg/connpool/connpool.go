@@ -27,10 +27,15 @@ type Cache struct {
 	max   int               // 0: unbounded
 
 	mu       sync.Mutex
-	conns    map[string]*grpc.ClientConn
-	used     map[string]time.Time // last Get of each address
+	conns    map[string]*conn
 	retiring map[*grpc.ClientConn]*time.Timer
 	closed   bool
+}
+
+// conn is a cached connection and its address's last Get (for LRU).
+type conn struct {
+	cc   *grpc.ClientConn
+	used time.Time
 }
 
 // EvictGrace is how long an evicted connection stays open for the calls
@@ -55,7 +60,7 @@ func (c *Cache) Bound(max int) *Cache {
 // New returns an empty cache dialling in plaintext, or with creds
 // when given (TLSFiles.DialOption).
 func New(creds ...grpc.DialOption) *Cache {
-	c := &Cache{conns: map[string]*grpc.ClientConn{}, used: map[string]time.Time{}, retiring: map[*grpc.ClientConn]*time.Timer{}, creds: grpc.WithTransportCredentials(insecure.NewCredentials())}
+	c := &Cache{conns: map[string]*conn{}, retiring: map[*grpc.ClientConn]*time.Timer{}, creds: grpc.WithTransportCredentials(insecure.NewCredentials())}
 	if len(creds) > 0 {
 		c.creds = creds[0]
 	}
@@ -71,9 +76,9 @@ func (c *Cache) Get(addr string) (*grpc.ClientConn, error) {
 		return nil, errors.New("connpool: closed")
 	}
 	now := time.Now()
-	if cc, ok := c.conns[addr]; ok {
-		c.used[addr] = now
-		return cc, nil
+	if e, ok := c.conns[addr]; ok {
+		e.used = now
+		return e.cc, nil
 	}
 	if c.max > 0 && len(c.conns) >= c.max {
 		c.evictLocked()
@@ -86,22 +91,20 @@ func (c *Cache) Get(addr string) (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connpool: client for %s: %w", addr, err)
 	}
-	c.conns[addr] = cc
-	c.used[addr] = now
+	c.conns[addr] = &conn{cc: cc, used: now}
 	return cc, nil
 }
 
 // evictLocked retires the least recently used address's connection.
 func (c *Cache) evictLocked() {
 	var oldest string
-	for addr, t := range c.used {
-		if oldest == "" || t.Before(c.used[oldest]) {
+	for addr, e := range c.conns {
+		if oldest == "" || e.used.Before(c.conns[oldest].used) {
 			oldest = addr
 		}
 	}
-	cc := c.conns[oldest]
+	cc := c.conns[oldest].cc
 	delete(c.conns, oldest)
-	delete(c.used, oldest)
 	// A connection that is not up carries no running call worth a grace
 	// (a made-up address never comes up): it closes at once, as does any
 	// beyond max retiring ones.
@@ -118,13 +121,12 @@ func (c *Cache) evictLocked() {
 func (c *Cache) Forget(addr string, grace time.Duration) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	cc, ok := c.conns[addr]
+	e, ok := c.conns[addr]
 	if !ok || c.closed {
 		return
 	}
 	delete(c.conns, addr)
-	delete(c.used, addr)
-	c.retireLocked(cc, grace)
+	c.retireLocked(e.cc, grace)
 }
 
 // retireLocked closes cc after grace.
@@ -157,9 +159,8 @@ func (c *Cache) Close() {
 		_ = cc.Close()
 		delete(c.retiring, cc)
 	}
-	for addr, cc := range c.conns {
-		_ = cc.Close()
+	for addr, e := range c.conns {
+		_ = e.cc.Close()
 		delete(c.conns, addr)
-		delete(c.used, addr)
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -61,15 +60,14 @@ func (s *Server) Canary(ctx context.Context, req *kvferryv1.CanaryRequest) (*kvf
 	if !ok {
 		return nil, status.Error(codes.ResourceExhausted, "too many canaries in flight")
 	}
-	prompt := s.cfg.Engine.Vocabulary().Encode(executor.CanaryText)
-	pre, err := s.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: req.GetTicket(), PromptTokens: prompt, Sampling: &kvferryv1.SamplingParams{MaxTokens: 1}})
+	pre, err := s.Prefill(ctx, &kvferryv1.PrefillRequest{Ticket: req.GetTicket(), PromptTokens: s.canaryPrompt, Sampling: &kvferryv1.SamplingParams{MaxTokens: 1}})
 	if err != nil {
 		s.mu.Lock()
 		s.canaries.endLocked(req.GetTicket().GetRequestId())
 		s.mu.Unlock()
 		return nil, err
 	}
-	return &kvferryv1.CanaryResponse{PromptTokens: prompt, FirstToken: pre.GetFirstToken(), Advertisement: pre.GetAdvertisement()}, nil
+	return &kvferryv1.CanaryResponse{PromptTokens: s.canaryPrompt, FirstToken: pre.GetFirstToken(), Advertisement: pre.GetAdvertisement()}, nil
 }
 
 // ReleaseCanary implements TransferService: Release, for canary tickets

@@ -135,6 +135,8 @@ type Server struct {
 	mu       loglock.Mutex
 	reqs     *executor.Table[*request]
 	canaries canaries // guarded by mu
+	// canaryPrompt is executor.CanaryText in the engine's tokens.
+	canaryPrompt []uint32
 }
 
 var (
@@ -152,7 +154,7 @@ func New(cfg Config) *Server {
 	}
 	return &Server{cfg: cfg, spec: cfg.Engine.Model(), prefiller: executor.NewPrefiller(cfg.Engine, cfg.PrefillChunk, cfg.MaxBatchTokens, onStep),
 		prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), cachedTokens: make([][]uint32, cfg.Pool.Capacity()), cachedRoute: make([]uint64, cfg.Pool.Capacity()),
-		lg: cfg.Logger, reqs: executor.NewTable[*request]()}
+		lg: cfg.Logger, reqs: executor.NewTable[*request](), canaryPrompt: cfg.Engine.Vocabulary().Encode(executor.CanaryText)}
 }
 
 func reqFields(t *kvferryv1.Ticket) []zap.Field {

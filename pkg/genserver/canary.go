@@ -43,8 +43,6 @@ type canaryPeer struct {
 // flood of made-up endpoints reaches it.
 const MaxContextServers = 128
 
-const maxCanaryPeers = MaxContextServers
-
 type canary struct {
 	mu    sync.Mutex
 	peers map[string]*canaryPeer
@@ -58,7 +56,7 @@ func (c *canary) notePeer(endpoint string, now time.Time) {
 		p.seen = now
 		return
 	}
-	if len(c.peers) >= maxCanaryPeers {
+	if len(c.peers) >= MaxContextServers {
 		return // bounded: a new peer waits for a stale one to be forgotten
 	}
 	c.peers[endpoint] = &canaryPeer{seen: now}

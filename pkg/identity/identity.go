@@ -125,27 +125,45 @@ func (p Policy) Authorize(ctx context.Context, fullMethod string) error {
 }
 
 // ServerOptions are the interceptors that apply the policy to every call.
-func (p Policy) ServerOptions() []grpc.ServerOption { return Guard(p.Authorize) }
+func (p Policy) ServerOptions() []grpc.ServerOption {
+	return Guard(func(ctx context.Context, fullMethod string) (context.Context, error) {
+		return ctx, p.Authorize(ctx, fullMethod)
+	})
+}
 
 // Guard returns interceptors that run check before every unary and
 // streaming call and refuse the call with check's error (the policy here,
-// API keys on the router's public port).
-func Guard(check func(ctx context.Context, fullMethod string) error) []grpc.ServerOption {
+// API keys on the router's public port). The handler runs with the
+// context check returns (the API key's tenant, say).
+func Guard(check func(ctx context.Context, fullMethod string) (context.Context, error)) []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			if err := check(ctx, info.FullMethod); err != nil {
+			ctx, err := check(ctx, info.FullMethod)
+			if err != nil {
 				return nil, err
 			}
 			return h(ctx, req)
 		}),
 		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			if err := check(ss.Context(), info.FullMethod); err != nil {
+			ctx, err := check(ss.Context(), info.FullMethod)
+			if err != nil {
 				return err
+			}
+			if ctx != ss.Context() {
+				ss = contextStream{ServerStream: ss, ctx: ctx}
 			}
 			return h(srv, ss)
 		}),
 	}
 }
+
+// contextStream is a server stream with the context Guard's check gave.
+type contextStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s contextStream) Context() context.Context { return s.ctx }
 
 // Expect returns a tls.Config VerifyConnection hook: the peer's verified
 // certificate must name role in trustDomain, so a client never talks to a

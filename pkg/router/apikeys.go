@@ -197,15 +197,32 @@ func (k *Keys) WatchFile(ctx context.Context, path string, interval time.Duratio
 // public RouterService; health stays open for probes.
 const routerServicePrefix = "/kvferry.v1.RouterService/"
 
-func (k *Keys) authorize(ctx context.Context, method string) error {
+// admit checks the key of a RouterService call and returns ctx carrying
+// its tenant (TenantOf), so that the handler need not check it again.
+func (k *Keys) admit(ctx context.Context, method string) (context.Context, error) {
 	if !strings.HasPrefix(method, routerServicePrefix) || !k.Enabled() {
-		return nil
+		return ctx, nil
 	}
-	if _, ok := k.MetadataTenant(ctx); ok {
-		return nil
+	tenant, ok := k.MetadataTenant(ctx)
+	if !ok {
+		return ctx, status.Error(codes.Unauthenticated, "missing or incorrect API key: send authorization: Bearer <key> metadata")
 	}
-	return status.Error(codes.Unauthenticated, "missing or incorrect API key: send authorization: Bearer <key> metadata")
+	return withTenant(ctx, tenant), nil
 }
 
-// GRPCOptions are the interceptors that check the keys on RouterService.
-func (k *Keys) GRPCOptions() []grpc.ServerOption { return identity.Guard(k.authorize) }
+// GRPCOptions are the interceptors that check the keys on RouterService
+// and hand the key's tenant to the handler in its context.
+func (k *Keys) GRPCOptions() []grpc.ServerOption { return identity.Guard(k.admit) }
+
+type tenantKey struct{}
+
+func withTenant(ctx context.Context, tenant string) context.Context {
+	return context.WithValue(ctx, tenantKey{}, tenant)
+}
+
+// TenantOf is the tenant of the API key that was admitted for the request
+// in ctx ("" without keys).
+func TenantOf(ctx context.Context) string {
+	t, _ := ctx.Value(tenantKey{}).(string)
+	return t
+}

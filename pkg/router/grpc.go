@@ -25,7 +25,7 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 	if err != nil {
 		return err
 	}
-	job.Tenant, _ = r.cfg.APIKeys.MetadataTenant(stream.Context()) // the interceptor admitted the key
+	job.Tenant = TenantOf(stream.Context()) // the interceptor admitted the key
 	id, clientID, tokens := job.ID, job.ClientID, job.Prompt
 	echo := id
 	if clientID != "" {
@@ -112,8 +112,7 @@ func (r *Router) Cancel(ctx context.Context, req *kvferryv1.RouterServiceCancelR
 	if err := ValidateClientID(req.GetRequestId()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	tenant, _ := r.cfg.APIKeys.MetadataTenant(ctx) // the interceptor admitted the key
-	found, outcomes := r.CancelByID(ctx, tenant, req.GetRequestId())
+	found, outcomes := r.CancelByID(ctx, TenantOf(ctx), req.GetRequestId()) // the interceptor admitted the key
 	// Clients see each role's outcome, not the servers' addresses or
 	// their error text (both are in the router's log).
 	for _, o := range outcomes {

@@ -259,11 +259,12 @@ func (r *Router) Handler() http.Handler {
 		return mux
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		if !r.cfg.APIKeys.CheckBearer(req.Header.Get("Authorization")) {
+		tenant, ok := r.cfg.APIKeys.BearerTenant(req.Header.Get("Authorization"))
+		if !ok {
 			writeError(w, http.StatusUnauthorized, "invalid_request_error", "", "invalid_api_key", "missing or incorrect API key: send Authorization: Bearer <key>")
 			return
 		}
-		mux.ServeHTTP(w, req)
+		mux.ServeHTTP(w, req.WithContext(withTenant(req.Context(), tenant)))
 	})
 }
 
@@ -553,7 +554,7 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 		r.cfg.Metrics.RecordRequest("rejected", 0)
 		return
 	}
-	job.Tenant, _ = r.cfg.APIKeys.BearerTenant(req.Header.Get("Authorization")) // Handler admitted the key
+	job.Tenant = TenantOf(req.Context()) // Handler admitted the key
 	if job.ClientID != "" {
 		w.Header().Set("X-Request-Id", job.ClientID)
 	} else {

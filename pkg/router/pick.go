@@ -76,8 +76,8 @@ func (b *backend) result(ok bool, now time.Time) {
 type Request struct {
 	PrefixHash uint64 // hash of the prompt's first block; 0 for none
 	// BlockHashes are the routing hashes of the prompt's full blocks under
-	// its tenant (executor.RouteHashes), when a plugin of the chain needs
-	// them (precise-prefix); nil otherwise.
+	// its tenant (executor.RouteHashes), for a context server's pick while
+	// the router polls digests (PrefixDigestInterval); nil otherwise.
 	BlockHashes []uint64
 	Now         time.Time // the pick's clock (breakers, plugins with time)
 	exclude     map[*backend]bool
@@ -219,18 +219,10 @@ type policy struct {
 	filters []Filter
 	scorers []Weighted
 	picker  Picker
-	// precise: a scorer reads Request.BlockHashes, which the router then
-	// computes and for which it polls the context servers' digests.
-	precise bool
 }
 
 func newPolicy(r Routing) *policy {
 	p := &policy{filters: r.Filters, scorers: r.Scorers, picker: r.Picker}
-	for _, w := range r.Scorers {
-		if _, ok := w.Scorer.(PrecisePrefix); ok {
-			p.precise = true
-		}
-	}
 	if p.picker == nil {
 		p.picker = &MaxScore{}
 	}

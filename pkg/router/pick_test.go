@@ -106,9 +106,6 @@ func TestPrecisePrefix(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := newPolicy(r)
-	if !p.precise {
-		t.Fatal("a chain with precise-prefix does not ask for block hashes")
-	}
 	prompt := []uint64{11, 12, 13, 14}
 	digest := func(b *backend, hs ...uint64) {
 		set := map[uint64]struct{}{}
