@@ -139,7 +139,8 @@ FUZZ_TARGETS := ./pkg/executor:FuzzStateDecode ./pkg/router:FuzzBearer ./pkg/rou
 	./pkg/router:FuzzChatRequest ./pkg/router:FuzzStopper ./pkg/kvtransfer:FuzzDecodeHeader \
 	./pkg/kvtransfer/tcp:FuzzTCPFrames ./pkg/kvtransfer:FuzzLinkFrames ./pkg/kvtransfer:FuzzWriterFrames \
 	./pkg/kvtransfer/ucx:FuzzUCXEndpoint ./pkg/ctxserver:FuzzPrefillRequest ./pkg/ctxserver:FuzzTransferRequest \
-	./pkg/genserver:FuzzGenerateRequest ./pkg/router:FuzzRouterGenerateRequest ./pkg/gguf:FuzzReadMetadata
+	./pkg/genserver:FuzzGenerateRequest ./pkg/router:FuzzRouterGenerateRequest ./pkg/gguf:FuzzReadMetadata \
+	./pkg/grammar:FuzzSchema
 fuzz:
 	@set -e; log=$$(mktemp); for t in $(FUZZ_TARGETS); do \
 	  echo "fuzz $${t#*:} ($(FUZZTIME))"; \

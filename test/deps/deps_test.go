@@ -33,6 +33,7 @@ var allowed = map[string][]string{
 	"pkg/ticket":                         {"proto/kvferry/v1"},
 	"pkg/tracing":                        {},
 	"pkg/gguf":                           {},
+	"pkg/grammar":                        {},
 	// The engines and the transfer lifecycle: never each other.
 	"pkg/executor":   {"pkg/ticket", "proto/kvferry/v1"},
 	"pkg/kvtransfer": {"pkg/blockpool", "proto/kvferry/v1"},
