@@ -49,7 +49,7 @@ const (
 type class [4]uint64
 
 func (c class) has(b byte) bool { return c[b>>6]&(1<<(b&63)) != 0 }
-func (c *class) add(b byte)      { c[b>>6] |= 1 << (b & 63) }
+func (c *class) add(b byte)     { c[b>>6] |= 1 << (b & 63) }
 
 type element struct {
 	kind  kind
