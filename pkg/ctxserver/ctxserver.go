@@ -169,6 +169,10 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	if err := s.spec.ValidatePrompt(req.GetPromptTokens(), req.GetSampling().GetMaxTokens()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	sampling, err := executor.ToSampling(req.GetSampling())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
 	id, attempt := req.GetTicket().GetRequestId(), req.GetTicket().GetAttempt()
 	fp := fingerprint(req)
 
@@ -236,10 +240,10 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	for i, b := range blocks {
 		mem[i] = s.cfg.Pool.Bytes(b)
 	}
-	first, sums, err := s.prefiller.Prefill(pctx, req.GetPromptTokens(), executor.ToSampling(req.GetSampling()), mem, reused)
+	out, err := s.prefiller.Run(pctx, req.GetPromptTokens(), sampling, mem, reused)
 
 	s.mu.Lock()
-	resp, err := s.advertiseLocked(pctx, r, req, blocks, hashes, reused, first, sums, err)
+	resp, err := s.advertiseLocked(pctx, r, req, blocks, hashes, reused, out, err)
 	s.mu.Unlock()
 	if err == nil {
 		s.lg.Debug("prefill advertised", append(reqFields(req.GetTicket()), zap.Int("blocks", len(blocks)))...)
@@ -251,7 +255,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 // advertisement, its full blocks published to the reuse cache; or, when
 // the engine failed or the request was cancelled meanwhile, its end.
 func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv1.PrefillRequest, blocks []blockpool.ID, hashes []uint64, reused int,
-	first uint32, sums []uint64, err error) (*kvferryv1.PrefillResponse, error) {
+	out executor.Prefilled, err error) (*kvferryv1.PrefillResponse, error) {
 	r.engineRunning = false
 	switch {
 	case err == nil && r.Stage() != executor.StagePrefilling:
@@ -290,14 +294,15 @@ func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv
 	r.leaseUntil = time.Now().Add(s.cfg.HandoffLease)
 	r.resp = &kvferryv1.PrefillResponse{
 		ReusedBlocks: uint32(reused),
-		FirstToken:   first,
+		FirstToken:   out.First,
+		FirstLogprob: out.Logprob.Proto(),
 		Advertisement: &kvferryv1.KVAdvertisement{
 			Ticket:           req.GetTicket(),
 			TransferEndpoint: s.cfg.TransferEndpoint,
 			Layout:           s.spec.Layout(),
 			BlockCount:       uint32(len(blocks)),
 			PromptTokens:     uint32(len(req.GetPromptTokens())),
-			BlockChecksums:   sums,
+			BlockChecksums:   out.Sums,
 			ProtocolVersion:  kvtransfer.ProtocolVersion,
 			Transport:        s.cfg.Writer.Name(), // what this server writes with
 		},
@@ -363,7 +368,10 @@ func fingerprint(req *kvferryv1.PrefillRequest) executor.Fingerprint {
 		h.Write(b[:])
 	}
 	sp := req.GetSampling()
-	fmt.Fprintf(h, "|%d|%g|%g|%d", sp.GetMaxTokens(), sp.GetTemperature(), sp.GetTopP(), sp.GetSeed())
+	fmt.Fprintf(h, "|%d|%g|%g|%d|%t|%d|%d|%t|", sp.GetMaxTokens(), sp.GetTemperature(), sp.GetTopP(), sp.GetSeed(),
+		sp.GetIgnoreEos(), len(req.GetCacheSalt()), sp.GetTopLogprobs(), sp.GetLogprobs())
+	h.Write([]byte(req.GetCacheSalt()))
+	h.Write([]byte(sp.GetJsonSchema()))
 	var out executor.Fingerprint
 	h.Sum(out[:0])
 	return out

@@ -49,6 +49,7 @@ type Member struct {
 	seq      *Sequence
 	ready    chan struct{} // cap 1: new tokens, an end or an error to Take
 	pending  []uint32      // generated, not yet taken
+	pendLP   []Logprob     // their logprobs (the first token's excepted)
 	finish   FinishReason
 	err      error
 	sent     int    // tokens of seq handed over so far
@@ -95,17 +96,27 @@ func (d *Decoder) signal() {
 // Ready is signalled when Take has something new.
 func (m *Member) Ready() <-chan struct{} { return m.ready }
 
+// Taken is what Take hands over.
+type Taken struct {
+	Tokens []uint32
+	// Logprobs are the logprobs of Tokens when the sampling asked for
+	// them — the sequence's first token excepted: its logprob is the
+	// prefill's (Prefilled.Logprob).
+	Logprobs []Logprob
+	Finish   FinishReason
+}
+
 // Take returns the tokens generated since the last Take, why the sequence
 // ended (FinishNone while it runs) and the engine's error, if a step failed.
-func (d *Decoder) Take(m *Member) ([]uint32, FinishReason, error) {
+func (d *Decoder) Take(m *Member) (Taken, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	toks := m.pending
-	m.pending = nil
-	if len(toks) > 0 {
+	t := Taken{Tokens: m.pending, Logprobs: m.pendLP, Finish: m.finish}
+	m.pending, m.pendLP = nil, nil
+	if len(t.Tokens) > 0 {
 		d.signal() // the member may be stepped again
 	}
-	return toks, m.finish, m.err
+	return t, m.err
 }
 
 // Leave removes the member and closes its Sequence: now, or when the
@@ -149,11 +160,14 @@ func (d *Decoder) Running() int {
 
 // collectLocked hands the sequence's new tokens and end to the owner.
 func (m *Member) collectLocked(err error) {
-	toks := m.seq.Tokens()
-	if len(toks) > m.sent {
-		m.pending = append(m.pending, toks[m.sent:]...)
-		m.sent = len(toks)
+	toks, lps := m.seq.Tokens(), m.seq.Logprobs()
+	for i := m.sent; i < len(toks); i++ {
+		m.pending = append(m.pending, toks[i])
+		if i >= 1 && i-1 < len(lps) {
+			m.pendLP = append(m.pendLP, lps[i-1]) // lps are tokens[1:]'s
+		}
 	}
+	m.sent = len(toks)
 	m.finish = m.seq.Finish()
 	if err != nil {
 		m.err = err

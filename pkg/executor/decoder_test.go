@@ -46,13 +46,13 @@ func driveNotify(t *testing.T, d *Decoder, m *Member, first func()) ([]uint32, F
 			t.Error("member never finished")
 			return out, FinishNone
 		}
-		toks, finish, err := d.Take(m)
+		got, err := d.Take(m)
 		if err != nil {
 			t.Error(err)
 		}
 		once()
-		out = append(out, toks...)
-		if finish != FinishNone {
+		out = append(out, got.Tokens...)
+		if finish := got.Finish; finish != FinishNone {
 			return out, finish
 		}
 	}
@@ -126,9 +126,9 @@ func TestDecoderWaitsForSlowOwner(t *testing.T) {
 		t.Fatal("the fast sequence produced nothing")
 	}
 	d.Leave(fast)
-	toks, finish, err := d.Take(slow) // maxPending tokens, the first one included
-	if err != nil || len(toks) != maxPending || finish != FinishNone {
-		t.Fatalf("slow owner: %v %v %v, want its first %d tokens only", toks, finish, err, maxPending)
+	got, err := d.Take(slow) // maxPending tokens, the first one included
+	if err != nil || len(got.Tokens) != maxPending || got.Finish != FinishNone {
+		t.Fatalf("slow owner: %v %v %v, want its first %d tokens only", got.Tokens, got.Finish, err, maxPending)
 	}
 	d.Leave(slow)
 }

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/hybridgroup/yzma/pkg/llama"
+
+	"github.com/kvferry/kvferry/pkg/grammar"
 )
 
 // EngineLlamaCpp and EngineSynthetic name the engines (--engine).
@@ -549,13 +551,13 @@ func (e *Llama) PrefillStep(ctx context.Context, batch []*Prompt, counts []int) 
 // row idx and exports the rows past its reused prefix into its blocks.
 func (e *Llama) finishPromptLocked(p *Prompt, idx int32) error {
 	seq := llama.SeqId(p.slot)
-	first := e.sampleLocked(idx, p.sampling, len(p.tokens))
+	first, lp := e.sampleLocked(idx, p.sampling, len(p.tokens), matcherFor(p.sampling), true)
 	st := make([]byte, llama.StateSeqGetSize(e.lctx, seq))
 	n := llama.StateSeqGetData(e.lctx, st, seq)
 	if err := e.layout.decodeState(st[:n], p.blocks, e.blocks, len(p.tokens), p.reused*e.spec.BlockTokens); err != nil {
 		return err
 	}
-	p.first, p.sums, p.finished = first, Checksums(p.blocks), true
+	p.first, p.firstLogprob, p.sums, p.finished = first, lp, Checksums(p.blocks), true
 	return nil
 }
 
@@ -566,7 +568,7 @@ func (e *Llama) finishPromptLocked(p *Prompt, idx int32) error {
 // The prompt runs in chunks of at most PrefillChunk tokens, and the engine
 // is let go between chunks: a long prompt does not stall other prompts'
 // prefills (chunked prefill), and a cancel takes effect at the next chunk.
-func (e *Llama) prefillSeq(ctx context.Context, seq llama.SeqId, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, error) {
+func (e *Llama) prefillSeq(ctx context.Context, seq llama.SeqId, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, *Logprob, error) {
 	// At least the last prompt token is decoded here, for its logits.
 	imported := min(reused*e.spec.BlockTokens, len(tokens)-1)
 	e.mu.Lock()
@@ -574,7 +576,7 @@ func (e *Llama) prefillSeq(ctx context.Context, seq llama.SeqId, tokens []uint32
 	if imported > 0 {
 		if err := e.importLocked(seq, blocks, imported); err != nil {
 			e.mu.Unlock()
-			return 0, err
+			return 0, nil, err
 		}
 	}
 	rest := toLlama(tokens[imported:])
@@ -582,27 +584,27 @@ func (e *Llama) prefillSeq(ctx context.Context, seq llama.SeqId, tokens []uint32
 		end := min(start+e.chunk, len(rest))
 		if err := e.decode(rest[start:end], imported+start, seq, end == len(rest)); err != nil {
 			e.mu.Unlock()
-			return 0, err
+			return 0, nil, err
 		}
 		if end == len(rest) {
 			break // the last chunk's logits are in the context: keep it
 		}
 		e.mu.Unlock()
 		if err := ctx.Err(); err != nil {
-			return 0, err
+			return 0, nil, err
 		}
 		e.mu.Lock()
 	}
 	defer e.mu.Unlock()
-	first := e.sampleLocked(e.batch.NTokens-1, s, len(tokens))
+	first, lp := e.sampleLocked(e.batch.NTokens-1, s, len(tokens), matcherFor(s), true)
 	if blocks != nil {
 		st := make([]byte, llama.StateSeqGetSize(e.lctx, seq))
 		n := llama.StateSeqGetData(e.lctx, st, seq)
 		if err := e.layout.decodeState(st[:n], blocks, e.blocks, len(tokens), reused*e.spec.BlockTokens); err != nil {
-			return 0, err
+			return 0, nil, err
 		}
 	}
-	return first, nil
+	return first, lp, nil
 }
 
 // importLocked loads the first n tokens' rows from blocks into seq.
@@ -617,8 +619,19 @@ func (e *Llama) importLocked(seq llama.SeqId, blocks [][]byte, n int) error {
 // sampleLocked samples from the logits of batch row idx. The sampler of
 // generated token k (position pos = prompt+k) is seeded by (seed, pos), so
 // the first token sampled on the context server and the rest on the
-// generation server follow the same sequence as one process would.
-func (e *Llama) sampleLocked(idx int32, s Sampling, pos int) uint32 {
+// generation server follow the same sequence as one process would. Under
+// a grammar (m, at the text so far; first for the first generated token)
+// the tokens it refuses are masked out of the logits first; with logprobs
+// asked for, the chosen token's (and the top ones') are read from the
+// logits after the mask, before temperature.
+func (e *Llama) sampleLocked(idx int32, s Sampling, pos int, m *grammar.Matcher, first bool) (uint32, *Logprob) {
+	var logits []float32
+	if m != nil || s.Logprobs {
+		logits, _ = llama.GetLogitsIth(e.lctx, idx, e.vocab.Size())
+	}
+	if m != nil && logits != nil && !maskLogits(logits, m, e.vocab, first) {
+		return e.endToken(), nil // the grammar allows nothing this vocabulary has
+	}
 	chain := llama.SamplerChainInit(llama.SamplerChainDefaultParams())
 	defer llama.SamplerFree(chain)
 	if s.Temperature <= 0 {
@@ -630,8 +643,15 @@ func (e *Llama) sampleLocked(idx int32, s Sampling, pos int) uint32 {
 		}
 		llama.SamplerChainAdd(chain, llama.SamplerInitDist(uint32(mix(s.Seed^uint64(pos)*0x9e3779b97f4a7c15))))
 	}
-	return uint32(llama.SamplerSample(chain, e.lctx, idx))
+	tok := uint32(llama.SamplerSample(chain, e.lctx, idx))
+	if !s.Logprobs || logits == nil {
+		return tok, nil
+	}
+	return tok, logprobOf(logits, tok, s.TopLogprobs)
 }
+
+// endToken is the vocabulary's end of sequence.
+func (e *Llama) endToken() uint32 { return uint32(llama.VocabEOS(e.vocab.v)) }
 
 // StartDecode implements Engine: wait for a free sequence, import the
 // received blocks into it.
@@ -650,20 +670,35 @@ func (e *Llama) StartDecode(ctx context.Context, blocks [][]byte, sums []uint64,
 		e.releaseSlot(seq)
 		return nil, err
 	}
-	return e.newSequence(seq, promptTokens, first, s), nil
+	return e.newSequence(seq, promptTokens, first, s)
 }
 
-func (e *Llama) newSequence(seq llama.SeqId, promptTokens int, first uint32, s Sampling) *Sequence {
-	sq := &Sequence{promptTokens: promptTokens, max: max(s.MaxTokens, 1), ignoreEOS: s.IgnoreEOS, sampling: s, slot: int(seq)}
+// newSequence starts the decode of seq after its first token; a first
+// token the grammar refuses (a peer that sampled without it) is an error
+// and seq is released.
+func (e *Llama) newSequence(seq llama.SeqId, promptTokens int, first uint32, s Sampling) (*Sequence, error) {
+	sq := &Sequence{promptTokens: promptTokens, max: max(s.MaxTokens, 1), ignoreEOS: s.IgnoreEOS, sampling: s, slot: int(seq), matcher: matcherFor(s)}
 	sq.close = func() { e.releaseSlot(seq) }
-	e.accept(sq, first)
-	return sq
+	if err := acceptPiece(sq.matcher, e.vocab, first, true); err != nil {
+		sq.Close()
+		return nil, err
+	}
+	e.accept(sq, first, nil)
+	return sq, nil
 }
 
-// accept appends a sampled token, or ends the sequence.
-func (e *Llama) accept(sq *Sequence, tok uint32) {
+// accept appends a sampled token (and its logprob), or ends the sequence.
+// Under a grammar the token was allowed (masked sampling) and an end
+// token always ends.
+func (e *Llama) accept(sq *Sequence, tok uint32, lp *Logprob) {
+	if sq.matcher != nil && len(sq.tokens) > 0 && !e.vocab.IsEnd(tok) {
+		sq.matcher.Accept(e.vocab.Piece(tok, false))
+	}
+	if lp != nil && !(e.vocab.IsEnd(tok) && (!sq.ignoreEOS || sq.matcher != nil)) {
+		sq.logprobs = append(sq.logprobs, *lp) // with the token, below
+	}
 	switch {
-	case e.vocab.IsEnd(tok) && !sq.ignoreEOS:
+	case e.vocab.IsEnd(tok) && (!sq.ignoreEOS || sq.matcher != nil):
 		sq.finish = FinishStop
 	case sq.promptTokens+len(sq.tokens)+1 >= e.ctxLen:
 		sq.tokens = append(sq.tokens, tok)
@@ -703,7 +738,8 @@ func (e *Llama) Step(ctx context.Context, batch []*Sequence) error {
 		return fmt.Errorf("llama_decode: rc %d: %v", rc, err)
 	}
 	for i, sq := range run {
-		e.accept(sq, e.sampleLocked(int32(i), sq.sampling, sq.promptTokens+len(sq.tokens)))
+		tok, lp := e.sampleLocked(int32(i), sq.sampling, sq.promptTokens+len(sq.tokens), sq.matcher, false)
+		e.accept(sq, tok, lp)
 	}
 	return nil
 }
@@ -723,18 +759,25 @@ func (e *Llama) Generate(ctx context.Context, tokens []uint32, s Sampling) (Resu
 		return Result{}, err
 	}
 	start := time.Now()
-	first, err := e.prefillSeq(ctx, seq, tokens, s, nil, 0)
+	first, lp, err := e.prefillSeq(ctx, seq, tokens, s, nil, 0)
 	if err != nil {
 		e.releaseSlot(seq)
 		return Result{}, err
 	}
 	firstAt := time.Since(start)
-	sq := e.newSequence(seq, len(tokens), first, s)
+	sq, err := e.newSequence(seq, len(tokens), first, s)
+	if err != nil {
+		return Result{}, err
+	}
 	defer sq.Close()
 	for sq.Finish() == FinishNone {
 		if err := e.Step(ctx, []*Sequence{sq}); err != nil {
 			return Result{}, err
 		}
 	}
-	return Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Text(e.vocab, sq.Tokens()), Finish: sq.Finish(), FirstToken: firstAt, Total: time.Since(start)}, nil
+	res := Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Text(e.vocab, sq.Tokens()), Finish: sq.Finish(), FirstToken: firstAt, Total: time.Since(start)}
+	if lp != nil {
+		res.Logprobs = append([]Logprob{*lp}, sq.Logprobs()...)
+	}
+	return res, nil
 }

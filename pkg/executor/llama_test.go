@@ -113,13 +113,14 @@ func TestLlamaKnownOutput(t *testing.T) {
 
 // disaggregate runs prefill on one engine, moves the blocks as bytes and
 // decodes on the other.
-func disaggregate(t testing.TB, ctxE, genE *Llama, tokens []uint32, s Sampling, blocks [][]byte, reused int) Result {
+func disaggregate(t testing.TB, ctxE, genE Engine, tokens []uint32, s Sampling, blocks [][]byte, reused int) Result {
 	t.Helper()
 	ctx := context.Background()
-	first, sums, err := ctxE.Prefill(ctx, tokens, s, blocks, reused)
+	out, err := NewPrefiller(ctxE, 0, 0, nil).Run(ctx, tokens, s, blocks, reused)
 	if err != nil {
 		t.Fatal(err)
 	}
+	first, sums := out.First, out.Sums
 	moved := make([][]byte, len(blocks))
 	for i, b := range blocks {
 		moved[i] = bytes.Clone(b)
@@ -140,7 +141,11 @@ func disaggregate(t testing.TB, ctxE, genE *Llama, tokens []uint32, s Sampling, 
 			t.Fatal(err)
 		}
 	}
-	return Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Text(genE.Vocabulary(), sq.Tokens()), Finish: sq.Finish()}
+	res := Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Text(genE.Vocabulary(), sq.Tokens()), Finish: sq.Finish()}
+	if out.Logprob != nil {
+		res.Logprobs = append([]Logprob{*out.Logprob}, sq.Logprobs()...)
+	}
+	return res
 }
 
 func newBlocks(spec ModelSpec, n int) [][]byte {

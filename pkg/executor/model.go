@@ -113,11 +113,6 @@ func LayoutMismatch(adv, have *kvferryv1.KVLayout) error {
 	return nil
 }
 
-// ToSampling converts wire sampling parameters.
-func ToSampling(p *kvferryv1.SamplingParams) Sampling {
-	return Sampling{MaxTokens: int(p.GetMaxTokens()), Temperature: p.GetTemperature(), TopP: p.GetTopP(), Seed: p.GetSeed(), IgnoreEOS: p.GetIgnoreEos()}
-}
-
 // ValidatePrompt checks prompt tokens from outside: not empty, within the
 // model's context and vocabulary.
 func (m ModelSpec) ValidatePrompt(tokens []uint32, maxTokens uint32) error {

@@ -17,9 +17,10 @@ type Prompt struct {
 	reused   int // blocks already holding their KV (prefix reuse)
 	pos      int // prompt tokens in the engine's KV so far
 
-	finished bool
-	first    uint32
-	sums     []uint64
+	finished     bool
+	first        uint32
+	firstLogprob *Logprob // when the sampling asks for logprobs
+	sums         []uint64
 
 	slot      int    // llama.cpp: the sequence id it holds
 	close     func() // releases what the engine holds for it
@@ -35,6 +36,10 @@ func (p *Prompt) Finished() bool { return p.finished }
 
 // First is the first generated token; Sums the checksum of each block.
 func (p *Prompt) First() uint32 { return p.first }
+
+// FirstLogprob is the first token's logprob, set once Finished when the
+// sampling asked for logprobs.
+func (p *Prompt) FirstLogprob() *Logprob { return p.firstLogprob }
 
 // Sums is the checksum of each block, set once Finished.
 func (p *Prompt) Sums() []uint64 { return p.sums }
@@ -137,9 +142,22 @@ func NewPrefiller(engine Engine, chunk, maxTokens int, onStep func(prompts, toke
 // ends it returns ctx's error — only once no step writes the blocks any
 // more, so the caller may free them at once.
 func (f *Prefiller) Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
+	out, err := f.Run(ctx, tokens, s, blocks, reused)
+	return out.First, out.Sums, err
+}
+
+// Prefilled is a finished prefill's answer.
+type Prefilled struct {
+	First   uint32
+	Logprob *Logprob // the first token's, when asked for
+	Sums    []uint64
+}
+
+// Run is Prefill with the first token's logprob.
+func (f *Prefiller) Run(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (Prefilled, error) {
 	p, err := f.engine.BeginPrefill(ctx, tokens, s, blocks, reused)
 	if err != nil {
-		return 0, nil, err
+		return Prefilled{}, err
 	}
 	defer p.Close()
 	j := &prefillJob{p: p, done: make(chan struct{})}
@@ -155,12 +173,12 @@ func (f *Prefiller) Prefill(ctx context.Context, tokens []uint32, s Sampling, bl
 	case <-ctx.Done():
 		f.leave(j)
 		<-j.done // at most the step running it
-		return 0, nil, ctx.Err()
+		return Prefilled{}, ctx.Err()
 	}
 	if j.err != nil {
-		return 0, nil, j.err
+		return Prefilled{}, j.err
 	}
-	return p.first, p.sums, nil
+	return Prefilled{First: p.first, Logprob: p.firstLogprob, Sums: p.sums}, nil
 }
 
 // leave takes a prompt out of the loop: at once when no step runs it, or

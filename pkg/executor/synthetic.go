@@ -11,6 +11,8 @@ import (
 	"math/bits"
 	"sync"
 	"time"
+
+	"github.com/kvferry/kvferry/pkg/grammar"
 )
 
 // Sampling are the decode parameters the engine honours.
@@ -19,8 +21,16 @@ type Sampling struct {
 	Temperature float32
 	TopP        float32
 	Seed        uint64
-	// IgnoreEOS generates past end-of-generation until MaxTokens.
+	// IgnoreEOS generates past end-of-generation until MaxTokens (not
+	// under a Grammar: a complete text ends).
 	IgnoreEOS bool
+	// Logprobs asks for each generated token's Logprob, with TopLogprobs
+	// alternatives.
+	Logprobs    bool
+	TopLogprobs int
+	// Grammar constrains the output (response_format, tool calls); nil:
+	// free text. Compiled once per request, shared read-only.
+	Grammar *grammar.Grammar
 }
 
 // FinishReason tells why a sequence stopped.
@@ -163,7 +173,8 @@ func (e *Synthetic) PrefillStep(ctx context.Context, batch []*Prompt, counts []i
 		if p.Remaining() == 0 {
 			writeKV(e.spec, p.tokens, p.blocks, p.reused)
 			p.sums = Checksums(p.blocks)
-			p.first, p.finished = firstToken(Digest(p.sums), p.sampling), true
+			p.first, p.firstLogprob = firstSampled(Digest(p.sums), p.sampling)
+			p.finished = true
 		}
 	}
 	return nil
@@ -209,7 +220,10 @@ func (e *Synthetic) StartDecode(ctx context.Context, blocks [][]byte, sums []uin
 	if len(sums) != len(blocks) {
 		return nil, fmt.Errorf("%w: %d checksums for %d blocks", ErrBlocks, len(sums), len(blocks))
 	}
-	return newSequence(Digest(sums), promptTokens, first, s), ctx.Err()
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return newSequence(Digest(sums), promptTokens, first, s)
 }
 
 // Step implements Engine.
@@ -232,7 +246,13 @@ type Sequence struct {
 	ignoreEOS    bool
 	finish       FinishReason
 
-	sampling  Sampling // llama.cpp: the request's sampling
+	sampling Sampling
+	// matcher follows the grammar, if any, over every token so far.
+	matcher *grammar.Matcher
+	// logprobs are the decode's tokens' (tokens[1:]; the first token's is
+	// the prefill's), when the sampling asks for them.
+	logprobs []Logprob
+
 	slot      int      // llama.cpp: the sequence id it holds
 	close     func()   // releases what the engine holds for it
 	closeOnce sync.Once
@@ -248,13 +268,16 @@ func (sq *Sequence) Close() {
 	})
 }
 
-func newSequence(digest uint64, promptTokens int, first uint32, s Sampling) *Sequence {
-	sq := &Sequence{key: samplingKey(digest, s), max: max(s.MaxTokens, 1), ignoreEOS: s.IgnoreEOS, promptTokens: promptTokens}
+func newSequence(digest uint64, promptTokens int, first uint32, s Sampling) (*Sequence, error) {
+	sq := &Sequence{key: samplingKey(digest, s), max: max(s.MaxTokens, 1), ignoreEOS: s.IgnoreEOS, promptTokens: promptTokens, sampling: s, matcher: matcherFor(s)}
+	if err := acceptPiece(sq.matcher, SyntheticVocabulary, first, true); err != nil {
+		return nil, err
+	}
 	sq.tokens = append(sq.tokens, first)
 	if len(sq.tokens) >= sq.max {
 		sq.finish = FinishLength
 	}
-	return sq
+	return sq, nil
 }
 
 // Tokens returns the tokens generated so far, the first one included.
@@ -266,6 +289,10 @@ func (sq *Sequence) PromptTokens() int { return sq.promptTokens }
 // Finish returns why the sequence stopped, or FinishNone while it runs.
 func (sq *Sequence) Finish() FinishReason { return sq.finish }
 
+// Logprobs are the logprobs of Tokens()[1:] (the decode's), when the
+// sampling asked for them.
+func (sq *Sequence) Logprobs() []Logprob { return sq.logprobs }
+
 // eosOdds: one step in eosOdds ends the sequence, so short completions end
 // with finish_reason "stop" often enough for tests to see both reasons.
 const eosOdds = 48
@@ -276,11 +303,26 @@ func (sq *Sequence) step() {
 	}
 	n := len(sq.tokens)
 	h := mix(sq.key ^ uint64(n)*0x9e3779b97f4a7c15 ^ uint64(sq.tokens[n-1]))
-	if h%eosOdds == 0 && !sq.ignoreEOS {
-		sq.finish = FinishStop
-		return
+	var tok uint32
+	var candidates []uint32 // for the logprobs' alternatives
+	if sq.matcher == nil {
+		if h%eosOdds == 0 && !sq.ignoreEOS {
+			sq.finish = FinishStop
+			return
+		}
+		tok = wordToken(h >> 8)
+	} else {
+		var end bool
+		if tok, end, candidates = pickConstrained(h, sq.matcher, false); end {
+			sq.finish = FinishStop
+			return
+		}
+		sq.matcher.Accept(TokenText(tok, false)) // allowed: pickConstrained checked it
 	}
-	sq.tokens = append(sq.tokens, wordToken(h>>8))
+	if sq.sampling.Logprobs {
+		sq.logprobs = append(sq.logprobs, *syntheticLogprob(h, tok, sq.sampling.TopLogprobs, candidates))
+	}
+	sq.tokens = append(sq.tokens, tok)
 	if len(sq.tokens) >= sq.max {
 		sq.finish = FinishLength
 	}
@@ -292,8 +334,22 @@ func samplingKey(digest uint64, s Sampling) uint64 {
 
 func wordToken(h uint64) uint32 { return firstWordToken + uint32(h%uint64(len(vocabulary))) }
 
-func firstToken(digest uint64, s Sampling) uint32 {
-	return wordToken(mix(samplingKey(digest, s) ^ 0xf1f57)) // first token never ends the sequence
+// firstSampled is the first token of a prompt whose KV digests to
+// digest, and its logprob when s asks for it. Unconstrained, it never ends
+// the sequence; under a grammar it is one the grammar allows first.
+func firstSampled(digest uint64, s Sampling) (uint32, *Logprob) {
+	h := mix(samplingKey(digest, s) ^ 0xf1f57)
+	tok, candidates := wordToken(h), []uint32(nil)
+	if m := matcherFor(s); m != nil {
+		var end bool
+		if tok, end, candidates = pickConstrained(h, m, true); end {
+			tok = TokenEOS // nothing fits: StartDecode refuses it (ErrGrammar)
+		}
+	}
+	if !s.Logprobs {
+		return tok, nil
+	}
+	return tok, syntheticLogprob(h, tok, s.TopLogprobs, candidates)
 }
 
 // mix is the splitmix64 finaliser.
@@ -369,6 +425,9 @@ type Result struct {
 	Tokens       []uint32
 	Text         string
 	Finish       FinishReason
+	// Logprobs has one entry per token of Tokens when the sampling asked
+	// for them.
+	Logprobs []Logprob
 	// FirstToken and Total are the wall time to the first token and to the
 	// end (llama.cpp's Generate; zero for the synthetic Reference).
 	FirstToken, Total time.Duration
@@ -388,11 +447,19 @@ func Reference(spec ModelSpec, prompt string, s Sampling) Result {
 	}
 	writeKV(spec, tokens, blocks, 0)
 	sums := Checksums(blocks)
-	sq := newSequence(Digest(sums), len(tokens), firstToken(Digest(sums), s), s)
+	first, lp := firstSampled(Digest(sums), s)
+	sq, err := newSequence(Digest(sums), len(tokens), first, s)
+	if err != nil {
+		return Result{PromptTokens: len(tokens), Finish: FinishStop}
+	}
 	for sq.Finish() == FinishNone {
 		sq.step()
 	}
-	return Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Detokenize(sq.Tokens()), Finish: sq.Finish()}
+	res := Result{PromptTokens: len(tokens), Tokens: sq.Tokens(), Text: Detokenize(sq.Tokens()), Finish: sq.Finish()}
+	if lp != nil {
+		res.Logprobs = append([]Logprob{*lp}, sq.Logprobs()...)
+	}
+	return res
 }
 
 // BlockHashes returns the prefix-reuse key of each full block of tokens: a

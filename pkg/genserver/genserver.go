@@ -144,6 +144,9 @@ func (s *Server) validate(req *kvferryv1.GenerateRequest) error {
 	if err := s.spec.ValidatePrompt(req.GetPromptTokens(), req.GetSampling().GetMaxTokens()); err != nil {
 		return err
 	}
+	if _, err := executor.ToSampling(req.GetSampling()); err != nil {
+		return err // compiled again where the decode starts: a schema is small next to a decode
+	}
 	adv := req.GetAdvertisement()
 	if req.GetPrefill() {
 		if adv != nil || req.GetFirstToken() != 0 {
@@ -291,9 +294,10 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 		mem[i] = s.cfg.Pool.Bytes(b)
 	}
 	var seq *executor.Sequence
+	first := executor.LogprobOf(req.GetFirstLogprob()) // the context server's, streamed with the first token
 	if req.GetPrefill() {
 		s.advance(r, executor.StagePrefilling)
-		seq, err = s.prefill(ctx, req, mem)
+		seq, first, err = s.prefill(ctx, req, mem)
 	} else {
 		s.advance(r, executor.StageTransferring)
 		seq, err = s.receive(ctx, req, r, blocks, mem)
@@ -302,30 +306,35 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 		return err
 	}
 	s.advance(r, executor.StageDecoding)
-	return s.decode(ctx, stream, seq)
+	return s.decode(ctx, stream, seq, first)
 }
 
 // prefill is aggregated serving's first phase: the engine writes the
 // prompt's KV into this server's own blocks, which the decode then reads —
 // the same blocks and checksums a transfer would have delivered, so the
 // decode that follows is the disaggregated one.
-func (s *Server) prefill(ctx context.Context, req *kvferryv1.GenerateRequest, mem [][]byte) (*executor.Sequence, error) {
-	sampling := executor.ToSampling(req.GetSampling())
-	first, sums, err := s.prefiller.Prefill(ctx, req.GetPromptTokens(), sampling, mem, 0)
+func (s *Server) prefill(ctx context.Context, req *kvferryv1.GenerateRequest, mem [][]byte) (*executor.Sequence, *executor.Logprob, error) {
+	sampling, err := executor.ToSampling(req.GetSampling())
+	if err != nil {
+		return nil, nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	out, err := s.prefiller.Run(ctx, req.GetPromptTokens(), sampling, mem, 0)
 	if err == nil {
 		s.cfg.Progress.Touch(time.Now())
 		var seq *executor.Sequence
-		if seq, err = s.cfg.Engine.StartDecode(ctx, mem, sums, len(req.GetPromptTokens()), first, sampling); err == nil {
-			return seq, nil
+		if seq, err = s.cfg.Engine.StartDecode(ctx, mem, out.Sums, len(req.GetPromptTokens()), out.First, sampling); err == nil {
+			return seq, out.Logprob, nil
 		}
 	}
 	if ctx.Err() != nil {
-		return nil, status.FromContextError(ctx.Err()).Err()
+		return nil, nil, status.FromContextError(ctx.Err()).Err()
 	}
-	return nil, status.Errorf(codes.Internal, "prefill: %v", err)
+	return nil, nil, status.Errorf(codes.Internal, "prefill: %v", err)
 }
 
-func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_GenerateServer, seq *executor.Sequence) error {
+// decode streams the sequence's tokens; first is the first token's
+// logprob (the prefill's), when the sampling asked for logprobs.
+func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_GenerateServer, seq *executor.Sequence, first *executor.Logprob) error {
 	m := s.decoder.Join(seq)
 	defer s.decoder.Leave(m) // and the decoder closes seq
 	vocab := s.cfg.Engine.Vocabulary()
@@ -337,14 +346,21 @@ func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_
 		case <-ctx.Done():
 			return status.FromContextError(ctx.Err()).Err()
 		}
-		toks, finish, err := s.decoder.Take(m)
+		got, err := s.decoder.Take(m)
 		if err != nil {
 			return status.Errorf(codes.Internal, "decode: %v", err)
 		}
+		toks, finish := got.Tokens, got.Finish
 		if len(toks) == 0 && finish == executor.FinishNone {
 			continue
 		}
 		msg := &kvferryv1.GenerateResponse{Tokens: toks, KvReady: sent == 0}
+		if sent == 0 && len(toks) > 0 && first != nil {
+			msg.Logprobs = append(msg.Logprobs, first.Proto())
+		}
+		for i := range got.Logprobs {
+			msg.Logprobs = append(msg.Logprobs, got.Logprobs[i].Proto())
+		}
 		for i, t := range toks {
 			msg.Text += text.Push(vocab.Piece(t, sent == 0 && i == 0))
 		}

@@ -206,7 +206,11 @@ func TestGenerateMatchesReference(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want := executor.Reference(p.spec, prompt, executor.ToSampling(s)); got != want.Text {
+		sampling, err := executor.ToSampling(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := executor.Reference(p.spec, prompt, sampling); got != want.Text {
 			t.Fatalf("got %q, reference %q", got, want.Text)
 		}
 		p.waitIdle(t)
@@ -436,7 +440,7 @@ func TestTimedOutTransferLateWriteDoesNotCorruptReusedBlock(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := executor.Reference(p.spec, "the river", executor.ToSampling(s)).Text; got != want {
+	if want := executor.Reference(p.spec, "the river", plainSampling(s)).Text; got != want {
 		t.Fatalf("after the late write: %q, reference %q", got, want)
 	}
 	if q := testutil.ToFloat64(p.quarantined); q != 1 {
@@ -615,7 +619,7 @@ func TestAggregatedMatchesReference(t *testing.T) {
 		go func() {
 			s := &kvferryv1.SamplingParams{MaxTokens: 24, Seed: uint64(11 + i), Temperature: 1, TopP: 1}
 			got, err := generate(context.Background(), a.client, prefillHere(prompt, s))
-			if want := executor.Reference(spec, prompt, executor.ToSampling(s)).Text; err == nil && got != want {
+			if want := executor.Reference(spec, prompt, plainSampling(s)).Text; err == nil && got != want {
 				err = fmt.Errorf("prompt %d: got %q, reference %q", i, got, want)
 			}
 			errs <- err
@@ -711,4 +715,13 @@ func TestAggregatedCancel(t *testing.T) {
 		cancel() // the client goes away mid-decode
 		a.waitIdle(t)
 	})
+}
+
+// plainSampling converts sampling parameters that carry no schema.
+func plainSampling(p *kvferryv1.SamplingParams) executor.Sampling {
+	s, err := executor.ToSampling(p)
+	if err != nil {
+		panic(err)
+	}
+	return s
 }

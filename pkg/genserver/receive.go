@@ -269,7 +269,14 @@ func (rc *receive) landed(ctx context.Context) (*executor.Sequence, error) {
 	}
 	rc.event(func(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions { return ss.Complete(now) })
 	s.cfg.Progress.Touch(time.Now())
-	seq, err := s.cfg.Engine.StartDecode(ctx, rc.mem, sums, len(rc.req.GetPromptTokens()), rc.req.GetFirstToken(), executor.ToSampling(rc.req.GetSampling()))
+	sampling, err := executor.ToSampling(rc.req.GetSampling())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error()) // validate checked it: not reached
+	}
+	seq, err := s.cfg.Engine.StartDecode(ctx, rc.mem, sums, len(rc.req.GetPromptTokens()), rc.req.GetFirstToken(), sampling)
+	if errors.Is(err, executor.ErrGrammar) {
+		return nil, status.Errorf(codes.InvalidArgument, "first token: %v", err)
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, status.FromContextError(ctx.Err()).Err()

@@ -227,12 +227,12 @@ func generateInProcess(f *executor.Prefiller, d *executor.Decoder, e executor.En
 	toks := 0
 	for {
 		<-m.Ready()
-		got, finish, err := d.Take(m)
+		got, err := d.Take(m)
 		if err != nil {
 			return toks, err
 		}
-		toks += len(got)
-		if finish != executor.FinishNone {
+		toks += len(got.Tokens)
+		if got.Finish != executor.FinishNone {
 			return toks, nil
 		}
 	}

@@ -35,7 +35,7 @@ var allowed = map[string][]string{
 	"pkg/gguf":                           {},
 	"pkg/grammar":                        {},
 	// The engines and the transfer lifecycle: never each other.
-	"pkg/executor":   {"pkg/ticket", "proto/kvferry/v1"},
+	"pkg/executor":   {"pkg/grammar", "pkg/ticket", "proto/kvferry/v1"},
 	"pkg/kvtransfer": {"pkg/blockpool", "proto/kvferry/v1"},
 	// The transports sit on the lifecycle and the seam; each its own
 	// package, none importing another (transports picks one by name; the

@@ -347,7 +347,7 @@ func TestRouterGRPC(t *testing.T) {
 	ctx := testCtx(t)
 	prompt := longPrompt(40)
 	sp := &kvferryv1.SamplingParams{MaxTokens: 30, Temperature: 1, TopP: 1, Seed: 9}
-	want := executor.Reference(tiny, prompt, executor.ToSampling(sp))
+	want := executor.Reference(tiny, prompt, plainSampling(sp))
 	st, err := rc.Generate(ctx, &kvferryv1.RouterServiceGenerateRequest{Model: "tiny", Prompt: prompt, Sampling: sp})
 	if err != nil {
 		t.Fatal(err)
@@ -410,4 +410,13 @@ func TestBadFlags(t *testing.T) {
 			}
 		})
 	}
+}
+
+// plainSampling converts sampling parameters that carry no schema.
+func plainSampling(p *kvferryv1.SamplingParams) executor.Sampling {
+	s, err := executor.ToSampling(p)
+	if err != nil {
+		panic(err)
+	}
+	return s
 }

@@ -200,7 +200,18 @@ type SamplingParams struct {
 	// ignore_eos keeps generating past an end-of-generation token until
 	// max_tokens (benchmarks and load tests that need a fixed output length;
 	// vLLM's extension of the same name).
-	IgnoreEos     bool `protobuf:"varint,5,opt,name=ignore_eos,json=ignoreEos,proto3" json:"ignore_eos,omitempty"`
+	IgnoreEos bool `protobuf:"varint,5,opt,name=ignore_eos,json=ignoreEos,proto3" json:"ignore_eos,omitempty"`
+	// logprobs returns each generated token's log probability (the model's
+	// distribution after the grammar's mask, before temperature), and
+	// top_logprobs (0-20) that many of the most likely tokens beside it.
+	Logprobs    bool   `protobuf:"varint,6,opt,name=logprobs,proto3" json:"logprobs,omitempty"`
+	TopLogprobs uint32 `protobuf:"varint,7,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
+	// json_schema constrains the output to JSON text that satisfies this JSON
+	// Schema (grammar.Schema's subset; response_format and tool calls). Each
+	// server compiles it; the grammar's state is a function of the tokens,
+	// so the generation server resumes it from the first token. Empty: free
+	// text.
+	JsonSchema    string `protobuf:"bytes,8,opt,name=json_schema,json=jsonSchema,proto3" json:"json_schema,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -270,6 +281,141 @@ func (x *SamplingParams) GetIgnoreEos() bool {
 	return false
 }
 
+func (x *SamplingParams) GetLogprobs() bool {
+	if x != nil {
+		return x.Logprobs
+	}
+	return false
+}
+
+func (x *SamplingParams) GetTopLogprobs() uint32 {
+	if x != nil {
+		return x.TopLogprobs
+	}
+	return 0
+}
+
+func (x *SamplingParams) GetJsonSchema() string {
+	if x != nil {
+		return x.JsonSchema
+	}
+	return ""
+}
+
+// TokenLogprob is one generated token's log probability and the most
+// likely alternatives at its position, most likely first.
+type TokenLogprob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         uint32                 `protobuf:"varint,1,opt,name=token,proto3" json:"token,omitempty"`
+	Logprob       float32                `protobuf:"fixed32,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	Top           []*TopLogprob          `protobuf:"bytes,3,rep,name=top,proto3" json:"top,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenLogprob) Reset() {
+	*x = TokenLogprob{}
+	mi := &file_kvferry_v1_common_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenLogprob) ProtoMessage() {}
+
+func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_common_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
+func (*TokenLogprob) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_common_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *TokenLogprob) GetToken() uint32 {
+	if x != nil {
+		return x.Token
+	}
+	return 0
+}
+
+func (x *TokenLogprob) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+func (x *TokenLogprob) GetTop() []*TopLogprob {
+	if x != nil {
+		return x.Top
+	}
+	return nil
+}
+
+type TopLogprob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         uint32                 `protobuf:"varint,1,opt,name=token,proto3" json:"token,omitempty"`
+	Logprob       float32                `protobuf:"fixed32,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TopLogprob) Reset() {
+	*x = TopLogprob{}
+	mi := &file_kvferry_v1_common_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TopLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TopLogprob) ProtoMessage() {}
+
+func (x *TopLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_kvferry_v1_common_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
+func (*TopLogprob) Descriptor() ([]byte, []int) {
+	return file_kvferry_v1_common_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *TopLogprob) GetToken() uint32 {
+	if x != nil {
+		return x.Token
+	}
+	return 0
+}
+
+func (x *TopLogprob) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
 // KVLayout is the geometry of the KV cache. Both sides of a transfer must
 // agree on it before any byte moves.
 type KVLayout struct {
@@ -296,7 +442,7 @@ type KVLayout struct {
 
 func (x *KVLayout) Reset() {
 	*x = KVLayout{}
-	mi := &file_kvferry_v1_common_proto_msgTypes[2]
+	mi := &file_kvferry_v1_common_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -308,7 +454,7 @@ func (x *KVLayout) String() string {
 func (*KVLayout) ProtoMessage() {}
 
 func (x *KVLayout) ProtoReflect() protoreflect.Message {
-	mi := &file_kvferry_v1_common_proto_msgTypes[2]
+	mi := &file_kvferry_v1_common_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -321,7 +467,7 @@ func (x *KVLayout) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVLayout.ProtoReflect.Descriptor instead.
 func (*KVLayout) Descriptor() ([]byte, []int) {
-	return file_kvferry_v1_common_proto_rawDescGZIP(), []int{2}
+	return file_kvferry_v1_common_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *KVLayout) GetModel() string {
@@ -407,7 +553,7 @@ type BlockDescriptor struct {
 
 func (x *BlockDescriptor) Reset() {
 	*x = BlockDescriptor{}
-	mi := &file_kvferry_v1_common_proto_msgTypes[3]
+	mi := &file_kvferry_v1_common_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -419,7 +565,7 @@ func (x *BlockDescriptor) String() string {
 func (*BlockDescriptor) ProtoMessage() {}
 
 func (x *BlockDescriptor) ProtoReflect() protoreflect.Message {
-	mi := &file_kvferry_v1_common_proto_msgTypes[3]
+	mi := &file_kvferry_v1_common_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -432,7 +578,7 @@ func (x *BlockDescriptor) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockDescriptor.ProtoReflect.Descriptor instead.
 func (*BlockDescriptor) Descriptor() ([]byte, []int) {
-	return file_kvferry_v1_common_proto_rawDescGZIP(), []int{3}
+	return file_kvferry_v1_common_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *BlockDescriptor) GetIndex() uint32 {
@@ -479,7 +625,7 @@ type KVAdvertisement struct {
 
 func (x *KVAdvertisement) Reset() {
 	*x = KVAdvertisement{}
-	mi := &file_kvferry_v1_common_proto_msgTypes[4]
+	mi := &file_kvferry_v1_common_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -491,7 +637,7 @@ func (x *KVAdvertisement) String() string {
 func (*KVAdvertisement) ProtoMessage() {}
 
 func (x *KVAdvertisement) ProtoReflect() protoreflect.Message {
-	mi := &file_kvferry_v1_common_proto_msgTypes[4]
+	mi := &file_kvferry_v1_common_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -504,7 +650,7 @@ func (x *KVAdvertisement) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVAdvertisement.ProtoReflect.Descriptor instead.
 func (*KVAdvertisement) Descriptor() ([]byte, []int) {
-	return file_kvferry_v1_common_proto_rawDescGZIP(), []int{4}
+	return file_kvferry_v1_common_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *KVAdvertisement) GetTicket() *Ticket {
@@ -572,7 +718,7 @@ const file_kvferry_v1_common_proto_rawDesc = "" +
 	"\x06Ticket\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x18\n" +
-	"\aattempt\x18\x02 \x01(\rR\aattempt\"\x99\x01\n" +
+	"\aattempt\x18\x02 \x01(\rR\aattempt\"\xf9\x01\n" +
 	"\x0eSamplingParams\x12\x1d\n" +
 	"\n" +
 	"max_tokens\x18\x01 \x01(\rR\tmaxTokens\x12 \n" +
@@ -580,7 +726,19 @@ const file_kvferry_v1_common_proto_rawDesc = "" +
 	"\x05top_p\x18\x03 \x01(\x02R\x04topP\x12\x12\n" +
 	"\x04seed\x18\x04 \x01(\x04R\x04seed\x12\x1d\n" +
 	"\n" +
-	"ignore_eos\x18\x05 \x01(\bR\tignoreEos\"\xa7\x02\n" +
+	"ignore_eos\x18\x05 \x01(\bR\tignoreEos\x12\x1a\n" +
+	"\blogprobs\x18\x06 \x01(\bR\blogprobs\x12!\n" +
+	"\ftop_logprobs\x18\a \x01(\rR\vtopLogprobs\x12\x1f\n" +
+	"\vjson_schema\x18\b \x01(\tR\n" +
+	"jsonSchema\"h\n" +
+	"\fTokenLogprob\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\rR\x05token\x12\x18\n" +
+	"\alogprob\x18\x02 \x01(\x02R\alogprob\x12(\n" +
+	"\x03top\x18\x03 \x03(\v2\x16.kvferry.v1.TopLogprobR\x03top\"<\n" +
+	"\n" +
+	"TopLogprob\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\rR\x05token\x12\x18\n" +
+	"\alogprob\x18\x02 \x01(\x02R\alogprob\"\xa7\x02\n" +
 	"\bKVLayout\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06layers\x18\x02 \x01(\rR\x06layers\x12\x19\n" +
@@ -635,24 +793,27 @@ func file_kvferry_v1_common_proto_rawDescGZIP() []byte {
 }
 
 var file_kvferry_v1_common_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_kvferry_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_kvferry_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_kvferry_v1_common_proto_goTypes = []any{
 	(CancelOutcome)(0),      // 0: kvferry.v1.CancelOutcome
 	(FinishReason)(0),       // 1: kvferry.v1.FinishReason
 	(*Ticket)(nil),          // 2: kvferry.v1.Ticket
 	(*SamplingParams)(nil),  // 3: kvferry.v1.SamplingParams
-	(*KVLayout)(nil),        // 4: kvferry.v1.KVLayout
-	(*BlockDescriptor)(nil), // 5: kvferry.v1.BlockDescriptor
-	(*KVAdvertisement)(nil), // 6: kvferry.v1.KVAdvertisement
+	(*TokenLogprob)(nil),    // 4: kvferry.v1.TokenLogprob
+	(*TopLogprob)(nil),      // 5: kvferry.v1.TopLogprob
+	(*KVLayout)(nil),        // 6: kvferry.v1.KVLayout
+	(*BlockDescriptor)(nil), // 7: kvferry.v1.BlockDescriptor
+	(*KVAdvertisement)(nil), // 8: kvferry.v1.KVAdvertisement
 }
 var file_kvferry_v1_common_proto_depIdxs = []int32{
-	2, // 0: kvferry.v1.KVAdvertisement.ticket:type_name -> kvferry.v1.Ticket
-	4, // 1: kvferry.v1.KVAdvertisement.layout:type_name -> kvferry.v1.KVLayout
-	2, // [2:2] is the sub-list for method output_type
-	2, // [2:2] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	5, // 0: kvferry.v1.TokenLogprob.top:type_name -> kvferry.v1.TopLogprob
+	2, // 1: kvferry.v1.KVAdvertisement.ticket:type_name -> kvferry.v1.Ticket
+	6, // 2: kvferry.v1.KVAdvertisement.layout:type_name -> kvferry.v1.KVLayout
+	3, // [3:3] is the sub-list for method output_type
+	3, // [3:3] is the sub-list for method input_type
+	3, // [3:3] is the sub-list for extension type_name
+	3, // [3:3] is the sub-list for extension extendee
+	0, // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_kvferry_v1_common_proto_init() }
@@ -666,7 +827,7 @@ func file_kvferry_v1_common_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvferry_v1_common_proto_rawDesc), len(file_kvferry_v1_common_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   5,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

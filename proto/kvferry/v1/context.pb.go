@@ -187,7 +187,10 @@ type PrefillResponse struct {
 	FirstToken    uint32                 `protobuf:"varint,1,opt,name=first_token,json=firstToken,proto3" json:"first_token,omitempty"`
 	Advertisement *KVAdvertisement       `protobuf:"bytes,2,opt,name=advertisement,proto3" json:"advertisement,omitempty"`
 	// reused_blocks counts blocks served from the prefix-reuse cache.
-	ReusedBlocks  uint32 `protobuf:"varint,3,opt,name=reused_blocks,json=reusedBlocks,proto3" json:"reused_blocks,omitempty"`
+	ReusedBlocks uint32 `protobuf:"varint,3,opt,name=reused_blocks,json=reusedBlocks,proto3" json:"reused_blocks,omitempty"`
+	// first_logprob is the first token's, when the sampling asked for
+	// logprobs: only the context server saw the logits it came from.
+	FirstLogprob  *TokenLogprob `protobuf:"bytes,4,opt,name=first_logprob,json=firstLogprob,proto3" json:"first_logprob,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -241,6 +244,13 @@ func (x *PrefillResponse) GetReusedBlocks() uint32 {
 		return x.ReusedBlocks
 	}
 	return 0
+}
+
+func (x *PrefillResponse) GetFirstLogprob() *TokenLogprob {
+	if x != nil {
+		return x.FirstLogprob
+	}
+	return nil
 }
 
 type ContextServiceCancelRequest struct {
@@ -445,12 +455,13 @@ const file_kvferry_v1_context_proto_rawDesc = "" +
 	"\bsampling\x18\x03 \x01(\v2\x1a.kvferry.v1.SamplingParamsR\bsampling\x12.\n" +
 	"\x13deadline_unix_nanos\x18\x04 \x01(\x03R\x11deadlineUnixNanos\x12\x1d\n" +
 	"\n" +
-	"cache_salt\x18\x05 \x01(\tR\tcacheSalt\"\x9a\x01\n" +
+	"cache_salt\x18\x05 \x01(\tR\tcacheSalt\"\xd9\x01\n" +
 	"\x0fPrefillResponse\x12\x1f\n" +
 	"\vfirst_token\x18\x01 \x01(\rR\n" +
 	"firstToken\x12A\n" +
 	"\radvertisement\x18\x02 \x01(\v2\x1b.kvferry.v1.KVAdvertisementR\radvertisement\x12#\n" +
-	"\rreused_blocks\x18\x03 \x01(\rR\freusedBlocks\"I\n" +
+	"\rreused_blocks\x18\x03 \x01(\rR\freusedBlocks\x12=\n" +
+	"\rfirst_logprob\x18\x04 \x01(\v2\x18.kvferry.v1.TokenLogprobR\ffirstLogprob\"I\n" +
 	"\x1bContextServiceCancelRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\"\x81\x01\n" +
 	"\x1cContextServiceCancelResponse\x123\n" +
@@ -491,28 +502,30 @@ var file_kvferry_v1_context_proto_goTypes = []any{
 	(*Ticket)(nil),                       // 8: kvferry.v1.Ticket
 	(*SamplingParams)(nil),               // 9: kvferry.v1.SamplingParams
 	(*KVAdvertisement)(nil),              // 10: kvferry.v1.KVAdvertisement
-	(CancelOutcome)(0),                   // 11: kvferry.v1.CancelOutcome
+	(*TokenLogprob)(nil),                 // 11: kvferry.v1.TokenLogprob
+	(CancelOutcome)(0),                   // 12: kvferry.v1.CancelOutcome
 }
 var file_kvferry_v1_context_proto_depIdxs = []int32{
 	8,  // 0: kvferry.v1.PrefillRequest.ticket:type_name -> kvferry.v1.Ticket
 	9,  // 1: kvferry.v1.PrefillRequest.sampling:type_name -> kvferry.v1.SamplingParams
 	10, // 2: kvferry.v1.PrefillResponse.advertisement:type_name -> kvferry.v1.KVAdvertisement
-	8,  // 3: kvferry.v1.ContextServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
-	11, // 4: kvferry.v1.ContextServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
-	8,  // 5: kvferry.v1.ReleaseRequest.ticket:type_name -> kvferry.v1.Ticket
-	2,  // 6: kvferry.v1.ContextService.Prefill:input_type -> kvferry.v1.PrefillRequest
-	4,  // 7: kvferry.v1.ContextService.Cancel:input_type -> kvferry.v1.ContextServiceCancelRequest
-	6,  // 8: kvferry.v1.ContextService.Release:input_type -> kvferry.v1.ReleaseRequest
-	0,  // 9: kvferry.v1.ContextService.PrefixDigest:input_type -> kvferry.v1.PrefixDigestRequest
-	3,  // 10: kvferry.v1.ContextService.Prefill:output_type -> kvferry.v1.PrefillResponse
-	5,  // 11: kvferry.v1.ContextService.Cancel:output_type -> kvferry.v1.ContextServiceCancelResponse
-	7,  // 12: kvferry.v1.ContextService.Release:output_type -> kvferry.v1.ReleaseResponse
-	1,  // 13: kvferry.v1.ContextService.PrefixDigest:output_type -> kvferry.v1.PrefixDigestResponse
-	10, // [10:14] is the sub-list for method output_type
-	6,  // [6:10] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	11, // 3: kvferry.v1.PrefillResponse.first_logprob:type_name -> kvferry.v1.TokenLogprob
+	8,  // 4: kvferry.v1.ContextServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
+	12, // 5: kvferry.v1.ContextServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
+	8,  // 6: kvferry.v1.ReleaseRequest.ticket:type_name -> kvferry.v1.Ticket
+	2,  // 7: kvferry.v1.ContextService.Prefill:input_type -> kvferry.v1.PrefillRequest
+	4,  // 8: kvferry.v1.ContextService.Cancel:input_type -> kvferry.v1.ContextServiceCancelRequest
+	6,  // 9: kvferry.v1.ContextService.Release:input_type -> kvferry.v1.ReleaseRequest
+	0,  // 10: kvferry.v1.ContextService.PrefixDigest:input_type -> kvferry.v1.PrefixDigestRequest
+	3,  // 11: kvferry.v1.ContextService.Prefill:output_type -> kvferry.v1.PrefillResponse
+	5,  // 12: kvferry.v1.ContextService.Cancel:output_type -> kvferry.v1.ContextServiceCancelResponse
+	7,  // 13: kvferry.v1.ContextService.Release:output_type -> kvferry.v1.ReleaseResponse
+	1,  // 14: kvferry.v1.ContextService.PrefixDigest:output_type -> kvferry.v1.PrefixDigestResponse
+	11, // [11:15] is the sub-list for method output_type
+	7,  // [7:11] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_kvferry_v1_context_proto_init() }

@@ -33,7 +33,10 @@ type GenerateRequest struct {
 	// (aggregated serving: the router runs with --aggregated, the server with
 	// --aggregated); first_token and advertisement are then absent. A server
 	// without --aggregated answers FAILED_PRECONDITION.
-	Prefill       bool `protobuf:"varint,7,opt,name=prefill,proto3" json:"prefill,omitempty"`
+	Prefill bool `protobuf:"varint,7,opt,name=prefill,proto3" json:"prefill,omitempty"`
+	// first_logprob is the context server's for first_token
+	// (PrefillResponse.first_logprob), streamed with it.
+	FirstLogprob  *TokenLogprob `protobuf:"bytes,8,opt,name=first_logprob,json=firstLogprob,proto3" json:"first_logprob,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -117,6 +120,13 @@ func (x *GenerateRequest) GetPrefill() bool {
 	return false
 }
 
+func (x *GenerateRequest) GetFirstLogprob() *TokenLogprob {
+	if x != nil {
+		return x.FirstLogprob
+	}
+	return nil
+}
+
 type GenerateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// tokens generated in this step (usually one).
@@ -126,7 +136,9 @@ type GenerateResponse struct {
 	// finish_reason is set on the last message only.
 	FinishReason FinishReason `protobuf:"varint,3,opt,name=finish_reason,json=finishReason,proto3,enum=kvferry.v1.FinishReason" json:"finish_reason,omitempty"`
 	// kv_ready is set on the first message: the KV arrived and verified.
-	KvReady       bool `protobuf:"varint,4,opt,name=kv_ready,json=kvReady,proto3" json:"kv_ready,omitempty"`
+	KvReady bool `protobuf:"varint,4,opt,name=kv_ready,json=kvReady,proto3" json:"kv_ready,omitempty"`
+	// logprobs has one entry per token, when the sampling asked for them.
+	Logprobs      []*TokenLogprob `protobuf:"bytes,5,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -187,6 +199,13 @@ func (x *GenerateResponse) GetKvReady() bool {
 		return x.KvReady
 	}
 	return false
+}
+
+func (x *GenerateResponse) GetLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
 }
 
 type GenerationServiceCancelRequest struct {
@@ -290,7 +309,7 @@ var File_kvferry_v1_generation_proto protoreflect.FileDescriptor
 const file_kvferry_v1_generation_proto_rawDesc = "" +
 	"\n" +
 	"\x1bkvferry/v1/generation.proto\x12\n" +
-	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\xc8\x02\n" +
+	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\x87\x03\n" +
 	"\x0fGenerateRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x03(\rR\fpromptTokens\x12\x1f\n" +
@@ -299,12 +318,14 @@ const file_kvferry_v1_generation_proto_rawDesc = "" +
 	"\bsampling\x18\x04 \x01(\v2\x1a.kvferry.v1.SamplingParamsR\bsampling\x12A\n" +
 	"\radvertisement\x18\x05 \x01(\v2\x1b.kvferry.v1.KVAdvertisementR\radvertisement\x12.\n" +
 	"\x13deadline_unix_nanos\x18\x06 \x01(\x03R\x11deadlineUnixNanos\x12\x18\n" +
-	"\aprefill\x18\a \x01(\bR\aprefill\"\x98\x01\n" +
+	"\aprefill\x18\a \x01(\bR\aprefill\x12=\n" +
+	"\rfirst_logprob\x18\b \x01(\v2\x18.kvferry.v1.TokenLogprobR\ffirstLogprob\"\xce\x01\n" +
 	"\x10GenerateResponse\x12\x16\n" +
 	"\x06tokens\x18\x01 \x03(\rR\x06tokens\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12=\n" +
 	"\rfinish_reason\x18\x03 \x01(\x0e2\x18.kvferry.v1.FinishReasonR\ffinishReason\x12\x19\n" +
-	"\bkv_ready\x18\x04 \x01(\bR\akvReady\"L\n" +
+	"\bkv_ready\x18\x04 \x01(\bR\akvReady\x124\n" +
+	"\blogprobs\x18\x05 \x03(\v2\x18.kvferry.v1.TokenLogprobR\blogprobs\"L\n" +
 	"\x1eGenerationServiceCancelRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\"\x84\x01\n" +
 	"\x1fGenerationServiceCancelResponse\x123\n" +
@@ -335,25 +356,28 @@ var file_kvferry_v1_generation_proto_goTypes = []any{
 	(*Ticket)(nil),                          // 4: kvferry.v1.Ticket
 	(*SamplingParams)(nil),                  // 5: kvferry.v1.SamplingParams
 	(*KVAdvertisement)(nil),                 // 6: kvferry.v1.KVAdvertisement
-	(FinishReason)(0),                       // 7: kvferry.v1.FinishReason
-	(CancelOutcome)(0),                      // 8: kvferry.v1.CancelOutcome
+	(*TokenLogprob)(nil),                    // 7: kvferry.v1.TokenLogprob
+	(FinishReason)(0),                       // 8: kvferry.v1.FinishReason
+	(CancelOutcome)(0),                      // 9: kvferry.v1.CancelOutcome
 }
 var file_kvferry_v1_generation_proto_depIdxs = []int32{
-	4, // 0: kvferry.v1.GenerateRequest.ticket:type_name -> kvferry.v1.Ticket
-	5, // 1: kvferry.v1.GenerateRequest.sampling:type_name -> kvferry.v1.SamplingParams
-	6, // 2: kvferry.v1.GenerateRequest.advertisement:type_name -> kvferry.v1.KVAdvertisement
-	7, // 3: kvferry.v1.GenerateResponse.finish_reason:type_name -> kvferry.v1.FinishReason
-	4, // 4: kvferry.v1.GenerationServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
-	8, // 5: kvferry.v1.GenerationServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
-	0, // 6: kvferry.v1.GenerationService.Generate:input_type -> kvferry.v1.GenerateRequest
-	2, // 7: kvferry.v1.GenerationService.Cancel:input_type -> kvferry.v1.GenerationServiceCancelRequest
-	1, // 8: kvferry.v1.GenerationService.Generate:output_type -> kvferry.v1.GenerateResponse
-	3, // 9: kvferry.v1.GenerationService.Cancel:output_type -> kvferry.v1.GenerationServiceCancelResponse
-	8, // [8:10] is the sub-list for method output_type
-	6, // [6:8] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	4,  // 0: kvferry.v1.GenerateRequest.ticket:type_name -> kvferry.v1.Ticket
+	5,  // 1: kvferry.v1.GenerateRequest.sampling:type_name -> kvferry.v1.SamplingParams
+	6,  // 2: kvferry.v1.GenerateRequest.advertisement:type_name -> kvferry.v1.KVAdvertisement
+	7,  // 3: kvferry.v1.GenerateRequest.first_logprob:type_name -> kvferry.v1.TokenLogprob
+	8,  // 4: kvferry.v1.GenerateResponse.finish_reason:type_name -> kvferry.v1.FinishReason
+	7,  // 5: kvferry.v1.GenerateResponse.logprobs:type_name -> kvferry.v1.TokenLogprob
+	4,  // 6: kvferry.v1.GenerationServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
+	9,  // 7: kvferry.v1.GenerationServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
+	0,  // 8: kvferry.v1.GenerationService.Generate:input_type -> kvferry.v1.GenerateRequest
+	2,  // 9: kvferry.v1.GenerationService.Cancel:input_type -> kvferry.v1.GenerationServiceCancelRequest
+	1,  // 10: kvferry.v1.GenerationService.Generate:output_type -> kvferry.v1.GenerateResponse
+	3,  // 11: kvferry.v1.GenerationService.Cancel:output_type -> kvferry.v1.GenerationServiceCancelResponse
+	10, // [10:12] is the sub-list for method output_type
+	8,  // [8:10] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_kvferry_v1_generation_proto_init() }

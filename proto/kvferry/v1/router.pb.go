@@ -98,8 +98,10 @@ type RouterServiceGenerateResponse struct {
 	FinishReason     FinishReason           `protobuf:"varint,4,opt,name=finish_reason,json=finishReason,proto3,enum=kvferry.v1.FinishReason" json:"finish_reason,omitempty"`
 	PromptTokens     uint32                 `protobuf:"varint,5,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
 	CompletionTokens uint32                 `protobuf:"varint,6,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// logprobs has one entry per token of tokens, when asked for.
+	Logprobs      []*TokenLogprob `protobuf:"bytes,7,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RouterServiceGenerateResponse) Reset() {
@@ -172,6 +174,13 @@ func (x *RouterServiceGenerateResponse) GetCompletionTokens() uint32 {
 		return x.CompletionTokens
 	}
 	return 0
+}
+
+func (x *RouterServiceGenerateResponse) GetLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
 }
 
 type RouterServiceCancelRequest struct {
@@ -359,7 +368,7 @@ const file_kvferry_v1_router_proto_rawDesc = "" +
 	"\x06prompt\x18\x02 \x01(\tR\x06prompt\x126\n" +
 	"\bsampling\x18\x03 \x01(\v2\x1a.kvferry.v1.SamplingParamsR\bsampling\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x04 \x01(\tR\trequestId\"\xfb\x01\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"\xb1\x02\n" +
 	"\x1dRouterServiceGenerateResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x12\n" +
@@ -367,7 +376,8 @@ const file_kvferry_v1_router_proto_rawDesc = "" +
 	"\x06tokens\x18\x03 \x03(\rR\x06tokens\x12=\n" +
 	"\rfinish_reason\x18\x04 \x01(\x0e2\x18.kvferry.v1.FinishReasonR\ffinishReason\x12#\n" +
 	"\rprompt_tokens\x18\x05 \x01(\rR\fpromptTokens\x12+\n" +
-	"\x11completion_tokens\x18\x06 \x01(\rR\x10completionTokens\";\n" +
+	"\x11completion_tokens\x18\x06 \x01(\rR\x10completionTokens\x124\n" +
+	"\blogprobs\x18\a \x03(\v2\x18.kvferry.v1.TokenLogprobR\blogprobs\";\n" +
 	"\x1aRouterServiceCancelRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\"\xba\x01\n" +
@@ -405,22 +415,24 @@ var file_kvferry_v1_router_proto_goTypes = []any{
 	(*RouterServiceCancelResponse)(nil),   // 4: kvferry.v1.RouterServiceCancelResponse
 	(*SamplingParams)(nil),                // 5: kvferry.v1.SamplingParams
 	(FinishReason)(0),                     // 6: kvferry.v1.FinishReason
-	(CancelOutcome)(0),                    // 7: kvferry.v1.CancelOutcome
+	(*TokenLogprob)(nil),                  // 7: kvferry.v1.TokenLogprob
+	(CancelOutcome)(0),                    // 8: kvferry.v1.CancelOutcome
 }
 var file_kvferry_v1_router_proto_depIdxs = []int32{
 	5, // 0: kvferry.v1.RouterServiceGenerateRequest.sampling:type_name -> kvferry.v1.SamplingParams
 	6, // 1: kvferry.v1.RouterServiceGenerateResponse.finish_reason:type_name -> kvferry.v1.FinishReason
-	7, // 2: kvferry.v1.ServerCancelOutcome.outcome:type_name -> kvferry.v1.CancelOutcome
-	3, // 3: kvferry.v1.RouterServiceCancelResponse.outcomes:type_name -> kvferry.v1.ServerCancelOutcome
-	0, // 4: kvferry.v1.RouterService.Generate:input_type -> kvferry.v1.RouterServiceGenerateRequest
-	2, // 5: kvferry.v1.RouterService.Cancel:input_type -> kvferry.v1.RouterServiceCancelRequest
-	1, // 6: kvferry.v1.RouterService.Generate:output_type -> kvferry.v1.RouterServiceGenerateResponse
-	4, // 7: kvferry.v1.RouterService.Cancel:output_type -> kvferry.v1.RouterServiceCancelResponse
-	6, // [6:8] is the sub-list for method output_type
-	4, // [4:6] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	7, // 2: kvferry.v1.RouterServiceGenerateResponse.logprobs:type_name -> kvferry.v1.TokenLogprob
+	8, // 3: kvferry.v1.ServerCancelOutcome.outcome:type_name -> kvferry.v1.CancelOutcome
+	3, // 4: kvferry.v1.RouterServiceCancelResponse.outcomes:type_name -> kvferry.v1.ServerCancelOutcome
+	0, // 5: kvferry.v1.RouterService.Generate:input_type -> kvferry.v1.RouterServiceGenerateRequest
+	2, // 6: kvferry.v1.RouterService.Cancel:input_type -> kvferry.v1.RouterServiceCancelRequest
+	1, // 7: kvferry.v1.RouterService.Generate:output_type -> kvferry.v1.RouterServiceGenerateResponse
+	4, // 8: kvferry.v1.RouterService.Cancel:output_type -> kvferry.v1.RouterServiceCancelResponse
+	7, // [7:9] is the sub-list for method output_type
+	5, // [5:7] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_kvferry_v1_router_proto_init() }
