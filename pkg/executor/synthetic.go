@@ -253,8 +253,8 @@ type Sequence struct {
 	// the prefill's), when the sampling asks for them.
 	logprobs []Logprob
 
-	slot      int      // llama.cpp: the sequence id it holds
-	close     func()   // releases what the engine holds for it
+	slot      int    // llama.cpp: the sequence id it holds
+	close     func() // releases what the engine holds for it
 	closeOnce sync.Once
 }
 
