@@ -41,7 +41,7 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 	_, err = r.Run(stream.Context(), job, func(c Chunk) error {
 		completion += uint32(len(c.Tokens))
 		msg := &kvferryv1.RouterServiceGenerateResponse{
-			RequestId: echo, Text: c.Text, Tokens: c.Tokens, PromptTokens: uint32(len(tokens)), CompletionTokens: completion,
+			RequestId: echo, Text: c.Text, Tokens: c.Tokens, Logprobs: c.Logprobs, PromptTokens: uint32(len(tokens)), CompletionTokens: completion,
 		}
 		switch c.Finish {
 		case executor.FinishStop:
@@ -84,6 +84,9 @@ func (r *Router) grpcJob(req *kvferryv1.RouterServiceGenerateRequest) (Job, erro
 		return Job{}, status.Errorf(codes.InvalidArgument, "top_p must be in (0, 1], got %g", p)
 	case int64(len(req.GetPrompt())) > r.cfg.MaxBodyBytes:
 		return Job{}, status.Errorf(codes.InvalidArgument, "the prompt has %d bytes, the limit is %d", len(req.GetPrompt()), r.cfg.MaxBodyBytes)
+	}
+	if _, err := executor.ToSampling(s); err != nil { // the servers compile it again; a bad schema stops here
+		return Job{}, status.Error(codes.InvalidArgument, err.Error())
 	}
 	if id := req.GetRequestId(); id != "" {
 		if err := ValidateClientID(id); err != nil {

@@ -95,23 +95,30 @@ type completionRequest struct {
 	User string          `json:"user"`
 	Stop json.RawMessage `json:"stop"`
 
+	// The shapes beyond free text (shapes.go): logprobs is a boolean in
+	// chat, a number in completions.
+	Logprobs       json.RawMessage `json:"logprobs"`
+	TopLogprobs    *int            `json:"top_logprobs"`
+	ResponseFormat json.RawMessage `json:"response_format"`
+	Tools          json.RawMessage `json:"tools"`
+	ToolChoice     json.RawMessage `json:"tool_choice"`
+	// ParallelToolCalls is accepted either way: a reply makes at most one
+	// call, which both settings allow.
+	ParallelToolCalls *bool `json:"parallel_tool_calls"`
+
 	// Parameters kvferry does not support: any meaningful value is a 400
 	// naming it, never silently ignored.
-	N                 *int            `json:"n"`
-	BestOf            *int            `json:"best_of"`
-	Logprobs          json.RawMessage `json:"logprobs"`
-	TopLogprobs       *int            `json:"top_logprobs"`
-	Echo              *bool           `json:"echo"`
-	Suffix            *string         `json:"suffix"`
-	Tools             json.RawMessage `json:"tools"`
-	ToolChoice        json.RawMessage `json:"tool_choice"`
-	Functions         json.RawMessage `json:"functions"`
-	FunctionCall      json.RawMessage `json:"function_call"`
-	ResponseFormat    json.RawMessage `json:"response_format"`
-	LogitBias         json.RawMessage `json:"logit_bias"`
-	PresencePenalty   *float64        `json:"presence_penalty"`
-	FrequencyPenalty  *float64        `json:"frequency_penalty"`
-	ParallelToolCalls *bool           `json:"parallel_tool_calls"`
+	N                *int            `json:"n"`
+	BestOf           *int            `json:"best_of"`
+	Echo             *bool           `json:"echo"`
+	Suffix           *string         `json:"suffix"`
+	Functions        json.RawMessage `json:"functions"`
+	FunctionCall     json.RawMessage `json:"function_call"`
+	LogitBias        json.RawMessage `json:"logit_bias"`
+	PresencePenalty  *float64        `json:"presence_penalty"`
+	FrequencyPenalty *float64        `json:"frequency_penalty"`
+
+	shape shape // what parseBody read of the shapes
 }
 
 // maxStops is OpenAI's limit on stop sequences.
@@ -129,32 +136,20 @@ func (b *completionRequest) unsupported() (param, msg string) {
 		return "n", "only n=1 is supported"
 	case b.BestOf != nil && *b.BestOf != 1:
 		return "best_of", "only best_of=1 is supported"
-	case set(b.Logprobs):
-		return "logprobs", "logprobs are not supported"
-	case b.TopLogprobs != nil && *b.TopLogprobs != 0:
-		return "top_logprobs", "logprobs are not supported"
 	case b.Echo != nil && *b.Echo:
 		return "echo", "echo is not supported"
 	case b.Suffix != nil && *b.Suffix != "":
 		return "suffix", "suffix is not supported"
-	case set(b.Tools):
-		return "tools", "tools are not supported"
-	case set(b.ToolChoice) && strings.Trim(string(b.ToolChoice), `" `) != "none":
-		return "tool_choice", "tools are not supported"
 	case set(b.Functions):
-		return "functions", "functions are not supported"
+		return "functions", "functions are not supported; use tools"
 	case set(b.FunctionCall) && strings.Trim(string(b.FunctionCall), `" `) != "none":
-		return "function_call", "functions are not supported"
-	case set(b.ResponseFormat) && !strings.Contains(strings.ReplaceAll(string(b.ResponseFormat), " ", ""), `"type":"text"`):
-		return "response_format", "only the text response format is supported"
+		return "function_call", "functions are not supported; use tools and tool_choice"
 	case set(b.LogitBias):
 		return "logit_bias", "logit_bias is not supported"
 	case b.PresencePenalty != nil && *b.PresencePenalty != 0:
 		return "presence_penalty", "presence_penalty is not supported"
 	case b.FrequencyPenalty != nil && *b.FrequencyPenalty != 0:
 		return "frequency_penalty", "frequency_penalty is not supported"
-	case b.ParallelToolCalls != nil && *b.ParallelToolCalls:
-		return "parallel_tool_calls", "tools are not supported"
 	}
 	return "", ""
 }
@@ -188,8 +183,9 @@ func stops(raw json.RawMessage) ([]string, error) {
 }
 
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
+	Role      string          `json:"role"`
+	Content   json.RawMessage `json:"content"`
+	ToolCalls []toolCallJSON  `json:"tool_calls"`
 }
 
 // MaxClientIDBytes bounds a client's request id.
@@ -394,20 +390,32 @@ func (r *Router) parseBody(w http.ResponseWriter, req *http.Request, raw []byte,
 		writeError(w, http.StatusNotFound, "invalid_request_error", "model", "model_not_found", "the model %q does not exist; this server serves %q", body.Model, r.cfg.ServedModel)
 		return job, body, false
 	}
+	sh, param, err := body.shapeOf(chat)
+	if err != nil {
+		badRequest(w, param, "%v", err)
+		return job, body, false
+	}
+	body.shape = sh
 	var prompt string
 	if chat {
 		if len(body.Messages) == 0 {
 			badRequest(w, "messages", "you must provide at least one message")
 			return job, body, false
 		}
-		msgs := make([]ChatMessage, len(body.Messages))
+		msgs := make([]ChatMessage, 0, len(body.Messages)+1)
+		if sh.mode != toolsNone {
+			msgs = append(msgs, ChatMessage{Role: "system", Content: toolsPrompt(sh.tools)})
+		}
 		for i, m := range body.Messages {
 			text, err := messageText(m.Content)
+			if len(m.ToolCalls) > 0 && !isSet(m.Content) {
+				text, err = callsText(m.ToolCalls), nil
+			}
 			if err != nil || m.Role == "" {
 				badRequest(w, fmt.Sprintf("messages[%d]", i), "invalid message: %v", errors.Join(err, roleErr(m.Role)))
 				return job, body, false
 			}
-			msgs[i] = ChatMessage{Role: m.Role, Content: text}
+			msgs = append(msgs, ChatMessage{Role: m.Role, Content: text})
 		}
 		prompt = r.cfg.Vocab.Chat(msgs)
 	} else {
@@ -500,6 +508,7 @@ func (r *Router) sampling(body completionRequest) (*kvferryv1.SamplingParams, st
 		s.Seed = uint64(*body.Seed)
 	}
 	s.IgnoreEos = body.IgnoreEOS
+	s.Logprobs, s.TopLogprobs, s.JsonSchema = body.shape.logprobs, uint32(body.shape.top), body.shape.schema
 	return s, "", nil
 }
 
@@ -575,28 +584,16 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 		}
 		return out
 	}
-	choice := func(text string, finish executor.FinishReason, first bool) map[string]any {
-		c := map[string]any{"index": 0, "finish_reason": finishJSON(finish), "logprobs": nil}
-		if !chat {
-			c["text"] = text
-			return c
-		}
-		delta := map[string]any{}
-		if first {
-			delta["role"] = "assistant"
-		}
-		if text != "" || first {
-			delta["content"] = text
-		}
-		c["delta"] = delta
-		return c
-	}
-
+	sh := body.shape
+	calls := chat && sh.mode != toolsNone
+	callID := "call_" + job.ID
 	if !body.Stream {
 		var text strings.Builder
+		var lps []*kvferryv1.TokenLogprob
 		finish := executor.FinishNone
 		usage, err := r.Run(req.Context(), job, func(c Chunk) error {
 			text.WriteString(c.Text)
+			lps = append(lps, c.Logprobs...)
 			finish = c.Finish
 			return nil
 		})
@@ -606,8 +603,18 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 			return
 		}
 		c := map[string]any{"index": 0, "finish_reason": finishJSON(finish), "logprobs": nil}
+		if sh.logprobs {
+			offset := 0
+			c["logprobs"] = r.logprobsJSON(chat, lps, 0, &offset)
+		}
 		if chat {
-			c["message"] = map[string]any{"role": "assistant", "content": text.String()}
+			msg := map[string]any{"role": "assistant", "content": text.String()}
+			if name, args, ok := parseCall(text.String(), sh.tools); calls && ok {
+				msg["content"] = nil
+				msg["tool_calls"] = []any{toolCall(callID, name, args)}
+				c["finish_reason"] = "tool_calls"
+			}
+			c["message"] = msg
 		} else {
 			c["text"] = text.String()
 		}
@@ -644,11 +651,21 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 		}
 		return nil
 	}
-	first := true
+	cs := &chatStream{chat: chat, calls: calls, mode: sh.mode, tools: sh.tools, callID: callID, first: true}
+	at, offset := 0, 0
+	var lps []*kvferryv1.TokenLogprob // not sent yet
 	usage, err := r.Run(req.Context(), job, func(c Chunk) error {
-		err := send(with(chunkObject, map[string]any{"choices": []any{choice(c.Text, c.Finish, first)}}))
-		first = false
-		return err
+		lps = append(lps, c.Logprobs...)
+		ch := cs.choice(c.Text, c.Finish, c.Finish != executor.FinishNone)
+		if ch == nil {
+			return nil // held: the start of what may be a tool call
+		}
+		if sh.logprobs && len(lps) > 0 {
+			ch["logprobs"] = r.logprobsJSON(chat, lps, at, &offset)
+			at += len(lps)
+			lps = nil
+		}
+		return send(with(chunkObject, map[string]any{"choices": []any{ch}}))
 	})
 	if err != nil {
 		if !started {

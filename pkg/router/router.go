@@ -246,6 +246,8 @@ type Chunk struct {
 	Text   string
 	Tokens []uint32
 	Finish executor.FinishReason
+	// Logprobs are Tokens', when the sampling asked for them.
+	Logprobs []*kvferryv1.TokenLogprob
 }
 
 // Usage counts a request's tokens.
@@ -497,7 +499,7 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 		}
 		c.result(true, time.Now())
 		r.cfg.Metrics.RecordPrefixReused(int(pre.GetReusedBlocks()))
-		greq.FirstToken, greq.Advertisement = pre.GetFirstToken(), pre.GetAdvertisement()
+		greq.FirstToken, greq.FirstLogprob, greq.Advertisement = pre.GetFirstToken(), pre.GetFirstLogprob(), pre.GetAdvertisement()
 		defer func() {
 			if !handedOff {
 				// The generation side never took the blocks: release them
@@ -515,6 +517,7 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 	}
 	stop := newStopper(job.Stop)
 	last := time.Time{}
+	var held Chunk // tokens (and logprobs) whose text the stopper holds back
 	for {
 		msg, err := gstream.Recv()
 		if err != nil {
@@ -537,6 +540,8 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 			text += stop.flush()
 		}
 		usage.CompletionTokens += len(msg.GetTokens())
+		held.Tokens = append(held.Tokens, msg.GetTokens()...)
+		held.Logprobs = append(held.Logprobs, msg.GetLogprobs()...)
 		if text == "" && finish == executor.FinishNone {
 			continue // held back: it may be the start of a stop sequence
 		}
@@ -547,7 +552,9 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 			r.cfg.Metrics.RecordInterToken(now.Sub(last))
 		}
 		last = now
-		if err := emit(Chunk{Text: text, Tokens: msg.GetTokens(), Finish: finish}); err != nil {
+		c := Chunk{Text: text, Tokens: held.Tokens, Finish: finish, Logprobs: held.Logprobs}
+		held = Chunk{}
+		if err := emit(c); err != nil {
 			acancel()
 			r.cancelBoth(ctx, a)
 			return usage, true, nil, fail(codes.Canceled, "client went away: %v", err)

@@ -103,13 +103,12 @@ func TestUnsupportedParametersAndLimits(t *testing.T) {
 			return err
 		}},
 		{"logprobs", func() error {
-			_, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the")}, Logprobs: openai.Int(2)})
+			_, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the")}, Logprobs: openai.Int(6)})
 			return err
 		}},
-		{"tools", func() error {
+		{"presence_penalty", func() error {
 			_, err := c.Chat.Completions.New(testCtx(t), openai.ChatCompletionNewParams{Model: "tiny",
-				Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("the river")},
-				Tools:    []openai.ChatCompletionToolUnionParam{openai.ChatCompletionFunctionTool(openai.FunctionDefinitionParam{Name: "f"})}})
+				Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("the river")}, PresencePenalty: openai.Float(1)})
 			return err
 		}},
 	} {
