@@ -193,6 +193,10 @@ type Matcher struct {
 	g      *Grammar
 	stacks []stack
 	seen   map[string]struct{}
+	// next is the bytes that may come next, computed once per state:
+	// masking a vocabulary asks it once per token.
+	next      class
+	nextValid bool
 }
 
 // NewMatcher returns a matcher at the start of g's language.
@@ -288,7 +292,7 @@ func (m *Matcher) Accept(text string) bool {
 		}
 		stacks = m.dedupe(stacks)
 	}
-	m.stacks = stacks
+	m.stacks, m.nextValid = stacks, false
 	return true
 }
 
@@ -297,8 +301,14 @@ func (m *Matcher) Allows(text string) bool {
 	if text == "" {
 		return false // a token that adds nothing could repeat forever
 	}
-	if !m.first().has(text[0]) {
+	if !m.nextValid {
+		m.next, m.nextValid = m.first(), true
+	}
+	if !m.next.has(text[0]) {
 		return false
+	}
+	if len(text) == 1 {
+		return true // a stack whose top takes the byte takes it
 	}
 	stacks := m.stacks
 	for i := 0; i < len(text); i++ {
