@@ -291,11 +291,20 @@ func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv
 	}
 	s.advanceLocked(r, executor.StageAdvertised)
 	s.cfg.Progress.Touch(time.Now())
+	var otherLPs []*kvferryv1.TokenLogprob
+	for _, lp := range out.OtherLogprobs {
+		if lp != nil {
+			otherLPs = append(otherLPs, lp.Proto())
+		}
+	}
 	r.leaseUntil = time.Now().Add(s.cfg.HandoffLease)
 	r.resp = &kvferryv1.PrefillResponse{
 		ReusedBlocks: uint32(reused),
 		FirstToken:   out.First,
 		FirstLogprob: out.Logprob.Proto(),
+		// Choices 1 to n-1 (sampling.n > 1): one prefill, one transfer.
+		OtherFirstTokens:   out.Others,
+		OtherFirstLogprobs: otherLPs,
 		Advertisement: &kvferryv1.KVAdvertisement{
 			Ticket:           req.GetTicket(),
 			TransferEndpoint: s.cfg.TransferEndpoint,
@@ -368,8 +377,8 @@ func fingerprint(req *kvferryv1.PrefillRequest) executor.Fingerprint {
 		h.Write(b[:])
 	}
 	sp := req.GetSampling()
-	fmt.Fprintf(h, "|%d|%g|%g|%d|%t|%d|%d|%t|", sp.GetMaxTokens(), sp.GetTemperature(), sp.GetTopP(), sp.GetSeed(),
-		sp.GetIgnoreEos(), len(req.GetCacheSalt()), sp.GetTopLogprobs(), sp.GetLogprobs())
+	fmt.Fprintf(h, "|%d|%g|%g|%d|%t|%d|%d|%t|%d|", sp.GetMaxTokens(), sp.GetTemperature(), sp.GetTopP(), sp.GetSeed(),
+		sp.GetIgnoreEos(), len(req.GetCacheSalt()), sp.GetTopLogprobs(), sp.GetLogprobs(), sp.GetN())
 	h.Write([]byte(req.GetCacheSalt()))
 	h.Write([]byte(sp.GetJsonSchema()))
 	var out executor.Fingerprint

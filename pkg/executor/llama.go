@@ -552,6 +552,10 @@ func (e *Llama) PrefillStep(ctx context.Context, batch []*Prompt, counts []int) 
 func (e *Llama) finishPromptLocked(p *Prompt, idx int32) error {
 	seq := llama.SeqId(p.slot)
 	first, lp := e.sampleLocked(idx, p.sampling, len(p.tokens), matcherFor(p.sampling), true)
+	for i := 1; i < p.sampling.N; i++ { // the same logits, each choice its seed
+		tok, lp := e.sampleLocked(idx, p.sampling.Choice(i), len(p.tokens), matcherFor(p.sampling), true)
+		p.others, p.otherLPs = append(p.others, tok), append(p.otherLPs, lp)
+	}
 	st := make([]byte, llama.StateSeqGetSize(e.lctx, seq))
 	n := llama.StateSeqGetData(e.lctx, st, seq)
 	if err := e.layout.decodeState(st[:n], p.blocks, e.blocks, len(p.tokens), p.reused*e.spec.BlockTokens); err != nil {
@@ -649,6 +653,10 @@ func (e *Llama) sampleLocked(idx int32, s Sampling, pos int, m *grammar.Matcher,
 	}
 	return tok, logprobOf(logits, tok, s.TopLogprobs)
 }
+
+// Capacity is how many sequences the engine holds at once: the most
+// choices one request may decode.
+func (e *Llama) Capacity() int { return len(e.slots.free) } // fixed at start
 
 // endToken is the vocabulary's end of sequence.
 func (e *Llama) endToken() uint32 { return uint32(llama.VocabEOS(e.vocab.v)) }

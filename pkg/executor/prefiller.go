@@ -19,7 +19,9 @@ type Prompt struct {
 
 	finished     bool
 	first        uint32
-	firstLogprob *Logprob // when the sampling asks for logprobs
+	firstLogprob *Logprob   // when the sampling asks for logprobs
+	others       []uint32   // choices 1 to N-1's first tokens
+	otherLPs     []*Logprob // and their logprobs
 	sums         []uint64
 
 	slot      int    // llama.cpp: the sequence id it holds
@@ -150,7 +152,11 @@ func (f *Prefiller) Prefill(ctx context.Context, tokens []uint32, s Sampling, bl
 type Prefilled struct {
 	First   uint32
 	Logprob *Logprob // the first token's, when asked for
-	Sums    []uint64
+	// Others are choices 1 to N-1's first tokens (Sampling.N > 1), sampled
+	// from the same logits with their own seeds; OtherLogprobs theirs.
+	Others        []uint32
+	OtherLogprobs []*Logprob
+	Sums          []uint64
 }
 
 // Run is Prefill with the first token's logprob.
@@ -178,7 +184,7 @@ func (f *Prefiller) Run(ctx context.Context, tokens []uint32, s Sampling, blocks
 	if j.err != nil {
 		return Prefilled{}, j.err
 	}
-	return Prefilled{First: p.first, Logprob: p.firstLogprob, Sums: p.sums}, nil
+	return Prefilled{First: p.first, Logprob: p.firstLogprob, Others: p.others, OtherLogprobs: p.otherLPs, Sums: p.sums}, nil
 }
 
 // leave takes a prompt out of the loop: at once when no step runs it, or

@@ -12,6 +12,10 @@ import (
 // MaxTopLogprobs is OpenAI's bound on top_logprobs.
 const MaxTopLogprobs = 20
 
+// MaxChoices bounds n: each choice holds an engine sequence on the
+// generation server for its whole decode (DefaultLlamaSlots of them).
+const MaxChoices = 8
+
 // Logprob is a generated token's log probability and the most likely
 // tokens at its position (Top, most likely first).
 type Logprob struct {
@@ -56,10 +60,13 @@ func LogprobOf(p *kvferryv1.TokenLogprob) *Logprob {
 func ToSampling(p *kvferryv1.SamplingParams) (Sampling, error) {
 	s := Sampling{
 		MaxTokens: int(p.GetMaxTokens()), Temperature: p.GetTemperature(), TopP: p.GetTopP(), Seed: p.GetSeed(), IgnoreEOS: p.GetIgnoreEos(),
-		Logprobs: p.GetLogprobs(), TopLogprobs: int(p.GetTopLogprobs()),
+		Logprobs: p.GetLogprobs(), TopLogprobs: int(p.GetTopLogprobs()), N: max(int(p.GetN()), 1),
 	}
 	if s.TopLogprobs > MaxTopLogprobs {
 		return Sampling{}, fmt.Errorf("top_logprobs %d is over %d", s.TopLogprobs, MaxTopLogprobs)
+	}
+	if s.N > MaxChoices {
+		return Sampling{}, fmt.Errorf("n %d is over %d", s.N, MaxChoices)
 	}
 	if schema := p.GetJsonSchema(); schema != "" {
 		g, err := grammar.Schema([]byte(schema))

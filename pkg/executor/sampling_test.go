@@ -184,3 +184,79 @@ func BenchmarkLlamaShapes(b *testing.B) {
 		})
 	}
 }
+
+// choicesAcrossHandoff prefills once with N choices, decodes every choice
+// from the same blocks on genE, and returns each choice's result.
+func choicesAcrossHandoff(t *testing.T, ctxE, genE Engine, toks []uint32, s Sampling) []Result {
+	t.Helper()
+	blocks := make([][]byte, ctxE.Model().BlocksFor(len(toks)))
+	for i := range blocks {
+		blocks[i] = make([]byte, ctxE.Model().BlockBytes())
+	}
+	out, err := NewPrefiller(ctxE, 0, 0, nil).Run(context.Background(), toks, s, blocks, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out.Others) != s.N-1 {
+		t.Fatalf("%d other first tokens for n = %d", len(out.Others), s.N)
+	}
+	firsts := append([]uint32{out.First}, out.Others...)
+	lps := append([]*Logprob{out.Logprob}, out.OtherLogprobs...)
+	var res []Result
+	for i, first := range firsts {
+		sq, err := genE.StartDecode(context.Background(), blocks, out.Sums, len(toks), first, s.Choice(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for sq.Finish() == FinishNone {
+			if err := genE.Step(context.Background(), []*Sequence{sq}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		r := Result{Tokens: sq.Tokens(), Text: Text(genE.Vocabulary(), sq.Tokens()), Finish: sq.Finish()}
+		if lps[i] != nil {
+			r.Logprobs = append([]Logprob{*lps[i]}, sq.Logprobs()...)
+		}
+		sq.Close()
+		res = append(res, r)
+	}
+	return res
+}
+
+// n choices from one prefill and one set of blocks: choice i equals a
+// request of one choice with Choice(i)'s sampling, in one process.
+func TestChoicesShareOnePrefill(t *testing.T) {
+	spec, _ := Preset("tiny")
+	syn := NewSynthetic(spec, Timing{})
+	s := Sampling{MaxTokens: 20, Seed: 9, N: 3, Logprobs: true, TopLogprobs: 2}
+	got := choicesAcrossHandoff(t, syn, syn, Tokenize("the quiet river"), s)
+	texts := map[string]bool{}
+	for i, r := range got {
+		ref := Reference(spec, "the quiet river", s.Choice(i))
+		if r.Text != ref.Text || !reflect.DeepEqual(r.Logprobs, ref.Logprobs) {
+			t.Fatalf("choice %d: %q, reference %q", i, r.Text, ref.Text)
+		}
+		texts[r.Text] = true
+	}
+	if len(texts) < 2 {
+		t.Fatalf("three choices with their own seeds gave one text: %v", texts)
+	}
+	if s.Choice(0).Seed != s.Seed || s.Choice(1).Seed == s.Seed || s.Choice(2).N != 1 {
+		t.Fatal("choice 0 must keep the request's seed, the others their own, each one choice")
+	}
+}
+
+func TestLlamaChoicesShareOnePrefill(t *testing.T) {
+	ctxE, genE := testEngines(t)
+	s := Sampling{MaxTokens: 16, Temperature: 0.9, Seed: 4, N: 3, Grammar: compiled(t, weatherSchema)}
+	toks := ctxE.Vocabulary().Encode("Once upon a time")
+	for i, r := range choicesAcrossHandoff(t, ctxE, genE, toks, s) {
+		ref, err := genE.Generate(context.Background(), toks, s.Choice(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Text != ref.Text || r.Finish != ref.Finish {
+			t.Fatalf("choice %d: %q, alone %q", i, r.Text, ref.Text)
+		}
+	}
+}

@@ -31,6 +31,26 @@ type Sampling struct {
 	// Grammar constrains the output (response_format, tool calls); nil:
 	// free text. Compiled once per request, shared read-only.
 	Grammar *grammar.Grammar
+	// N is the number of choices sampled from one prefill (0 and 1: one);
+	// choice i samples as Choice(i).
+	N int
+}
+
+// Choice is the sampling of choice i of s alone: its seed ChoiceSeed(i),
+// N 1. Choice 0 is s itself.
+func (s Sampling) Choice(i int) Sampling {
+	s.Seed, s.N = ChoiceSeed(s.Seed, i), 1
+	return s
+}
+
+// ChoiceSeed is choice i's seed: the request's for choice 0, a mix of it
+// and i for the others (the generation server and a reference compute
+// the same one).
+func ChoiceSeed(seed uint64, i int) uint64 {
+	if i == 0 {
+		return seed
+	}
+	return mix(seed ^ uint64(i)*0xa0761d6478bd642f)
 }
 
 // FinishReason tells why a sequence stopped.
@@ -174,6 +194,10 @@ func (e *Synthetic) PrefillStep(ctx context.Context, batch []*Prompt, counts []i
 			writeKV(e.spec, p.tokens, p.blocks, p.reused)
 			p.sums = Checksums(p.blocks)
 			p.first, p.firstLogprob = firstSampled(Digest(p.sums), p.sampling)
+			for i := 1; i < p.sampling.N; i++ {
+				tok, lp := firstSampled(Digest(p.sums), p.sampling.Choice(i))
+				p.others, p.otherLPs = append(p.others, tok), append(p.otherLPs, lp)
+			}
 			p.finished = true
 		}
 	}

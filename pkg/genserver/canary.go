@@ -197,11 +197,13 @@ func (s *Server) probe(ctx context.Context, endpoint string) error {
 		mem[i] = s.cfg.Pool.Bytes(b)
 	}
 	// receive verifies every block's checksum on receipt.
-	seq, err := s.receive(ctx, req, r, blocks, mem)
+	seqs, err := s.receive(ctx, req, r, blocks, mem)
 	if err != nil {
 		release()
 		return fmt.Errorf("transfer: %w", err)
 	}
-	seq.Close() // the engine imported the KV; nothing decodes it
+	for _, sq := range seqs {
+		sq.Close() // the engine imported the KV; nothing decodes it
+	}
 	return nil
 }

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -100,7 +101,10 @@ type Server struct {
 	canaryPrompt []uint32
 	// decoder steps every decoding request's sequence in one batch;
 	// prefiller, when aggregated, batches the prompts this server prefills.
-	decoder   *executor.Decoder
+	decoder *executor.Decoder
+	// multi is held (cap 1) by a request of several choices while it takes
+	// its engine sequences (startChoices).
+	multi     chan struct{}
 	prefiller *executor.Prefiller
 	lg        *zap.Logger
 
@@ -117,7 +121,7 @@ var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
 
 // New returns a generation server.
 func New(cfg Config) *Server {
-	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(executor.CanaryText), lg: cfg.Logger, reqs: executor.NewTable[*request](), quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}}
+	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(executor.CanaryText), lg: cfg.Logger, reqs: executor.NewTable[*request](), quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}, multi: make(chan struct{}, 1)}
 	s.decoder = executor.NewDecoder(cfg.Engine, cfg.MaxBatchSeqs, func(n int) {
 		if cfg.Progress != nil {
 			cfg.Progress.Touch(time.Now())
@@ -144,15 +148,25 @@ func (s *Server) validate(req *kvferryv1.GenerateRequest) error {
 	if err := s.spec.ValidatePrompt(req.GetPromptTokens(), req.GetSampling().GetMaxTokens()); err != nil {
 		return err
 	}
-	if _, err := executor.ToSampling(req.GetSampling()); err != nil {
+	sampling, err := executor.ToSampling(req.GetSampling())
+	if err != nil {
 		return err // compiled again where the decode starts: a schema is small next to a decode
+	}
+	if c, ok := s.cfg.Engine.(interface{ Capacity() int }); ok && sampling.N > c.Capacity() {
+		return fmt.Errorf("n %d is over the %d sequences this engine holds", sampling.N, c.Capacity())
 	}
 	adv := req.GetAdvertisement()
 	if req.GetPrefill() {
-		if adv != nil || req.GetFirstToken() != 0 {
+		if adv != nil || req.GetFirstToken() != 0 || len(req.GetOtherFirstTokens()) != 0 {
 			return errors.New("a request to prefill here carries no advertisement and no first token")
 		}
 		return nil
+	}
+	if n := len(req.GetOtherFirstTokens()); n != sampling.N-1 {
+		return fmt.Errorf("%d other first tokens for n = %d", n, sampling.N)
+	}
+	if n := len(req.GetOtherFirstLogprobs()); n != 0 && n != sampling.N-1 {
+		return fmt.Errorf("%d other first logprobs for n = %d", n, sampling.N)
 	}
 	switch {
 	case adv == nil:
@@ -293,27 +307,85 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 	for i, b := range blocks {
 		mem[i] = s.cfg.Pool.Bytes(b)
 	}
-	var seq *executor.Sequence
-	first := executor.LogprobOf(req.GetFirstLogprob()) // the context server's, streamed with the first token
+	var seqs []*executor.Sequence
+	// The context server's first logprobs, streamed with each choice's first token.
+	firsts := []*executor.Logprob{executor.LogprobOf(req.GetFirstLogprob())}
+	for _, lp := range req.GetOtherFirstLogprobs() {
+		firsts = append(firsts, executor.LogprobOf(lp))
+	}
 	if req.GetPrefill() {
 		s.advance(r, executor.StagePrefilling)
-		seq, first, err = s.prefill(ctx, req, mem)
+		seqs, firsts, err = s.prefill(ctx, req, mem)
 	} else {
 		s.advance(r, executor.StageTransferring)
-		seq, err = s.receive(ctx, req, r, blocks, mem)
+		seqs, err = s.receive(ctx, req, r, blocks, mem)
 	}
 	if err != nil {
 		return err
 	}
 	s.advance(r, executor.StageDecoding)
-	return s.decode(ctx, stream, seq, first)
+	return s.decodeChoices(ctx, stream, seqs, firsts)
+}
+
+// startChoices starts the decode of every choice from the same verified
+// blocks: one transfer, one engine sequence per choice. A request of
+// several choices takes its sequences while no other such request takes
+// any (s.multi), so two of them never each hold part of what both need;
+// a request of one choice needs one and always gets it in the end.
+func (s *Server) startChoices(ctx context.Context, mem [][]byte, sums []uint64, promptTokens int, firsts []uint32, sampling executor.Sampling) ([]*executor.Sequence, error) {
+	if len(firsts) > 1 {
+		select {
+		case s.multi <- struct{}{}:
+			defer func() { <-s.multi }()
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	seqs := make([]*executor.Sequence, 0, len(firsts))
+	for i, first := range firsts {
+		sq, err := s.cfg.Engine.StartDecode(ctx, mem, sums, promptTokens, first, sampling.Choice(i))
+		if err != nil {
+			for _, q := range seqs {
+				q.Close()
+			}
+			return nil, err
+		}
+		seqs = append(seqs, sq)
+	}
+	return seqs, nil
+}
+
+// decodeChoices streams every choice's tokens, each message tagged with
+// its choice; one choice decodes on this goroutine, several on one each
+// (their messages serialised onto the stream).
+func (s *Server) decodeChoices(ctx context.Context, stream kvferryv1.GenerationService_GenerateServer, seqs []*executor.Sequence, firsts []*executor.Logprob) error {
+	if len(seqs) == 1 {
+		return s.decode(ctx, stream.Send, 0, seqs[0], firsts[0])
+	}
+	var mu sync.Mutex
+	ready := false
+	send := func(m *kvferryv1.GenerateResponse) error {
+		mu.Lock()
+		defer mu.Unlock()
+		m.KvReady, ready = !ready, true // on the stream's first message only
+		return stream.Send(m)
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	for i, sq := range seqs {
+		var first *executor.Logprob
+		if i < len(firsts) {
+			first = firsts[i]
+		}
+		g.Go(func() error { return s.decode(gctx, send, i, sq, first) })
+	}
+	return g.Wait()
 }
 
 // prefill is aggregated serving's first phase: the engine writes the
 // prompt's KV into this server's own blocks, which the decode then reads —
 // the same blocks and checksums a transfer would have delivered, so the
 // decode that follows is the disaggregated one.
-func (s *Server) prefill(ctx context.Context, req *kvferryv1.GenerateRequest, mem [][]byte) (*executor.Sequence, *executor.Logprob, error) {
+func (s *Server) prefill(ctx context.Context, req *kvferryv1.GenerateRequest, mem [][]byte) ([]*executor.Sequence, []*executor.Logprob, error) {
 	sampling, err := executor.ToSampling(req.GetSampling())
 	if err != nil {
 		return nil, nil, status.Error(codes.InvalidArgument, err.Error())
@@ -321,9 +393,9 @@ func (s *Server) prefill(ctx context.Context, req *kvferryv1.GenerateRequest, me
 	out, err := s.prefiller.Run(ctx, req.GetPromptTokens(), sampling, mem, 0)
 	if err == nil {
 		s.cfg.Progress.Touch(time.Now())
-		var seq *executor.Sequence
-		if seq, err = s.cfg.Engine.StartDecode(ctx, mem, out.Sums, len(req.GetPromptTokens()), out.First, sampling); err == nil {
-			return seq, out.Logprob, nil
+		var seqs []*executor.Sequence
+		if seqs, err = s.startChoices(ctx, mem, out.Sums, len(req.GetPromptTokens()), append([]uint32{out.First}, out.Others...), sampling); err == nil {
+			return seqs, append([]*executor.Logprob{out.Logprob}, out.OtherLogprobs...), nil
 		}
 	}
 	if ctx.Err() != nil {
@@ -332,9 +404,9 @@ func (s *Server) prefill(ctx context.Context, req *kvferryv1.GenerateRequest, me
 	return nil, nil, status.Errorf(codes.Internal, "prefill: %v", err)
 }
 
-// decode streams the sequence's tokens; first is the first token's
-// logprob (the prefill's), when the sampling asked for logprobs.
-func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_GenerateServer, seq *executor.Sequence, first *executor.Logprob) error {
+// decode streams choice index's tokens through send; first is its first
+// token's logprob (the prefill's), when the sampling asked for logprobs.
+func (s *Server) decode(ctx context.Context, send func(*kvferryv1.GenerateResponse) error, index int, seq *executor.Sequence, first *executor.Logprob) error {
 	m := s.decoder.Join(seq)
 	defer s.decoder.Leave(m) // and the decoder closes seq
 	vocab := s.cfg.Engine.Vocabulary()
@@ -354,7 +426,7 @@ func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_
 		if len(toks) == 0 && finish == executor.FinishNone {
 			continue
 		}
-		msg := &kvferryv1.GenerateResponse{Tokens: toks, KvReady: sent == 0}
+		msg := &kvferryv1.GenerateResponse{Tokens: toks, KvReady: sent == 0, Index: uint32(index)}
 		if sent == 0 && len(toks) > 0 && first != nil {
 			msg.Logprobs = append(msg.Logprobs, first.Proto())
 		}
@@ -373,7 +445,7 @@ func (s *Server) decode(ctx context.Context, stream kvferryv1.GenerationService_
 		if finish != executor.FinishNone {
 			msg.Text += text.Flush()
 		}
-		if err := stream.Send(msg); err != nil {
+		if err := send(msg); err != nil {
 			return err
 		}
 		sent += len(toks)

@@ -56,7 +56,7 @@ func failQuiet(ss *kvtransfer.Session, now time.Time) kvtransfer.Actions {
 
 // receive runs a request's KV receive into blocks (mem their bytes) and
 // returns the decode sequence built from them.
-func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r *request, blocks []blockpool.ID, mem [][]byte) (*executor.Sequence, error) {
+func (s *Server) receive(ctx context.Context, req *kvferryv1.GenerateRequest, r *request, blocks []blockpool.ID, mem [][]byte) ([]*executor.Sequence, error) {
 	rc, err := s.beginReceive(req, r, blocks, mem)
 	if err != nil {
 		return nil, err
@@ -146,7 +146,7 @@ func (rc *receive) finish() {
 
 // fail ends the session with ev, asks the sender to stop when the session
 // says so, and returns cause.
-func (rc *receive) fail(ctx context.Context, ev func(*kvtransfer.Session, time.Time) kvtransfer.Actions, cause error) (*executor.Sequence, error) {
+func (rc *receive) fail(ctx context.Context, ev func(*kvtransfer.Session, time.Time) kvtransfer.Actions, cause error) ([]*executor.Sequence, error) {
 	if as := rc.event(ev); as.Has(kvtransfer.ActAbort) && rc.client != nil {
 		rc.finish()
 		rc.s.abort(ctx, rc.client, rc.req.GetTicket(), rc.sid.ID)
@@ -213,7 +213,7 @@ func (rc *receive) ask(ctx, tctx context.Context) (kvferryv1.TransferService_Tra
 
 // await waits for the data path's DONE (then verifies and decodes), the
 // sender's terminal event, the caller leaving, or the session's timers.
-func (rc *receive) await(ctx context.Context, events <-chan error) (*executor.Sequence, error) {
+func (rc *receive) await(ctx context.Context, events <-chan error) ([]*executor.Sequence, error) {
 	s := rc.s
 	tick := time.NewTicker(tickInterval(s.cfg.Timeouts))
 	defer tick.Stop()
@@ -252,7 +252,7 @@ func (rc *receive) await(ctx context.Context, events <-chan error) (*executor.Se
 // landed handles the data path's DONE: the receiver's verdict, then every
 // block's checksum before the engine reads a byte of it, then the decode
 // sequence.
-func (rc *receive) landed(ctx context.Context) (*executor.Sequence, error) {
+func (rc *receive) landed(ctx context.Context) ([]*executor.Sequence, error) {
 	s := rc.s
 	if err := s.cfg.Receiver.Err(rc.rs); err != nil {
 		code := codes.DataLoss
@@ -273,7 +273,8 @@ func (rc *receive) landed(ctx context.Context) (*executor.Sequence, error) {
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error()) // validate checked it: not reached
 	}
-	seq, err := s.cfg.Engine.StartDecode(ctx, rc.mem, sums, len(rc.req.GetPromptTokens()), rc.req.GetFirstToken(), sampling)
+	firsts := append([]uint32{rc.req.GetFirstToken()}, rc.req.GetOtherFirstTokens()...)
+	seqs, err := s.startChoices(ctx, rc.mem, sums, len(rc.req.GetPromptTokens()), firsts, sampling)
 	if errors.Is(err, executor.ErrGrammar) {
 		return nil, status.Errorf(codes.InvalidArgument, "first token: %v", err)
 	}
@@ -283,5 +284,5 @@ func (rc *receive) landed(ctx context.Context) (*executor.Sequence, error) {
 		}
 		return nil, status.Errorf(codes.Internal, "decode state: %v", err)
 	}
-	return seq, nil
+	return seqs, nil
 }

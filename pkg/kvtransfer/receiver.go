@@ -47,15 +47,25 @@ type Receiver struct {
 	mu       sync.Mutex
 	sessions map[uint64]*RecvSession
 	awaiting map[*RecvSession]struct{} // finished, waiting for the writer's word
-	closed   bool
+	// finished remembers the last finishedMemory sessions' ids and keys
+	// (a ring): a writer's frames of a session finished before they were
+	// read still vouch for its connection, which stays usable for its next
+	// session instead of being cut after the writer pooled it.
+	finished    map[SessionID]struct{}
+	finishedLog []SessionID
+	closed      bool
 }
+
+// finishedMemory bounds Receiver.finished: far more sessions than finish
+// between a writer's last write and the receiver reading it.
+const finishedMemory = 4096
 
 // NewReceiver returns a receiver for a transport listening at endpoint;
 // maxBlock bounds a frame's payload; stop, called once by Close, stops the
 // transport and waits for its goroutines.
 func NewReceiver(endpoint string, maxBlock int, lg *zap.Logger, stop func() error) *Receiver {
 	return &Receiver{endpoint: endpoint, maxBlock: uint32(maxBlock), lg: lg, stop: stop,
-		sessions: map[uint64]*RecvSession{}, awaiting: map[*RecvSession]struct{}{}}
+		sessions: map[uint64]*RecvSession{}, awaiting: map[*RecvSession]struct{}{}, finished: map[SessionID]struct{}{}}
 }
 
 // MaxBlock bounds a frame's payload, for the transport's header decoding.
@@ -167,6 +177,7 @@ func (r *Receiver) Finish(s *RecvSession, onQuiesced func()) {
 	}
 	s.aborted = true
 	delete(r.sessions, s.id)
+	r.rememberLocked(SessionID{ID: s.id, Key: s.key})
 	r.endLocked(s, ErrAborted)
 	if s.link != nil && !s.writerDone {
 		// A remote writer may still be copying: ask it to stop and wait for
@@ -246,8 +257,21 @@ func (s *RecvSession) ownerLocked(owner io.Closer, h Header) error {
 func (r *Receiver) Vouches(h Header) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	s, ok := r.sessions[h.Session]
-	return ok && s.key == h.Key
+	if s, ok := r.sessions[h.Session]; ok {
+		return s.key == h.Key
+	}
+	_, recent := r.finished[SessionID{ID: h.Session, Key: h.Key}]
+	return recent
+}
+
+// rememberLocked records a finished session for Vouches.
+func (r *Receiver) rememberLocked(id SessionID) {
+	if len(r.finishedLog) == finishedMemory {
+		delete(r.finished, r.finishedLog[0])
+		r.finishedLog = r.finishedLog[1:]
+	}
+	r.finished[id] = struct{}{}
+	r.finishedLog = append(r.finishedLog, id)
 }
 
 // LandDone handles a DONE frame read by owner (tcp): the session completes

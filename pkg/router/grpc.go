@@ -41,7 +41,7 @@ func (r *Router) Generate(req *kvferryv1.RouterServiceGenerateRequest, stream kv
 	_, err = r.Run(stream.Context(), job, func(c Chunk) error {
 		completion += uint32(len(c.Tokens))
 		msg := &kvferryv1.RouterServiceGenerateResponse{
-			RequestId: echo, Text: c.Text, Tokens: c.Tokens, Logprobs: c.Logprobs, PromptTokens: uint32(len(tokens)), CompletionTokens: completion,
+			RequestId: echo, Text: c.Text, Tokens: c.Tokens, Logprobs: c.Logprobs, Index: uint32(c.Index), PromptTokens: uint32(len(tokens)), CompletionTokens: completion,
 		}
 		switch c.Finish {
 		case executor.FinishStop:

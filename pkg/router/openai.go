@@ -132,8 +132,6 @@ func (b *completionRequest) unsupported() (param, msg string) {
 		return v != "" && v != "null" && v != "false" && v != "0" && v != "[]" && v != "{}"
 	}
 	switch {
-	case b.N != nil && *b.N != 1:
-		return "n", "only n=1 is supported"
 	case b.BestOf != nil && *b.BestOf != 1:
 		return "best_of", "only best_of=1 is supported"
 	case b.Echo != nil && *b.Echo:
@@ -509,6 +507,12 @@ func (r *Router) sampling(body completionRequest) (*kvferryv1.SamplingParams, st
 	}
 	s.IgnoreEos = body.IgnoreEOS
 	s.Logprobs, s.TopLogprobs, s.JsonSchema = body.shape.logprobs, uint32(body.shape.top), body.shape.schema
+	if body.N != nil {
+		if *body.N < 1 || *body.N > executor.MaxChoices {
+			return nil, "n", fmt.Errorf("n must be between 1 and %d, got %d", executor.MaxChoices, *body.N)
+		}
+		s.N = uint32(*body.N)
+	}
 	return s, "", nil
 }
 
@@ -586,15 +590,19 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 	}
 	sh := body.shape
 	calls := chat && sh.mode != toolsNone
-	callID := "call_" + job.ID
+	n := max(int(job.Sampling.GetN()), 1)
+	callID := func(i int) string {
+		if i == 0 {
+			return "call_" + job.ID
+		}
+		return fmt.Sprintf("call_%s_%d", job.ID, i)
+	}
 	if !body.Stream {
-		var text strings.Builder
-		var lps []*kvferryv1.TokenLogprob
-		finish := executor.FinishNone
+		texts, lps, finishes := make([]strings.Builder, n), make([][]*kvferryv1.TokenLogprob, n), make([]executor.FinishReason, n)
 		usage, err := r.Run(req.Context(), job, func(c Chunk) error {
-			text.WriteString(c.Text)
-			lps = append(lps, c.Logprobs...)
-			finish = c.Finish
+			texts[c.Index].WriteString(c.Text)
+			lps[c.Index] = append(lps[c.Index], c.Logprobs...)
+			finishes[c.Index] = c.Finish
 			return nil
 		})
 		if err != nil {
@@ -602,24 +610,29 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 			writeRunError(w, err, job.ID)
 			return
 		}
-		c := map[string]any{"index": 0, "finish_reason": finishJSON(finish), "logprobs": nil}
-		if sh.logprobs {
-			offset := 0
-			c["logprobs"] = r.logprobsJSON(chat, lps, 0, &offset)
-		}
-		if chat {
-			msg := map[string]any{"role": "assistant", "content": text.String()}
-			if name, args, ok := parseCall(text.String(), sh.tools); calls && ok {
-				msg["content"] = nil
-				msg["tool_calls"] = []any{toolCall(callID, name, args)}
-				c["finish_reason"] = "tool_calls"
+		choices := make([]any, n)
+		for i := range choices {
+			c := map[string]any{"index": i, "finish_reason": finishJSON(finishes[i]), "logprobs": nil}
+			if sh.logprobs {
+				offset := 0
+				c["logprobs"] = r.logprobsJSON(chat, lps[i], 0, &offset)
 			}
-			c["message"] = msg
-		} else {
-			c["text"] = text.String()
+			text := texts[i].String()
+			if chat {
+				msg := map[string]any{"role": "assistant", "content": text}
+				if name, args, ok := parseCall(text, sh.tools); calls && ok {
+					msg["content"] = nil
+					msg["tool_calls"] = []any{toolCall(callID(i), name, args)}
+					c["finish_reason"] = "tool_calls"
+				}
+				c["message"] = msg
+			} else {
+				c["text"] = text
+			}
+			choices[i] = c
 		}
 		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(with(object, map[string]any{"choices": []any{c}, "usage": usageOf(usage)}))
+		_ = json.NewEncoder(w).Encode(with(object, map[string]any{"choices": choices, "usage": usageOf(usage)}))
 		return
 	}
 
@@ -651,19 +664,28 @@ func (r *Router) serveCompletion(w http.ResponseWriter, req *http.Request, chat 
 		}
 		return nil
 	}
-	cs := &chatStream{chat: chat, calls: calls, mode: sh.mode, tools: sh.tools, callID: callID, first: true}
-	at, offset := 0, 0
-	var lps []*kvferryv1.TokenLogprob // not sent yet
+	// Per choice: its stream shape, tokens sent, completion text offset
+	// and logprobs not sent yet.
+	type choiceState struct {
+		cs         *chatStream
+		at, offset int
+		lps        []*kvferryv1.TokenLogprob
+	}
+	states := make([]choiceState, n)
+	for i := range states {
+		states[i].cs = &chatStream{index: i, chat: chat, calls: calls, mode: sh.mode, tools: sh.tools, callID: callID(i), first: true}
+	}
 	usage, err := r.Run(req.Context(), job, func(c Chunk) error {
-		lps = append(lps, c.Logprobs...)
-		ch := cs.choice(c.Text, c.Finish, c.Finish != executor.FinishNone)
+		st := &states[c.Index]
+		st.lps = append(st.lps, c.Logprobs...)
+		ch := st.cs.choice(c.Text, c.Finish, c.Finish != executor.FinishNone)
 		if ch == nil {
 			return nil // held: the start of what may be a tool call
 		}
-		if sh.logprobs && len(lps) > 0 {
-			ch["logprobs"] = r.logprobsJSON(chat, lps, at, &offset)
-			at += len(lps)
-			lps = nil
+		if sh.logprobs && len(st.lps) > 0 {
+			ch["logprobs"] = r.logprobsJSON(chat, st.lps, st.at, &st.offset)
+			st.at += len(st.lps)
+			st.lps = nil
 		}
 		return send(with(chunkObject, map[string]any{"choices": []any{ch}}))
 	})

@@ -243,6 +243,8 @@ type Job struct {
 
 // Chunk is a piece of the output sent to the client.
 type Chunk struct {
+	// Index is the choice (sampling.n > 1); each ends with its Finish.
+	Index  int
 	Text   string
 	Tokens []uint32
 	Finish executor.FinishReason
@@ -500,6 +502,7 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 		c.result(true, time.Now())
 		r.cfg.Metrics.RecordPrefixReused(int(pre.GetReusedBlocks()))
 		greq.FirstToken, greq.FirstLogprob, greq.Advertisement = pre.GetFirstToken(), pre.GetFirstLogprob(), pre.GetAdvertisement()
+		greq.OtherFirstTokens, greq.OtherFirstLogprobs = pre.GetOtherFirstTokens(), pre.GetOtherFirstLogprobs()
 		defer func() {
 			if !handedOff {
 				// The generation side never took the blocks: release them
@@ -515,9 +518,15 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 		g.result(!serverFault(err), time.Now())
 		return usage, false, g, err
 	}
-	stop := newStopper(job.Stop)
+	// Each choice (sampling.n) has its own stop sequences' state, its own
+	// held-back tokens and its own end; the stream ends after the last.
+	n := max(int(job.Sampling.GetN()), 1)
+	stops, held, done := make([]*stopper, n), make([]Chunk, n), make([]bool, n)
+	for i := range stops {
+		stops[i] = newStopper(job.Stop)
+	}
+	left := n
 	last := time.Time{}
-	var held Chunk // tokens (and logprobs) whose text the stopper holds back
 	for {
 		msg, err := gstream.Recv()
 		if err != nil {
@@ -531,17 +540,25 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 		if msg.GetKvReady() {
 			handedOff = true
 		}
-		text, stopped := stop.feed(msg.GetText())
+		i := int(msg.GetIndex())
+		if i >= n {
+			g.result(false, time.Now())
+			return usage, emitted, g, fail(codes.Internal, "generation server sent choice %d of %d", i, n)
+		}
+		usage.CompletionTokens += len(msg.GetTokens())
+		if done[i] {
+			continue // a stop sequence ended this choice; the others go on
+		}
+		text, stopped := stops[i].feed(msg.GetText())
 		finish := finishOf(msg.GetFinishReason())
 		switch {
 		case stopped:
 			finish = executor.FinishStop
 		case finish != executor.FinishNone:
-			text += stop.flush()
+			text += stops[i].flush()
 		}
-		usage.CompletionTokens += len(msg.GetTokens())
-		held.Tokens = append(held.Tokens, msg.GetTokens()...)
-		held.Logprobs = append(held.Logprobs, msg.GetLogprobs()...)
+		held[i].Tokens = append(held[i].Tokens, msg.GetTokens()...)
+		held[i].Logprobs = append(held[i].Logprobs, msg.GetLogprobs()...)
 		if text == "" && finish == executor.FinishNone {
 			continue // held back: it may be the start of a stop sequence
 		}
@@ -552,8 +569,8 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 			r.cfg.Metrics.RecordInterToken(now.Sub(last))
 		}
 		last = now
-		c := Chunk{Text: text, Tokens: held.Tokens, Finish: finish, Logprobs: held.Logprobs}
-		held = Chunk{}
+		c := Chunk{Index: i, Text: text, Tokens: held[i].Tokens, Finish: finish, Logprobs: held[i].Logprobs}
+		held[i] = Chunk{}
 		if err := emit(c); err != nil {
 			acancel()
 			r.cancelBoth(ctx, a)
@@ -561,10 +578,13 @@ func (r *Router) attempt(ctx context.Context, job Job, attempt uint32, a *active
 		}
 		emitted = true
 		if finish != executor.FinishNone {
-			g.result(true, time.Now())
-			// A stop sequence ends the request early: the generation stream
-			// is cancelled by acancel when this returns.
-			return usage, true, nil, nil
+			done[i] = true
+			if left--; left == 0 {
+				g.result(true, time.Now())
+				// A stop sequence ends the request early: the generation
+				// stream is cancelled by acancel when this returns.
+				return usage, true, nil, nil
+			}
 		}
 	}
 }

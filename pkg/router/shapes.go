@@ -383,6 +383,7 @@ func toolCall(id, name, args string) map[string]any {
 // Required calls stream as they come; in auto mode a reply that starts
 // with "{" is held to its end and then sent as a call if it is one.
 type chatStream struct {
+	index       int // the choice
 	chat, calls bool
 	mode        string
 	tools       []tool
@@ -399,7 +400,7 @@ type chatStream struct {
 // choice returns the choice of one chunk, or nil when nothing can be sent
 // yet.
 func (cs *chatStream) choice(text string, finish executor.FinishReason, final bool) map[string]any {
-	c := map[string]any{"index": 0, "finish_reason": finishJSON(finish), "logprobs": nil}
+	c := map[string]any{"index": cs.index, "finish_reason": finishJSON(finish), "logprobs": nil}
 	if !cs.chat {
 		c["text"] = text
 		return c

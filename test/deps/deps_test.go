@@ -60,7 +60,7 @@ var allowed = map[string][]string{
 	// block pool, no transfer package.
 	"pkg/ctxserver": {"internal/loglock", "pkg/blockpool", "pkg/executor", "pkg/health", "pkg/kvtransfer", "pkg/kvtransfer/fault", "pkg/metrics", "pkg/routine", "pkg/ticket", "pkg/tracing", "proto/kvferry/v1"},
 	"pkg/genserver": {"internal/loglock", "pkg/blockpool", "pkg/connpool", "pkg/executor", "pkg/health", "pkg/kvtransfer", "pkg/metrics", "pkg/routine", "pkg/serving", "pkg/ticket", "proto/kvferry/v1"},
-	"pkg/router":    {"pkg/connpool", "pkg/executor", "pkg/health", "pkg/identity", "pkg/metrics", "pkg/router/discovery", "pkg/routine", "pkg/serving", "pkg/ticket", "proto/kvferry/v1"},
+	"pkg/router":    {"pkg/connpool", "pkg/executor", "pkg/grammar", "pkg/health", "pkg/identity", "pkg/metrics", "pkg/router/discovery", "pkg/routine", "pkg/serving", "pkg/ticket", "proto/kvferry/v1"},
 }
 
 func TestDependencyDirection(t *testing.T) {

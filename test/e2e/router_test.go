@@ -98,8 +98,8 @@ func TestUnsupportedParametersAndLimits(t *testing.T) {
 		param string
 		call  func() error
 	}{
-		{"n", func() error {
-			_, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the")}, N: openai.Int(2)})
+		{"best_of", func() error {
+			_, err := c.Completions.New(testCtx(t), openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("the")}, BestOf: openai.Int(2)})
 			return err
 		}},
 		{"logprobs", func() error {

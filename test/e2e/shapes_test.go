@@ -52,6 +52,17 @@ func sameLogprob(got float64, want float32) bool { return float32(got) == want &
 // context server, the rest from the generation server.
 func TestOpenAIShapes(t *testing.T) {
 	s := stack.Up(t, binDir, stack.Options{})
+	testShapes(t, s)
+}
+
+// TestOpenAIShapesAggregated: the same shapes when one generation server
+// prefills and decodes (no handoff): the baseline gives the same answers.
+func TestOpenAIShapesAggregated(t *testing.T) {
+	s := stack.Up(t, binDir, stack.Options{Aggregated: true})
+	testShapes(t, s)
+}
+
+func testShapes(t *testing.T, s *stack.Stack) {
 	c := openai.NewClient(option.WithBaseURL(s.OpenAIURL+"/"), option.WithMaxRetries(0))
 	ctx := testCtx(t)
 	user := "what is the weather in the harbour city"
@@ -192,6 +203,46 @@ func TestOpenAIShapes(t *testing.T) {
 		}
 	})
 
+	t.Run("n", func(t *testing.T) {
+		// Three choices from one prefill and one transfer: choice i is the
+		// reference under its own seed (executor.ChoiceSeed), whole and
+		// streamed.
+		params := openai.ChatCompletionNewParams{Model: "tiny", Messages: msgs, MaxCompletionTokens: openai.Int(16), Seed: openai.Int(5), N: openai.Int(3),
+			Logprobs: openai.Bool(true)}
+		resp, err := c.Chat.Completions.New(ctx, params)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Choices) != 3 {
+			t.Fatalf("%d choices, want 3", len(resp.Choices))
+		}
+		total := 0
+		for i, ch := range resp.Choices {
+			seed := int64(executor.ChoiceSeed(5, i))
+			want := chatReference(t, rendered, 16, seed, "", true, 0)
+			if ch.Index != int64(i) || ch.Message.Content != want.Text || string(ch.FinishReason) != want.Finish.String() || len(ch.Logprobs.Content) != len(want.Tokens) {
+				t.Fatalf("choice %d: %q (%s, %d logprobs), reference %q (%v, %d tokens)", i, ch.Message.Content, ch.FinishReason, len(ch.Logprobs.Content), want.Text, want.Finish, len(want.Tokens))
+			}
+			total += len(want.Tokens)
+		}
+		if int(resp.Usage.CompletionTokens) != total {
+			t.Fatalf("usage %d completion tokens, the choices have %d", resp.Usage.CompletionTokens, total)
+		}
+		st := c.Chat.Completions.NewStreaming(ctx, params)
+		var acc openai.ChatCompletionAccumulator
+		for st.Next() {
+			acc.AddChunk(st.Current())
+		}
+		if err := st.Err(); err != nil || len(acc.Choices) != 3 {
+			t.Fatalf("streamed: %d choices, %v", len(acc.Choices), err)
+		}
+		for i, ch := range acc.Choices {
+			if ch.Message.Content != resp.Choices[i].Message.Content {
+				t.Fatalf("streamed choice %d %q, whole %q", i, ch.Message.Content, resp.Choices[i].Message.Content)
+			}
+		}
+	})
+
 	t.Run("bad_shapes", func(t *testing.T) {
 		for _, tc := range []struct {
 			param string
@@ -202,6 +253,7 @@ func TestOpenAIShapes(t *testing.T) {
 			{"tool_choice", openai.ChatCompletionNewParams{Model: "tiny", Messages: msgs, Tools: []openai.ChatCompletionToolUnionParam{openai.ChatCompletionFunctionTool(weather)},
 				ToolChoice: openai.ToolChoiceOptionFunctionToolChoice(openai.ChatCompletionNamedToolChoiceFunctionParam{Name: "nope"})}},
 			{"top_logprobs", openai.ChatCompletionNewParams{Model: "tiny", Messages: msgs, TopLogprobs: openai.Int(2)}},
+			{"n", openai.ChatCompletionNewParams{Model: "tiny", Messages: msgs, N: openai.Int(executor.MaxChoices + 1)}},
 		} {
 			_, err := c.Chat.Completions.New(ctx, tc.p)
 			var apiErr *openai.Error

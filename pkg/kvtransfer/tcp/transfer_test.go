@@ -404,3 +404,43 @@ func TestFaultKinds(t *testing.T) {
 		})
 	}
 }
+
+// TestFinishedSessionKeepsConnection: a session finished before its frames
+// were read (the writer's last write raced the receiver's Finish) still
+// vouches for the writer's connection, so the pooled connection serves
+// the writer's next session instead of being cut under it.
+func TestFinishedSessionKeepsConnection(t *testing.T) {
+	const size = 4096
+	r := newReceiver(t, size)
+	snd := NewWriter(0)
+	defer snd.Close()
+	first := kvtransfer.SessionID{ID: 7, Key: 77}
+	s1, err := r.Register(first, [][]byte{make([]byte, size)}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Finish(s1, func() {}) // before a byte arrives
+	if _, err := snd.Push(context.Background(), r.Endpoint(), first, transfertest.RandomBlocks(1, size, 1)); err != nil {
+		t.Fatalf("push of the finished session: %v", err)
+	}
+	for i := range uint64(20) {
+		id := kvtransfer.SessionID{ID: 100 + i, Key: 1000 + i}
+		dst := [][]byte{make([]byte, size)}
+		s, err := r.Register(id, dst, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := snd.Push(context.Background(), r.Endpoint(), id, transfertest.RandomBlocks(1, size, i)); err != nil {
+			t.Fatalf("push %d after a finished session's: %v", i, err)
+		}
+		select {
+		case <-s.Done():
+		case <-time.After(10 * time.Second): // "should happen": generous
+			t.Fatalf("session %d never landed: the pooled connection was cut", i)
+		}
+		if err := r.Err(s); err != nil {
+			t.Fatalf("session %d: %v", i, err)
+		}
+		r.Finish(s, func() {})
+	}
+}

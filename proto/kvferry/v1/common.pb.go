@@ -211,7 +211,12 @@ type SamplingParams struct {
 	// server compiles it; the grammar's state is a function of the tokens,
 	// so the generation server resumes it from the first token. Empty: free
 	// text.
-	JsonSchema    string `protobuf:"bytes,8,opt,name=json_schema,json=jsonSchema,proto3" json:"json_schema,omitempty"`
+	JsonSchema string `protobuf:"bytes,8,opt,name=json_schema,json=jsonSchema,proto3" json:"json_schema,omitempty"`
+	// n is the number of choices (0 and 1: one). The n sequences share the
+	// prompt's KV — one prefill, one transfer — and differ in their seeds:
+	// choice i samples with seed executor.ChoiceSeed(seed, i), choice 0
+	// with seed itself.
+	N             uint32 `protobuf:"varint,9,opt,name=n,proto3" json:"n,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -300,6 +305,13 @@ func (x *SamplingParams) GetJsonSchema() string {
 		return x.JsonSchema
 	}
 	return ""
+}
+
+func (x *SamplingParams) GetN() uint32 {
+	if x != nil {
+		return x.N
+	}
+	return 0
 }
 
 // TokenLogprob is one generated token's log probability and the most
@@ -718,7 +730,7 @@ const file_kvferry_v1_common_proto_rawDesc = "" +
 	"\x06Ticket\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x18\n" +
-	"\aattempt\x18\x02 \x01(\rR\aattempt\"\xf9\x01\n" +
+	"\aattempt\x18\x02 \x01(\rR\aattempt\"\x87\x02\n" +
 	"\x0eSamplingParams\x12\x1d\n" +
 	"\n" +
 	"max_tokens\x18\x01 \x01(\rR\tmaxTokens\x12 \n" +
@@ -730,7 +742,8 @@ const file_kvferry_v1_common_proto_rawDesc = "" +
 	"\blogprobs\x18\x06 \x01(\bR\blogprobs\x12!\n" +
 	"\ftop_logprobs\x18\a \x01(\rR\vtopLogprobs\x12\x1f\n" +
 	"\vjson_schema\x18\b \x01(\tR\n" +
-	"jsonSchema\"h\n" +
+	"jsonSchema\x12\f\n" +
+	"\x01n\x18\t \x01(\rR\x01n\"h\n" +
 	"\fTokenLogprob\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\rR\x05token\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x02R\alogprob\x12(\n" +

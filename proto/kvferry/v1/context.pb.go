@@ -190,9 +190,13 @@ type PrefillResponse struct {
 	ReusedBlocks uint32 `protobuf:"varint,3,opt,name=reused_blocks,json=reusedBlocks,proto3" json:"reused_blocks,omitempty"`
 	// first_logprob is the first token's, when the sampling asked for
 	// logprobs: only the context server saw the logits it came from.
-	FirstLogprob  *TokenLogprob `protobuf:"bytes,4,opt,name=first_logprob,json=firstLogprob,proto3" json:"first_logprob,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	FirstLogprob *TokenLogprob `protobuf:"bytes,4,opt,name=first_logprob,json=firstLogprob,proto3" json:"first_logprob,omitempty"`
+	// other_first_tokens (and other_first_logprobs) are the first tokens of
+	// choices 1 to n-1 when sampling.n > 1, sampled from the same logits.
+	OtherFirstTokens   []uint32        `protobuf:"varint,5,rep,packed,name=other_first_tokens,json=otherFirstTokens,proto3" json:"other_first_tokens,omitempty"`
+	OtherFirstLogprobs []*TokenLogprob `protobuf:"bytes,6,rep,name=other_first_logprobs,json=otherFirstLogprobs,proto3" json:"other_first_logprobs,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *PrefillResponse) Reset() {
@@ -249,6 +253,20 @@ func (x *PrefillResponse) GetReusedBlocks() uint32 {
 func (x *PrefillResponse) GetFirstLogprob() *TokenLogprob {
 	if x != nil {
 		return x.FirstLogprob
+	}
+	return nil
+}
+
+func (x *PrefillResponse) GetOtherFirstTokens() []uint32 {
+	if x != nil {
+		return x.OtherFirstTokens
+	}
+	return nil
+}
+
+func (x *PrefillResponse) GetOtherFirstLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.OtherFirstLogprobs
 	}
 	return nil
 }
@@ -455,13 +473,15 @@ const file_kvferry_v1_context_proto_rawDesc = "" +
 	"\bsampling\x18\x03 \x01(\v2\x1a.kvferry.v1.SamplingParamsR\bsampling\x12.\n" +
 	"\x13deadline_unix_nanos\x18\x04 \x01(\x03R\x11deadlineUnixNanos\x12\x1d\n" +
 	"\n" +
-	"cache_salt\x18\x05 \x01(\tR\tcacheSalt\"\xd9\x01\n" +
+	"cache_salt\x18\x05 \x01(\tR\tcacheSalt\"\xd3\x02\n" +
 	"\x0fPrefillResponse\x12\x1f\n" +
 	"\vfirst_token\x18\x01 \x01(\rR\n" +
 	"firstToken\x12A\n" +
 	"\radvertisement\x18\x02 \x01(\v2\x1b.kvferry.v1.KVAdvertisementR\radvertisement\x12#\n" +
 	"\rreused_blocks\x18\x03 \x01(\rR\freusedBlocks\x12=\n" +
-	"\rfirst_logprob\x18\x04 \x01(\v2\x18.kvferry.v1.TokenLogprobR\ffirstLogprob\"I\n" +
+	"\rfirst_logprob\x18\x04 \x01(\v2\x18.kvferry.v1.TokenLogprobR\ffirstLogprob\x12,\n" +
+	"\x12other_first_tokens\x18\x05 \x03(\rR\x10otherFirstTokens\x12J\n" +
+	"\x14other_first_logprobs\x18\x06 \x03(\v2\x18.kvferry.v1.TokenLogprobR\x12otherFirstLogprobs\"I\n" +
 	"\x1bContextServiceCancelRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\"\x81\x01\n" +
 	"\x1cContextServiceCancelResponse\x123\n" +
@@ -510,22 +530,23 @@ var file_kvferry_v1_context_proto_depIdxs = []int32{
 	9,  // 1: kvferry.v1.PrefillRequest.sampling:type_name -> kvferry.v1.SamplingParams
 	10, // 2: kvferry.v1.PrefillResponse.advertisement:type_name -> kvferry.v1.KVAdvertisement
 	11, // 3: kvferry.v1.PrefillResponse.first_logprob:type_name -> kvferry.v1.TokenLogprob
-	8,  // 4: kvferry.v1.ContextServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
-	12, // 5: kvferry.v1.ContextServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
-	8,  // 6: kvferry.v1.ReleaseRequest.ticket:type_name -> kvferry.v1.Ticket
-	2,  // 7: kvferry.v1.ContextService.Prefill:input_type -> kvferry.v1.PrefillRequest
-	4,  // 8: kvferry.v1.ContextService.Cancel:input_type -> kvferry.v1.ContextServiceCancelRequest
-	6,  // 9: kvferry.v1.ContextService.Release:input_type -> kvferry.v1.ReleaseRequest
-	0,  // 10: kvferry.v1.ContextService.PrefixDigest:input_type -> kvferry.v1.PrefixDigestRequest
-	3,  // 11: kvferry.v1.ContextService.Prefill:output_type -> kvferry.v1.PrefillResponse
-	5,  // 12: kvferry.v1.ContextService.Cancel:output_type -> kvferry.v1.ContextServiceCancelResponse
-	7,  // 13: kvferry.v1.ContextService.Release:output_type -> kvferry.v1.ReleaseResponse
-	1,  // 14: kvferry.v1.ContextService.PrefixDigest:output_type -> kvferry.v1.PrefixDigestResponse
-	11, // [11:15] is the sub-list for method output_type
-	7,  // [7:11] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	11, // 4: kvferry.v1.PrefillResponse.other_first_logprobs:type_name -> kvferry.v1.TokenLogprob
+	8,  // 5: kvferry.v1.ContextServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
+	12, // 6: kvferry.v1.ContextServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
+	8,  // 7: kvferry.v1.ReleaseRequest.ticket:type_name -> kvferry.v1.Ticket
+	2,  // 8: kvferry.v1.ContextService.Prefill:input_type -> kvferry.v1.PrefillRequest
+	4,  // 9: kvferry.v1.ContextService.Cancel:input_type -> kvferry.v1.ContextServiceCancelRequest
+	6,  // 10: kvferry.v1.ContextService.Release:input_type -> kvferry.v1.ReleaseRequest
+	0,  // 11: kvferry.v1.ContextService.PrefixDigest:input_type -> kvferry.v1.PrefixDigestRequest
+	3,  // 12: kvferry.v1.ContextService.Prefill:output_type -> kvferry.v1.PrefillResponse
+	5,  // 13: kvferry.v1.ContextService.Cancel:output_type -> kvferry.v1.ContextServiceCancelResponse
+	7,  // 14: kvferry.v1.ContextService.Release:output_type -> kvferry.v1.ReleaseResponse
+	1,  // 15: kvferry.v1.ContextService.PrefixDigest:output_type -> kvferry.v1.PrefixDigestResponse
+	12, // [12:16] is the sub-list for method output_type
+	8,  // [8:12] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_kvferry_v1_context_proto_init() }

@@ -36,9 +36,13 @@ type GenerateRequest struct {
 	Prefill bool `protobuf:"varint,7,opt,name=prefill,proto3" json:"prefill,omitempty"`
 	// first_logprob is the context server's for first_token
 	// (PrefillResponse.first_logprob), streamed with it.
-	FirstLogprob  *TokenLogprob `protobuf:"bytes,8,opt,name=first_logprob,json=firstLogprob,proto3" json:"first_logprob,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	FirstLogprob *TokenLogprob `protobuf:"bytes,8,opt,name=first_logprob,json=firstLogprob,proto3" json:"first_logprob,omitempty"`
+	// other_first_tokens are choices 1 to n-1's (PrefillResponse's), n-1 of
+	// them when sampling.n > 1; other_first_logprobs theirs when asked for.
+	OtherFirstTokens   []uint32        `protobuf:"varint,9,rep,packed,name=other_first_tokens,json=otherFirstTokens,proto3" json:"other_first_tokens,omitempty"`
+	OtherFirstLogprobs []*TokenLogprob `protobuf:"bytes,10,rep,name=other_first_logprobs,json=otherFirstLogprobs,proto3" json:"other_first_logprobs,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -127,6 +131,20 @@ func (x *GenerateRequest) GetFirstLogprob() *TokenLogprob {
 	return nil
 }
 
+func (x *GenerateRequest) GetOtherFirstTokens() []uint32 {
+	if x != nil {
+		return x.OtherFirstTokens
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetOtherFirstLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.OtherFirstLogprobs
+	}
+	return nil
+}
+
 type GenerateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// tokens generated in this step (usually one).
@@ -138,7 +156,10 @@ type GenerateResponse struct {
 	// kv_ready is set on the first message: the KV arrived and verified.
 	KvReady bool `protobuf:"varint,4,opt,name=kv_ready,json=kvReady,proto3" json:"kv_ready,omitempty"`
 	// logprobs has one entry per token, when the sampling asked for them.
-	Logprobs      []*TokenLogprob `protobuf:"bytes,5,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	Logprobs []*TokenLogprob `protobuf:"bytes,5,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// index is the choice the message belongs to (sampling.n > 1); each
+	// choice ends with its own finish_reason, the stream after the last.
+	Index         uint32 `protobuf:"varint,6,opt,name=index,proto3" json:"index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -206,6 +227,13 @@ func (x *GenerateResponse) GetLogprobs() []*TokenLogprob {
 		return x.Logprobs
 	}
 	return nil
+}
+
+func (x *GenerateResponse) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
 }
 
 type GenerationServiceCancelRequest struct {
@@ -309,7 +337,7 @@ var File_kvferry_v1_generation_proto protoreflect.FileDescriptor
 const file_kvferry_v1_generation_proto_rawDesc = "" +
 	"\n" +
 	"\x1bkvferry/v1/generation.proto\x12\n" +
-	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\x87\x03\n" +
+	"kvferry.v1\x1a\x17kvferry/v1/common.proto\"\x81\x04\n" +
 	"\x0fGenerateRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x03(\rR\fpromptTokens\x12\x1f\n" +
@@ -319,13 +347,17 @@ const file_kvferry_v1_generation_proto_rawDesc = "" +
 	"\radvertisement\x18\x05 \x01(\v2\x1b.kvferry.v1.KVAdvertisementR\radvertisement\x12.\n" +
 	"\x13deadline_unix_nanos\x18\x06 \x01(\x03R\x11deadlineUnixNanos\x12\x18\n" +
 	"\aprefill\x18\a \x01(\bR\aprefill\x12=\n" +
-	"\rfirst_logprob\x18\b \x01(\v2\x18.kvferry.v1.TokenLogprobR\ffirstLogprob\"\xce\x01\n" +
+	"\rfirst_logprob\x18\b \x01(\v2\x18.kvferry.v1.TokenLogprobR\ffirstLogprob\x12,\n" +
+	"\x12other_first_tokens\x18\t \x03(\rR\x10otherFirstTokens\x12J\n" +
+	"\x14other_first_logprobs\x18\n" +
+	" \x03(\v2\x18.kvferry.v1.TokenLogprobR\x12otherFirstLogprobs\"\xe4\x01\n" +
 	"\x10GenerateResponse\x12\x16\n" +
 	"\x06tokens\x18\x01 \x03(\rR\x06tokens\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12=\n" +
 	"\rfinish_reason\x18\x03 \x01(\x0e2\x18.kvferry.v1.FinishReasonR\ffinishReason\x12\x19\n" +
 	"\bkv_ready\x18\x04 \x01(\bR\akvReady\x124\n" +
-	"\blogprobs\x18\x05 \x03(\v2\x18.kvferry.v1.TokenLogprobR\blogprobs\"L\n" +
+	"\blogprobs\x18\x05 \x03(\v2\x18.kvferry.v1.TokenLogprobR\blogprobs\x12\x14\n" +
+	"\x05index\x18\x06 \x01(\rR\x05index\"L\n" +
 	"\x1eGenerationServiceCancelRequest\x12*\n" +
 	"\x06ticket\x18\x01 \x01(\v2\x12.kvferry.v1.TicketR\x06ticket\"\x84\x01\n" +
 	"\x1fGenerationServiceCancelResponse\x123\n" +
@@ -365,19 +397,20 @@ var file_kvferry_v1_generation_proto_depIdxs = []int32{
 	5,  // 1: kvferry.v1.GenerateRequest.sampling:type_name -> kvferry.v1.SamplingParams
 	6,  // 2: kvferry.v1.GenerateRequest.advertisement:type_name -> kvferry.v1.KVAdvertisement
 	7,  // 3: kvferry.v1.GenerateRequest.first_logprob:type_name -> kvferry.v1.TokenLogprob
-	8,  // 4: kvferry.v1.GenerateResponse.finish_reason:type_name -> kvferry.v1.FinishReason
-	7,  // 5: kvferry.v1.GenerateResponse.logprobs:type_name -> kvferry.v1.TokenLogprob
-	4,  // 6: kvferry.v1.GenerationServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
-	9,  // 7: kvferry.v1.GenerationServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
-	0,  // 8: kvferry.v1.GenerationService.Generate:input_type -> kvferry.v1.GenerateRequest
-	2,  // 9: kvferry.v1.GenerationService.Cancel:input_type -> kvferry.v1.GenerationServiceCancelRequest
-	1,  // 10: kvferry.v1.GenerationService.Generate:output_type -> kvferry.v1.GenerateResponse
-	3,  // 11: kvferry.v1.GenerationService.Cancel:output_type -> kvferry.v1.GenerationServiceCancelResponse
-	10, // [10:12] is the sub-list for method output_type
-	8,  // [8:10] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	7,  // 4: kvferry.v1.GenerateRequest.other_first_logprobs:type_name -> kvferry.v1.TokenLogprob
+	8,  // 5: kvferry.v1.GenerateResponse.finish_reason:type_name -> kvferry.v1.FinishReason
+	7,  // 6: kvferry.v1.GenerateResponse.logprobs:type_name -> kvferry.v1.TokenLogprob
+	4,  // 7: kvferry.v1.GenerationServiceCancelRequest.ticket:type_name -> kvferry.v1.Ticket
+	9,  // 8: kvferry.v1.GenerationServiceCancelResponse.outcome:type_name -> kvferry.v1.CancelOutcome
+	0,  // 9: kvferry.v1.GenerationService.Generate:input_type -> kvferry.v1.GenerateRequest
+	2,  // 10: kvferry.v1.GenerationService.Cancel:input_type -> kvferry.v1.GenerationServiceCancelRequest
+	1,  // 11: kvferry.v1.GenerationService.Generate:output_type -> kvferry.v1.GenerateResponse
+	3,  // 12: kvferry.v1.GenerationService.Cancel:output_type -> kvferry.v1.GenerationServiceCancelResponse
+	11, // [11:13] is the sub-list for method output_type
+	9,  // [9:11] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_kvferry_v1_generation_proto_init() }

@@ -99,7 +99,9 @@ type RouterServiceGenerateResponse struct {
 	PromptTokens     uint32                 `protobuf:"varint,5,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
 	CompletionTokens uint32                 `protobuf:"varint,6,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
 	// logprobs has one entry per token of tokens, when asked for.
-	Logprobs      []*TokenLogprob `protobuf:"bytes,7,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	Logprobs []*TokenLogprob `protobuf:"bytes,7,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// index is the choice (sampling.n > 1).
+	Index         uint32 `protobuf:"varint,8,opt,name=index,proto3" json:"index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -181,6 +183,13 @@ func (x *RouterServiceGenerateResponse) GetLogprobs() []*TokenLogprob {
 		return x.Logprobs
 	}
 	return nil
+}
+
+func (x *RouterServiceGenerateResponse) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
 }
 
 type RouterServiceCancelRequest struct {
@@ -368,7 +377,7 @@ const file_kvferry_v1_router_proto_rawDesc = "" +
 	"\x06prompt\x18\x02 \x01(\tR\x06prompt\x126\n" +
 	"\bsampling\x18\x03 \x01(\v2\x1a.kvferry.v1.SamplingParamsR\bsampling\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x04 \x01(\tR\trequestId\"\xb1\x02\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"\xc7\x02\n" +
 	"\x1dRouterServiceGenerateResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x12\n" +
@@ -377,7 +386,8 @@ const file_kvferry_v1_router_proto_rawDesc = "" +
 	"\rfinish_reason\x18\x04 \x01(\x0e2\x18.kvferry.v1.FinishReasonR\ffinishReason\x12#\n" +
 	"\rprompt_tokens\x18\x05 \x01(\rR\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x06 \x01(\rR\x10completionTokens\x124\n" +
-	"\blogprobs\x18\a \x03(\v2\x18.kvferry.v1.TokenLogprobR\blogprobs\";\n" +
+	"\blogprobs\x18\a \x03(\v2\x18.kvferry.v1.TokenLogprobR\blogprobs\x12\x14\n" +
+	"\x05index\x18\b \x01(\rR\x05index\";\n" +
 	"\x1aRouterServiceCancelRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\"\xba\x01\n" +
