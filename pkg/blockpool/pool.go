@@ -1,6 +1,6 @@
 // Package blockpool is the fixed-capacity KV block memory of one server.
 //
-// Every block is in exactly one state (DESIGN §3): FREE, OWNED (held by one
+// Every block is in exactly one state (docs/architecture.md, Blocks): FREE, OWNED (held by one
 // or more references), IN_FLIGHT (a transfer may read or write it),
 // QUARANTINED (a transfer ended but quiescence is not yet proven) or POISONED
 // (quiescence was never proven; out of circulation for good). The states
@@ -37,7 +37,7 @@ type ID uint32
 // State is the state of one block.
 type State uint8
 
-// The five block states of DESIGN §3.
+// The five block states of docs/architecture.md, Blocks.
 const (
 	Free State = iota
 	Owned

@@ -440,7 +440,7 @@ func (s *Server) endLocked(r *request) {
 	s.dropRefsLocked(r)
 }
 
-// Cancel implements ContextService (DESIGN §4 outcomes).
+// Cancel implements ContextService (the cancel outcomes of docs/architecture.md, Transfers).
 func (s *Server) Cancel(_ context.Context, req *kvferryv1.ContextServiceCancelRequest) (*kvferryv1.ContextServiceCancelResponse, error) {
 	if err := ticket.Validate(req.GetTicket()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())

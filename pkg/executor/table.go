@@ -144,7 +144,7 @@ type Cancelled struct {
 	HasFreed bool
 }
 
-// Cancel cancels the request (DESIGN §4 outcomes): one not yet advertised
+// Cancel cancels the request (the cancel outcomes of docs/architecture.md, Transfers): one not yet advertised
 // is CANCELLED_BEFORE_ADVERTISE, one advertised or moving or decoding is
 // CANCEL_REQUESTED_IN_FLIGHT (BACKEND_UNHEALTHY when the backend cannot be
 // trusted to act on it), one that ended ALREADY_COMPLETE. The owner stops

@@ -1,5 +1,5 @@
 // Package flagenv lets every flag --foo-bar also be set by the environment
-// variable KVFERRY_FOO_BAR (DESIGN §7). A flag given on the command line wins.
+// variable KVFERRY_FOO_BAR (the README's Configuration). A flag given on the command line wins.
 package flagenv
 
 import (

@@ -51,7 +51,7 @@ const (
 	ReasonGPUFault             = "gpu_fault"
 )
 
-// Config holds the health thresholds (DESIGN §7 defaults).
+// Config holds the health thresholds (defaults: the README's Configuration).
 type Config struct {
 	// ProgressDeadline: no global progress this long with work pending
 	// fails liveness (60 s); so does a session this long past its

@@ -8,7 +8,7 @@ import (
 )
 
 // Outcome is a session's logical outcome, decided once and reported to the
-// owner at once (DESIGN §4).
+// owner at once (docs/architecture.md, Transfers).
 type Outcome uint8
 
 // Logical outcomes.
@@ -67,7 +67,7 @@ const (
 	ProofNeverPosted
 )
 
-// Timeouts are a session's limits (DESIGN §7 defaults: 10 s, 60 s, 120 s).
+// Timeouts are a session's limits (defaults: 10 s, 60 s, 120 s; the README's Configuration).
 type Timeouts struct {
 	// Progress ends an active transfer that moved no byte for this long.
 	Progress time.Duration

@@ -1,4 +1,4 @@
-// Package metrics defines kvferry's contract metrics (DESIGN §8) behind
+// Package metrics defines kvferry's contract metrics (Health and metrics in the README) behind
 // Record helpers. Each process builds one registry and passes it in; nothing
 // registers on the default registry.
 package metrics

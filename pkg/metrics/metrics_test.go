@@ -60,7 +60,7 @@ func mustGather(t *testing.T, reg *prometheus.Registry) []*dto.MetricFamily {
 }
 
 // TestHelpAndTypeGolden: the HELP and TYPE lines of every kvferry family
-// are a contract (DESIGN §8); changing one must be deliberate (-update).
+// are a contract (Health and metrics in the README); changing one must be deliberate (-update).
 func TestHelpAndTypeGolden(t *testing.T) {
 	reg, _, _, _, _ := contractRegistry(t)
 	var buf bytes.Buffer

@@ -1,4 +1,4 @@
-// Package deps enforces the layer map of DESIGN §2: every package of
+// Package deps enforces the layer map of docs/architecture.md, Layers: every package of
 // pkg/ and internal/ is listed with the only kvferry packages it may
 // import, so a new arrow upward — or a new package nobody placed — fails
 // here. Below everything: blockpool, the wire contract (proto), leaf

@@ -71,7 +71,7 @@ type Config struct {
 // tracingFlushTimeout bounds the export of the last spans at shutdown.
 const tracingFlushTimeout = 2 * time.Second
 
-// Ports are a server's default listeners (DESIGN §7).
+// Ports are a server's default listeners (the README's Configuration).
 type Ports struct{ GRPC, HTTP, Data int }
 
 // Register adds the common flags to fs.

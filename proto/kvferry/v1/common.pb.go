@@ -21,7 +21,7 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// CancelOutcome is the structured answer to a cancel (DESIGN §4).
+// CancelOutcome is the structured answer to a cancel (docs/architecture.md, Transfers).
 type CancelOutcome int32
 
 const (
