@@ -78,7 +78,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	cli.RegisterTLS(fs, &c.TLS)
 	cli.RegisterPprof(fs, &c.EnablePprof)
 	cli.RegisterTracing(fs, &c.Tracing)
-	c.EngineFlags.Register(fs) // the router tokenizes with the servers' model (vocabulary only)
+	c.EngineFlags.RegisterModel(fs) // the router tokenizes with the servers' model (vocabulary only) and runs no engine
 	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", 1<<20, "largest request body accepted (413 above)")
 	fs.DurationVar(&c.BodyRead, "body-read-timeout", 10*time.Second, "answer 408 to a client whose request body has not arrived this long after its headers (the body is read before the request takes an in-flight slot)")
 	fs.IntVar(&c.MaxPromptTokens, "max-prompt-tokens", 8000, "largest prompt accepted, in tokens")
@@ -99,7 +99,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 // Validate checks the configuration.
 func (c *Config) Validate() error {
 	var errs []error
-	if err := c.EngineFlags.Validate(); err != nil {
+	if err := c.EngineFlags.ValidateModel(); err != nil {
 		errs = append(errs, err)
 	}
 	for name, addr := range map[string]string{"--http-addr": c.HTTPAddr, "--grpc-addr": c.GRPCAddr, "--admin-addr": c.AdminAddr} {

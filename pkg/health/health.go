@@ -113,8 +113,12 @@ type Checker struct {
 	draining atomic.Bool
 	last     atomic.Pointer[kvferryv1.GetHealthResponse]
 
-	evalMu         sync.Mutex // serialises Evaluate; guards exhaustedSince
+	evalMu         sync.Mutex // guards exhaustedSince; never held across a probe (Sources.Ready, GPUs)
 	exhaustedSince time.Time
+
+	started   atomic.Uint64 // evaluations begun, numbering them
+	pubMu     sync.Mutex    // orders publications
+	published uint64        // the number of the last one published
 }
 
 var _ kvferryv1.HealthServiceServer = (*Checker)(nil)
@@ -155,6 +159,49 @@ func (c *Checker) Current() *kvferryv1.GetHealthResponse { return c.last.Load() 
 
 // Evaluate computes the health at now from the sources and publishes it.
 func (c *Checker) Evaluate(ctx context.Context, now time.Time) *kvferryv1.GetHealthResponse {
+	n := c.started.Add(1)
+	h := c.evaluateLocal(now)
+	// fail records the first failing condition as the reason.
+	fail := func(live bool, reason, format string, args ...any) {
+		if !h.Ready {
+			return
+		}
+		h.Ready, h.Reason, h.Message = false, reason, fmt.Sprintf(format, args...)
+		h.Live = live
+	}
+	// Probes that may block (NVML, the router's backends) run without
+	// evalMu: a slow one delays this evaluation, never another.
+	if c.src.Canary != nil {
+		h.Canary = c.src.Canary()
+		if h.Canary.GetFailing() {
+			fail(true, ReasonCanaryFailing, "the pair canary fails against every recently seen context server")
+		}
+	}
+	h.EngineDevices = c.src.EngineDevices
+	if c.src.GPUs != nil {
+		h.GpuPresent, h.Gpus = c.src.GPUs()
+		if g := faultyGPU(h.Gpus); g != nil {
+			fail(true, ReasonGPUFault, "GPU %d (%s): %s", g.GetIndex(), g.GetName(), g.GetReason())
+		}
+	}
+	if c.src.Ready != nil && h.Ready {
+		if ok, reason, msg := c.src.Ready(ctx); !ok {
+			fail(true, reason, "%s", msg)
+		}
+	}
+	h.Healthy = h.Live && h.Ready
+	c.pubMu.Lock()
+	defer c.pubMu.Unlock()
+	if n > c.published { // one that began later and finished first stands
+		c.published = n
+		c.publish(h)
+	}
+	return h
+}
+
+// evaluateLocal is the evaluation of the server's own state, under evalMu:
+// progress, sessions, the pool and its exhaustion, draining.
+func (c *Checker) evaluateLocal(now time.Time) *kvferryv1.GetHealthResponse {
 	c.evalMu.Lock()
 	defer c.evalMu.Unlock()
 	h := &kvferryv1.GetHealthResponse{
@@ -223,26 +270,6 @@ func (c *Checker) Evaluate(ctx context.Context, now time.Time) *kvferryv1.GetHea
 			c.exhaustedSince = time.Time{}
 		}
 	}
-	if c.src.Canary != nil {
-		h.Canary = c.src.Canary()
-		if h.Canary.GetFailing() {
-			fail(true, ReasonCanaryFailing, "the pair canary fails against every recently seen context server")
-		}
-	}
-	h.EngineDevices = c.src.EngineDevices
-	if c.src.GPUs != nil {
-		h.GpuPresent, h.Gpus = c.src.GPUs()
-		if g := faultyGPU(h.Gpus); g != nil {
-			fail(true, ReasonGPUFault, "GPU %d (%s): %s", g.GetIndex(), g.GetName(), g.GetReason())
-		}
-	}
-	if c.src.Ready != nil && h.Ready {
-		if ok, reason, msg := c.src.Ready(ctx); !ok {
-			fail(true, reason, "%s", msg)
-		}
-	}
-	h.Healthy = h.Live && h.Ready
-	c.publish(h)
 	return h
 }
 

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -249,4 +250,40 @@ func gaugeOf(t *testing.T, reg *prometheus.Registry, name string) prometheus.Col
 	}
 	t.Fatalf("no %s", name)
 	return nil
+}
+
+// TestSlowReadinessProbeBlocksNoOne: while one evaluation waits on a slow
+// readiness probe (the router probing its backends), another — draining,
+// at shutdown — evaluates and publishes at once, and the slow one's later
+// answer does not overwrite it.
+func TestSlowReadinessProbeBlocksNoOne(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	var calls atomic.Int32
+	c := New(prometheus.NewRegistry(), Config{}, Sources{Ready: func(ctx context.Context) (bool, string, string) {
+		if calls.Add(1) == 1 {
+			close(entered)
+			<-release
+		}
+		return true, "", ""
+	}})
+	slow := make(chan *kvferryv1.GetHealthResponse)
+	go func() { slow <- c.Evaluate(context.Background(), t0) }()
+	<-entered
+	done := make(chan struct{})
+	go func() { c.SetDraining(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("SetDraining waited for another evaluation's readiness probe")
+	}
+	if h := c.Current(); h.GetReason() != ReasonDraining {
+		t.Fatalf("published %q, want draining", h.GetReason())
+	}
+	close(release)
+	if h := <-slow; h.GetReason() != ReasonOK {
+		t.Fatalf("the slow evaluation: %q", h.GetReason())
+	}
+	if h := c.Current(); h.GetReason() != ReasonDraining {
+		t.Fatalf("the slow evaluation overwrote draining: %q", h.GetReason())
+	}
 }

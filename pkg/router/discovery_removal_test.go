@@ -57,3 +57,36 @@ func TestRemovedServerIsForgotten(t *testing.T) {
 		t.Fatalf("after removal: %d series, %d context and %d generation connections", n, ctxConns.Len(), genConns.Len())
 	}
 }
+
+// TestForgottenServerStaysForgotten: a request still finishing on a
+// server discovery dropped (and a late prefix digest) must not bring its
+// series back.
+func TestForgottenServerStaysForgotten(t *testing.T) {
+	tiny, _ := executor.Preset("tiny")
+	reg := prometheus.NewRegistry()
+	gens := &answers{addrs: []string{"127.0.0.1:2", "127.0.0.1:4"}}
+	r, err := New(Config{CtxServers: discovery.Static{"127.0.0.1:1"}, GenServers: gens, Model: tiny, ServedModel: "tiny",
+		MaxBodyBytes: 1 << 16, MaxPromptTokens: 500, MaxOutputTokens: 64, DefaultMaxTokens: 16,
+		CtxConns: connpool.New(), GenConns: connpool.New(), Metrics: metrics.NewRouter(reg), Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Resolve(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	_, gs := r.servers()
+	leaving := gs[1]
+	leaving.add(1) // a request runs on it
+	gens.addrs = gens.addrs[:1]
+	if err := r.Resolve(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	series := func() int { return testutil.CollectAndCount(reg, "kvferry_router_backend_inflight_requests") }
+	if n := series(); n != 2 {
+		t.Fatalf("after removal: %d series, want 2 (one context, one generation server)", n)
+	}
+	leaving.add(-1) // the request ends after the server was forgotten
+	if n := series(); n != 2 {
+		t.Fatalf("a finishing request brought a forgotten server's series back: %d series", n)
+	}
+}

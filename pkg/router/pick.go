@@ -19,6 +19,12 @@ type backend struct {
 	// PrefixDigest listed it (routing hashes); nil before the first.
 	digest atomic.Pointer[map[uint64]struct{}]
 
+	// gauges orders setting b's metric series against deleting them when
+	// discovery drops b: once forgotten, a request still finishing on b
+	// (or a digest poll) never brings its series back.
+	gauges    sync.Mutex
+	forgotten bool
+
 	mu       sync.Mutex // guards the breaker
 	failures int        // consecutive
 	openAt   time.Time  // zero: closed
@@ -273,10 +279,28 @@ func (p *policy) pick(req *Request, all []*backend) *backend {
 
 // add moves the in-flight count and its gauge.
 func (b *backend) add(n int64) {
-	v := b.inflight.Add(n)
+	b.inflight.Add(n)
 	if b.record != nil {
-		b.record(v)
+		// Read under the lock: concurrent adds publish the latest count.
+		b.gauge(func() { b.record(b.inflight.Load()) })
 	}
+}
+
+// gauge sets b's series with set, unless discovery forgot b.
+func (b *backend) gauge(set func()) {
+	b.gauges.Lock()
+	defer b.gauges.Unlock()
+	if !b.forgotten {
+		set()
+	}
+}
+
+// forget deletes b's series with del, for good.
+func (b *backend) forget(del func()) {
+	b.gauges.Lock()
+	defer b.gauges.Unlock()
+	b.forgotten = true
+	del()
 }
 
 // admitPeek is admit without taking the half-open slot.

@@ -176,17 +176,16 @@ func (r *Router) setServers(role string, set *[]*backend, addrs []string) {
 		b, ok := old[a]
 		if !ok {
 			b = &backend{addr: a, role: role, record: func(n int64) { r.cfg.Metrics.RecordBackendInflight(role, a, n) }}
-			// The series exists from the server's discovery on.
-			b.record(0)
+			b.add(0) // the series exists from the server's discovery on
 			b.ready.Store(true) // until the health loop says otherwise
 			r.lg.Info("server added", zap.String("role", role), zap.String("peer", a))
 		}
 		delete(old, a)
 		next = append(next, b)
 	}
-	for a := range old {
+	for a, b := range old {
 		r.lg.Info("server removed", zap.String("role", role), zap.String("peer", a))
-		r.cfg.Metrics.ForgetBackend(role, a)
+		b.forget(func() { r.cfg.Metrics.ForgetBackend(role, a) })
 		// Requests running on it hold their backend and may use the
 		// connection until their timeout; then it is closed.
 		r.cache(role).Forget(a, r.cfg.RequestTimeout+r.cfg.CancelTimeout)
@@ -326,7 +325,7 @@ func (r *Router) fetchDigest(ctx context.Context, b *backend) {
 		set[h] = struct{}{}
 	}
 	b.digest.Store(&set)
-	r.cfg.Metrics.RecordPrefixDigest(b.addr, len(set))
+	b.gauge(func() { r.cfg.Metrics.RecordPrefixDigest(b.addr, len(set)) })
 }
 
 // Public is err as a client may see it. The router's own answers about
@@ -756,20 +755,27 @@ func (r *Router) ReadyCheck(ctx context.Context) (bool, string, string) {
 	return true, "", ""
 }
 
-// anyReady probes every backend's readiness, records it for the routing
-// filter, and reports whether any is ready.
+// anyReady probes every backend's readiness at once (one slow backend
+// costs its timeout, not its timeout times the backends), records it for
+// the routing filter, and reports whether any is ready.
 func (r *Router) anyReady(ctx context.Context, bs []*backend) bool {
-	any := false
+	var any atomic.Bool
+	var wg sync.WaitGroup
 	for _, b := range bs {
-		ok := false
-		if cc, err := r.conn(b); err == nil {
-			cctx, cancel := context.WithTimeout(ctx, backendReadyTimeout)
-			resp, err := healthpb.NewHealthClient(cc).Check(cctx, &healthpb.HealthCheckRequest{Service: health.ServiceReadiness})
-			cancel()
-			ok = err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING
-		}
-		b.ready.Store(ok)
-		any = any || ok
+		wg.Go(func() {
+			ok := false
+			if cc, err := r.conn(b); err == nil {
+				cctx, cancel := context.WithTimeout(ctx, backendReadyTimeout)
+				resp, err := healthpb.NewHealthClient(cc).Check(cctx, &healthpb.HealthCheckRequest{Service: health.ServiceReadiness})
+				cancel()
+				ok = err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING
+			}
+			b.ready.Store(ok)
+			if ok {
+				any.Store(true)
+			}
+		})
 	}
-	return any
+	wg.Wait()
+	return any.Load()
 }

@@ -234,6 +234,7 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 	addr := func() string { return "127.0.0.1:" + strconv.Itoa(FreePort(t)) }
 	logs := t.TempDir()
 	engine := []string{"--model=" + o.Model}
+	var serverEngine []string // how the servers run the engine: not the router's
 	if o.Llama {
 		// One llama.cpp thread each: a stack is several processes on the
 		// test machine's cores, and ggml's threads spin while they wait.
@@ -241,13 +242,15 @@ func Up(t testing.TB, bin string, o Options) *Stack {
 		if model == "" {
 			model = TestModelPath(t)
 		}
-		engine = []string{"--engine=llamacpp", "--model-path=" + model, "--llama-lib-dir=" + LlamaLibDir(t), "--llama-threads=1"}
+		engine = []string{"--engine=llamacpp", "--model-path=" + model, "--llama-lib-dir=" + LlamaLibDir(t)}
+		serverEngine = []string{"--llama-threads=1"}
 	}
 	common := []string{
 		"--pool-blocks=" + strconv.Itoa(o.PoolBlocks),
 		"--prefill-tokens-per-second=" + strconv.FormatFloat(o.PrefillTokensPerSecond, 'f', -1, 64),
 		"--decode-step-time=" + o.DecodeStepTime.String(), "--shutdown-grace=5s",
 	}
+	common = append(common, serverEngine...)
 	s := &Stack{}
 	nctx := max(o.Ctxs, 1)
 	if o.Aggregated {

@@ -29,8 +29,9 @@ type EngineFlags struct {
 	PrefillChunk  int
 }
 
-// Register adds the engine flags to fs.
-func (e *EngineFlags) Register(fs *flag.FlagSet) {
+// RegisterModel adds the flags that name the model: the router's, which
+// tokenizes with the servers' model and runs no engine.
+func (e *EngineFlags) RegisterModel(fs *flag.FlagSet) {
 	fs.StringVar(&e.Engine, "engine", executor.EngineSynthetic, "model engine: synthetic (embedded, no model file) or llamacpp (a GGUF model through llama.cpp)")
 	fs.StringVar(&e.Model, "model", "tiny", "synthetic engine: model preset: "+fmt.Sprint(executor.PresetNames()))
 	fs.StringVar(&e.ModelPath, "model-path", "", "llamacpp engine: the GGUF model file (the same file on the router and every server)")
@@ -38,6 +39,12 @@ func (e *EngineFlags) Register(fs *flag.FlagSet) {
 	fs.StringVar(&e.LibDir, "llama-lib-dir", ".llama/lib", "llamacpp engine: folder of the llama.cpp shared libraries (make deps-llama)")
 	fs.StringVar(&e.ServedName, "served-model-name", "", "the model name clients use (default: the synthetic preset's name, or the GGUF file's name without .gguf)")
 	fs.IntVar(&e.ContextTokens, "context-tokens", 0, fmt.Sprintf("llamacpp engine: tokens one sequence holds, prompt plus output (0: the model's training context, at most %d); the same on the router and every server", executor.DefaultLlamaContextTokens))
+}
+
+// Register adds every engine flag: the model's and how the engine runs it
+// (the servers').
+func (e *EngineFlags) Register(fs *flag.FlagSet) {
+	e.RegisterModel(fs)
 	fs.IntVar(&e.Slots, "llama-slots", executor.DefaultLlamaSlots, "llamacpp engine: sequences the engine holds at once (concurrent decodes on a generation server)")
 	fs.IntVar(&e.GPULayers, "gpu-layers", -1, "llamacpp engine: model layers on the GPU when the libraries have a GPU backend (--llama-lib-dir of a CUDA build): -1 all, 0 none")
 	fs.IntVar(&e.Threads, "llama-threads", 0, "llamacpp engine: CPU threads (0: the CPUs this process may use, GOMAXPROCS; give each server its share when several share a host)")
@@ -45,11 +52,29 @@ func (e *EngineFlags) Register(fs *flag.FlagSet) {
 	fs.StringVar(&e.FlashAttn, "llama-flash-attn", "auto", "llamacpp engine: flash attention auto, on or off (the same on context and generation servers is not required: the blocks are the same)")
 }
 
-// Validate checks the engine flags.
+// Validate checks every engine flag (Register's).
 func (e *EngineFlags) Validate() error {
 	if e.PrefillChunk <= 0 {
 		return fmt.Errorf("--prefill-chunk-tokens must be positive, got %d", e.PrefillChunk)
 	}
+	if err := e.ValidateModel(); err != nil {
+		return err
+	}
+	if e.Engine == executor.EngineLlamaCpp {
+		switch e.FlashAttn {
+		case "auto", "on", "off":
+		default:
+			return fmt.Errorf("--llama-flash-attn must be auto, on or off, got %q", e.FlashAttn)
+		}
+		if e.Slots <= 0 || e.Threads < 0 || e.GPULayers < -1 {
+			return errors.New("--llama-threads must not be negative, --llama-slots must be positive, --gpu-layers at least -1")
+		}
+	}
+	return nil
+}
+
+// ValidateModel checks the model flags (RegisterModel's).
+func (e *EngineFlags) ValidateModel() error {
 	switch e.Engine {
 	case executor.EngineSynthetic:
 		if _, err := executor.Preset(e.Model); err != nil {
@@ -71,13 +96,8 @@ func (e *EngineFlags) Validate() error {
 				return fmt.Errorf("--model-path %s has sha256 %s, --model-sha256 says %s", e.ModelPath, sum, e.ModelSHA256)
 			}
 		}
-		switch e.FlashAttn {
-		case "auto", "on", "off":
-		default:
-			return fmt.Errorf("--llama-flash-attn must be auto, on or off, got %q", e.FlashAttn)
-		}
-		if e.ContextTokens < 0 || e.Slots <= 0 || e.Threads < 0 || e.GPULayers < -1 {
-			return errors.New("--context-tokens and --llama-threads must not be negative, --llama-slots must be positive, --gpu-layers at least -1")
+		if e.ContextTokens < 0 {
+			return errors.New("--context-tokens must not be negative")
 		}
 	default:
 		return fmt.Errorf("--engine must be %s or %s, got %q", executor.EngineSynthetic, executor.EngineLlamaCpp, e.Engine)

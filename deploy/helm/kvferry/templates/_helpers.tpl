@@ -48,8 +48,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "kvferry.routerName" -}}{{ include "kvferry.fullname" . }}-router{{- end -}}
 {{- define "kvferry.pairName" -}}{{ include "kvferry.fullname" . }}-pair{{- end -}}
 
-{{/* The engine and model flags, the same on the router and every server. */}}
-{{- define "kvferry.engineArgs" -}}
+{{/* The model flags, the same on the router and every server (the router
+tokenizes with the model and runs no engine). */}}
+{{- define "kvferry.modelArgs" -}}
 - --engine={{ .Values.model.engine }}
 {{- if eq .Values.model.engine "llamacpp" }}
 {{- if not .Values.model.file }}{{ fail "model.file is required with model.engine=llamacpp" }}{{ end }}
@@ -58,8 +59,6 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- with .Values.model.sha256 }}
 - --model-sha256={{ . }}
 {{- end }}
-- --gpu-layers={{ .Values.model.gpuLayers }}
-- --llama-threads={{ .Values.model.threads }}
 {{- else if eq .Values.model.engine "synthetic" }}
 - --model={{ .Values.model.preset }}
 {{- else }}
@@ -67,6 +66,15 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- with .Values.model.servedName }}
 - --served-model-name={{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* The engine flags of the servers: the model's, then how the engine runs it. */}}
+{{- define "kvferry.engineArgs" -}}
+{{ include "kvferry.modelArgs" . }}
+{{- if eq .Values.model.engine "llamacpp" }}
+- --gpu-layers={{ .Values.model.gpuLayers }}
+- --llama-threads={{ .Values.model.threads }}
 {{- end }}
 {{- end -}}
 
@@ -189,7 +197,7 @@ image: {{ include "kvferry.image" $ }}
 imagePullPolicy: {{ $.Values.image.pullPolicy }}
 command: ["/usr/local/bin/router"]
 args:
-  {{- include "kvferry.engineArgs" $ | nindent 2 }}
+  {{- include "kvferry.modelArgs" $ | nindent 2 }}
   {{- if index . 1 }}
   - --k8s-service={{ index . 1 }}
   {{- else }}
