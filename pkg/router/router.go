@@ -176,7 +176,7 @@ func (r *Router) setServers(role string, set *[]*backend, addrs []string) {
 		b, ok := old[a]
 		if !ok {
 			b = &backend{addr: a, role: role, record: func(n int64) { r.cfg.Metrics.RecordBackendInflight(role, a, n) }}
-			b.add(0) // the series exists from the server's discovery on
+			b.add(0)            // the series exists from the server's discovery on
 			b.ready.Store(true) // until the health loop says otherwise
 			r.lg.Info("server added", zap.String("role", role), zap.String("peer", a))
 		}
