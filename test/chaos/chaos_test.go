@@ -107,17 +107,20 @@ func (r *stormResult) String() string {
 
 // storm sends total streaming requests at concurrency conc, prompt lengths
 // from 100 to e.maxWords words; half are aborted by the client at a random
-// moment (before the first token, mid-transfer, mid-decode).
+// moment (before the first token, mid-transfer, mid-decode). One in two
+// asks for more than free text — two choices (n), logprobs, or JSON output
+// (response_format) — so faults and aborts meet every shape's path too.
 func storm(ctx context.Context, c openai.Client, e engine, total, conc int, seed uint64) *stormResult {
 	r := &stormResult{}
 	rng := rand.New(rand.NewPCG(seed, seed))
 	type job struct {
 		prompt string
 		abort  time.Duration // 0: never
+		shape  int           // 0, 1, 2: plain; 3: n = 2; 4: logprobs; 5: JSON
 	}
 	jobs := make(chan job, total)
 	for range total {
-		j := job{prompt: words(e.base, 100+rng.IntN(e.maxWords-100))}
+		j := job{prompt: words(e.base, 100+rng.IntN(e.maxWords-100)), shape: rng.IntN(6)}
 		if rng.IntN(2) == 0 {
 			j.abort = time.Duration(1+rng.IntN(300)) * time.Millisecond
 		}
@@ -137,8 +140,18 @@ func storm(ctx context.Context, c openai.Client, e engine, total, conc int, seed
 				if j.abort > 0 {
 					abort.Reset(j.abort)
 				}
-				st := c.Completions.NewStreaming(rctx, openai.CompletionNewParams{Model: openai.CompletionNewParamsModel(e.model),
-					Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(j.prompt)}, MaxTokens: openai.Int(32)})
+				params := openai.CompletionNewParams{Model: openai.CompletionNewParamsModel(e.model),
+					Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(j.prompt)}, MaxTokens: openai.Int(32)}
+				var opts []option.RequestOption
+				switch j.shape {
+				case 3:
+					params.N = openai.Int(2)
+				case 4:
+					params.Logprobs = openai.Int(2)
+				case 5:
+					opts = append(opts, option.WithJSONSet("response_format", map[string]string{"type": "json_object"}))
+				}
+				st := c.Completions.NewStreaming(rctx, params, opts...)
 				for st.Next() {
 				}
 				err := st.Err()
