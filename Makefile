@@ -67,7 +67,7 @@ test: deps-llama
 	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /test/chart)
 	$(GO) test -count=1 ./test/chart/
 	$(GO) test -count=1 -run TestSimulation ./pkg/kvtransfer/ -seeds 2000
-	$(GO) test -count=1 -run TestSchedulerSimulation ./pkg/executor/ -sched-seeds 1000
+	$(GO) test -count=1 -run TestSchedulerSimulation ./pkg/sched/ -sched-seeds 1000
 
 test-unit: deps-llama
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test/)
@@ -79,7 +79,7 @@ test-e2e: deps-llama
 # over SEEDS seeds each (make test runs 2,000 and 1,000). A failure prints the seed and the replay command.
 sim:
 	$(GO) test -count=1 -timeout 60m -run TestSimulation -v ./pkg/kvtransfer/ -seeds $(SEEDS)
-	$(GO) test -count=1 -timeout 60m -run TestSchedulerSimulation -v ./pkg/executor/ -sched-seeds $(SEEDS)
+	$(GO) test -count=1 -timeout 60m -run TestSchedulerSimulation -v ./pkg/sched/ -sched-seeds $(SEEDS)
 
 # chaos: every chaos scenario at full size, on tcp then shm (make test runs
 # the short gate on both).

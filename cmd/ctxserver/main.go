@@ -13,7 +13,6 @@ import (
 	"github.com/kvferry/kvferry/cmd/internal/cli"
 	"github.com/kvferry/kvferry/cmd/internal/servercmd"
 	"github.com/kvferry/kvferry/pkg/ctxserver"
-	"github.com/kvferry/kvferry/pkg/executor"
 	"github.com/kvferry/kvferry/pkg/health"
 	"github.com/kvferry/kvferry/pkg/identity"
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
@@ -21,6 +20,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/kvtransfer/tcp"
 	"github.com/kvferry/kvferry/pkg/kvtransfer/transports"
 	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/sched"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
 
@@ -52,7 +52,7 @@ func main() {
 	cfg.Register(fs, servercmd.Ports{GRPC: 9100, HTTP: 9101, Data: 9102})
 	fs.DurationVar(&cfg.HandoffLease, "handoff-lease", 30*time.Second, "release prefilled blocks no generation server took within this long (a backstop: the router releases at once)")
 	fs.BoolVar(&cfg.PrefixReuse, "prefix-reuse", true, "serve full KV blocks of a known prompt prefix from the reuse cache (evicted least recently used when the pool needs room)")
-	fs.IntVar(&cfg.MaxBatchTokens, "max-batch-tokens", executor.DefaultMaxBatchTokens, "most prompt tokens one prefill step runs, every prompt of the batch together (prompts that arrive together are prefilled together)")
+	fs.IntVar(&cfg.MaxBatchTokens, "max-batch-tokens", sched.DefaultMaxBatchTokens, "most prompt tokens one prefill step runs, every prompt of the batch together (prompts that arrive together are prefilled together)")
 	fs.StringVar(&cfg.TransportFault, "transport-fault", "", "inject a transport fault, for tests and drills: stall|delay|error|partial|corrupt|lose-notify|lose-abort-ack[:after=N,for=DURATION,rate=F,delay=DURATION]")
 	os.Exit(cli.Main(fs, "ctxserver: the kvferry context (prefill) server.", os.Args[1:], cfg.Validate, &cfg.LogLevel,
 		func(ctx context.Context, lg *zap.Logger) error { return run(ctx, cfg, lg) }))

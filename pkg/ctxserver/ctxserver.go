@@ -32,6 +32,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/routine"
+	"github.com/kvferry/kvferry/pkg/sched"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	"github.com/kvferry/kvferry/pkg/tracing"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
@@ -66,7 +67,7 @@ type Config struct {
 	PrefixReuse bool
 	// Admission, when set, queues a prompt that cannot get its blocks
 	// until they free up (nil: a full pool answers RESOURCE_EXHAUSTED).
-	Admission *executor.Admission
+	Admission *sched.Admission
 	// PrefillChunk and MaxBatchTokens bound one prompt's and all prompts'
 	// tokens in a prefill step (≤ 0: executor's defaults); Scheduler, when
 	// set, records the steps.
@@ -85,11 +86,11 @@ type Config struct {
 }
 
 // request is a request on the context server: the shared lifecycle
-// (executor.Request: attempt, stage, holds, cancel and end times) and what
+// (sched.Request: attempt, stage, holds, cancel and end times) and what
 // this server keeps beside it. Its holds are the request's references on
 // its blocks (one) and a transfer's pin (one).
 type request struct {
-	executor.Request
+	sched.Request
 	blocks []blockpool.ID
 
 	refsHeld      bool            // the request's one reference on each block
@@ -118,7 +119,7 @@ type Server struct {
 	cfg  Config
 	spec executor.ModelSpec
 	// prefiller batches the prompts being prefilled into engine steps.
-	prefiller *executor.Prefiller
+	prefiller *sched.Prefiller
 	// prefixKeys keys the reuse cache (keyed SHA-256: uncraftable).
 	prefixKeys *executor.PrefixKeys
 	// cachedTokens holds, by block id, the tokens a published block was
@@ -133,7 +134,7 @@ type Server struct {
 	// mu guards the request table; a line logged under it is written
 	// after the unlock (mu.Later): no I/O under the lock, logs included.
 	mu       loglock.Mutex
-	reqs     *executor.Table[*request]
+	reqs     *sched.Table[*request]
 	canaries canaries // guarded by mu
 	// canaryPrompt is executor.CanaryText in the engine's tokens.
 	canaryPrompt []uint32
@@ -152,9 +153,9 @@ func New(cfg Config) *Server {
 			cfg.Scheduler.RecordPrefillBatch(prompts, tokens)
 		}
 	}
-	return &Server{cfg: cfg, spec: cfg.Engine.Model(), prefiller: executor.NewPrefiller(cfg.Engine, cfg.PrefillChunk, cfg.MaxBatchTokens, onStep),
+	return &Server{cfg: cfg, spec: cfg.Engine.Model(), prefiller: sched.NewPrefiller(cfg.Engine, cfg.PrefillChunk, cfg.MaxBatchTokens, onStep),
 		prefixKeys: executor.NewPrefixKeys(cfg.Engine.Model()), cachedTokens: make([][]uint32, cfg.Pool.Capacity()), cachedRoute: make([]uint64, cfg.Pool.Capacity()),
-		lg: cfg.Logger, reqs: executor.NewTable[*request](), canaryPrompt: cfg.Engine.Vocabulary().Encode(executor.CanaryText)}
+		lg: cfg.Logger, reqs: sched.NewTable[*request](), canaryPrompt: cfg.Engine.Vocabulary().Encode(executor.CanaryText)}
 }
 
 func reqFields(t *kvferryv1.Ticket) []zap.Field {
@@ -182,13 +183,13 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	prev, arrival, err := s.reqs.Arrive(id, attempt, fp)
 	if err != nil {
 		s.mu.Unlock()
-		return nil, executor.ArriveStatus(err)
+		return nil, sched.ArriveStatus(err)
 	}
 	switch arrival {
-	case executor.ArriveDuplicate:
+	case sched.ArriveDuplicate:
 		s.mu.Unlock()
 		return s.duplicatePrefill(ctx, prev)
-	case executor.ArriveSupersedes:
+	case sched.ArriveSupersedes:
 		s.endLocked(prev)
 	}
 	r := &request{prefillCancel: cancel, prefillDone: make(chan struct{})}
@@ -209,7 +210,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 			if ctx.Err() == nil && pctx.Err() != nil {
 				err = context.Canceled // cancelled by ticket while it waited
 			}
-			return nil, executor.AdmitStatus(err)
+			return nil, sched.AdmitStatus(err)
 		}
 		admitted = sync.OnceFunc(done)
 		defer admitted()
@@ -232,7 +233,7 @@ func (s *Server) Prefill(ctx context.Context, req *kvferryv1.PrefillRequest) (*k
 	}
 	r.blocks, r.refsHeld, r.engineRunning = blocks, true, true
 	r.Hold()
-	s.advanceLocked(r, executor.StagePrefilling)
+	s.advanceLocked(r, sched.StagePrefilling)
 	s.cfg.Progress.Begin(time.Now())
 	s.mu.Unlock()
 
@@ -258,7 +259,7 @@ func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv
 	out executor.Prefilled, err error) (*kvferryv1.PrefillResponse, error) {
 	r.engineRunning = false
 	switch {
-	case err == nil && r.Stage() != executor.StagePrefilling:
+	case err == nil && r.Stage() != sched.StagePrefilling:
 		err = context.Canceled // cancelled or superseded while the engine finished
 	case err == nil && pctx.Err() != nil:
 		// The caller gave up (its deadline passed, or it went away) while the
@@ -289,7 +290,7 @@ func (s *Server) advertiseLocked(pctx context.Context, r *request, req *kvferryv
 			s.cachedRoute[blocks[j]] = routes[j]
 		}
 	}
-	s.advanceLocked(r, executor.StageAdvertised)
+	s.advanceLocked(r, sched.StageAdvertised)
 	s.cfg.Progress.Touch(time.Now())
 	var otherLPs []*kvferryv1.TokenLogprob
 	for _, lp := range out.OtherLogprobs {
@@ -361,7 +362,7 @@ func (s *Server) allocateLocked(ctx context.Context, salt string, tokens []uint3
 // advanceLocked moves r along the lifecycle; a move it does not allow is
 // a bookkeeping bug, logged after the lock (the request's state is
 // unchanged).
-func (s *Server) advanceLocked(r *request, to executor.Stage) {
+func (s *Server) advanceLocked(r *request, to sched.Stage) {
 	if err := r.Advance(to, time.Now()); err != nil {
 		s.mu.Later(func() { s.lg.Error("request stage", zap.Error(err)) })
 	}
@@ -369,7 +370,7 @@ func (s *Server) advanceLocked(r *request, to executor.Stage) {
 
 // fingerprint is a collision-resistant digest of a Prefill's prompt and
 // sampling.
-func fingerprint(req *kvferryv1.PrefillRequest) executor.Fingerprint {
+func fingerprint(req *kvferryv1.PrefillRequest) sched.Fingerprint {
 	h := sha256.New()
 	var b [4]byte
 	for _, t := range req.GetPromptTokens() {
@@ -381,7 +382,7 @@ func fingerprint(req *kvferryv1.PrefillRequest) executor.Fingerprint {
 		sp.GetIgnoreEos(), len(req.GetCacheSalt()), sp.GetTopLogprobs(), sp.GetLogprobs(), sp.GetN())
 	h.Write([]byte(req.GetCacheSalt()))
 	h.Write([]byte(sp.GetJsonSchema()))
-	var out executor.Fingerprint
+	var out sched.Fingerprint
 	h.Sum(out[:0])
 	return out
 }
@@ -396,7 +397,7 @@ func (s *Server) duplicatePrefill(ctx context.Context, r *request) (*kvferryv1.P
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if st := r.Stage(); st == executor.StageAdvertised || st == executor.StageTransferring {
+	if st := r.Stage(); st == sched.StageAdvertised || st == sched.StageTransferring {
 		return r.resp, nil
 	}
 	return nil, status.Errorf(codes.FailedPrecondition, "request already %s", r.Stage())
@@ -431,9 +432,9 @@ func (s *Server) dropHoldLocked(r *request) {
 // the push returns.
 func (s *Server) endLocked(r *request) {
 	switch r.Stage() {
-	case executor.StageQueued, executor.StagePrefilling:
+	case sched.StageQueued, sched.StagePrefilling:
 		r.prefillCancel()
-	case executor.StageTransferring:
+	case sched.StageTransferring:
 		r.transferCancel()
 	}
 	r.End(time.Now())
@@ -491,7 +492,7 @@ func (s *Server) Release(_ context.Context, req *kvferryv1.ReleaseRequest) (*kvf
 	}
 	s.mu.Lock()
 	r, ok := s.reqs.Get(req.GetTicket().GetRequestId(), req.GetTicket().GetAttempt())
-	if !ok || !r.refsHeld || r.Stage() == executor.StageHandedOff {
+	if !ok || !r.refsHeld || r.Stage() == sched.StageHandedOff {
 		s.mu.Unlock()
 		return &kvferryv1.ReleaseResponse{Released: false}, nil
 	}
@@ -550,12 +551,12 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	case r.Attempt() != req.GetTicket().GetAttempt():
 		s.mu.Unlock()
 		return notReady(stream, fmt.Sprintf("attempt %d, current attempt is %d", req.GetTicket().GetAttempt(), r.Attempt()))
-	case r.session == req.GetSessionId() && (r.Stage() == executor.StageTransferring || r.Stage() == executor.StageHandedOff):
+	case r.session == req.GetSessionId() && (r.Stage() == sched.StageTransferring || r.Stage() == sched.StageHandedOff):
 		// A duplicate of the transfer request (a retried RPC): a no-op that
 		// reports the current state.
 		s.mu.Unlock()
 		return s.duplicateTransfer(stream, r)
-	case r.Stage() != executor.StageAdvertised:
+	case r.Stage() != sched.StageAdvertised:
 		s.mu.Unlock()
 		return notReady(stream, "request is "+r.Stage().String())
 	}
@@ -580,7 +581,7 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	r.send.Start(time.Now())
 	tctx, cancel := context.WithTimeout(ctx, s.cfg.TransferDeadline)
 	defer cancel()
-	s.advanceLocked(r, executor.StageTransferring)
+	s.advanceLocked(r, sched.StageTransferring)
 	r.session = req.GetSessionId()
 	r.transferCancel, r.transferDone = cancel, make(chan struct{})
 	src, dst := make([][]byte, len(r.blocks)), make([]kvtransfer.Desc, len(r.blocks))
@@ -603,8 +604,8 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	}
 	s.mu.Lock()
 	switch {
-	case err == nil && r.Stage() == executor.StageTransferring && r.send.Outcome() == kvtransfer.OutcomeNone:
-		s.advanceLocked(r, executor.StageHandedOff)
+	case err == nil && r.Stage() == sched.StageTransferring && r.send.Outcome() == kvtransfer.OutcomeNone:
+		s.advanceLocked(r, sched.StageHandedOff)
 	case err == nil:
 		err = context.Canceled // cancelled (or timed out by the sweep) after the last byte; the router decides
 	}
@@ -614,13 +615,13 @@ func (s *Server) Transfer(req *kvferryv1.TransferRequest, stream kvferryv1.Trans
 	outcome := r.send.Outcome()
 	s.sendStepLocked(req.GetTicket().GetRequestId(), r, as)
 	close(r.transferDone)
-	if r.Stage() == executor.StageHandedOff {
+	if r.Stage() == sched.StageHandedOff {
 		s.dropRefsLocked(r)
 	}
-	if err != nil && r.Stage() == executor.StageTransferring {
+	if err != nil && r.Stage() == sched.StageTransferring {
 		// The generation side did not take the blocks; they stay advertised
 		// for the router to retry or release, under the same lease.
-		s.advanceLocked(r, executor.StageAdvertised)
+		s.advanceLocked(r, sched.StageAdvertised)
 	}
 	s.mu.Unlock()
 	if as.Has(kvtransfer.ActNotify) {
@@ -655,7 +656,7 @@ func (s *Server) duplicateTransfer(stream kvferryv1.TransferService_TransferServ
 		return status.FromContextError(stream.Context().Err()).Err()
 	}
 	s.mu.Lock()
-	handedOff := r.Stage() == executor.StageHandedOff
+	handedOff := r.Stage() == sched.StageHandedOff
 	s.mu.Unlock()
 	if handedOff {
 		return stream.Send(&kvferryv1.TransferResponse{Event: kvferryv1.TransferEvent_TRANSFER_EVENT_COMPLETED})
@@ -676,7 +677,7 @@ func (s *Server) AbortTransfer(ctx context.Context, req *kvferryv1.AbortTransfer
 		return &kvferryv1.AbortTransferResponse{NoMoreWrites: true, Found: false}, nil
 	}
 	var done chan struct{}
-	if r.Stage() == executor.StageTransferring && r.session == req.GetSessionId() {
+	if r.Stage() == sched.StageTransferring && r.session == req.GetSessionId() {
 		r.transferCancel()
 		done = r.transferDone
 	}
@@ -722,7 +723,7 @@ func (s *Server) sweep(now time.Time) {
 				s.sendStepLocked(id, r, as)
 			}
 		}
-		if r.Stage() == executor.StageAdvertised && now.After(r.leaseUntil) {
+		if r.Stage() == sched.StageAdvertised && now.After(r.leaseUntil) {
 			fields := []zap.Field{zap.String("request_id", id), zap.Uint32("attempt", r.Attempt()), zap.Int("blocks", len(r.blocks))}
 			s.mu.Later(func() { s.lg.Info("handoff lease expired", fields...) })
 			s.endLocked(r)
@@ -778,12 +779,12 @@ func (s *Server) Drain(ctx context.Context) error {
 	var waits []chan struct{}
 	for _, r := range s.reqs.Drain() {
 		switch r.Stage() {
-		case executor.StageQueued:
+		case sched.StageQueued:
 			r.prefillCancel()
 			waits = append(waits, r.prefillDone)
-		case executor.StagePrefilling:
+		case sched.StagePrefilling:
 			waits = append(waits, r.prefillDone)
-		case executor.StageTransferring:
+		case sched.StageTransferring:
 			waits = append(waits, r.transferDone)
 		}
 	}
@@ -794,7 +795,7 @@ func (s *Server) Drain(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, r := range s.reqs.All() {
-		if r.Stage() == executor.StageAdvertised {
+		if r.Stage() == sched.StageAdvertised {
 			s.endLocked(r)
 		}
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/kvtransfer/fault"
 	"github.com/kvferry/kvferry/pkg/kvtransfer/tcp"
 	"github.com/kvferry/kvferry/pkg/metrics"
+	"github.com/kvferry/kvferry/pkg/sched"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -56,7 +57,7 @@ func newFixtureModel(t *testing.T, model string, blocks int, reuse bool) *fixtur
 	srv := New(Config{
 		Engine: executor.NewSynthetic(spec, executor.Timing{}), Pool: pool, Writer: sender,
 		TransferEndpoint: "unused", HandoffLease: 30 * time.Second, TransferDeadline: 10 * time.Second, PrefixReuse: reuse,
-		Admission: executor.NewAdmission(pool, 16, nil),
+		Admission: sched.NewAdmission(pool, 16, nil),
 		Transfers: metrics.NewTransfer(reg), Cancels: metrics.NewCancel(reg), Logger: zap.NewNop(),
 	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -563,7 +564,7 @@ func TestDuplicateTransferIsANoOp(t *testing.T) {
 // setEngine swaps the server's engine (and its prefill loop) for e.
 func (f *fixture) setEngine(e executor.Engine) {
 	f.srv.cfg.Engine = e
-	f.srv.prefiller = executor.NewPrefiller(e, 0, 0, nil)
+	f.srv.prefiller = sched.NewPrefiller(e, 0, 0, nil)
 }
 
 func eventually(t *testing.T, what string, cond func() bool) {

@@ -11,12 +11,10 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/hybridgroup/yzma/pkg/llama"
 	"pgregory.net/rapid"
 
-	"github.com/kvferry/kvferry/internal/poll"
 	"github.com/kvferry/kvferry/pkg/gguf"
 )
 
@@ -116,7 +114,7 @@ func TestLlamaKnownOutput(t *testing.T) {
 func disaggregate(t testing.TB, ctxE, genE Engine, tokens []uint32, s Sampling, blocks [][]byte, reused int) Result {
 	t.Helper()
 	ctx := context.Background()
-	out, err := NewPrefiller(ctxE, 0, 0, nil).Run(ctx, tokens, s, blocks, reused)
+	out, err := PrefillAlone(ctx, ctxE, tokens, s, blocks, reused)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -607,80 +605,87 @@ func testEnginesSpec(t *testing.T) ModelSpec {
 	return e.Model()
 }
 
-// Batched decode: sequences stepped together in one llama_decode give the
-// same tokens as each one alone (greedy and seeded).
+// Batched prefill and decode: prompts prefilled together in chunks (three
+// tokens of each a step, as the prefill loop plans them) and sequences
+// stepped together in one llama_decode give the same tokens as each one
+// alone (greedy and seeded). The loops that form such batches are
+// pkg/sched's, tested there.
 func TestLlamaBatchedDecodeEqualsReference(t *testing.T) {
 	ctxE, genE := testEngines(t)
-	var mu sync.Mutex
-	most := 0
-	d := NewDecoder(genE, 0, func(n int) {
-		mu.Lock()
-		most = max(most, n)
-		mu.Unlock()
-	})
+	ctx := context.Background()
 	type run struct {
 		prompt string
+		toks   []uint32
 		s      Sampling
-		m      *Member
+		blocks [][]byte
+		p      *Prompt
+		sq     *Sequence
 	}
-	// The prompts are prefilled together: three tokens of each a step, at
-	// most eight a step, so steps mix prompts and chunks.
-	held := newHeldPrefill(ctxE)
-	f := NewPrefiller(held, 3, 8, nil)
 	runs := make([]*run, 4)
-	var prefills sync.WaitGroup
 	for i, p := range testPrompts[:4] {
 		s := Sampling{MaxTokens: 24}
 		if i%2 == 1 {
 			s = Sampling{MaxTokens: 24, Temperature: 0.8, TopP: 0.95, Seed: uint64(i)}
 		}
-		prefills.Go(func() {
-			toks := ctxE.Vocabulary().Encode(p)
-			blocks := newBlocks(ctxE.Model(), len(toks))
-			first, sums, err := f.Prefill(context.Background(), toks, s, blocks, 0)
-			if err != nil {
-				t.Error(err)
-				return
+		toks := ctxE.Vocabulary().Encode(p)
+		r := &run{prompt: p, toks: toks, s: s, blocks: newBlocks(ctxE.Model(), len(toks))}
+		var err error
+		if r.p, err = ctxE.BeginPrefill(ctx, toks, s, r.blocks, 0); err != nil {
+			t.Fatal(err)
+		}
+		defer r.p.Close()
+		runs[i] = r
+	}
+	for steps := 0; ; steps++ {
+		var batch []*Prompt
+		var counts []int
+		for _, r := range runs {
+			if !r.p.Finished() {
+				batch, counts = append(batch, r.p), append(counts, min(r.p.Remaining(), 3))
 			}
-			sq, err := genE.StartDecode(context.Background(), blocks, sums, len(toks), first, s)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			runs[i] = &run{prompt: p, s: s, m: d.Join(sq)}
-		})
+		}
+		if len(batch) == 0 {
+			break
+		}
+		if steps == 0 && len(batch) < 2 {
+			t.Fatal("nothing to batch")
+		}
+		if err := ctxE.PrefillStep(ctx, batch, counts); err != nil {
+			t.Fatal(err)
+		}
 	}
-	poll.Until(t, 30*time.Second, time.Millisecond, "every prompt waits in the prefill loop", func() bool { return f.Waiting() == 4 })
-	close(held.gate)
-	prefills.Wait()
-	if t.Failed() {
-		return
-	}
-	if got := held.largest(); got < 2 {
-		t.Fatalf("the largest prefill step ran %d prompts: nothing was batched", got)
-	}
-	got := make([][]uint32, len(runs))
-	var owners sync.WaitGroup
-	for i, r := range runs {
-		owners.Go(func() {
-			got[i], _ = drive(t, d, r.m)
-			d.Leave(r.m)
-		})
-	}
-	owners.Wait()
-	mu.Lock() // the loop may still be reporting its last step
-	largest := most
-	mu.Unlock()
-	if largest < 2 {
-		t.Fatalf("the largest decode step ran %d sequences: nothing was batched", largest)
-	}
-	for i, r := range runs {
-		toks := got[i]
-		ref, err := genE.Generate(context.Background(), ctxE.Vocabulary().Encode(r.prompt), r.s)
+	var seqs []*Sequence
+	for _, r := range runs {
+		out := r.p.Prefilled()
+		sq, err := genE.StartDecode(ctx, r.blocks, out.Sums, len(r.toks), out.First, r.s)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := Text(genE.Vocabulary(), toks); got != ref.Text {
+		r.sq, seqs = sq, append(seqs, sq)
+	}
+	for {
+		running := 0
+		for _, sq := range seqs {
+			if sq.Finish() == FinishNone {
+				running++
+			}
+		}
+		if running == 0 {
+			break
+		}
+		if err := genE.Step(ctx, seqs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, sq := range seqs {
+		sq.Close() // the engine's slots, for the references below
+	}
+	for _, r := range runs {
+		ref, err := genE.Generate(ctx, r.toks, r.s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := Text(genE.Vocabulary(), r.sq.Tokens()); got != ref.Text {
 			t.Fatalf("%q batched: %q, alone: %q", r.prompt, got, ref.Text)
 		}
 	}

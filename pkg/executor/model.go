@@ -1,8 +1,11 @@
-// Package executor holds the seam for model execution (Engine) and its
-// embedded default, the synthetic engine: real KV geometry, KV bytes that are
-// a deterministic function of the token prefix, and decode driven by a
-// digest of every KV byte it was given — so a disaggregated run's output
-// equals the aggregated Reference exactly when every KV byte arrived intact.
+// Package executor holds the seam for model execution (Engine, Prompt,
+// Sequence, Sampling, Vocabulary, the KV layout) and the two engines: the
+// embedded synthetic one — real KV geometry, KV bytes that are a
+// deterministic function of the token prefix, and decode driven by a
+// digest of every KV byte it was given, so a disaggregated run's output
+// equals the aggregated Reference exactly when every KV byte arrived
+// intact — and llama.cpp's. The loops that drive an engine for a server
+// (batching, admission, the request table) are pkg/sched's.
 package executor
 
 import (

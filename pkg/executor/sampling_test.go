@@ -193,7 +193,7 @@ func choicesAcrossHandoff(t *testing.T, ctxE, genE Engine, toks []uint32, s Samp
 	for i := range blocks {
 		blocks[i] = make([]byte, ctxE.Model().BlockBytes())
 	}
-	out, err := NewPrefiller(ctxE, 0, 0, nil).Run(context.Background(), toks, s, blocks, 0)
+	out, err := PrefillAlone(context.Background(), ctxE, toks, s, blocks, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

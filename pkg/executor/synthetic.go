@@ -304,6 +304,18 @@ func newSequence(digest uint64, promptTokens int, first uint32, s Sampling) (*Se
 	return sq, nil
 }
 
+// OnClose adds f to what Close runs, after what the engine releases (an
+// owner that must know when a sequence is let go: tests of the loops).
+func (sq *Sequence) OnClose(f func()) {
+	prev := sq.close
+	sq.close = func() {
+		if prev != nil {
+			prev()
+		}
+		f()
+	}
+}
+
 // Tokens returns the tokens generated so far, the first one included.
 func (sq *Sequence) Tokens() []uint32 { return sq.tokens }
 

@@ -33,6 +33,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/kvtransfer"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/routine"
+	"github.com/kvferry/kvferry/pkg/sched"
 	"github.com/kvferry/kvferry/pkg/ticket"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
 )
@@ -75,7 +76,7 @@ type Config struct {
 	MaxBatchTokens int
 	// Admission, when set, queues a request that cannot get its blocks
 	// until they free up (nil: a full pool answers RESOURCE_EXHAUSTED).
-	Admission *executor.Admission
+	Admission *sched.Admission
 	// Progress and Sessions feed the health evaluator (nil: not tracked).
 	Progress *health.Progress
 	Sessions *health.Sessions
@@ -83,10 +84,10 @@ type Config struct {
 }
 
 // request is a request on the generation server: the shared lifecycle
-// (executor.Request) and its handler's cancel and end. Its holds are its
+// (sched.Request) and its handler's cancel and end. Its holds are its
 // references on the destination blocks (one) and the transfer's pin (one).
 type request struct {
-	executor.Request
+	sched.Request
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the handler has returned
 }
@@ -101,17 +102,17 @@ type Server struct {
 	canaryPrompt []uint32
 	// decoder steps every decoding request's sequence in one batch;
 	// prefiller, when aggregated, batches the prompts this server prefills.
-	decoder *executor.Decoder
+	decoder *sched.Decoder
 	// multi is held (cap 1) by a request of several choices while it takes
 	// its engine sequences (startChoices).
 	multi     chan struct{}
-	prefiller *executor.Prefiller
+	prefiller *sched.Prefiller
 	lg        *zap.Logger
 
 	// mu guards the table and the transfers; a line logged under it is
 	// written after the unlock (mu.Later).
 	mu         loglock.Mutex
-	reqs       *executor.Table[*request]
+	reqs       *sched.Table[*request]
 	quarantine map[*transfer]struct{} // receive sessions in doubt, for the reaper
 
 	canary canary // its own lock
@@ -121,8 +122,8 @@ var _ kvferryv1.GenerationServiceServer = (*Server)(nil)
 
 // New returns a generation server.
 func New(cfg Config) *Server {
-	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(executor.CanaryText), lg: cfg.Logger, reqs: executor.NewTable[*request](), quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}, multi: make(chan struct{}, 1)}
-	s.decoder = executor.NewDecoder(cfg.Engine, cfg.MaxBatchSeqs, func(n int) {
+	s := &Server{cfg: cfg, spec: cfg.Engine.Model(), canaryPrompt: cfg.Engine.Vocabulary().Encode(executor.CanaryText), lg: cfg.Logger, reqs: sched.NewTable[*request](), quarantine: map[*transfer]struct{}{}, canary: canary{peers: map[string]*canaryPeer{}}, multi: make(chan struct{}, 1)}
+	s.decoder = sched.NewDecoder(cfg.Engine, cfg.MaxBatchSeqs, func(n int) {
 		if cfg.Progress != nil {
 			cfg.Progress.Touch(time.Now())
 		}
@@ -131,7 +132,7 @@ func New(cfg Config) *Server {
 		}
 	})
 	if cfg.Aggregated {
-		s.prefiller = executor.NewPrefiller(cfg.Engine, cfg.PrefillChunk, cfg.MaxBatchTokens, func(prompts, tokens int) {
+		s.prefiller = sched.NewPrefiller(cfg.Engine, cfg.PrefillChunk, cfg.MaxBatchTokens, func(prompts, tokens int) {
 			cfg.Progress.Touch(time.Now()) // nil-safe
 			if cfg.Scheduler != nil {
 				cfg.Scheduler.RecordPrefillBatch(prompts, tokens)
@@ -202,23 +203,23 @@ func (s *Server) admit(t *kvferryv1.Ticket, advertised bool, cancel context.Canc
 	defer s.mu.Unlock()
 	// Every attempt is one request here: the same attempt twice is a
 	// duplicate whatever it asks.
-	prev, arrival, err := s.reqs.Arrive(t.GetRequestId(), t.GetAttempt(), executor.Fingerprint{})
+	prev, arrival, err := s.reqs.Arrive(t.GetRequestId(), t.GetAttempt(), sched.Fingerprint{})
 	switch {
 	case err != nil:
-		return nil, executor.ArriveStatus(err)
-	case arrival == executor.ArriveDuplicate:
+		return nil, sched.ArriveStatus(err)
+	case arrival == sched.ArriveDuplicate:
 		return nil, status.Errorf(codes.AlreadyExists, "attempt %d is already %s", t.GetAttempt(), prev.Stage())
-	case arrival == executor.ArriveSupersedes:
+	case arrival == sched.ArriveSupersedes:
 		prev.cancel() // its handler ends it
 	}
 	r := &request{cancel: cancel, done: make(chan struct{})}
-	s.reqs.Add(t.GetRequestId(), t.GetAttempt(), executor.Fingerprint{}, advertised, r)
+	s.reqs.Add(t.GetRequestId(), t.GetAttempt(), sched.Fingerprint{}, advertised, r)
 	return r, nil
 }
 
 // advance moves r along the lifecycle; a move it does not allow is a
 // bookkeeping bug, logged (the request's state is unchanged).
-func (s *Server) advance(r *request, to executor.Stage) {
+func (s *Server) advance(r *request, to sched.Stage) {
 	s.mu.Lock()
 	err := r.Advance(to, time.Now())
 	s.mu.Unlock()
@@ -283,7 +284,7 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 		// Wait in arrival order holding nothing; a cancel ends the wait.
 		done, err := s.cfg.Admission.Admit(ctx, n)
 		if err != nil {
-			return executor.AdmitStatus(err)
+			return sched.AdmitStatus(err)
 		}
 		admitted = sync.OnceFunc(done)
 		defer admitted()
@@ -314,16 +315,16 @@ func (s *Server) Generate(req *kvferryv1.GenerateRequest, stream kvferryv1.Gener
 		firsts = append(firsts, executor.LogprobOf(lp))
 	}
 	if req.GetPrefill() {
-		s.advance(r, executor.StagePrefilling)
+		s.advance(r, sched.StagePrefilling)
 		seqs, firsts, err = s.prefill(ctx, req, mem)
 	} else {
-		s.advance(r, executor.StageTransferring)
+		s.advance(r, sched.StageTransferring)
 		seqs, err = s.receive(ctx, req, r, blocks, mem)
 	}
 	if err != nil {
 		return err
 	}
-	s.advance(r, executor.StageDecoding)
+	s.advance(r, sched.StageDecoding)
 	return s.decodeChoices(ctx, stream, seqs, firsts)
 }
 

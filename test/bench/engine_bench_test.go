@@ -14,6 +14,7 @@ import (
 	"github.com/openai/openai-go/v3/option"
 
 	"github.com/kvferry/kvferry/pkg/executor"
+	"github.com/kvferry/kvferry/pkg/sched"
 	"github.com/kvferry/kvferry/test/stack"
 )
 
@@ -129,7 +130,7 @@ func report(b *testing.B, promptTokens int, prefill, ttft, decode time.Duration,
 // BenchmarkLlamaConcurrency: aggregate output tokens/s through the whole
 // stack with conc clients at once (64-token prompts, 64 greedy output
 // tokens each), beside the same model batched in this process through the
-// same decode loop (executor.Decoder), same run. Each iteration is conc
+// same decode loop (sched.Decoder), same run. Each iteration is conc
 // requests.
 func BenchmarkLlamaConcurrency(b *testing.B) {
 	// One process with the machine's CPUs (two here) against two servers
@@ -153,10 +154,10 @@ func BenchmarkLlamaConcurrency(b *testing.B) {
 			var toks int64
 			var mu sync.Mutex
 			for b.Loop() {
-				// The prompts are prefilled together (executor.Prefiller)
-				// and decoded together (executor.Decoder), as the servers do.
-				f := executor.NewPrefiller(e, 0, 0, nil)
-				d := executor.NewDecoder(e, 0, nil)
+				// The prompts are prefilled together (sched.Prefiller)
+				// and decoded together (sched.Decoder), as the servers do.
+				f := sched.NewPrefiller(e, 0, 0, nil)
+				d := sched.NewDecoder(e, 0, nil)
 				var wg sync.WaitGroup
 				for i := range conc {
 					p := e.Vocabulary().Encode(fmt.Sprintf("%d. %s", n+i, base))
@@ -209,7 +210,7 @@ func BenchmarkLlamaConcurrency(b *testing.B) {
 
 // generateInProcess prefills p through f, decodes it through d and returns
 // the tokens generated.
-func generateInProcess(f *executor.Prefiller, d *executor.Decoder, e executor.Engine, p []uint32, s executor.Sampling) (int, error) {
+func generateInProcess(f *sched.Prefiller, d *sched.Decoder, e executor.Engine, p []uint32, s executor.Sampling) (int, error) {
 	blocks := make([][]byte, e.Model().BlocksFor(len(p)))
 	for j := range blocks {
 		blocks[j] = make([]byte, e.Model().BlockBytes())

@@ -37,6 +37,9 @@ var allowed = map[string][]string{
 	// The engines and the transfer lifecycle: never each other.
 	"pkg/executor":   {"pkg/grammar", "pkg/ticket", "proto/kvferry/v1"},
 	"pkg/kvtransfer": {"pkg/blockpool", "proto/kvferry/v1"},
+	// The scheduling loops, admission and the request table drive an engine
+	// through the seam.
+	"pkg/sched": {"pkg/executor", "pkg/ticket", "proto/kvferry/v1"},
 	// The transports sit on the lifecycle and the seam; each its own
 	// package, none importing another (transports picks one by name; the
 	// conformance kit drives any).
@@ -58,8 +61,8 @@ var allowed = map[string][]string{
 	"pkg/health/gpu": {"pkg/metrics", "pkg/routine", "proto/kvferry/v1"},
 	// The servers and the router. The router never touches KV memory: no
 	// block pool, no transfer package.
-	"pkg/ctxserver": {"internal/loglock", "pkg/blockpool", "pkg/executor", "pkg/health", "pkg/kvtransfer", "pkg/kvtransfer/fault", "pkg/metrics", "pkg/routine", "pkg/ticket", "pkg/tracing", "proto/kvferry/v1"},
-	"pkg/genserver": {"internal/loglock", "pkg/blockpool", "pkg/connpool", "pkg/executor", "pkg/health", "pkg/kvtransfer", "pkg/metrics", "pkg/routine", "pkg/serving", "pkg/ticket", "proto/kvferry/v1"},
+	"pkg/ctxserver": {"internal/loglock", "pkg/blockpool", "pkg/executor", "pkg/sched", "pkg/health", "pkg/kvtransfer", "pkg/kvtransfer/fault", "pkg/metrics", "pkg/routine", "pkg/ticket", "pkg/tracing", "proto/kvferry/v1"},
+	"pkg/genserver": {"internal/loglock", "pkg/blockpool", "pkg/connpool", "pkg/executor", "pkg/sched", "pkg/health", "pkg/kvtransfer", "pkg/metrics", "pkg/routine", "pkg/serving", "pkg/ticket", "proto/kvferry/v1"},
 	"pkg/router":    {"pkg/connpool", "pkg/executor", "pkg/grammar", "pkg/health", "pkg/identity", "pkg/metrics", "pkg/router/discovery", "pkg/routine", "pkg/serving", "pkg/ticket", "proto/kvferry/v1"},
 }
 

@@ -35,6 +35,7 @@ import (
 	"github.com/kvferry/kvferry/pkg/kvtransfer/ucx"
 	"github.com/kvferry/kvferry/pkg/metrics"
 	"github.com/kvferry/kvferry/pkg/routine"
+	"github.com/kvferry/kvferry/pkg/sched"
 	"github.com/kvferry/kvferry/pkg/serving"
 	"github.com/kvferry/kvferry/pkg/tracing"
 	kvferryv1 "github.com/kvferry/kvferry/proto/kvferry/v1"
@@ -173,7 +174,7 @@ type Parts struct {
 	Pool   *blockpool.Pool
 	// Admission is the waiting queue in front of the pool (--max-queue);
 	// Scheduler its metrics and the decode loop's.
-	Admission *executor.Admission
+	Admission *sched.Admission
 	Scheduler *metrics.Scheduler
 	Registry  *prometheus.Registry
 	Progress  *health.Progress
@@ -241,13 +242,13 @@ func Build(cfg Config, role identity.Role, lg *zap.Logger) (*Parts, error) {
 	}
 	reg := metrics.NewRegistry(cfg.TLS.Enabled())
 	metrics.RegisterPool(reg, pool)
-	sched := metrics.NewScheduler(reg)
+	schedMetrics := metrics.NewScheduler(reg)
 	p := &Parts{
 		Spec:      spec,
 		Engine:    engine,
 		closeEng:  closeEngine,
-		Admission: executor.NewAdmission(pool, cfg.MaxQueue, sched.RecordQueue),
-		Scheduler: sched,
+		Admission: sched.NewAdmission(pool, cfg.MaxQueue, schedMetrics.RecordQueue),
+		Scheduler: schedMetrics,
 		Pool:      pool,
 		Registry:  reg,
 		Progress:  health.NewProgress(time.Now()),

@@ -1,5 +1,5 @@
 //go:build !race
 
-package executor
+package sched
 
 const raceEnabled = false

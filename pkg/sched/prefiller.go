@@ -1,69 +1,12 @@
-package executor
+package sched
 
 import (
 	"context"
 	"slices"
 	"sync"
+
+	"github.com/kvferry/kvferry/pkg/executor"
 )
-
-// Prompt is one prompt's prefill in progress: the engine has its first
-// Pos() tokens (a reused prefix imported at Begin, then the chunks run so
-// far). Only the Prefiller's loop steps it; once Finished, First and Sums
-// are its answer and its blocks hold its KV. The caller closes it.
-type Prompt struct {
-	tokens   []uint32
-	sampling Sampling
-	blocks   [][]byte
-	reused   int // blocks already holding their KV (prefix reuse)
-	pos      int // prompt tokens in the engine's KV so far
-
-	finished     bool
-	first        uint32
-	firstLogprob *Logprob   // when the sampling asks for logprobs
-	others       []uint32   // choices 1 to N-1's first tokens
-	otherLPs     []*Logprob // and their logprobs
-	sums         []uint64
-
-	slot      int    // llama.cpp: the sequence id it holds
-	close     func() // releases what the engine holds for it
-	closeOnce sync.Once
-}
-
-// Remaining is how many prompt tokens the engine has not run yet.
-func (p *Prompt) Remaining() int { return len(p.tokens) - p.pos }
-
-// Finished reports whether the prompt's last token ran; then First and
-// Sums are set and its blocks written.
-func (p *Prompt) Finished() bool { return p.finished }
-
-// First is the first generated token; Sums the checksum of each block.
-func (p *Prompt) First() uint32 { return p.first }
-
-// FirstLogprob is the first token's logprob, set once Finished when the
-// sampling asked for logprobs.
-func (p *Prompt) FirstLogprob() *Logprob { return p.firstLogprob }
-
-// Sums is the checksum of each block, set once Finished.
-func (p *Prompt) Sums() []uint64 { return p.sums }
-
-// Close releases what the engine holds for the prompt. It is idempotent.
-func (p *Prompt) Close() {
-	p.closeOnce.Do(func() {
-		if p.close != nil {
-			p.close()
-		}
-	})
-}
-
-// newPrompt checks a prompt against its blocks. At least the last prompt
-// token is always run, for its logits; the rest of the reused prefix is
-// imported, never run.
-func newPrompt(spec ModelSpec, tokens []uint32, s Sampling, blocks [][]byte, reused int) (*Prompt, error) {
-	if err := checkBlocks(spec, len(tokens), blocks, reused); err != nil {
-		return nil, err
-	}
-	return &Prompt{tokens: tokens, sampling: s, blocks: blocks, reused: reused, pos: min(reused*spec.BlockTokens, len(tokens)-1)}, nil
-}
 
 // PlanPrefill chooses one prefill step: how many tokens each waiting
 // prompt (their remaining tokens, in arrival order) runs in it. Each gets
@@ -92,7 +35,7 @@ func PlanPrefill(remaining []int, chunk, budget int) []int {
 // Like the Decoder, its goroutine runs while prompts wait and ends with
 // the last one; the next Prefill starts it again.
 type Prefiller struct {
-	engine    Engine
+	engine    executor.Engine
 	chunk     int // most tokens of one prompt in a step
 	maxTokens int // most tokens of a step
 	onStep    func(prompts, tokens int)
@@ -107,30 +50,23 @@ type Prefiller struct {
 }
 
 type prefillJob struct {
-	p      *Prompt
+	p      *executor.Prompt
 	done   chan struct{} // closed when the loop let go of the prompt for good
 	err    error
 	inStep bool
 	left   bool
 }
 
-// Defaults of the prefill loop.
-const (
-	// DefaultPrefillChunk is the most tokens of one prompt in a step: long
-	// enough that a chunk amortises a step's fixed cost, short enough that
-	// a 4k-token prompt lets others in eight times on its way.
-	DefaultPrefillChunk = 512
-	// DefaultMaxBatchTokens is the most tokens of one step, for every
-	// prompt together: four full chunks.
-	DefaultMaxBatchTokens = 2048
-)
+// DefaultMaxBatchTokens is the most tokens of one prefill step, for every
+// prompt together: four full chunks (executor.DefaultPrefillChunk).
+const DefaultMaxBatchTokens = 4 * executor.DefaultPrefillChunk
 
 // NewPrefiller returns the prefill loop over engine (chunk and maxTokens
 // ≤ 0: the defaults). onStep, when set, is called after each step with
 // the prompts and tokens it ran (progress and metrics).
-func NewPrefiller(engine Engine, chunk, maxTokens int, onStep func(prompts, tokens int)) *Prefiller {
+func NewPrefiller(engine executor.Engine, chunk, maxTokens int, onStep func(prompts, tokens int)) *Prefiller {
 	if chunk <= 0 {
-		chunk = DefaultPrefillChunk
+		chunk = executor.DefaultPrefillChunk
 	}
 	if maxTokens <= 0 {
 		maxTokens = DefaultMaxBatchTokens
@@ -143,27 +79,16 @@ func NewPrefiller(engine Engine, chunk, maxTokens int, onStep func(prompts, toke
 // returns the first generated token and each block's checksum. When ctx
 // ends it returns ctx's error — only once no step writes the blocks any
 // more, so the caller may free them at once.
-func (f *Prefiller) Prefill(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
+func (f *Prefiller) Prefill(ctx context.Context, tokens []uint32, s executor.Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
 	out, err := f.Run(ctx, tokens, s, blocks, reused)
 	return out.First, out.Sums, err
 }
 
-// Prefilled is a finished prefill's answer.
-type Prefilled struct {
-	First   uint32
-	Logprob *Logprob // the first token's, when asked for
-	// Others are choices 1 to N-1's first tokens (Sampling.N > 1), sampled
-	// from the same logits with their own seeds; OtherLogprobs theirs.
-	Others        []uint32
-	OtherLogprobs []*Logprob
-	Sums          []uint64
-}
-
 // Run is Prefill with the first token's logprob.
-func (f *Prefiller) Run(ctx context.Context, tokens []uint32, s Sampling, blocks [][]byte, reused int) (Prefilled, error) {
+func (f *Prefiller) Run(ctx context.Context, tokens []uint32, s executor.Sampling, blocks [][]byte, reused int) (executor.Prefilled, error) {
 	p, err := f.engine.BeginPrefill(ctx, tokens, s, blocks, reused)
 	if err != nil {
-		return Prefilled{}, err
+		return executor.Prefilled{}, err
 	}
 	defer p.Close()
 	j := &prefillJob{p: p, done: make(chan struct{})}
@@ -179,12 +104,12 @@ func (f *Prefiller) Run(ctx context.Context, tokens []uint32, s Sampling, blocks
 	case <-ctx.Done():
 		f.leave(j)
 		<-j.done // at most the step running it
-		return Prefilled{}, ctx.Err()
+		return executor.Prefilled{}, ctx.Err()
 	}
 	if j.err != nil {
-		return Prefilled{}, j.err
+		return executor.Prefilled{}, j.err
 	}
-	return Prefilled{First: p.first, Logprob: p.firstLogprob, Others: p.others, OtherLogprobs: p.otherLPs, Sums: p.sums}, nil
+	return p.Prefilled(), nil
 }
 
 // leave takes a prompt out of the loop: at once when no step runs it, or
@@ -253,7 +178,7 @@ func (f *Prefiller) loop() {
 		f.batch, f.cancelStep = batch, cancel
 		f.mu.Unlock()
 
-		prompts := make([]*Prompt, len(batch))
+		prompts := make([]*executor.Prompt, len(batch))
 		for i, j := range batch {
 			prompts[i] = j.p
 		}
@@ -264,7 +189,7 @@ func (f *Prefiller) loop() {
 		f.batch = nil
 		for _, j := range batch {
 			j.inStep = false
-			if err != nil || j.left || j.p.finished {
+			if err != nil || j.left || j.p.Finished() {
 				j.err = err
 				f.removeLocked(j)
 				closeOnce(j.done)
@@ -275,20 +200,4 @@ func (f *Prefiller) loop() {
 			f.onStep(len(batch), total)
 		}
 	}
-}
-
-// Prefill runs one prompt alone through engine, chunk by chunk: the
-// prefill of a single caller (references, tests, benchmarks).
-func Prefill(ctx context.Context, engine Engine, tokens []uint32, s Sampling, blocks [][]byte, reused int) (uint32, []uint64, error) {
-	p, err := engine.BeginPrefill(ctx, tokens, s, blocks, reused)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer p.Close()
-	for !p.finished {
-		if err := engine.PrefillStep(ctx, []*Prompt{p}, []int{min(p.Remaining(), DefaultPrefillChunk)}); err != nil {
-			return 0, nil, err
-		}
-	}
-	return p.first, p.sums, nil
 }

@@ -1,4 +1,4 @@
-package executor
+package sched
 
 import (
 	"context"
@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/kvferry/kvferry/internal/poll"
+	"github.com/kvferry/kvferry/pkg/executor"
 )
 
 func TestPlanPrefill(t *testing.T) {
@@ -35,18 +36,18 @@ func TestPlanPrefill(t *testing.T) {
 // test's gate (ignoring their context, as llama.cpp does within a step)
 // and record each step's prompts.
 type heldPrefill struct {
-	Engine
+	executor.Engine
 	gate    chan struct{}
 	entered chan struct{} // cap 1: a step began
 	mu      sync.Mutex
 	steps   []int
 }
 
-func newHeldPrefill(e Engine) *heldPrefill {
+func newHeldPrefill(e executor.Engine) *heldPrefill {
 	return &heldPrefill{Engine: e, gate: make(chan struct{}), entered: make(chan struct{}, 1)}
 }
 
-func (h *heldPrefill) PrefillStep(_ context.Context, batch []*Prompt, counts []int) error {
+func (h *heldPrefill) PrefillStep(_ context.Context, batch []*executor.Prompt, counts []int) error {
 	select {
 	case h.entered <- struct{}{}:
 	default:
@@ -67,8 +68,8 @@ func (h *heldPrefill) largest() int {
 // Prompts that wait together are prefilled in the same steps, and each
 // one's KV, checksums and first token equal its prefill alone.
 func TestPrefillerBatchesPrompts(t *testing.T) {
-	spec, _ := Preset("tiny")
-	eng := newHeldPrefill(NewSynthetic(spec, Timing{}))
+	spec, _ := executor.Preset("tiny")
+	eng := newHeldPrefill(executor.NewSynthetic(spec, executor.Timing{}))
 	f := NewPrefiller(eng, 4, 64, nil)
 	prompts := []string{"the quiet river carries light past the old mill", "a small bird sings", "stone bridges hold the weight of many years and more"}
 	type result struct {
@@ -81,9 +82,9 @@ func TestPrefillerBatchesPrompts(t *testing.T) {
 	var wg sync.WaitGroup
 	for i, p := range prompts {
 		wg.Go(func() {
-			toks := Tokenize(p)
+			toks := executor.Tokenize(p)
 			blocks := newBlocks(spec, len(toks))
-			first, sums, err := f.Prefill(context.Background(), toks, Sampling{Seed: uint64(i)}, blocks, 0)
+			first, sums, err := f.Prefill(context.Background(), toks, executor.Sampling{Seed: uint64(i)}, blocks, 0)
 			results[i] = result{first, sums, blocks, err}
 		})
 	}
@@ -94,9 +95,9 @@ func TestPrefillerBatchesPrompts(t *testing.T) {
 		t.Fatalf("the largest prefill step ran %d prompts, want %d", got, len(prompts))
 	}
 	for i, p := range prompts {
-		toks := Tokenize(p)
+		toks := executor.Tokenize(p)
 		blocks := newBlocks(spec, len(toks))
-		first, sums, err := Prefill(context.Background(), NewSynthetic(spec, Timing{}), toks, Sampling{Seed: uint64(i)}, blocks, 0)
+		first, sums, err := executor.Prefill(context.Background(), executor.NewSynthetic(spec, executor.Timing{}), toks, executor.Sampling{Seed: uint64(i)}, blocks, 0)
 		if err != nil || results[i].err != nil {
 			t.Fatalf("prefill %q: alone %v, batched %v", p, err, results[i].err)
 		}
@@ -109,14 +110,14 @@ func TestPrefillerBatchesPrompts(t *testing.T) {
 // A caller that leaves while a step runs its prompt returns only once the
 // step has ended: until then the engine may write its blocks.
 func TestPrefillerLeaveWaitsForItsStep(t *testing.T) {
-	spec, _ := Preset("tiny")
-	eng := newHeldPrefill(NewSynthetic(spec, Timing{}))
+	spec, _ := executor.Preset("tiny")
+	eng := newHeldPrefill(executor.NewSynthetic(spec, executor.Timing{}))
 	f := NewPrefiller(eng, 4, 64, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		toks := Tokenize("the quiet river carries light")
-		_, _, err := f.Prefill(ctx, toks, Sampling{}, newBlocks(spec, len(toks)), 0)
+		toks := executor.Tokenize("the quiet river carries light")
+		_, _, err := f.Prefill(ctx, toks, executor.Sampling{}, newBlocks(spec, len(toks)), 0)
 		done <- err
 	}()
 	<-eng.entered // a step runs the prompt

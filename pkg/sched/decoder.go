@@ -1,10 +1,12 @@
-package executor
+package sched
 
 import (
 	"cmp"
 	"context"
 	"slices"
 	"sync"
+
+	"github.com/kvferry/kvferry/pkg/executor"
 )
 
 // Decoder is a server's decode loop: continuous batching. Every sequence
@@ -24,12 +26,12 @@ import (
 // sequence advanced every other step.) An owner takes whatever is ready
 // at once, so a slow moment coalesces tokens into one message.
 //
-// Only the loop touches a member's Sequence after Join: the owner reads
-// the tokens the loop hands over (Take), and Leave hands the Sequence back
+// Only the loop touches a member's executor.Sequence after Join: the owner reads
+// the tokens the loop hands over (Take), and Leave hands the executor.Sequence back
 // to the decoder, which closes it — at once, or when the step running it
 // ends (Leave never waits for a step: a cancel frees the request at once).
 type Decoder struct {
-	engine  Engine
+	engine  executor.Engine
 	maxSeqs int
 	onStep  func(batch int)
 
@@ -46,11 +48,11 @@ type Decoder struct {
 
 // Member is one sequence in the decoder.
 type Member struct {
-	seq      *Sequence
-	ready    chan struct{} // cap 1: new tokens, an end or an error to Take
-	pending  []uint32      // generated, not yet taken
-	pendLP   []Logprob     // their logprobs (the first token's excepted)
-	finish   FinishReason
+	seq      *executor.Sequence
+	ready    chan struct{}      // cap 1: new tokens, an end or an error to Take
+	pending  []uint32           // generated, not yet taken
+	pendLP   []executor.Logprob // their logprobs (the first token's excepted)
+	finish   executor.FinishReason
 	err      error
 	sent     int    // tokens of seq handed over so far
 	lastStep uint64 // the step it was last stepped at, or joined at
@@ -61,19 +63,19 @@ type Member struct {
 // NewDecoder returns a decoder over engine stepping at most maxSeqs
 // sequences at a time (0: all). onStep, when set, is called after each
 // step with the batch size (progress and metrics).
-func NewDecoder(engine Engine, maxSeqs int, onStep func(batch int)) *Decoder {
+func NewDecoder(engine executor.Engine, maxSeqs int, onStep func(batch int)) *Decoder {
 	return &Decoder{engine: engine, maxSeqs: maxSeqs, onStep: onStep, wake: make(chan struct{}, 1)}
 }
 
 // Join adds a sequence. Its tokens so far (the first token) are ready to
 // Take at once.
-func (d *Decoder) Join(seq *Sequence) *Member {
+func (d *Decoder) Join(seq *executor.Sequence) *Member {
 	m := &Member{seq: seq, ready: make(chan struct{}, 1)}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	m.lastStep = d.steps
 	m.collectLocked(nil)
-	if m.finish != FinishNone {
+	if m.finish != executor.FinishNone {
 		return m // nothing to step
 	}
 	d.members = append(d.members, m)
@@ -101,13 +103,13 @@ type Taken struct {
 	Tokens []uint32
 	// Logprobs are the logprobs of Tokens when the sampling asked for
 	// them — the sequence's first token excepted: its logprob is the
-	// prefill's (Prefilled.Logprob).
-	Logprobs []Logprob
-	Finish   FinishReason
+	// prefill's (executor.Prefilled.Logprob).
+	Logprobs []executor.Logprob
+	Finish   executor.FinishReason
 }
 
 // Take returns the tokens generated since the last Take, why the sequence
-// ended (FinishNone while it runs) and the engine's error, if a step failed.
+// ended (executor.FinishNone while it runs) and the engine's error, if a step failed.
 func (d *Decoder) Take(m *Member) (Taken, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -119,7 +121,7 @@ func (d *Decoder) Take(m *Member) (Taken, error) {
 	return t, m.err
 }
 
-// Leave removes the member and closes its Sequence: now, or when the
+// Leave removes the member and closes its executor.Sequence: now, or when the
 // step running it ends. It does not wait.
 func (d *Decoder) Leave(m *Member) {
 	d.mu.Lock()
@@ -192,7 +194,7 @@ func (d *Decoder) loop() {
 			<-d.wake // every member waits for its owner to take its tokens
 			continue
 		}
-		seqs := make([]*Sequence, len(batch))
+		seqs := make([]*executor.Sequence, len(batch))
 		for i, m := range batch {
 			m.inStep = true
 			seqs[i] = m.seq
@@ -214,7 +216,7 @@ func (d *Decoder) loop() {
 				continue
 			}
 			m.collectLocked(err)
-			if m.finish != FinishNone || err != nil {
+			if m.finish != executor.FinishNone || err != nil {
 				d.removeLocked(m)
 			}
 		}

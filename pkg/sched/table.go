@@ -1,4 +1,4 @@
-package executor
+package sched
 
 import (
 	"errors"
@@ -46,7 +46,7 @@ var next = [...][]Stage{
 }
 
 // ErrTransition is a move the lifecycle does not allow: a bookkeeping bug.
-var ErrTransition = errors.New("executor: stage transition not allowed")
+var ErrTransition = errors.New("sched: stage transition not allowed")
 
 // Fingerprint identifies what was asked (prompt and sampling): a duplicate
 // of a ticket must be the same request.

@@ -1,6 +1,6 @@
 //go:build race
 
-package executor
+package sched
 
 // raceEnabled: the race detector slows the single-goroutine scheduler
 // simulation tenfold without finding anything in it; make test runs the

@@ -1,4 +1,4 @@
-package executor
+package sched
 
 import (
 	"context"
@@ -6,18 +6,20 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/kvferry/kvferry/pkg/executor"
 )
 
 // gatedEngine steps the synthetic engine only when the test says so, and
 // records each batch's size.
 type gatedEngine struct {
-	*Synthetic
+	*executor.Synthetic
 	gate    chan struct{}
 	mu      sync.Mutex
 	batches []int
 }
 
-func (g *gatedEngine) Step(ctx context.Context, batch []*Sequence) error {
+func (g *gatedEngine) Step(ctx context.Context, batch []*executor.Sequence) error {
 	select {
 	case <-g.gate:
 	case <-ctx.Done():
@@ -30,12 +32,12 @@ func (g *gatedEngine) Step(ctx context.Context, batch []*Sequence) error {
 }
 
 // drive takes a member's tokens until it ends.
-func drive(t *testing.T, d *Decoder, m *Member) ([]uint32, FinishReason) {
+func drive(t *testing.T, d *Decoder, m *Member) ([]uint32, executor.FinishReason) {
 	return driveNotify(t, d, m, func() {})
 }
 
 // driveNotify is drive, calling first after the first Take.
-func driveNotify(t *testing.T, d *Decoder, m *Member, first func()) ([]uint32, FinishReason) {
+func driveNotify(t *testing.T, d *Decoder, m *Member, first func()) ([]uint32, executor.FinishReason) {
 	var out []uint32
 	once := sync.OnceFunc(first)
 	deadline := time.After(60 * time.Second) // generous: CI machines are loaded
@@ -44,7 +46,7 @@ func driveNotify(t *testing.T, d *Decoder, m *Member, first func()) ([]uint32, F
 		case <-m.Ready():
 		case <-deadline:
 			t.Error("member never finished")
-			return out, FinishNone
+			return out, executor.FinishNone
 		}
 		got, err := d.Take(m)
 		if err != nil {
@@ -52,16 +54,16 @@ func driveNotify(t *testing.T, d *Decoder, m *Member, first func()) ([]uint32, F
 		}
 		once()
 		out = append(out, got.Tokens...)
-		if finish := got.Finish; finish != FinishNone {
+		if finish := got.Finish; finish != executor.FinishNone {
 			return out, finish
 		}
 	}
 }
 
-func startSeq(t *testing.T, e Engine, prompt string, s Sampling) *Sequence {
-	toks := Tokenize(prompt)
+func startSeq(t *testing.T, e executor.Engine, prompt string, s executor.Sampling) *executor.Sequence {
+	toks := executor.Tokenize(prompt)
 	blocks := newBlocks(e.Model(), len(toks))
-	first, sums, err := Prefill(context.Background(), e, toks, s, blocks, 0)
+	first, sums, err := executor.Prefill(context.Background(), e, toks, s, blocks, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,22 +75,22 @@ func startSeq(t *testing.T, e Engine, prompt string, s Sampling) *Sequence {
 }
 
 // Sequences whose owners keep up are stepped in one batch, and each one's
-// tokens equal its own unbatched Reference.
+// tokens equal its own unbatched executor.Reference.
 func TestDecoderBatchesAndMatchesReference(t *testing.T) {
-	spec, _ := Preset("tiny")
-	g := &gatedEngine{Synthetic: NewSynthetic(spec, Timing{}), gate: make(chan struct{})}
+	spec, _ := executor.Preset("tiny")
+	g := &gatedEngine{Synthetic: executor.NewSynthetic(spec, executor.Timing{}), gate: make(chan struct{})}
 	d := NewDecoder(g, 0, nil)
 	prompts := []string{"the river", "the quiet harbour at night", "a ferry", "light on the water", "north wind", "the bridge", "stone tower", "open door"}
-	s := Sampling{MaxTokens: 20, Temperature: 1, TopP: 1, Seed: 3}
+	s := executor.Sampling{MaxTokens: 20, Temperature: 1, TopP: 1, Seed: 3}
 	var firstTaken, owners sync.WaitGroup
 	texts := make([]string, len(prompts))
-	finishes := make([]FinishReason, len(prompts))
+	finishes := make([]executor.FinishReason, len(prompts))
 	for i, p := range prompts {
 		m := d.Join(startSeq(t, g, p, s))
 		firstTaken.Add(1)
 		owners.Go(func() {
 			toks, finish := driveNotify(t, d, m, firstTaken.Done)
-			texts[i], finishes[i] = Detokenize(toks), finish
+			texts[i], finishes[i] = executor.Detokenize(toks), finish
 			d.Leave(m)
 		})
 	}
@@ -98,7 +100,7 @@ func TestDecoderBatchesAndMatchesReference(t *testing.T) {
 	close(g.gate)
 	owners.Wait()
 	for i, p := range prompts {
-		want := Reference(spec, p, s)
+		want := executor.Reference(spec, p, s)
 		if texts[i] != want.Text || finishes[i] != want.Finish {
 			t.Fatalf("%q: %q (%v), reference %q (%v)", p, texts[i], finishes[i], want.Text, want.Finish)
 		}
@@ -117,17 +119,17 @@ func TestDecoderBatchesAndMatchesReference(t *testing.T) {
 // A sequence whose owner does not take its tokens is stepped until
 // maxPending of them wait, then no more: the others go on without it.
 func TestDecoderWaitsForSlowOwner(t *testing.T) {
-	spec, _ := Preset("tiny")
-	e := NewSynthetic(spec, Timing{})
+	spec, _ := executor.Preset("tiny")
+	e := executor.NewSynthetic(spec, executor.Timing{})
 	d := NewDecoder(e, 0, nil)
-	slow := d.Join(startSeq(t, e, "the river", Sampling{MaxTokens: 3 * maxPending, IgnoreEOS: true}))
-	fast := d.Join(startSeq(t, e, "the bridge", Sampling{MaxTokens: 3 * maxPending}))
+	slow := d.Join(startSeq(t, e, "the river", executor.Sampling{MaxTokens: 3 * maxPending, IgnoreEOS: true}))
+	fast := d.Join(startSeq(t, e, "the bridge", executor.Sampling{MaxTokens: 3 * maxPending}))
 	if toks, _ := drive(t, d, fast); len(toks) == 0 {
 		t.Fatal("the fast sequence produced nothing")
 	}
 	d.Leave(fast)
 	got, err := d.Take(slow) // maxPending tokens, the first one included
-	if err != nil || len(got.Tokens) != maxPending || got.Finish != FinishNone {
+	if err != nil || len(got.Tokens) != maxPending || got.Finish != executor.FinishNone {
 		t.Fatalf("slow owner: %v %v %v, want its first %d tokens only", got.Tokens, got.Finish, err, maxPending)
 	}
 	d.Leave(slow)
@@ -137,15 +139,15 @@ func TestDecoderWaitsForSlowOwner(t *testing.T) {
 // about 30 steps, not 60 (the batch splitting in two cohorts that step by
 // turns). Measured by steps counted, not by time.
 func TestDecoderKeepsOneBatch(t *testing.T) {
-	spec, _ := Preset("tiny")
-	e := NewSynthetic(spec, Timing{DecodeStepTime: 2 * time.Millisecond})
+	spec, _ := executor.Preset("tiny")
+	e := executor.NewSynthetic(spec, executor.Timing{DecodeStepTime: 2 * time.Millisecond})
 	var mu sync.Mutex
 	steps := 0
 	d := NewDecoder(e, 0, func(int) { mu.Lock(); steps++; mu.Unlock() })
 	const n, tokens = 8, 30
 	var members []*Member
 	for i := range n {
-		members = append(members, d.Join(startSeq(t, e, fmt.Sprintf("river %d", i), Sampling{MaxTokens: tokens, IgnoreEOS: true})))
+		members = append(members, d.Join(startSeq(t, e, fmt.Sprintf("river %d", i), executor.Sampling{MaxTokens: tokens, IgnoreEOS: true})))
 	}
 	var owners sync.WaitGroup
 	for _, m := range members {
@@ -169,12 +171,12 @@ func TestDecoderKeepsOneBatch(t *testing.T) {
 // With more sequences than maxSeqs, each step runs maxSeqs of them in
 // turn, and every one finishes.
 func TestDecoderMaxSeqsRoundRobin(t *testing.T) {
-	spec, _ := Preset("tiny")
-	g := &gatedEngine{Synthetic: NewSynthetic(spec, Timing{}), gate: make(chan struct{})}
+	spec, _ := executor.Preset("tiny")
+	g := &gatedEngine{Synthetic: executor.NewSynthetic(spec, executor.Timing{}), gate: make(chan struct{})}
 	d := NewDecoder(g, 2, nil)
 	var members []*Member
 	for _, p := range []string{"a", "b", "c", "d", "e"} {
-		members = append(members, d.Join(startSeq(t, g, p, Sampling{MaxTokens: 6})))
+		members = append(members, d.Join(startSeq(t, g, p, executor.Sampling{MaxTokens: 6})))
 	}
 	close(g.gate)
 	var owners sync.WaitGroup
@@ -196,13 +198,13 @@ func TestDecoderMaxSeqsRoundRobin(t *testing.T) {
 // the middle of an hour-long step is free at once, and when nobody is
 // left the step is abandoned and the loop ends.
 func TestDecoderLeaveDoesNotWaitForTheStep(t *testing.T) {
-	spec, _ := Preset("tiny")
-	e := NewSynthetic(spec, Timing{DecodeStepTime: time.Hour})
+	spec, _ := executor.Preset("tiny")
+	e := executor.NewSynthetic(spec, executor.Timing{DecodeStepTime: time.Hour})
 	stepped := make(chan int, 16)
 	d := NewDecoder(e, 0, func(n int) { stepped <- n })
 	closed := make(chan struct{})
-	sq := startSeq(t, e, "the river", Sampling{MaxTokens: 50})
-	sq.close = func() { close(closed) }
+	sq := startSeq(t, e, "the river", executor.Sampling{MaxTokens: 50})
+	sq.OnClose(func() { close(closed) })
 	m := d.Join(sq)
 	d.Leave(m)
 	select {

@@ -1,4 +1,4 @@
-package executor
+package sched
 
 import (
 	"context"
@@ -13,11 +13,11 @@ import (
 )
 
 // ErrQueueFull is Admit's answer when MaxQueue requests already wait.
-var ErrQueueFull = errors.New("executor: the admission queue is full")
+var ErrQueueFull = errors.New("sched: the admission queue is full")
 
 // ErrTooLarge is Admit's answer for a request needing more blocks than the
 // pool holds: no amount of waiting admits it.
-var ErrTooLarge = errors.New("executor: the request needs more blocks than the pool holds")
+var ErrTooLarge = errors.New("sched: the request needs more blocks than the pool holds")
 
 // Blocks is what admission needs of a block pool.
 type Blocks interface {
